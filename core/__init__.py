@@ -1,0 +1,1 @@
+"""Binsight core library: data, models, training, jobs, metrics and storage (no Streamlit here)."""

@@ -1,0 +1,1 @@
+"""Binsight's pages: thin Streamlit UI over core."""
