@@ -54,7 +54,9 @@ class Dataset:
         return self.frame[self.frame["cls"].notna() & self.frame["problem"].isna()]
 
     def rows(self, split: str = "all") -> pd.DataFrame:
+        """Labelled photos on disk of one split ('train', 'valid', 'test' or 'all'): what a model reads."""
         rows = self.labelled()
+        rows = rows[rows["path"].notna()]
         return rows if split == "all" else rows[rows["split"] == split]
 
     def excluded(self) -> pd.DataFrame:
@@ -208,10 +210,10 @@ def _index_abid(source: Path, on_progress=None) -> pd.DataFrame:
     listed = {}
     if (source / "file_list.json").is_file():
         listed = abid.read_file_list(source / "file_list.json")
-        names = sorted(set(names) | set(listed))
     csv_labels, csv_problems = ({}, [])
     if (source / "labels.csv").is_file():
         csv_labels, csv_problems = abid.read_labels_csv(source / "labels.csv")
+    names = sorted(set(names) | set(listed) | set(csv_labels))
     problems = dict(csv_problems)
     rows = []
     for name in names:

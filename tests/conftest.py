@@ -1,0 +1,72 @@
+"""Shared fixtures: a private BINSIGHT_HOME, the demo set, small real ABID folders and a small trained run."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ABID = (ROOT / ".." / "shared" / "abid").resolve()
+
+
+@pytest.fixture(autouse=True)
+def binsight_home(tmp_path_factory, monkeypatch) -> Path:
+    """Every test gets its own BINSIGHT_HOME and no configured dataset."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("BINSIGHT_HOME", str(home))
+    monkeypatch.delenv("BINSIGHT_DATA", raising=False)
+    return home
+
+
+@pytest.fixture
+def abid_dir() -> Path:
+    """The real ABID photos in ../shared/abid; the test is skipped when they are absent."""
+    if not (ABID / "bin-images").is_dir():
+        pytest.skip("../shared/abid is not present")
+    return ABID
+
+
+@pytest.fixture(scope="session")
+def demo_source(tmp_path_factory) -> Path:
+    """The embedded demo set, generated once per session (read-only for tests)."""
+    from core.demo import generate_demo
+
+    return generate_demo(tmp_path_factory.mktemp("demo_source"))
+
+
+def make_abid_subset(target: Path, per_class: int, counts=(1, 2, 3, 4, 5), with_metadata=True) -> Path:
+    """A small ABID-layout folder: `per_class` real photos of each count from ../shared/abid (or the demo set)."""
+    import pandas as pd
+
+    source = ABID if (ABID / "bin-images").is_dir() else None
+    if source is None:
+        from core.demo import generate_demo
+
+        source = generate_demo(target.parent / f"{target.name}_demo_source")
+        labels = pd.DataFrame(
+            [{"image": p.stem + ".jpg", "count": __import__("json").loads(p.read_text())["EXPECTED_QUANTITY"]}
+             for p in sorted((source / "metadata").glob("*.json"))]
+        )
+    else:
+        labels = pd.read_csv(source / "labels.csv")
+    (target / "bin-images").mkdir(parents=True, exist_ok=True)
+    chosen = []
+    for count in counts:
+        names = labels[labels["count"] == count]["image"].head(per_class).tolist()
+        chosen += [(n, count) for n in names]
+    for name, count in chosen:
+        shutil.copy(source / "bin-images" / name, target / "bin-images" / name)
+        meta = source / "metadata" / (Path(name).stem + ".json")
+        if with_metadata and meta.is_file():
+            (target / "metadata").mkdir(exist_ok=True)
+            shutil.copy(meta, target / "metadata" / meta.name)
+    pd.DataFrame(chosen, columns=["image", "count"]).to_csv(target / "labels.csv", index=False)
+    return target
+
+
+@pytest.fixture
+def small_abid(tmp_path) -> Path:
+    """12 real photos of each count 1–5 in ABID layout (from ../shared/abid, else the demo set)."""
+    return make_abid_subset(tmp_path / "small_abid", per_class=12)

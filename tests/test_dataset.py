@@ -1,0 +1,136 @@
+"""The dataset index on real ABID files, the other layouts, the split recipe and the class range."""
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from core import abid
+from core.classes import ClassRange
+from core.dataset import DatasetError, load_dataset
+from core.splits import make_split
+
+
+def test_real_metadata_parses_items_and_quantity(abid_dir):
+    parsed = 0
+    for path in sorted((abid_dir / "metadata").glob("*.json"))[:50]:
+        meta = abid.parse_metadata(path.read_bytes())
+        raw = json.loads(path.read_text())
+        assert meta.expected_quantity == raw["EXPECTED_QUANTITY"]
+        assert len(meta.items) == len(raw["BIN_FCSKU_DATA"])
+        assert sum(i["quantity"] for i in meta.items) == raw["EXPECTED_QUANTITY"]
+        parsed += 1
+    assert parsed == 50
+
+
+def test_abid_index_matches_labels_csv(abid_dir):
+    ds = load_dataset(abid_dir)
+    labels = pd.read_csv(abid_dir / "labels.csv")
+    assert len(ds.frame) == len(labels) == 2244
+    merged = ds.frame.merge(labels, left_on="name", right_on="image")
+    assert (merged["count_x"] == merged["count_y"]).all()
+    assert ds.summary()["label_sources"] == {"labels.csv": 1724, "metadata": 520}
+    with_meta = ds.frame[ds.frame["label_source"] == "metadata"]
+    filled = with_meta[with_meta["count"] > 0]
+    assert (filled["n_items"] > 0).all() and filled["item_names"].str.len().gt(0).all()
+    assert ds.frame["width"].between(300, 1000).all() and ds.frame["height"].between(200, 1100).all()
+    # class range 1–5 excludes the 15 empty bins and the 218 fuller ones
+    assert len(ds.excluded()) == 15 + 218
+    assert sorted(ds.labelled()["cls"].unique()) == [1, 2, 3, 4, 5]
+
+
+def test_file_list_json_maps_to_counts(abid_dir):
+    labels = abid.read_file_list(abid_dir / "lists" / "file_list.json")
+    raw = json.loads((abid_dir / "lists" / "file_list.json").read_text())
+    assert len(labels) == sum(len(v) for v in raw.values()) == 10441
+    first = raw["3"][0]
+    assert labels[Path(first).stem + ".jpg"] == 3
+
+
+def test_counting_list_indexes_all_pairs(abid_dir):
+    ds = load_dataset(abid_dir / "lists" / "counting_train.json")
+    pairs = json.loads((abid_dir / "lists" / "counting_train.json").read_text())
+    assert len(ds.frame) == len(pairs) == 324735
+    index, count = pairs[0]
+    row = ds.frame.iloc[0]
+    assert row["name"] == "%05d.jpg" % (index + 1) and row["count"] == count
+    assert ds.frame["path"].isna().all()  # listed only: fetched from the bucket on demand
+    assert ds.rows("all").empty  # nothing on disk to read
+
+
+def test_split_is_stratified_capped_and_reproducible(abid_dir):
+    ds = load_dataset(abid_dir)
+    rows = ds.labelled()
+    per_class = rows.groupby("cls").size()
+    test = rows[rows["split"] == "test"].groupby("cls").size()
+    for cls, n in per_class.items():
+        assert test[cls] == min(100, int(n * 0.2))  # never more than a fifth of a class
+        train_valid = rows[(rows["cls"] == cls) & rows["split"].isin(["train", "valid"])]
+        valid_share = (train_valid["split"] == "valid").mean()
+        assert abs(valid_share - 0.2) < 0.02
+    assert set(ds.split_info["short_test"]) == {c for c, n in per_class.items() if n * 0.2 < 100}
+    again, _ = make_split(rows, seed=0)
+    assert (again == rows["split"]).all()
+    other, _ = make_split(rows, seed=1)
+    assert (other != rows["split"]).any()
+
+
+def test_split_is_saved_and_reused(small_abid):
+    first = load_dataset(small_abid).frame.set_index("name")["split"]
+    second = load_dataset(small_abid).frame.set_index("name")["split"]
+    assert list(first.index) == list(second.index) and (first == second).all()
+    # a new photo joins train or valid and leaves the test set as it was
+    shutil.copy(small_abid / "bin-images" / first.index[0], small_abid / "bin-images" / "new_photo.jpg")
+    labels = pd.read_csv(small_abid / "labels.csv")
+    pd.concat([labels, pd.DataFrame([{"image": "new_photo.jpg", "count": 2}])]).to_csv(small_abid / "labels.csv", index=False)
+    third = load_dataset(small_abid).frame.set_index("name")["split"]
+    assert third["new_photo.jpg"] in ("train", "valid")
+    assert (third.drop("new_photo.jpg") == first).all()
+
+
+def test_imagefolder_layout_keeps_its_splits(tmp_path, small_abid):
+    labels = pd.read_csv(small_abid / "labels.csv")
+    for i, row in labels.iterrows():
+        split = ["train_data", "valid_data", "test_data"][i % 3]
+        target = tmp_path / "folders" / split / str(row["count"])
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(small_abid / "bin-images" / row["image"], target / row["image"])
+    ds = load_dataset(tmp_path / "folders")
+    assert ds.layout == "imagefolder" and len(ds.frame) == len(labels)
+    assert ds.split_info["source"] == "folders"
+    assert set(ds.frame["split"]) == {"train", "valid", "test"}
+    assert (ds.frame["label_source"] == "folder").all()
+
+
+def test_class_range_bucket_and_zero():
+    counts = pd.Series([0, 1, 5, 6, 30], dtype="Int64")
+    assert ClassRange(1, 5).assign(counts).tolist()[1:3] == [1, 5]
+    assert ClassRange(1, 5).assign(counts).isna().tolist() == [True, False, False, True, True]
+    assert ClassRange(0, 5, top_bucket=True).assign(counts).tolist() == [0, 1, 5, 5, 5]
+    assert ClassRange(1, 5, True).name(5) == "5+"
+
+
+def test_demo_set_is_generated_once_in_abid_layout():
+    from core.demo import ensure_demo
+
+    folder = ensure_demo()
+    ds = load_dataset(folder)
+    assert ds.layout == "abid" and len(ds.frame) > 250
+    assert (ds.frame["label_source"] == "metadata").all()
+    assert set(ds.labelled()["cls"]) == {1, 2, 3, 4, 5}
+    assert ds.frame["count"].min() == 0 and ds.frame["count"].max() > 5
+    meta = json.loads((folder / "metadata" / "00001.json").read_text())
+    assert sum(i["quantity"] for i in meta["BIN_FCSKU_DATA"].values()) == meta["EXPECTED_QUANTITY"]
+    stamp = (folder / "bin-images" / "00001.jpg").stat().st_mtime_ns
+    assert ensure_demo() == folder and (folder / "bin-images" / "00001.jpg").stat().st_mtime_ns == stamp
+
+
+def test_index_is_rebuilt_when_the_folder_changes(small_abid):
+    before = load_dataset(small_abid)
+    victim = before.frame["name"].iloc[0]
+    (small_abid / "bin-images" / victim).unlink()
+    after = load_dataset(small_abid)
+    assert len(after.frame) == len(before.frame)  # still labelled in labels.csv ...
+    assert after.frame.set_index("name").loc[victim, "path"] is None  # ... but no longer on disk
+    assert victim not in set(after.rows()["name"])
