@@ -44,14 +44,15 @@ def save_split(key: str, names: pd.Series, split: pd.Series, info: dict) -> None
     atomic_write_json(folder / "split.json", info)
 
 
-def load_split(key: str) -> tuple[dict[str, str], dict] | None:
+def load_split(key: str) -> tuple[pd.Series, dict] | None:
+    """The saved split (a Series of split by photo name) and its recipe, or None when there is none."""
     folder = _folder(key)
     try:
         table = pd.read_parquet(folder / "split.parquet")
         info = json.loads((folder / "split.json").read_text())
     except (OSError, ValueError):
         return None
-    return dict(zip(table["name"], table["split"])), info
+    return table.set_index("name")["split"], info
 
 
 def attach_split(frame: pd.DataFrame, key: str, class_range) -> tuple[pd.DataFrame, dict]:
