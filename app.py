@@ -7,17 +7,17 @@ st.set_page_config(page_title="Binsight", page_icon="📦", layout="wide")
 
 PAGES = {
     "Data": [
-        st.Page("pages/overview.py", title="Overview", icon="📊", default=True),
-        st.Page("pages/browse.py", title="Browse", icon="🖼️"),
-        st.Page("pages/balance.py", title="Balance", icon="⚖️"),
+        st.Page("pages/overview.py", title="Overview", icon=":material/bar_chart:", default=True),
+        st.Page("pages/browse.py", title="Browse", icon=":material/photo_library:"),
+        st.Page("pages/balance.py", title="Balance", icon=":material/balance:"),
     ],
     "Model": [
-        st.Page("pages/train.py", title="Train", icon="🏋️"),
-        st.Page("pages/evaluate.py", title="Evaluate", icon="🎯"),
-        st.Page("pages/predict.py", title="Predict", icon="🔮"),
+        st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
+        st.Page("pages/evaluate.py", title="Evaluate", icon=":material/target:"),
+        st.Page("pages/predict.py", title="Predict", icon=":material/online_prediction:"),
     ],
     "Review": [
-        st.Page("pages/spot_check.py", title="Spot-check", icon="✅"),
+        st.Page("pages/spot_check.py", title="Spot-check", icon=":material/fact_check:"),
     ],
 }
 

@@ -6,6 +6,7 @@ import pandas as pd
 from core.dataset import Dataset
 
 SPLIT_ORDER = ["train", "valid", "test"]
+SPLIT_COLOURS = {"train": "#1f77b4", "valid": "#9ecae1", "test": "#e07b00"}
 IMBALANCE_WARNING = 3.0
 
 

@@ -6,7 +6,7 @@ from core.browse import filter_photos, page_of, sample_per_class
 from core.dataset import photo_items
 from pages.common import current_dataset
 
-st.title("🖼️ Browse")
+st.title("Browse")
 dataset = current_dataset()
 if dataset is None:
     st.stop()

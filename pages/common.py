@@ -6,10 +6,26 @@ from dataclasses import astuple
 from pathlib import Path
 
 import streamlit as st
+from streamlit.runtime.pages_manager import PagesManager
 
 from core import config
 from core.classes import ClassRange
 from core.dataset import Dataset, DatasetError, load_dataset
+
+
+def _use_app_navigation() -> None:
+    """Make app.py's st.navigation the only navigation, also when a fresh server is opened on a deep link.
+
+    Streamlit treats a `pages/` folder as its legacy multipage mode until st.navigation runs, so the first
+    visit to e.g. /browse would run that page file alone, without app.py's sidebar. Leave that mode and rerun
+    through app.py.
+    """
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
+_use_app_navigation()
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -68,7 +84,7 @@ def reload_dataset() -> None:
 def sidebar() -> None:
     """Dataset choice and class range, persisted in BINSIGHT_HOME/settings.json."""
     with st.sidebar:
-        st.markdown("### 📦 Binsight")
+        st.markdown("### :material/inventory_2: Binsight")
         locked = bool(os.environ.get("BINSIGHT_DATA"))
         source = current_source()
         st.caption("Dataset: " + (f"`{source}`" if source else "embedded demo set"))

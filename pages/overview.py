@@ -6,7 +6,7 @@ from core import overview
 from core.splits import resplit
 from pages.common import current_dataset, reload_dataset
 
-st.title("📊 Overview")
+st.title("Overview")
 dataset = current_dataset()
 if dataset is None:
     st.stop()
@@ -42,7 +42,7 @@ with left:
     distribution = overview.class_distribution(dataset)
     figure = px.bar(distribution, x="class_name", y="photos", color="split", barmode="group",
                     labels={"class_name": "object count (class)", "photos": "photos"},
-                    category_orders={"split": overview.SPLIT_ORDER})
+                    category_orders={"split": overview.SPLIT_ORDER}, color_discrete_map=overview.SPLIT_COLOURS)
     st.plotly_chart(figure, width="stretch")
     short = dataset.split_info.get("short_test") or {}
     if short:
@@ -67,7 +67,7 @@ if not sizes.empty:
     st.caption(f"Median {int(sizes['width'].median())}×{int(sizes['height'].median())} px")
 
 if dataset.problems:
-    with st.expander(f"⚠️ {len(dataset.problems):,} photos or labels skipped"):
+    with st.expander(f":material/warning: {len(dataset.problems):,} photos or labels skipped"):
         st.dataframe([{"photo": n, "problem": p} for n, p in dataset.problems[:1000]], width="stretch")
 
 with st.expander("Split recipe"):
