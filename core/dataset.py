@@ -102,6 +102,7 @@ def load_dataset(source: str | Path | None = None, class_range: ClassRange | Non
     frame = _apply_overrides(frame, key)
     frame["cls"] = class_range.assign(frame["count"])
     frame, split_info = splits.attach_split(frame, key, class_range)
+    frame["split"] = frame["split"].astype(object).where(frame["split"].notna(), None)
     return Dataset(source, layout, key, frame, class_range, notes, split_info)
 
 
@@ -173,7 +174,7 @@ def _cached_index(source: Path, layout: str, key: str, on_progress=None) -> pd.D
     stamp = _fingerprint(source, layout)
     try:
         if json.loads(stamp_file.read_text()).get("fingerprint") == stamp:
-            return pd.read_parquet(cache)
+            return _finish(pd.read_parquet(cache))
     except (OSError, ValueError):
         pass
     frame = build_index(source, layout, on_progress)

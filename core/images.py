@@ -77,3 +77,12 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
             return image.size
     except Exception:
         return None
+
+
+def thumbnail(path: str | Path, width: int = 240, height: int = 180) -> bytes:
+    """A JPEG of the photo letterboxed into width×height, so a grid of bins lines up."""
+    image = load_image(path)
+    boxed = ImageOps.pad(image, (width, height), color=(240, 240, 240))
+    buffer = io.BytesIO()
+    boxed.save(buffer, "JPEG", quality=80)
+    return buffer.getvalue()

@@ -4,6 +4,7 @@ import streamlit as st
 
 from core.browse import filter_photos, page_of, sample_per_class
 from core.dataset import photo_items
+from core.images import ImageError, thumbnail
 from pages.common import current_dataset
 
 st.title("Browse")
@@ -47,6 +48,14 @@ def show_photo(row: pd.Series) -> None:
         st.caption("No item metadata for this photo.")
 
 
+@st.cache_data(show_spinner=False, max_entries=2000)
+def cached_thumbnail(path: str) -> bytes | str:
+    try:
+        return thumbnail(path)
+    except ImageError as exc:
+        return str(exc)
+
+
 filters = choose_filters()
 matches = filter_photos(frame, filters["counts"], filters["splits"], filters["text"])
 if filters["sample"]:
@@ -64,9 +73,10 @@ st.caption(f"{len(matches):,} photos match · showing {len(shown)}")
 columns = st.columns(6)
 for i, (_, row) in enumerate(shown.iterrows()):
     with columns[i % 6]:
-        if row["path"] and not row["problem"]:
-            st.image(row["path"], width="stretch")
+        picture = cached_thumbnail(row["path"]) if row["path"] and not row["problem"] else None
+        if isinstance(picture, bytes):
+            st.image(picture, width="stretch")
         else:
-            st.warning(row["problem"] or "not on disk")
+            st.warning(picture or row["problem"] or "not on disk")
         if st.button(f"{row['name']} · {row['count']}", key=f"open_{row['name']}", width="stretch"):
             show_photo(row)
