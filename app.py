@@ -1,6 +1,7 @@
 """Binsight: the Streamlit entry point — navigation over pages/ and the shared sidebar."""
 import streamlit as st
 
+from core import worker
 from pages.common import sidebar
 
 st.set_page_config(page_title="Binsight", page_icon="📦", layout="wide")
@@ -20,6 +21,11 @@ PAGES = {
         st.Page("pages/spot_check.py", title="Spot-check", icon=":material/fact_check:"),
     ],
 }
+
+if "workers_checked" not in st.session_state:
+    # Jobs queued before an app restart start now, whichever page the user opens first.
+    worker.ensure_workers()
+    st.session_state.workers_checked = True
 
 page = st.navigation(PAGES)
 sidebar()

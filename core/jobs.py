@@ -14,8 +14,6 @@ KINDS = ("train", "hpo", "sleep")  # sleep: waits, reporting progress; checks th
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
 ACTIVE = ("queued", "running")
 DEVICES = ("auto", "cpu", "cuda")
-HPO_BATCH_SIZES = (16, 32, 64, 128, 256)
-HPO_LR_RANGE = (0.001, 0.1)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -182,12 +180,15 @@ def submit(kind: str, params: dict) -> Job:
             (kind, json.dumps(params), device, time.time()),
         ).lastrowid
         stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = None
         if kind == "train":
-            run_dir = config.runs_dir() / f"{stamp}-{params.get('backbone', 'model')}-{params.get('mode', '')}-job{job_id}"
-        else:
-            run_dir = config.home() / "searches" / f"{stamp}-{kind}-job{job_id}"
+            name = "-".join(str(p) for p in (stamp, params.get("backbone"), params.get("mode"), f"job{job_id}") if p)
+            run_dir = config.runs_dir() / name
+        elif kind == "hpo":
+            run_dir = config.home() / "searches" / f"{stamp}-job{job_id}"
         log_path = jobs_dir() / f"job{job_id}.log"
-        conn.execute("UPDATE jobs SET run_dir = ?, log_path = ? WHERE id = ?", (str(run_dir), str(log_path), job_id))
+        conn.execute("UPDATE jobs SET run_dir = ?, log_path = ? WHERE id = ?",
+                     (str(run_dir) if run_dir else None, str(log_path), job_id))
     return get(job_id)
 
 
@@ -342,14 +343,27 @@ def worker_heartbeat(worker_id: str, job_id: int | None) -> None:
         conn.close()
 
 
-def unregister_worker(worker_id: str, conn=None) -> None:
-    own = conn is None
-    conn = conn or connect()
+def unregister_worker(worker_id: str) -> None:
+    conn = connect()
     try:
         conn.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
     finally:
-        if own:
-            conn.close()
+        conn.close()
+
+
+def retire_worker_if_idle(worker_id: str, devices: list[str], release) -> bool:
+    """Unregister the worker and call release() (its slot lock) only if nothing it accepts is queued, atomically:
+    a job submitted meanwhile either is seen here or finds the slot free and gets a new worker."""
+    with transaction() as conn:
+        waiting = conn.execute(
+            f"SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND device IN ({','.join('?' * len(devices))})",
+            devices,
+        ).fetchone()[0]
+        if waiting:
+            return False
+        conn.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+        release()
+        return True
 
 
 def list_workers() -> list[dict]:
@@ -417,7 +431,14 @@ def list_runs() -> list[Run]:
 
 
 def set_current_run(run_id: str) -> Run:
-    run = get_run(run_id)
+    """Make `run_id` the model Predict uses; a run folder trained from the CLI under runs/ is registered first."""
+    try:
+        run = get_run(run_id)
+    except JobError:
+        folder = config.runs_dir() / run_id
+        if not (folder / "model.pt").is_file():
+            raise
+        run = register_run(folder)
     if not run.exists:
         raise JobError(f"run {run_id!r} has no model file ({run.model_path})")
     config.save_settings(current_run=run_id)
@@ -445,10 +466,61 @@ def final_metrics(run: Run) -> dict:
     return metrics
 
 
+def read_run_metrics(run_dir: str | Path) -> dict:
+    try:
+        data = json.loads((Path(run_dir) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def describe_dataset(dataset) -> dict:
+    """What a job records about its dataset: where, which version (labels, classes and split), split sizes."""
+    import hashlib
+
+    rows = dataset.labelled()
+    digest = hashlib.sha1()
+    for name, cls, split in sorted(zip(rows["name"], rows["cls"].astype(int), rows["split"].astype(str))):
+        digest.update(f"{name}:{cls}:{split}\n".encode())
+    sizes = rows["split"].value_counts()
+    return {"data": str(dataset.source), "dataset_key": dataset.key, "dataset_version": digest.hexdigest()[:10],
+            "classes": [int(c) for c in dataset.classes],
+            "n_train": int(sizes.get("train", 0)), "n_valid": int(sizes.get("valid", 0)),
+            "n_test": int(sizes.get("test", 0))}
+
+
+# --- training parameters -----------------------------------------------------------------------------------------
+
+def make_train_config(params: dict, out: str | Path, device: str | None = None):
+    """A core.training.TrainConfig from job params (unknown keys, such as the dataset version, are left out)."""
+    from dataclasses import fields
+
+    from core.training import TrainConfig
+
+    names = {f.name for f in fields(TrainConfig)}
+    values = {key: value for key, value in params.items() if key in names}
+    values["out"] = str(out)
+    if device:
+        values["device"] = device
+    return TrainConfig(**values)
+
+
+def training_problems(params: dict, n_train: int, cuda_available: bool) -> list[str]:
+    """Why these training parameters cannot work (empty when they can): the training's own checks, plus the device."""
+    problems = []
+    if str(params.get("device") or "auto").startswith("cuda") and not cuda_available:
+        problems.append("CUDA was asked for but this machine has no usable GPU: choose auto or cpu.")
+    try:
+        problems += make_train_config(params, config.home() / "validate-only").validate(n_train)
+    except (TypeError, ValueError) as exc:
+        problems.append(str(exc))
+    return problems
+
+
 # --- estimates ---------------------------------------------------------------------------------------------------
 
 # Rough images/s on 2 CPU cores at 224 px before any run has measured this machine.
-DEFAULT_SPEED = {"features": 25.0, "train": 6.0, "head": 5000.0, "evaluate": 25.0}
+DEFAULT_SPEED = {"features": 25.0, "train": 6.0, "head": 5000.0}
 GPU_SPEEDUP = 25.0
 
 
@@ -476,11 +548,11 @@ def estimate_seconds(params: dict, n_train: int, n_valid: int, n_test: int, on_g
         speeds = {stage: value * scale for stage, value in DEFAULT_SPEED.items()}
     epochs = max(int(params.get("epochs") or 1), 1)
     features = speeds.get("features") or DEFAULT_SPEED["features"]
-    evaluate = speeds.get("evaluate") or features
     if params.get("mode") == "frozen":
         head = max(speeds.get("train") or 0, DEFAULT_SPEED["head"]) if measured else DEFAULT_SPEED["head"]
         seconds = (n_train + n_valid + n_test) / features + epochs * (n_train + n_valid) / head
     else:
         train = speeds.get("train") or DEFAULT_SPEED["train"]
+        evaluate = speeds.get("features") or 3 * train  # a forward pass costs about a third of a training step
         seconds = epochs * (n_train / train + n_valid / evaluate) + n_test / evaluate
     return seconds, measured

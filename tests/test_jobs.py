@@ -1,0 +1,182 @@
+"""The job queue, the runs registry and the in-process job runner: lifecycle, slots, cancel, bad input, estimates."""
+import threading
+import time
+
+import pytest
+
+from core import config, hpo, jobs, worker
+from core.dataset import load_dataset
+
+
+def fake_run(name: str, balanced_accuracy: float) -> str:
+    """A run folder as training leaves it (model file, metrics.json), under runs/."""
+    folder = config.runs_dir() / name
+    folder.mkdir(parents=True)
+    (folder / "model.pt").write_bytes(b"weights")
+    (folder / "metrics.json").write_text(f'{{"test": {{"balanced_accuracy": {balanced_accuracy}, "accuracy": 0.5}}}}')
+    return str(folder)
+
+
+def training_params(data, **changes) -> dict:
+    facts = jobs.describe_dataset(load_dataset(data))
+    return {**facts, "backbone": "efficientnet_lite0", "mode": "frozen", "epochs": 1, "batch_size": 16, "lr": 0.01,
+            "image_size": 96, "balance": "none", "device": "cpu"} | changes
+
+
+def test_queue_lifecycle_is_persisted_and_oldest_first():
+    first = jobs.submit("sleep", {"seconds": 1})
+    second = jobs.submit("sleep", {"seconds": 2, "device": "cpu"})
+    assert [j.status for j in (first, second)] == ["queued", "queued"]
+    assert jobs.queue_position(second.id) == 2
+    assert first.log_path.endswith(f"job{first.id}.log") and first.run_dir is None
+
+    claimed = jobs.claim_next("cpu", ["cpu", "auto"], "w1", 4242)
+    assert claimed.id == first.id and claimed.status == "running" and claimed.pid == 4242 and claimed.slot == "cpu"
+    jobs.set_progress(first.id, {"fraction": 0.5, "stage": "sleep"})
+    assert jobs.get(first.id).progress == {"fraction": 0.5, "stage": "sleep"}
+    assert jobs.finish(first.id, "done")
+    assert not jobs.finish(first.id, "failed", "late")  # a finished job keeps its outcome
+    assert jobs.get(first.id).status == "done" and jobs.get(first.id).finished >= jobs.get(first.id).started
+
+    assert jobs.queue_position(second.id) == 1
+    assert [j.id for j in jobs.list_jobs(["queued"])] == [second.id]
+    assert [j.id for j in jobs.list_jobs()] == [second.id, first.id]  # newest first
+
+
+def test_slots_take_only_the_jobs_meant_for_them():
+    assert jobs.slot_accepts("cpu", ["cpu"]) == ["cpu", "auto"]
+    assert jobs.slot_accepts("cpu", ["cuda:0", "cpu"]) == ["cpu"]  # with a GPU, 'auto' jobs go to the GPU
+    assert set(jobs.slot_accepts("cuda:1", ["cuda:0", "cuda:1", "cpu"])) == {"auto", "cuda", "cuda:1"}
+    on_gpu = jobs.submit("sleep", {"device": "cuda"})
+    assert jobs.claim_next("cpu", ["cpu", "auto"], "w", 1) is None
+    assert jobs.claim_next("cuda:0", ["auto", "cuda", "cuda:0"], "w", 1).id == on_gpu.id
+
+
+def test_cancel_a_queued_job_at_once_and_a_running_one_by_flag():
+    queued = jobs.submit("sleep", {"seconds": 1})
+    running = jobs.submit("sleep", {"seconds": 1})
+    assert jobs.cancel(queued.id).status == "cancelled"
+    jobs.claim_next("cpu", ["cpu", "auto"], "w", 1)  # the cancelled one is skipped
+    assert jobs.get(running.id).status == "running" and not jobs.cancel_requested(running.id)
+    assert jobs.cancel(running.id).status == "running" and jobs.cancel_requested(running.id)
+    with pytest.raises(jobs.JobError, match="no job 999"):
+        jobs.cancel(999)
+
+
+def test_bad_submissions_are_refused_with_the_reason():
+    with pytest.raises(jobs.JobError, match="unknown job kind"):
+        jobs.submit("mine_bitcoin", {})
+    with pytest.raises(jobs.JobError, match="device 'tpu'"):
+        jobs.submit("sleep", {"device": "tpu"})
+    assert jobs.list_jobs() == []
+
+
+def test_impossible_training_parameters_get_reasons(small_abid):
+    params = training_params(small_abid)
+    n_train = params["n_train"]
+    assert jobs.training_problems(params, n_train, cuda_available=False) == []
+    reasons = jobs.training_problems(params | {"epochs": 0, "lr": -0.1, "batch_size": n_train + 1}, n_train, False)
+    text = " ".join(reasons)
+    assert "epochs must be at least 1" in text and "learning rate must be positive" in text
+    assert f"larger than the training set ({n_train} photos)" in text
+    assert any("no usable GPU" in r for r in jobs.training_problems(params | {"device": "cuda"}, n_train, False))
+
+
+def test_runs_registry_and_the_current_model_survive_a_restart():
+    assert jobs.current_run() is None
+    first = jobs.register_run(fake_run("run-a", 0.4), job_id=1, params={"mode": "frozen"})
+    assert jobs.current_run().id == first.id  # the first run becomes current
+    jobs.register_run(fake_run("run-b", 0.6), job_id=2)
+    assert jobs.final_metrics(jobs.get_run("run-b"))["balanced_accuracy"] == 0.6
+    jobs.set_current_run("run-b")
+    assert jobs.current_run().id == "run-b"  # read back from disk, as a new process would
+    assert [r.id for r in jobs.list_runs()] == ["run-b", "run-a"]
+
+    cli_run = fake_run("trained-from-cli", 0.5)  # never registered: `python -m core train --out runs/...`
+    assert jobs.set_current_run("trained-from-cli").path == cli_run
+    with pytest.raises(jobs.JobError, match="no run 'nowhere'"):
+        jobs.set_current_run("nowhere")
+
+    (config.runs_dir() / "trained-from-cli" / "model.pt").unlink()
+    assert jobs.current_run() is None  # its model is gone: Predict must not use it
+
+
+def test_estimate_uses_measured_speed_once_a_run_exists():
+    params = {"backbone": "efficientnet_lite0", "mode": "finetune", "epochs": 2, "image_size": 224}
+    guess, measured = jobs.estimate_seconds(params, 400, 100, 100, on_gpu=False)
+    assert not measured and guess > 0
+    jobs.register_run(fake_run("fast", 0.5), params=params,
+                      extra={"speeds": {"train": 100.0, "features": 300.0}, "on_gpu": False})
+    two, measured = jobs.estimate_seconds(params, 400, 100, 100, on_gpu=False)
+    four, _ = jobs.estimate_seconds(params | {"epochs": 4}, 400, 100, 100, on_gpu=False)
+    assert measured and two == pytest.approx(2 * (400 / 100 + 100 / 300) + 100 / 300)
+    assert four > 1.9 * two
+    assert jobs.estimate_seconds(params, 400, 100, 100, on_gpu=True)[1] is False  # GPU speed not measured yet
+
+
+def test_a_dataset_gone_at_run_time_fails_the_job_with_a_clear_message(small_abid):
+    import shutil
+
+    job = jobs.submit("train", training_params(small_abid))
+    shutil.rmtree(small_abid)
+    claimed = jobs.claim_next("cpu", ["cpu", "auto"], "w", 1)
+    assert worker.run_job(claimed, "cpu") == "failed"
+    failed = jobs.get(job.id)
+    assert failed.status == "failed" and f"The dataset {small_abid} is gone" in failed.error
+    assert "is gone" in failed.log_tail()
+
+
+def test_cancel_stops_a_real_training_through_should_stop(small_abid):
+    job = jobs.submit("train", training_params(small_abid, epochs=50))
+    claimed = jobs.claim_next("cpu", ["cpu", "auto"], "w", 1)
+    threading.Timer(0.2, jobs.cancel, args=(job.id,)).start()
+    started = time.monotonic()
+    assert worker.run_job(claimed, "cpu") == "cancelled"
+    assert time.monotonic() - started < 60
+    assert jobs.get(job.id).error == "cancelled while running" and jobs.list_runs() == []
+    assert "features" in jobs.get(job.id).log_tail()  # the flag was read inside core.training.train
+
+
+def test_search_space_follows_the_study_and_the_machine():
+    assert hpo.batch_choices(40) == [16, 32]
+    assert hpo.batch_choices(10_000) == [16, 32, 64, 128, 256]
+    assert hpo.batch_choices(8) == [16]  # smaller than every choice: training refuses it with the reason
+    assert hpo.parallel_trials(4, "cpu", cores=2) == (1, "2 CPU cores allow 1 at a time")
+    assert hpo.parallel_trials(4, "cpu", cores=16) == (4, "")
+    assert hpo.parallel_trials(8, "cuda:0")[0] == 4
+    assert hpo.final_valid_loss({"history": [{"valid_loss": 2.0}, {"valid_loss": 1.5}]}, {}) == 1.5
+    with pytest.raises(ValueError, match="no valid loss"):
+        hpo.final_valid_loss({"history": []}, {})
+
+
+def test_cli_submits_lists_and_cancels(small_abid, capsys):
+    from core.cli import main
+
+    assert main(["submit", "sleep", "--seconds", "1", "--no-start"]) == 0
+    assert main(["submit", "train", "--data", str(small_abid), "--mode", "frozen", "--epochs", "1",
+                 "--batch-size", "16", "--image-size", "96", "--no-start"]) == 0
+    queued = jobs.list_jobs()
+    assert [j.kind for j in queued] == ["train", "sleep"]
+    assert queued[0].params["data"] == str(small_abid) and queued[0].params["n_train"] == 40
+    assert main(["cancel", str(queued[1].id)]) == 0
+    capsys.readouterr()
+    assert main(["jobs"]) == 0
+    listing = capsys.readouterr().out
+    assert "train  queued" in listing and "sleep  cancelled" in listing
+
+    assert main(["submit", "train", "--data", str(small_abid), "--epochs", "0", "--no-start"]) == 2
+    assert "epochs must be at least 1" in capsys.readouterr().err
+    assert main(["submit", "hpo", "--no-start"]) == 2
+    assert main(["cancel", "999"]) == 2
+    assert len(jobs.list_jobs()) == 2  # nothing queued by the refused commands
+
+
+def test_device_facts_without_a_gpu():
+    from core import gpu
+
+    if gpu.cuda_available():
+        pytest.skip("this machine has a GPU")
+    facts = gpu.describe()
+    assert facts["cuda"] is False and facts["gpus"] == [] and facts["cpu_cores"] >= 1
+    assert gpu.training_slots() == ["cpu"] and gpu.stats_for_device("cpu") is None
+    assert gpu.stats_for_device("cuda:0") is None

@@ -1,0 +1,154 @@
+"""The Train page through AppTest: the form refuses impossible settings, Launch queues, the live view, runs and the
+current model, and the hyperparameter search with its one-click full training."""
+import os
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from core import config, hpo, jobs, worker
+from core.dataset import load_dataset
+
+PAGE = Path(__file__).resolve().parents[1] / "pages" / "train.py"
+
+
+@pytest.fixture(autouse=True)
+def dataset(small_abid, monkeypatch):
+    monkeypatch.setenv("BINSIGHT_DATA", str(small_abid))
+    return small_abid
+
+
+@pytest.fixture
+def started(monkeypatch) -> list:
+    """Worker starts the page asks for, recorded instead of spawning processes (the restart tests spawn real ones)."""
+    calls = []
+    monkeypatch.setattr(worker, "ensure_workers", lambda *a, **k: calls.append(1) or [])
+    return calls
+
+
+def page() -> AppTest:
+    return AppTest.from_file(str(PAGE), default_timeout=120).run()
+
+
+def text_of(at: AppTest, *kinds) -> str:
+    return "\n".join(str(e.value) for kind in kinds or ("markdown", "error", "caption", "success", "warning", "code")
+                     for e in at.get(kind))
+
+
+def claim_as_worker(job: jobs.Job):
+    """Take the job as a worker in this process does: hold the CPU slot, mark it running under this pid."""
+    lock = worker.SlotLock("cpu")
+    assert lock.acquire()
+    return lock, jobs.claim_next("cpu", ["cpu", "auto"], "test-worker", os.getpid())
+
+
+def test_the_form_refuses_impossible_settings_with_the_reason(started):
+    at = page()
+    assert not at.exception and not at.error
+    assert "Estimated duration: about" in text_of(at, "caption")
+    at.number_input(key="train_epochs_frozen").set_value(0)
+    at.number_input(key="train_lr_frozen").set_value(-0.01)
+    at.number_input(key="train_batch").set_value(1000).run()
+    reasons = text_of(at, "error")
+    assert "epochs must be at least 1 (got 0)" in reasons and "the learning rate must be positive" in reasons
+    assert "the batch size (1000) is larger than the training set (40 photos)" in reasons
+    assert at.button(key="train_launch").disabled  # a browser cannot click it (AppTest refuses too)
+    at.number_input(key="train_epochs_frozen").set_value(2)
+    at.number_input(key="train_lr_frozen").set_value(0.01)
+    at.number_input(key="train_batch").set_value(16).run()
+    assert not at.error and not at.button(key="train_launch").disabled
+    assert jobs.list_jobs() == []
+
+
+def test_launch_queues_the_chosen_settings_and_a_queued_job_can_be_cancelled(started, dataset):
+    at = page()
+    at.radio(key="train_mode").set_value("finetune").run()
+    at.number_input(key="train_epochs_finetune").set_value(3)
+    at.number_input(key="train_batch").set_value(16)
+    at.number_input(key="train_lr_finetune").set_value(0.005)
+    at.selectbox(key="train_size").set_value(128)
+    at.selectbox(key="train_balance").set_value("sampler").run()
+    at.button(key="train_launch").click().run()
+    assert not at.exception
+    [job] = jobs.list_jobs()
+    version = jobs.describe_dataset(load_dataset(dataset))["dataset_version"]
+    assert job.status == "queued" and job.kind == "train" and started
+    assert {k: job.params[k] for k in ("data", "dataset_version", "mode", "epochs", "batch_size", "lr", "image_size",
+                                       "balance", "n_train")} == {
+        "data": str(dataset), "dataset_version": version, "mode": "finetune", "epochs": 3, "batch_size": 16,
+        "lr": 0.005, "image_size": 128, "balance": "sampler", "n_train": 40}
+    assert "number 1 in the queue" in text_of(at, "caption")
+    at.button(key=f"train_cancel_{job.id}").click().run()
+    assert jobs.get(job.id).status == "cancelled"
+    assert f"Job {job.id}** · train · cancelled" in text_of(at, "markdown")
+
+
+def test_a_running_training_shows_progress_curves_speed_and_device(started, dataset):
+    facts = jobs.describe_dataset(load_dataset(dataset))
+    job = jobs.submit("train", {**facts, "mode": "frozen", "epochs": 3, "batch_size": 16, "lr": 0.01,
+                                "image_size": 96, "balance": "none"})
+    lock, claimed = claim_as_worker(job)
+    try:
+        worker.run_training(worker.JobContext(claimed, "cpu"))  # real training; the job stays 'running' until finish
+        at = page()
+        assert not at.exception
+        assert f"Job {job.id}** · train · running" in text_of(at, "markdown")
+        [bar] = at.get("progress")
+        shown = {m.label: m.value for m in at.metric}
+        assert shown["Epoch"] == "3/3" and shown["Device"] == "cpu" and float(shown["Images/s"].replace(",", "")) > 0
+        assert shown["Waiting on data"].endswith("%")
+        charts = [c.proto.spec for c in at.get("plotly_chart")]
+        assert any('"valid loss"' in spec and '"train accuracy"' in spec for spec in charts)  # live curves
+        assert "train · epoch 3/3 · train_loss" in text_of(at, "code")  # the log tail
+    finally:
+        lock.release()
+    assert jobs.finish(job.id, "done")
+    at = page()  # finished: now a run with its metrics, and the current model
+    run = jobs.current_run()
+    assert run.job_id == job.id and run.id in at.dataframe[0].value["run"].tolist()
+    assert any("Test balanced accuracy per run" in c.proto.spec for c in at.get("plotly_chart"))
+
+
+def test_choosing_the_current_model(started):
+    for name in ("run-old", "run-new"):
+        folder = config.runs_dir() / name
+        folder.mkdir(parents=True)
+        (folder / "model.pt").write_bytes(b"weights")
+        jobs.register_run(folder, params={"backbone": "efficientnet_lite0", "mode": "frozen"},
+                          metrics={"test": {"balanced_accuracy": 0.4 if name == "run-old" else 0.6}})
+    at = page()
+    assert "`run-old` is the current model." in text_of(at, "caption")  # the first run registered
+    at.selectbox(key="train_current").set_value("run-new").run()
+    at.button(key="train_set_current").click().run()
+    assert jobs.current_run().id == "run-new"
+    assert "`run-new` is the current model." in text_of(at, "caption")
+
+
+def test_a_search_shows_its_trials_best_first_and_launches_the_full_training(started, dataset):
+    facts = jobs.describe_dataset(load_dataset(dataset))
+    search = jobs.submit("hpo", {**facts, "mode": "frozen", "epochs": 2, "image_size": 96, "balance": "none",
+                                 "n_trials": 2, "parallel": 2, "full_epochs": 7})
+    lock, claimed = claim_as_worker(search)
+    try:
+        assert worker.run_job(claimed, "cpu") == "done", jobs.get(search.id).error
+    finally:
+        lock.release()
+    done = jobs.get(search.id)
+    table = hpo.trials_table(done)
+    assert len(table) == 2 and (table["state"] == "COMPLETE").all()
+    assert table["valid_loss"].is_monotonic_increasing
+    assert table["lr"].between(0.001, 0.1).all() and set(table["batch_size"]) <= {16, 32}
+    assert done.progress["parallel"] == 1  # two asked for; this machine's cores allow one
+    best = int(table.iloc[0]["trial"])
+    kept = {p.parent.name for p in Path(done.run_dir).glob("trial-*/model.pt")}
+    assert kept == {f"trial-{best:03d}"}
+
+    at = page()
+    assert not at.exception
+    assert any("Trials: lower is better" in c.proto.spec for c in at.get("plotly_chart"))
+    at.button(key=f"train_best_{search.id}").click().run()
+    [full] = jobs.list_jobs(kind="train")
+    assert full.status == "queued" and full.params["from_search"] == search.id
+    assert full.params["lr"] == pytest.approx(table.iloc[0]["lr"])
+    assert full.params["batch_size"] == table.iloc[0]["batch_size"] and full.params["epochs"] == 7
+    assert "n_trials" not in full.params and full.params["data"] == str(dataset)
