@@ -30,11 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     from core.dataset import DatasetError
     from core.abid import LabelError
     from core.images import ImageError
+    from core.s3 import S3Error
 
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args) or 0
-    except (UsageError, DatasetError, LabelError, ImageError, FileNotFoundError, NotADirectoryError) as exc:
+    except (UsageError, DatasetError, LabelError, ImageError, S3Error, FileNotFoundError, NotADirectoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -95,11 +95,15 @@ def load_dataset(source: str | Path | None = None, class_range: ClassRange | Non
         class_range = ClassRange.from_dict(config.load_settings().get("class_range"))
     if not source.exists():
         raise DatasetError(f"{source} does not exist: check the path, or leave it empty to use the demo set")
+    if source.suffix == ".parquet":  # a dataset version (core.versions): a manifest of rows with a frozen split
+        from core.versions import load_version
+
+        return load_version(source, class_range)
     layout = detect_layout(source)
     key = dataset_key(source)
     frame = _cached_index(source, layout, key, on_progress)
     notes = _notes(frame, layout)
-    frame = _apply_overrides(frame, key)
+    frame = apply_overrides(frame, key)
     frame["cls"] = class_range.assign(frame["count"])
     frame, split_info = splits.attach_split(frame, key, class_range)
     frame["split"] = frame["split"].astype(object).where(frame["split"].notna(), None)
@@ -292,7 +296,7 @@ def _notes(frame: pd.DataFrame, layout: str) -> list[str]:
     return notes
 
 
-def _apply_overrides(frame: pd.DataFrame, key: str) -> pd.DataFrame:
+def apply_overrides(frame: pd.DataFrame, key: str) -> pd.DataFrame:
     """Counts corrected by annotators replace the recorded ones (the latest decision wins)."""
     try:
         from core.annotations import label_overrides

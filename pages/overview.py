@@ -73,6 +73,9 @@ if dataset.problems:
 with st.expander("Split recipe"):
     if dataset.split_info.get("source") == "folders":
         st.write("This dataset brings its own train/valid/test folders; they are used as they are.")
+    elif dataset.split_info.get("source") == "version":
+        st.write("This is a balanced version: it keeps the split of the dataset it was made from "
+                 "(its test photos never change). Re-split the original dataset instead.")
     else:
         with st.form("resplit"):
             st.write("Stratified and seeded: N test photos per class (never more than a fifth of a class), "
