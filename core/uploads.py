@@ -9,6 +9,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from core import config
 from core.files import atomic_write_bytes
 from core.images import SUPPORTED_SUFFIXES, ImageError, load_image
@@ -177,3 +179,69 @@ def _cheap_problem(path: Path, name: str) -> str | None:
         return f"{name}: the file is empty (0 bytes)"
     kind = _looks_like_text(head)
     return f"{name}: {kind}" if kind else None
+
+
+def s3_inputs(uri: str, limit: int = 200, on_progress=None, source=None) -> tuple[list[PhotoInput], list[str]]:
+    """The photos at an s3:// URI (one key, or every photo under a prefix), fetched into the cache under BINSIGHT_HOME."""
+    from core import abid
+    from core.s3 import S3Error, S3Source, s3_settings
+
+    match = re.match(r"^s3://([A-Za-z0-9.\-_]{3,63})(?:/(.*))?$", uri.strip())
+    if not match:
+        raise InputError(f"{uri!r} is not an S3 URI: expected s3://bucket/key.jpg or s3://bucket/prefix/")
+    bucket, key = match.group(1), match.group(2) or ""
+    try:
+        source = source or S3Source(s3_settings(bucket=bucket))
+        if Path(key).suffix.lower() in SUPPORTED_SUFFIXES:
+            keys, notes = [key], []
+        else:
+            prefix = key or abid.IMAGE_PREFIX
+            listed = source.list_keys(prefix, limit=limit * 2)
+            keys = [k for k in listed if Path(k).suffix.lower() in SUPPORTED_SUFFIXES][:limit]
+            notes = [f"Only the first {limit:,} photos under {prefix} are predicted."] if len(keys) == limit else []
+            if not keys:
+                raise InputError(f"s3://{bucket}/{prefix} holds no photos (JPEG, PNG, WebP or BMP).")
+        paths = source.fetch(keys, on_progress=on_progress, missing_ok=True)
+    except S3Error as exc:
+        raise InputError(str(exc)) from None
+    inputs = []
+    for key in keys:
+        name = safe_name(key)
+        path = paths.get(key)
+        if path is None:
+            inputs.append(PhotoInput(name, error=f"{name}: not in s3://{bucket}", source="s3"))
+            continue
+        problem = _cheap_problem(Path(path), name)
+        inputs.append(PhotoInput(name, path=None if problem else str(path), error=problem, source="s3"))
+    return inputs, notes
+
+
+def predict_inputs(model, meta: dict, inputs: list[PhotoInput], batch_size: int = 32,
+                   on_progress=None) -> pd.DataFrame:
+    """One row per input, in order: the prediction (predicted, confidence, prob_<count>) or the error."""
+    from core.inference import predict_photos
+
+    usable = [i for i in inputs if i.path and not i.error]
+    classes = [int(c) for c in meta["classes"]]
+    predicted = None
+    if usable:
+        predicted = predict_photos(model, meta, [i.path for i in usable], batch_size=batch_size,
+                                   on_progress=on_progress).reset_index(drop=True)
+    rows, k = [], 0
+    for item in inputs:
+        row = {"name": item.name, "source": item.source, "path": item.path, "error": item.error}
+        if item.path and not item.error:
+            found = predicted.iloc[k]
+            k += 1
+            error = found.get("error")
+            if isinstance(error, str) and error:
+                row["error"] = error
+            else:
+                row.update(predicted=found["predicted"], confidence=found["confidence"],
+                           **{f"prob_{c}": found[f"prob_{c}"] for c in classes})
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=["name", "predicted", "confidence"] + [f"prob_{c}" for c in classes]
+                         + ["error", "source", "path"])
+    frame["predicted"] = frame["predicted"].astype("Int64")
+    frame["confidence"] = frame["confidence"].astype(float)
+    return frame

@@ -1,0 +1,134 @@
+"""The Evaluate page through AppTest on two real small runs: metrics, confusion cells, comparison, other folders."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import confusion_matrix
+from streamlit.testing.v1 import AppTest
+
+from core.evaluation import evaluate
+from core.metrics import compute_metrics
+from tests.conftest import make_abid_subset
+from tests.test_reports import shared  # noqa: F401  (fixture: the session's small runs)
+
+PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "evaluate.py")
+CLASSES = [1, 2, 3, 4, 5]
+
+
+def run_page() -> AppTest:
+    return AppTest.from_file(PAGE, default_timeout=120).run()
+
+
+def shown_metrics(at: AppTest) -> dict:
+    return {m.label: m.value for m in at.metric}
+
+
+def table_with(at: AppTest, column: str):
+    return next(d.value for d in at.dataframe if column in d.value.columns)
+
+
+def test_without_a_run_the_page_says_how_to_get_one():
+    at = run_page()
+    assert not at.exception
+    assert "No trained model yet" in at.info[0].value
+
+
+def test_metrics_per_class_table_and_weakest_class(shared):
+    at = run_page()
+    assert not at.exception and not at.error
+    run_id = at.selectbox(key="eval_run").value
+    metrics, _ = evaluate(shared["runs"][run_id] / "model.pt", shared["data"], split="test")
+    shown = shown_metrics(at)
+    assert shown["Accuracy"] == f"{metrics['accuracy']:.1%}"
+    assert shown["Balanced accuracy"] == f"{metrics['balanced_accuracy']:.1%}"
+    assert shown["MAE (objects)"] == f"{metrics['mae']:.3f}"
+    assert shown["Off-by-one accuracy"] == f"{metrics['off_by_one']:.1%}"
+    assert shown["Photos scored"] == str(metrics["n"])
+    table = table_with(at, "precision")
+    assert np.allclose(table["f1"], [metrics["per_class"][str(c)]["f1"] for c in CLASSES])
+    weakest = min(CLASSES, key=lambda c: (metrics["per_class"][str(c)]["f1"], metrics["per_class"][str(c)]["recall"], c))
+    assert any(f"Weakest class: **{weakest}**" in c.value for c in at.caption)
+    assert len(at.get("plotly_chart")) == 2  # per-class bars and the confusion matrix
+    labels = [b.label for b in at.get("download_button")]
+    assert labels == ["Report (CSV)", "Report (JSON)", "Confusion matrix (PNG)", "Predictions (CSV)"]
+
+
+def test_predictions_are_not_recomputed_on_a_rerun(shared, monkeypatch):
+    import core.inference
+
+    calls = []
+    real = core.inference.predict_photos
+    monkeypatch.setattr(core.inference, "predict_photos", lambda *a, **k: calls.append(1) or real(*a, **k))
+    at = run_page()
+    at.selectbox(key="eval_split").set_value("valid").run()
+    computed = len(calls)
+    at.radio(key="cm_view").set_value("Row-normalised (recall)").run()
+    at.run()
+    assert computed <= 2 and len(calls) == computed  # test (maybe cached already) and valid, never again
+    fresh = run_page()  # a new session reads the stored predictions too
+    fresh.selectbox(key="eval_split").set_value("valid").run()
+    assert len(calls) == computed and not fresh.exception
+
+
+def test_a_selected_cell_shows_exactly_the_photos_sklearn_counts(shared):
+    at = run_page()
+    at.selectbox(key="eval_split").set_value("all").run()
+    run_id = at.selectbox(key="eval_run").value
+    _, reference = evaluate(shared["runs"][run_id] / "model.pt", shared["data"], split="all")
+    matrix = confusion_matrix(reference["truth"].astype(int), reference["predicted"].astype(int), labels=CLASSES)
+    off_diagonal = [(i, j) for i in range(5) for j in range(5) if i != j and matrix[i, j] > 0]
+    assert off_diagonal, "the small run makes no mistake: nothing to open"
+    for i, j in [max(off_diagonal, key=lambda ij: matrix[ij]), (int(np.argmax(np.diag(matrix))),) * 2]:
+        true, predicted = CLASSES[i], CLASSES[j]
+        at.selectbox(key="cm_true").set_value(true)
+        at.selectbox(key="cm_pred").set_value(predicted).run()
+        assert not at.exception
+        assert any(m.value.startswith(f"**{matrix[i, j]} photos** with true count **{true}** predicted as "
+                                      f"**{predicted}**") for m in at.markdown)
+        cell = table_with(at, "item_names")
+        expected = reference[(reference["truth"] == true) & (reference["predicted"] == predicted)]
+        assert sorted(cell["name"]) == sorted(expected["photo"])
+        assert all(cell["truth"] == true) and all(cell["predicted"] == predicted)
+        assert list(cell["confidence"]) == sorted(cell["confidence"], reverse=True)
+        assert cell["item_names"].str.len().gt(0).any()  # metadata items are shown with the photos
+        assert len(at.image) == min(len(cell), 12)  # the photos themselves, one page of them
+
+
+def test_comparing_two_runs_shows_the_right_deltas(shared):
+    at = run_page()
+    at.multiselect(key="compare_runs").set_value(["baseline", "better"]).run()
+    assert not at.exception
+    frame = table_with(at, "Δ better (run)").set_index("metric")
+    scored = {}
+    for name in ("baseline", "better"):
+        _, predictions = evaluate(shared["runs"][name] / "model.pt", shared["data"], split="test")
+        scored[name] = compute_metrics(predictions["truth"].astype(int), predictions["predicted"].astype(int), CLASSES)
+    assert frame.loc["Accuracy", "Δ better (run)"] == pytest.approx(scored["better"]["accuracy"] - scored["baseline"]["accuracy"])
+    assert frame.loc["MAE (objects)", "Δ better (run)"] == pytest.approx(scored["better"]["mae"] - scored["baseline"]["mae"])
+    for c in CLASSES:
+        delta = scored["better"]["per_class"][str(c)]["f1"] - scored["baseline"]["per_class"][str(c)]["f1"]
+        assert frame.loc[f"F1 class {c}", "Δ better (run)"] == pytest.approx(delta)
+    assert any("Green: better than the baseline" in c.value for c in at.caption)
+
+
+def test_any_labelled_folder_and_a_bad_one(shared, tmp_path):
+    other = make_abid_subset(tmp_path / "holdout", per_class=2)
+    at = run_page()
+    at.selectbox(key="eval_split").set_value("Another labelled folder…").run()
+    assert "Give the path" in at.info[0].value
+    at.text_input(key="eval_folder").input(str(other)).run()
+    assert not at.exception and not at.error
+    assert shown_metrics(at)["Photos scored"] == "10"
+    at.text_input(key="eval_folder").input(str(tmp_path / "missing")).run()
+    assert "does not exist" in at.error[0].value
+
+
+def test_a_damaged_model_file_is_explained(binsight_home):
+    from core import config
+
+    broken = config.runs_dir() / "broken"
+    broken.mkdir()
+    (broken / "model.pt").write_bytes(b"not a checkpoint")
+    at = run_page()
+    assert not at.exception
+    assert "cannot be loaded" in at.error[0].value and "not a Binsight model file" in at.error[0].value

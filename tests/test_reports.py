@@ -1,0 +1,227 @@
+"""Evaluation reports on real small runs: the predictions cache, confusion cells, run comparison, exports."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.metrics import confusion_matrix, f1_score
+
+from core import reports
+from core.dataset import load_dataset
+from core.evaluation import evaluate
+from tests.conftest import make_abid_subset
+
+_SHARED: dict = {}
+
+
+def small_runs(tmp_path_factory) -> dict:
+    """Two small frozen runs trained once per test session in their own BINSIGHT_HOME (shared by the page tests).
+
+    {"home": Path, "data": Path (60 real photos, ABID layout), "runs": {"baseline": Path, "better": Path}}
+    """
+    if not _SHARED:
+        from core.training import TrainConfig, train
+
+        home = tmp_path_factory.mktemp("runs_home")
+        data = make_abid_subset(tmp_path_factory.mktemp("runs_data") / "small_abid", per_class=12)
+        runs = {}
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("BINSIGHT_HOME", str(home))
+            for name, epochs, seed in (("baseline", 1, 0), ("better", 3, 1)):
+                out = home / "runs" / name
+                train(TrainConfig(data=str(data), out=str(out), mode="frozen", epochs=epochs, image_size=96,
+                                  batch_size=16, device="cpu", seed=seed, num_workers=0))
+                runs[name] = out
+        _SHARED.update(home=home, data=data, runs=runs)
+    return _SHARED
+
+
+@pytest.fixture
+def shared(tmp_path_factory, monkeypatch) -> dict:
+    """The shared runs, with BINSIGHT_HOME and the dataset pointing at them."""
+    found = small_runs(tmp_path_factory)
+    monkeypatch.setenv("BINSIGHT_HOME", str(found["home"]))
+    monkeypatch.setenv("BINSIGHT_DATA", str(found["data"]))
+    return found
+
+
+@pytest.fixture
+def runs(tmp_path_factory) -> dict:
+    """The shared runs, used from this test's own (empty) BINSIGHT_HOME: nothing cached yet."""
+    return small_runs(tmp_path_factory)
+
+
+def test_predictions_are_computed_once_then_read_back(runs, monkeypatch, binsight_home):
+    import core.inference
+
+    rows = load_dataset(runs["data"]).rows("test")
+    calls = []
+    real = core.inference.predict_photos
+    monkeypatch.setattr(core.inference, "predict_photos", lambda *a, **k: calls.append(1) or real(*a, **k))
+    progress = []
+    first = reports.cached_predictions(runs["runs"]["baseline"], rows, "test", on_progress=progress.append)
+    assert calls == [1] and progress and progress[-1]["fraction"] == 1.0
+    cached = reports.predictions_path(runs["runs"]["baseline"], "test", rows)
+    assert cached.is_file() and cached.is_relative_to(binsight_home)
+    second = reports.cached_predictions(runs["runs"]["baseline"], rows, "test")
+    assert calls == [1]  # read back, not predicted again
+    pd.testing.assert_frame_equal(first, second)
+    assert len(first) == len(rows) and set(first["name"]) == set(rows["name"])
+    assert (first.set_index("name")["truth"] == rows.set_index("name")["cls"]).all()
+    # another split, or another run, is another entry
+    reports.cached_predictions(runs["runs"]["baseline"], load_dataset(runs["data"]).rows("valid"), "valid")
+    reports.cached_predictions(runs["runs"]["better"], rows, "test")
+    assert calls == [1, 1, 1]
+
+
+def test_a_replaced_photo_or_model_is_predicted_again(runs, tmp_path):
+    data = make_abid_subset(tmp_path / "copy", per_class=3)
+    rows = load_dataset(data).rows("all")
+    before = reports.predictions_path(runs["runs"]["baseline"], "all", rows)
+    photo = Path(rows.iloc[0]["path"])
+    photo.write_bytes(photo.read_bytes() + b"\0")  # same name, new content
+    assert reports.predictions_path(runs["runs"]["baseline"], "all", rows) != before
+    assert reports.predictions_path(runs["runs"]["better"], "all", rows) != before
+
+
+def test_truth_follows_corrected_labels_without_predicting_again(runs, monkeypatch):
+    import core.inference
+
+    rows = load_dataset(runs["data"]).rows("test")
+    reports.cached_predictions(runs["runs"]["baseline"], rows, "test")
+    monkeypatch.setattr(core.inference, "predict_photos", lambda *a, **k: pytest.fail("predicted again"))
+    corrected = rows.copy()
+    corrected.loc[corrected.index[0], "cls"] = 5 if corrected.iloc[0]["cls"] != 5 else 1
+    frame = reports.cached_predictions(runs["runs"]["baseline"], corrected, "test")
+    assert frame.set_index("name").loc[corrected.iloc[0]["name"], "truth"] == corrected.iloc[0]["cls"]
+
+
+def test_metrics_match_the_training_run_and_preprocessing_is_shared(shared):
+    """Predicting the test photos from files gives the test metrics training computed from cached features."""
+    rows = load_dataset(shared["data"]).rows("test")
+    for run in shared["runs"].values():
+        predictions = reports.cached_predictions(run, rows, "test")
+        metrics = reports.report_metrics(predictions, [1, 2, 3, 4, 5])
+        trained = json.loads((run / "metrics.json").read_text())["test"]
+        assert metrics["n"] == trained["n"]
+        assert metrics["confusion_matrix"] == trained["confusion_matrix"]
+        assert metrics["accuracy"] == pytest.approx(trained["accuracy"])
+
+
+def test_confusion_cells_hold_exactly_the_photos_sklearn_counts(shared):
+    rows = load_dataset(shared["data"]).rows("all")
+    predictions = reports.cached_predictions(shared["runs"]["baseline"], rows, "all")
+    classes = [1, 2, 3, 4, 5]
+    # the reference: core.evaluation's own predictions and scikit-learn's matrix
+    _, reference = evaluate(shared["runs"]["baseline"] / "model.pt", shared["data"], split="all")
+    matrix = confusion_matrix(reference["truth"].astype(int), reference["predicted"].astype(int), labels=classes)
+    assert matrix.sum() == len(rows) and np.trace(matrix) < matrix.sum()  # some mistakes to look at
+    seen = []
+    for i, true in enumerate(classes):
+        for j, predicted in enumerate(classes):
+            cell = reports.confusion_cell(predictions, true, predicted)
+            expected = reference[(reference["truth"] == true) & (reference["predicted"] == predicted)]["photo"]
+            assert len(cell) == matrix[i, j]
+            assert sorted(cell["name"]) == sorted(expected)
+            assert list(cell["confidence"]) == sorted(cell["confidence"], reverse=True)
+            seen += list(cell["name"])
+    assert sorted(seen) == sorted(rows["name"])  # every photo in exactly one cell
+
+
+def test_per_class_table_and_weakest_class(shared):
+    rows = load_dataset(shared["data"]).rows("all")
+    predictions = reports.cached_predictions(shared["runs"]["baseline"], rows, "all")
+    metrics = reports.report_metrics(predictions, [1, 2, 3, 4, 5])
+    table = reports.per_class_table(metrics)
+    truth, predicted = predictions["truth"].astype(int), predictions["predicted"].astype(int)
+    expected_f1 = f1_score(truth, predicted, labels=[1, 2, 3, 4, 5], average=None, zero_division=0)
+    assert np.allclose(table["f1"], expected_f1)
+    assert list(table["support"]) == [12] * 5
+    weakest = reports.weakest_class(table)
+    assert table.set_index("class").loc[weakest, "f1"] == expected_f1.min()
+
+
+def test_weakest_class_ignores_empty_classes_and_breaks_ties_on_recall():
+    table = pd.DataFrame({"class": [1, 2, 3], "precision": [0.5, 0.9, 0.0], "recall": [0.2, 0.4, 0.0],
+                          "f1": [0.3, 0.3, 0.0], "support": [10, 10, 0]})
+    assert reports.weakest_class(table) == 1
+
+
+def test_unreadable_photos_and_unknown_counts_are_left_out_and_counted(runs, tmp_path):
+    data = make_abid_subset(tmp_path / "mixed", per_class=2)
+    rows = load_dataset(data).rows("all").copy()
+    broken = Path(rows.iloc[0]["path"])
+    broken.write_bytes(broken.read_bytes()[:300])  # damaged after indexing
+    rows.loc[rows.index[1], "cls"] = 7  # a count the model does not know
+    predictions = reports.cached_predictions(runs["runs"]["baseline"], rows, "all")
+    assert "damaged or truncated" in predictions.set_index("name").loc[rows.iloc[0]["name"], "error"]
+    metrics = reports.report_metrics(predictions, [1, 2, 3, 4, 5])
+    assert metrics["n"] == len(rows) - 2
+    assert metrics["left_out"] == {"unreadable": 1, "outside_classes": 1}
+    assert rows.iloc[0]["name"] not in set(reports.confusion_cell(predictions, int(rows.iloc[0]["cls"]),
+                                                                  int(rows.iloc[0]["cls"]))["name"])
+
+
+def test_comparison_frame_deltas(shared):
+    rows = load_dataset(shared["data"]).rows("all")
+    by_run = {}
+    for name, run in shared["runs"].items():
+        by_run[name] = reports.report_metrics(reports.cached_predictions(run, rows, "all"), [1, 2, 3, 4, 5])
+    frame = reports.comparison_frame(by_run).set_index("metric")
+    assert list(frame.columns) == ["better", "baseline", "better (run)", "Δ better (run)"]
+    for key, label, _ in reports.OVERALL_METRICS:
+        assert frame.loc[label, "Δ better (run)"] == pytest.approx(by_run["better"][key] - by_run["baseline"][key])
+    for cls in [1, 2, 3, 4, 5]:
+        delta = by_run["better"]["per_class"][str(cls)]["f1"] - by_run["baseline"]["per_class"][str(cls)]["f1"]
+        assert frame.loc[f"F1 class {cls}", "Δ better (run)"] == pytest.approx(delta)
+    assert frame.loc["MAE (objects)", "better"] == "lower"
+    with pytest.raises(ValueError):
+        reports.comparison_frame({"one": by_run["baseline"]})
+
+
+def test_delta_direction_knows_mae_is_better_lower():
+    assert reports.delta_direction(0.1, "higher") == 1 and reports.delta_direction(-0.1, "higher") == -1
+    assert reports.delta_direction(-0.1, "lower") == 1 and reports.delta_direction(0.1, "lower") == -1
+    assert reports.delta_direction(0.0, "higher") == 0 and reports.delta_direction(float("nan"), "higher") == 0
+
+
+def test_exports(shared):
+    rows = load_dataset(shared["data"]).rows("test")
+    metrics = reports.report_metrics(reports.cached_predictions(shared["runs"]["better"], rows, "test"), [1, 2, 3, 4, 5])
+    report = json.loads(reports.report_json(metrics, "better", "test"))
+    assert report["accuracy"] == metrics["accuracy"] and report["confusion_matrix"] == metrics["confusion_matrix"]
+    assert [r["class"] for r in report["per_class"]] == [1, 2, 3, 4, 5]
+    table = pd.read_csv(io.BytesIO(reports.report_csv(metrics, "better", "test")))
+    assert set(table["run"]) == {"better"}
+    overall = table[table["scope"] == "overall"].set_index("metric")["value"]
+    assert overall["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert len(table[table["scope"] == "class 3"]) == 4
+    png = Image.open(io.BytesIO(reports.confusion_png(np.asarray(metrics["confusion_matrix"]), [1, 2, 3, 4, 5])))
+    assert png.format == "PNG" and png.width > 200
+    normalised = reports.row_normalised(np.asarray(metrics["confusion_matrix"]))
+    assert np.allclose(normalised.sum(axis=1)[np.asarray(metrics["confusion_matrix"]).sum(axis=1) > 0], 1.0)
+
+
+def test_available_runs_lists_registered_and_unregistered_folders(shared):
+    from core import jobs
+
+    jobs.register_run(shared["runs"]["better"])
+    found = {r["id"]: r for r in reports.available_runs()}
+    assert set(found) >= {"baseline", "better"}
+    trained = json.loads((shared["runs"]["baseline"] / "metrics.json").read_text())["test"]["accuracy"]
+    assert found["baseline"]["accuracy"] == pytest.approx(trained)
+    assert found["better"]["backbone"] == "efficientnet_lite0" and found["better"]["mode"] == "frozen"
+
+
+def test_cell_from_a_plotly_selection_event():
+    event = {"selection": {"points": [{"curve_number": 1, "x": "2", "y": "4", "customdata": [4, 2]}],
+                           "point_indices": [16], "box": [], "lasso": []}}
+    assert reports.cell_from_selection(event) == (4, 2)
+    assert reports.cell_from_selection({"selection": {"points": [{"x": "3", "y": "1"}]}}) == (1, 3)
+    assert reports.cell_from_selection({"selection": {"points": []}}) is None
+    assert reports.cell_from_selection(None) is None
