@@ -53,10 +53,10 @@ def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
                     raise ImageError(
                         f"{label}: {width}×{height} pixels is far larger than a bin photo; refused as a possible decompression bomb"
                     )
-                if image.format not in SUPPORTED_FORMATS:
-                    raise ImageError(f"{label}: {image.format} files are not supported (JPEG, PNG, WebP or BMP expected)")
                 if getattr(image, "is_animated", False):
                     raise ImageError(f"{label}: an animated image, not a bin photo")
+                if image.format not in SUPPORTED_FORMATS:
+                    raise ImageError(f"{label}: {image.format} files are not supported (JPEG, PNG, WebP or BMP expected)")
                 image.load()
                 image = ImageOps.exif_transpose(image)
                 return _to_rgb(image)
@@ -67,7 +67,7 @@ def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
     except UnidentifiedImageError:
         raise ImageError(f"{label}: not an image (JPEG, PNG, WebP or BMP expected)") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{label}: the image is damaged or truncated ({exc})") from None
+        raise ImageError(f"{label}: the image is damaged or truncated: {exc}") from None
 
 
 def image_size(path: str | Path) -> tuple[int, int] | None:

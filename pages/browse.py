@@ -4,8 +4,7 @@ import streamlit as st
 
 from core.browse import filter_photos, page_of, sample_per_class
 from core.dataset import photo_items
-from core.images import ImageError, thumbnail
-from pages.common import current_dataset
+from pages.common import cached_thumbnail, current_dataset
 
 st.title("Browse")
 dataset = current_dataset()
@@ -48,12 +47,7 @@ def show_photo(row: pd.Series) -> None:
         st.caption("No item metadata for this photo.")
 
 
-@st.cache_data(show_spinner=False, max_entries=2000)
-def cached_thumbnail(path: str) -> bytes | str:
-    try:
-        return thumbnail(path)
-    except ImageError as exc:
-        return str(exc)
+
 
 
 filters = choose_filters()

@@ -11,6 +11,7 @@ from streamlit.runtime.pages_manager import PagesManager
 from core import config
 from core.classes import ClassRange
 from core.dataset import Dataset, DatasetError, load_dataset
+from core.images import ImageError, thumbnail
 
 
 def _use_app_navigation() -> None:
@@ -55,6 +56,28 @@ def _freshness_token(source: str | None) -> str:
             except OSError:
                 pass
     return ":".join(parts)
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=4)
+def _cached_model(model_path: str, stamp: str):
+    from core.models import load_model
+
+    return load_model(model_path)
+
+
+def model_for(model_path: str | Path):
+    """(model, meta) for a model.pt, loaded once per version of the file and shared by every page."""
+    stat = Path(model_path).stat()
+    return _cached_model(str(model_path), f"{stat.st_mtime_ns}:{stat.st_size}")
+
+
+@st.cache_data(show_spinner=False, max_entries=2000)
+def cached_thumbnail(path: str, width: int = 240, height: int = 180) -> bytes | str:
+    """The photo upright, letterboxed to width×height as JPEG bytes, or the reason it cannot be shown."""
+    try:
+        return thumbnail(path, width, height)
+    except ImageError as exc:
+        return str(exc)
 
 
 def class_range() -> ClassRange:

@@ -9,28 +9,18 @@ import streamlit as st
 from core import jobs, reports
 from core.classes import ClassRange
 from core.dataset import DatasetError, load_dataset
-from core.images import ImageError, thumbnail
-from core.models import WeightsError, load_model
-from pages.common import current_dataset
+from core.models import WeightsError
+from pages.common import cached_thumbnail, current_dataset, model_for
 
 SPLITS = {"test": "Test split", "valid": "Validation split", "train": "Training split", "all": "All labelled photos"}
 OTHER_FOLDER = "Another labelled folder…"
 PHOTOS_PER_PAGE = 12
 
 
-@st.cache_resource(show_spinner="Loading the model…", max_entries=4)
-def cached_model(model_path: str, stamp: str):
-    """The model, loaded once per model file version (stamp changes when the file is replaced)."""
-    return load_model(model_path)
 
 
-@st.cache_data(show_spinner=False, max_entries=500)
-def cached_thumbnail(path: str) -> bytes | str:
-    """The photo upright and in RGB (EXIF, CMYK, 16-bit handled), or why it cannot be shown."""
-    try:
-        return thumbnail(path)
-    except ImageError as exc:
-        return str(exc)
+
+
 
 
 def show_photo(path: str) -> None:
@@ -42,7 +32,7 @@ def show_photo(path: str) -> None:
 
 
 def model_loader(run_path: str):
-    return lambda: cached_model(str(Path(run_path) / "model.pt"), reports.run_fingerprint(run_path))
+    return lambda: model_for(Path(run_path) / "model.pt")
 
 
 def predictions_for(run: dict, rows: pd.DataFrame, split_key: str) -> pd.DataFrame:

@@ -7,9 +7,8 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core import config, jobs, reports, uploads, worker
-from core.images import ImageError, thumbnail
-from core.models import WeightsError, load_model
-from pages.common import current_dataset
+from core.models import WeightsError
+from pages.common import cached_thumbnail, current_dataset, model_for
 
 DEFAULT_THRESHOLD = 0.6
 PHOTOS_PER_PAGE = 12
@@ -17,23 +16,14 @@ QUICK_TRAINING = {"backbone": "efficientnet_lite0", "mode": "frozen", "image_siz
                   "device": "auto"}
 
 
-@st.cache_resource(show_spinner="Loading the model…", max_entries=4)
-def cached_model(model_path: str, stamp: str):
-    """The model, loaded once per model file version (stamp changes when the file is replaced)."""
-    return load_model(model_path)
 
 
-@st.cache_data(show_spinner=False, max_entries=500)
-def cached_thumbnail(path: str) -> bytes | str:
-    """The photo upright and in RGB (EXIF, CMYK, 16-bit handled), or why it cannot be shown."""
-    try:
-        return thumbnail(path, 480, 360)
-    except ImageError as exc:
-        return str(exc)
+
+
 
 
 def show_photo(path: str) -> None:
-    picture = cached_thumbnail(path)
+    picture = cached_thumbnail(path, 480, 360)
     if isinstance(picture, bytes):
         st.image(picture, width="stretch")
     else:
@@ -177,7 +167,7 @@ def predictions_for(run: dict, signature: str, inputs: list[uploads.PhotoInput])
     if saved and saved[0] == key:
         return saved[1]
     try:
-        model, meta = cached_model(str(Path(run["path"]) / "model.pt"), key[0])
+        model, meta = model_for(Path(run["path"]) / "model.pt")
     except (OSError, WeightsError) as exc:
         st.error(f"**The model of run `{run['id']}` cannot be loaded.** {exc}")
         st.stop()

@@ -11,7 +11,7 @@ from core.annotation_queue import (MODEL_QUEUES, QUEUES, QueueError, build_queue
                                    load_scores, score_photos)
 from core.dataset import photo_items
 from core.images import ImageError, load_image
-from pages.common import current_dataset
+from pages.common import current_dataset, model_for
 
 COUNT_FILTERS = [0, 1, 2, 3, 4, 5, annotations.MORE_THAN_FIVE]
 SPLITS = ["train", "valid", "test", "none"]
@@ -81,11 +81,7 @@ def decide(choice: str, key: str, name: str, path: str, current: int | None, see
     move(+1, length)
 
 
-@st.cache_resource(show_spinner="Loading the current model…", max_entries=1)
-def cached_model(path: str, stamp: int):
-    from core.models import load_model
 
-    return load_model(path)
 
 
 def model_prediction(model_path: Path | None, key: str, row: pd.Series, scores: pd.DataFrame) -> None:
@@ -97,7 +93,7 @@ def model_prediction(model_path: Path | None, key: str, row: pd.Series, scores: 
     known = scores[scores["name"] == row["name"]]
     try:
         if known.empty:
-            model, meta = cached_model(str(model_path), model_path.stat().st_mtime_ns)
+            model, meta = model_for(model_path)
             scores = score_photos(model, meta, model_path, key, row.to_frame().T)
             known = scores[scores["name"] == row["name"]]
     except (OSError, RuntimeError, ValueError, ImageError, WeightsError) as exc:
@@ -193,7 +189,7 @@ def choose_queue(frame: pd.DataFrame, key: str, model_path: Path | None, checked
             st.caption(f"{len(pool) - len(todo):,} of {len(pool):,} matching bins have model predictions.")
             if st.button(f"Score {len(todo):,} bins with the current model", key="spot_score"):
                 bar = st.progress(0.0, text="Loading the model…")
-                model, meta = cached_model(str(model_path), model_path.stat().st_mtime_ns)
+                model, meta = model_for(model_path)
                 scores = score_photos(model, meta, model_path, key, todo,
                                       on_progress=lambda f, text: bar.progress(min(f, 1.0), text=text))
                 bar.empty()

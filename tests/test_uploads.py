@@ -63,7 +63,7 @@ BAD_FILES = {
     "HTML file": ("bin.jpg.html", lambda jpg: b"<!DOCTYPE html>\n<html><head><title>404</title></head></html>",
                   "an HTML page"),
     "decompression bomb": ("huge.png", lambda jpg: bomb_png(), "decompression bomb"),
-    "animated GIF": ("moving.gif", lambda jpg: animated("GIF"), "GIF files are not supported"),
+    "animated GIF": ("moving.gif", lambda jpg: animated("GIF"), "an animated image"),
     "animated PNG": ("moving.png", lambda jpg: animated("PNG"), "an animated image"),
     "binary junk": ("junk.jpg", lambda jpg: bytes(range(256)) * 8, "not an image"),
 }
