@@ -267,7 +267,7 @@ def show_bin(dataset, name: str, who: str, queue: list[str], model_path: Path | 
             st.dataframe(readable(history), hide_index=True, width="stretch")
 
 
-st.title("✅ Spot-check")
+st.title("Spot-check")
 dataset = current_dataset()
 if dataset is None:
     st.stop()

@@ -174,7 +174,8 @@ def job_card(job: jobs.Job) -> None:
             job = jobs.cancel(job.id)
         if job.status == "running" and job.cancel_requested:
             button.caption("Cancelling…")
-        icon = {"queued": "⏳", "running": "🏃", "done": "✅", "failed": "❌", "cancelled": "🚫"}[job.status]
+        icon = {"queued": ":material/schedule:", "running": ":material/directions_run:", "done": ":material/check_circle:",
+                "failed": ":material/error:", "cancelled": ":material/block:"}[job.status]
         head.markdown(f"{icon} **Job {job.id}** · {job.kind} · {job.status} · {params_summary(job.params)}")
         if job.status == "queued":
             st.caption(f"Waiting: number {jobs.queue_position(job.id)} in the queue. A worker runs one training at a "
@@ -321,7 +322,7 @@ def search_form(base: dict | None, facts: dict, on_gpu: bool) -> None:
 
 # ---------------------------------------------------------------------------------------------- the page
 
-st.title("🏋️ Train")
+st.title("Train")
 device_facts = gpu.describe()
 on_gpu = device_facts["cuda"]
 if on_gpu:
