@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,26 @@ ABID = (ROOT / ".." / "shared" / "abid").resolve()
 
 @pytest.fixture(autouse=True)
 def binsight_home(tmp_path_factory, monkeypatch) -> Path:
-    """Every test gets its own BINSIGHT_HOME and no configured dataset."""
+    """Every test gets its own BINSIGHT_HOME and no configured dataset; workers it started are stopped after it."""
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("BINSIGHT_HOME", str(home))
     monkeypatch.delenv("BINSIGHT_DATA", raising=False)
-    return home
+    yield home
+    stop_detached_workers(home)
+
+
+def stop_detached_workers(home: Path) -> None:
+    """Kill the `python -m core worker` processes (detached, so pytest would leave them) serving `home`."""
+    wanted = f"BINSIGHT_HOME={home}".encode()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"worker" not in cmdline or b"core" not in cmdline:
+                continue
+            if wanted in (proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
 
 
 @pytest.fixture
