@@ -1,0 +1,127 @@
+"""Training on a few dozen real photos: run folder, progress, feature cache, broken photos, resume, cancel."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from core import features as feature_module
+from core.training import Cancelled, TrainConfig, TrainingError, train
+from tests.conftest import make_abid_subset
+
+SMALL = dict(image_size=96, batch_size=8, epochs=2, num_workers=0)
+
+
+def add_broken_photos(folder: Path) -> None:
+    """A truncated JPEG (its header reads fine, decoding fails) and a file that is not an image at all."""
+    images = folder / "bin-images"
+    real = sorted(images.glob("*.jpg"))[0].read_bytes()
+    (images / "truncated.jpg").write_bytes(real[: len(real) // 3])
+    (images / "garbage.jpg").write_bytes(b"this is not a jpeg" * 50)
+    labels = pd.read_csv(folder / "labels.csv")
+    extra = pd.DataFrame({"image": ["truncated.jpg", "garbage.jpg"], "count": [1, 2]})
+    pd.concat([labels, extra]).to_csv(folder / "labels.csv", index=False)
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    folder = make_abid_subset(tmp_path / "data", per_class=8)
+    add_broken_photos(folder)
+    return folder
+
+
+def test_frozen_run_writes_a_complete_run_folder_and_reports_progress(data, tmp_path):
+    states = []
+    config = TrainConfig(data=str(data), out=str(tmp_path / "run"), **SMALL)
+    result = train(config, on_progress=states.append)
+    run = tmp_path / "run"
+    assert {p.name for p in run.iterdir()} >= {"model.pt", "metrics.json", "config.json", "log.txt", "checkpoint.pt"}
+    saved = json.loads((run / "metrics.json").read_text())
+    assert len(saved["history"]) == 2 and saved["history"][0]["train_loss"] > 0
+    assert set(saved["history"][0]) >= {"train_loss", "valid_loss", "train_acc", "valid_acc", "images_per_s"}
+    test = saved["test"]
+    assert set(test) >= {"classes", "accuracy", "balanced_accuracy", "macro_f1", "mae", "off_by_one", "per_class",
+                         "confusion_matrix", "n", "skipped"}
+    assert test["n"] == sum(sum(row) for row in test["confusion_matrix"]) > 0
+    assert json.loads((run / "config.json").read_text())["image_size"] == 96
+    assert "epoch 2/2" in (run / "log.txt").read_text()
+    # progress: every key, all stages, ending at 1.0
+    keys = {"stage", "epoch", "epochs", "fraction", "train_loss", "valid_loss", "train_acc", "valid_acc",
+            "images_per_s", "data_wait_fraction", "device", "eta_s", "message"}
+    assert all(keys <= set(s) for s in states)
+    assert {"features", "train", "evaluate", "done"} <= {s["stage"] for s in states}
+    assert states[-1]["fraction"] == 1.0 and states[-1]["stage"] == "done"
+    # both broken photos are skipped and reported, by name and reason
+    reported = {s["photo"]: s["reason"] for s in result["skipped"] + result["dataset_problems"]}
+    assert "truncated" in reported["truncated.jpg"] or "damaged" in reported["truncated.jpg"]
+    assert "garbage.jpg" in reported
+
+
+def test_a_cache_hit_skips_the_backbone(data):
+    from core.dataset import load_dataset
+    from core.models import build_backbone
+    from core.preprocess import preprocessing
+
+    backbone, info = build_backbone("efficientnet_lite0")
+    meta = info | preprocessing(info, 96)
+    paths = list(load_dataset(data).rows("all")["path"])[:12]
+    first = feature_module.extract_features(backbone, meta, paths, num_workers=0)
+    assert (first.hits, first.computed) == (0, 12)
+
+    def refuse(*_):
+        raise AssertionError("the backbone ran although every feature was cached")
+
+    handle = backbone.register_forward_pre_hook(refuse)
+    second = feature_module.extract_features(backbone, meta, paths, num_workers=0)
+    handle.remove()
+    assert (second.hits, second.computed) == (12, 0)
+    assert torch.equal(first.features, second.features)
+    # Another preprocessing is another cache: the backbone has to run again.
+    other = feature_module.extract_features(backbone, meta | preprocessing(info, 64), paths[:2], num_workers=0)
+    assert other.computed == 2
+
+
+def test_resume_continues_from_the_last_checkpoint(data, tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(data=str(data), out=str(out), **SMALL | {"epochs": 1}))
+    result = train(TrainConfig(data=str(data), out=str(out), resume=True, epochs=3, num_workers=0))
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
+    assert "resumed after epoch 1" in (out / "log.txt").read_text()
+    with pytest.raises(TrainingError, match="nothing to resume"):
+        train(TrainConfig(data=str(data), out=str(tmp_path / "empty"), resume=True, **SMALL))
+
+
+def test_should_stop_cancels_cleanly(data, tmp_path):
+    with pytest.raises(Cancelled):
+        train(TrainConfig(data=str(data), out=str(tmp_path / "run"), **SMALL), should_stop=lambda: True)
+
+
+def test_finetune_one_epoch_with_count_aware_loss(data, tmp_path):
+    config = TrainConfig(data=str(data), out=str(tmp_path / "run"), mode="finetune", balance="weights",
+                         loss="emd", label_smoothing=0.1, **SMALL | {"epochs": 1})
+    result = train(config)
+    assert result["history"][0]["images_per_s"] > 0
+    assert 0 <= result["history"][0]["data_wait_fraction"] <= 1
+    assert result["test"]["n"] > 0
+    assert any(s["photo"] == "truncated.jpg" for s in result["skipped"] + result["dataset_problems"])
+
+
+def test_simple_cnn_trains_from_scratch_and_cannot_be_frozen(data, tmp_path):
+    result = train(TrainConfig(data=str(data), out=str(tmp_path / "run"), backbone="simple_cnn", mode="finetune",
+                               balance="sampler", **SMALL | {"epochs": 1}))
+    assert result["backbone"] == "simple_cnn"
+    with pytest.raises(TrainingError, match="simple_cnn"):
+        train(TrainConfig(data=str(data), out=str(tmp_path / "run2"), backbone="simple_cnn", mode="frozen", **SMALL))
+
+
+def test_validate_lists_every_problem():
+    problems = TrainConfig(out="x", epochs=0, lr=-1, batch_size=500).validate(n_train=40)
+    assert any("epochs" in p for p in problems)
+    assert any("learning rate" in p for p in problems)
+    assert any("batch size (500) is larger than the training set (40" in p for p in problems)
+    assert TrainConfig(out="x").validate(n_train=40) == []
+    assert any("no labelled photos" in p for p in TrainConfig(out="x").validate(n_train=0))
