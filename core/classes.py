@@ -44,4 +44,11 @@ class ClassRange:
         return cls(int(data.get("lo", 1)), int(data.get("hi", 5)), bool(data.get("top_bucket", False)))
 
 
+def model_class_range(meta: dict) -> ClassRange:
+    """The class range a model was trained with (from its checkpoint's meta)."""
+    if meta.get("class_range"):
+        return ClassRange.from_dict(meta["class_range"])
+    return ClassRange(min(meta["classes"]), max(meta["classes"]))
+
+
 DEFAULT_RANGE = ClassRange()

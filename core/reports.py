@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 
 from core import config
-from core.classes import ClassRange
 from core.files import atomic_write_bytes
 
 PREDICTIONS_VERSION = 1
@@ -112,13 +111,6 @@ def _with_truth(outputs: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
     frame["predicted"] = frame["predicted"].astype("Int64")
     frame["correct"] = (frame["truth"] == frame["predicted"]).fillna(False).astype(bool)
     return frame
-
-
-def model_class_range(meta: dict) -> ClassRange:
-    """The class range the model was trained with (its truth is counts assigned by it)."""
-    if meta.get("class_range"):
-        return ClassRange.from_dict(meta["class_range"])
-    return ClassRange(min(meta["classes"]), max(meta["classes"]))
 
 
 def probability_columns(frame: pd.DataFrame) -> list[str]:

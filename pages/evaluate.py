@@ -7,7 +7,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core import jobs, reports
-from core.classes import ClassRange
+from core.classes import ClassRange, model_class_range
 from core.dataset import DatasetError, load_dataset
 from core.models import WeightsError
 from pages.common import cached_thumbnail, current_dataset, model_for
@@ -281,7 +281,7 @@ try:
 except (OSError, WeightsError) as exc:
     st.error(f"**The model of run `{run_id}` cannot be loaded.** {exc}")
     st.stop()
-rows, split_key, description = choose_photos(reports.model_class_range(meta))
+rows, split_key, description = choose_photos(model_class_range(meta))
 
 predictions = predictions_for(run, rows, split_key)
 classes = [int(c) for c in meta["classes"]]
