@@ -1,6 +1,7 @@
 """CLI for models: `train`, `evaluate` and `predict`."""
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -153,10 +154,10 @@ def register(subparsers) -> None:
     train.add_argument("--out", required=True, help="run folder for model.pt, metrics.json, config.json, log.txt")
     train.add_argument("--backbone", choices=BACKBONES, default="efficientnet_lite0")
     train.add_argument("--mode", choices=MODES, default="frozen")
-    train.add_argument("--epochs", type=int, default=None, help="default: 40 frozen, 8 finetune")
+    train.add_argument("--epochs", type=int, default=None, help="default: 40 frozen, 6 finetune")
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--lr", type=float, default=None, help="head learning rate (default 1e-4 frozen, 1e-3 finetune)")
-    train.add_argument("--backbone-lr-factor", type=float, default=0.1, help="finetune: backbone lr = lr × this")
+    train.add_argument("--backbone-lr-factor", type=float, default=0.3, help="finetune: backbone lr = lr × this")
     train.add_argument("--weight-decay", type=float, default=0.01)
     train.add_argument("--schedule", choices=SCHEDULES, default="cosine")
     train.add_argument("--image-size", type=int, default=224, help="input height in pixels")
@@ -165,7 +166,8 @@ def register(subparsers) -> None:
     train.add_argument("--loss", choices=LOSSES, default="emd", help="emd: cross-entropy + a count-aware (ordinal) term; ce: plain")
     train.add_argument("--label-smoothing", type=float, default=0.0)
     train.add_argument("--head", choices=HEADS, default="mlp")
-    train.add_argument("--tta-flip", action="store_true", help="average each photo with its mirror image")
+    train.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
+                       help="average each photo with its mirror image (default: on for finetune, off for frozen)")
     train.add_argument("--no-augment", action="store_true")
     train.add_argument("--weights", default=None, help="backbone weights file (.pth), e.g. for resnet50/resnet18")
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -22,7 +22,7 @@ MODES = ("frozen", "finetune")
 BALANCE = ("none", "weights", "sampler")
 LOSSES = ("ce", "emd")
 SCHEDULES = ("cosine", "onecycle")
-DEFAULT_EPOCHS = {"frozen": 40, "finetune": 8}
+DEFAULT_EPOCHS = {"frozen": 40, "finetune": 6}
 DEFAULT_LR = {"frozen": 1e-4, "finetune": 1e-3}
 PROGRESS_EVERY_S = 0.5
 
@@ -44,7 +44,7 @@ class TrainConfig:
     epochs: int | None = None          # None: DEFAULT_EPOCHS[mode]
     batch_size: int = 32
     lr: float | None = None            # None: DEFAULT_LR[mode]; the head's rate in finetune mode
-    backbone_lr_factor: float = 0.1    # finetune: the backbone learns at lr × this
+    backbone_lr_factor: float = 0.3    # finetune: the backbone learns at lr × this
     weight_decay: float = 0.01
     optimizer: str = "adamw"
     schedule: str = "cosine"
@@ -55,7 +55,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     head: str = "mlp"
     augment: bool = True
-    tta_flip: bool = False
+    tta_flip: bool | None = None       # None: on for finetune (measured +1–2 points), off for frozen (no gain)
     device: str = "auto"
     seed: int = 0
     weights: str | None = None
@@ -66,6 +66,10 @@ class TrainConfig:
     @property
     def n_epochs(self) -> int:
         return self.epochs if self.epochs is not None else DEFAULT_EPOCHS.get(self.mode, 10)
+
+    @property
+    def use_tta_flip(self) -> bool:
+        return self.tta_flip if self.tta_flip is not None else self.mode == "finetune"
 
     @property
     def learning_rate(self) -> float:
@@ -109,7 +113,7 @@ class TrainConfig:
         return problems
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"epochs": self.n_epochs, "lr": self.learning_rate}
+        return asdict(self) | {"epochs": self.n_epochs, "lr": self.learning_rate, "tta_flip": self.use_tta_flip}
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -243,7 +247,7 @@ def _build_meta(config: TrainConfig, ds, backbone_info: dict) -> dict:
         "head": config.head,
         "mode": config.mode,
         "loss": config.loss,
-        "tta_flip": bool(config.tta_flip),
+        "tta_flip": config.use_tta_flip,
         "dataset_key": ds.key,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -429,7 +433,7 @@ class FrozenRun(BaseRun):
 
         self.splits = {"train": train_split, "valid": valid_split, "test": test_split}
         paths = train_split.paths + valid_split.paths + test_split.paths
-        variants = [False, True] if self.config.tta_flip else [False]
+        variants = [False, True] if self.config.use_tta_flip else [False]
         self.features = {}
         started = time.perf_counter()
         for n, flip in enumerate(variants):
