@@ -3,18 +3,12 @@ from __future__ import annotations
 
 import pandas as pd
 
-from core.classes import ClassRange
+from core.classes import model_class_range
 from core.inference import predict_photos
 from core.metrics import compute_metrics
 from core.models import load_model
 
 SPLITS = ("test", "valid", "train", "all")
-
-
-def _class_range(meta: dict) -> ClassRange:
-    if meta.get("class_range"):
-        return ClassRange.from_dict(meta["class_range"])
-    return ClassRange(min(meta["classes"]), max(meta["classes"]))
 
 
 def evaluate(model_path, data_dir, split: str = "test", on_progress=None, batch_size: int = 32,
@@ -29,7 +23,7 @@ def evaluate(model_path, data_dir, split: str = "test", on_progress=None, batch_
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
     model, meta = load_model(model_path)
-    ds = load_dataset(data_dir, class_range=_class_range(meta))
+    ds = load_dataset(data_dir, class_range=model_class_range(meta))
     rows = ds.rows(split)
     predictions = predict_photos(model, meta, list(rows["path"]), batch_size=batch_size,
                                  on_progress=on_progress, device=device)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from core import models
+from core.versions import training_rows
 from core.files import atomic_write_bytes, atomic_write_json
 from core.metrics import compute_metrics, format_table
 from core.preprocess import DEFAULT_ASPECT, PhotoDataset, default_workers, eval_transform, preprocessing, train_transform
@@ -234,7 +235,8 @@ class Split:
 
 
 def _split_rows(ds, split: str) -> Split:
-    rows = ds.rows(split)
+    # A balanced dataset version repeats oversampled training photos; other splits are read once.
+    rows = training_rows(ds, split) if split == "train" else ds.rows(split)
     index = {c: i for i, c in enumerate(ds.classes)}
     return Split(list(rows["path"]), np.array([index[int(c)] for c in rows["cls"]], dtype=np.int64))
 

@@ -124,3 +124,18 @@ def test_validate_lists_every_problem():
     assert any("batch size (500) is larger than the training set (40" in p for p in problems)
     assert TrainConfig(out="x").validate(n_train=40) == []
     assert any("no labelled photos" in p for p in TrainConfig(out="x").validate(n_train=0))
+
+
+def test_training_on_an_oversampled_version_reads_the_repeats(tmp_path):
+    from core import balancing
+    from core.dataset import load_dataset
+
+    folder = make_abid_subset(tmp_path / "data", per_class=8)
+    dataset = load_dataset(folder)
+    n_train = len(dataset.rows("train"))
+    version = balancing.apply(dataset, "oversample", {"target": 10, "splits": ["train"]}, name="over10")
+    config = TrainConfig(data=str(version.path), out=str(tmp_path / "run"), **SMALL)
+    train(config)
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert n_train < 50 and f"{10 * len(dataset.classes)} train," in log
+    assert f"{len(dataset.rows('test'))} test photos" in log
