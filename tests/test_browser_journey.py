@@ -9,8 +9,6 @@ from tests.browser_app import CHROMIUM, CHROMIUM_FLAGS, running_app
 
 playwright = pytest.importorskip("playwright.sync_api")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "screenshots"
-# Streamlit's frontend probes these on start; they are not the app's errors.
-IGNORED_CONSOLE = ("Failed to load resource", "favicon")
 
 
 @pytest.fixture
@@ -117,8 +115,7 @@ def journey(page, errors, tmp_path):
     wait_idle(page)
     shot(page, "05-predict")
 
-    app_errors = [e for e in errors if not any(s in e for s in IGNORED_CONSOLE)]
-    assert app_errors == []
+    assert errors == []
 
 
 def binsight_photo(page) -> Path:
