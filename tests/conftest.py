@@ -86,3 +86,38 @@ def make_abid_subset(target: Path, per_class: int, counts=(1, 2, 3, 4, 5), with_
 def small_abid(tmp_path) -> Path:
     """12 real photos of each count 1–5 in ABID layout (from ../shared/abid, else the demo set)."""
     return make_abid_subset(tmp_path / "small_abid", per_class=12)
+
+
+@pytest.fixture(scope="session")
+def small_runs(tmp_path_factory) -> dict:
+    """Two small frozen runs trained once per session in their own BINSIGHT_HOME (shared by report and page tests).
+
+    {"home": Path, "data": Path (60 real photos, ABID layout), "runs": {"baseline": Path, "better": Path}}
+    """
+    from core.training import TrainConfig, train
+
+    home = tmp_path_factory.mktemp("runs_home")
+    data = make_abid_subset(tmp_path_factory.mktemp("runs_data") / "small_abid", per_class=12)
+    runs = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BINSIGHT_HOME", str(home))
+        for name, epochs, seed in (("baseline", 1, 0), ("better", 3, 1)):
+            out = home / "runs" / name
+            train(TrainConfig(data=str(data), out=str(out), mode="frozen", epochs=epochs, image_size=96,
+                              batch_size=16, device="cpu", seed=seed, num_workers=0))
+            runs[name] = out
+    return {"home": home, "data": data, "runs": runs}
+
+
+@pytest.fixture
+def shared(small_runs, monkeypatch) -> dict:
+    """The shared runs, with BINSIGHT_HOME and the dataset pointing at them."""
+    monkeypatch.setenv("BINSIGHT_HOME", str(small_runs["home"]))
+    monkeypatch.setenv("BINSIGHT_DATA", str(small_runs["data"]))
+    return small_runs
+
+
+@pytest.fixture
+def runs(small_runs) -> dict:
+    """The shared runs, used from this test's own (empty) BINSIGHT_HOME: nothing cached yet."""
+    return small_runs

@@ -9,7 +9,6 @@ from streamlit.testing.v1 import AppTest
 from core.evaluation import evaluate
 from core.metrics import compute_metrics
 from tests.conftest import make_abid_subset
-from tests.test_reports import shared  # noqa: F401  (fixture: the session's small runs)
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "evaluate.py")
 CLASSES = [1, 2, 3, 4, 5]

@@ -9,7 +9,6 @@ from streamlit.testing.v1 import AppTest
 from core import config, jobs, uploads
 from core.inference import predict_photos
 from core.models import load_model
-from tests.test_reports import runs, shared  # noqa: F401  (fixtures: the session's small runs)
 from tests.moto_s3 import shared_world
 from tests.test_uploads import BAD_FILES
 

@@ -16,46 +16,6 @@ from core.dataset import load_dataset
 from core.evaluation import evaluate
 from tests.conftest import make_abid_subset
 
-_SHARED: dict = {}
-
-
-def small_runs(tmp_path_factory) -> dict:
-    """Two small frozen runs trained once per test session in their own BINSIGHT_HOME (shared by the page tests).
-
-    {"home": Path, "data": Path (60 real photos, ABID layout), "runs": {"baseline": Path, "better": Path}}
-    """
-    if not _SHARED:
-        from core.training import TrainConfig, train
-
-        home = tmp_path_factory.mktemp("runs_home")
-        data = make_abid_subset(tmp_path_factory.mktemp("runs_data") / "small_abid", per_class=12)
-        runs = {}
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("BINSIGHT_HOME", str(home))
-            for name, epochs, seed in (("baseline", 1, 0), ("better", 3, 1)):
-                out = home / "runs" / name
-                train(TrainConfig(data=str(data), out=str(out), mode="frozen", epochs=epochs, image_size=96,
-                                  batch_size=16, device="cpu", seed=seed, num_workers=0))
-                runs[name] = out
-        _SHARED.update(home=home, data=data, runs=runs)
-    return _SHARED
-
-
-@pytest.fixture
-def shared(tmp_path_factory, monkeypatch) -> dict:
-    """The shared runs, with BINSIGHT_HOME and the dataset pointing at them."""
-    found = small_runs(tmp_path_factory)
-    monkeypatch.setenv("BINSIGHT_HOME", str(found["home"]))
-    monkeypatch.setenv("BINSIGHT_DATA", str(found["data"]))
-    return found
-
-
-@pytest.fixture
-def runs(tmp_path_factory) -> dict:
-    """The shared runs, used from this test's own (empty) BINSIGHT_HOME: nothing cached yet."""
-    return small_runs(tmp_path_factory)
-
-
 def test_predictions_are_computed_once_then_read_back(runs, monkeypatch, binsight_home):
     import core.inference
 
