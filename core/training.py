@@ -451,6 +451,11 @@ class FrozenRun(BaseRun):
                                       batch_size=128 if self.device.type == "cuda" else 32,
                                       num_workers=self.config.num_workers, flip=flip,
                                       on_progress=report, should_stop=self.should_stop)
+            if result.computed:
+                # Throttled reports can all fall inside one interval on a small set: always report the final speed.
+                self.progress(force=True, stage="features", fraction=self.FEATURES_SHARE * (n + 1) / len(variants),
+                              images_per_s=result.computed / max(result.seconds, 1e-9),
+                              message=f"Computed features of {result.computed} photos")
             self.log(f"features{' (mirrored)' if flip else ''}: {result.hits} from the cache, {result.computed} computed "
                      f"in {result.seconds:.1f} s" + (f" ({result.computed / result.seconds:.1f} img/s)" if result.computed else ""))
             for i, reason in result.errors.items():
