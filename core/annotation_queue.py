@@ -67,12 +67,10 @@ def build_queue(frame: pd.DataFrame, kind: str, checked: set[str] | None = None,
 
 def current_model_path() -> Path | None:
     """model.pt of the run chosen as the current model, or None when there is none yet."""
-    try:
-        from core.jobs import current_run
-    except ImportError:
-        return None
-    run = current_run()
-    return run.model_path if run is not None and run.exists else None
+    from core.jobs import current_run
+
+    run = current_run()  # None when none was chosen or its files are gone
+    return run.model_path if run is not None else None
 
 
 def _scores_file(model_path: Path, dataset_key: str) -> Path:

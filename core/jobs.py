@@ -457,13 +457,17 @@ def current_run() -> Run | None:
     return run if run.exists else None
 
 
-def final_metrics(run: Run) -> dict:
-    """The run's final test metrics, wherever the training put them in metrics.json."""
-    metrics = run.metrics or {}
+def final_test_metrics(metrics: dict) -> dict:
+    """The final test metrics inside a metrics.json (or the dict itself when it is already flat)."""
     for key in ("test", "final", "test_metrics"):
         if isinstance(metrics.get(key), dict):
             return metrics[key]
     return metrics
+
+
+def final_metrics(run: Run) -> dict:
+    """The run's final test metrics, wherever the training put them in metrics.json."""
+    return final_test_metrics(run.metrics or {})
 
 
 def read_run_metrics(run_dir: str | Path) -> dict:

@@ -336,7 +336,7 @@ def available_runs() -> list[dict]:
         if key in found or not (folder / "model.pt").is_file():
             continue
         metrics = _read_json(folder / "metrics.json")
-        final = next((metrics[k] for k in ("test", "final", "test_metrics") if isinstance(metrics.get(k), dict)), metrics)
+        final = jobs.final_test_metrics(metrics)
         found[key] = _run_entry(folder.name, folder, (folder / "model.pt").stat().st_mtime, final,
                                 _read_json(folder / "config.json"))
     return sorted(found.values(), key=lambda r: r["created"], reverse=True)
