@@ -165,6 +165,8 @@ def launch(kind: str, params: dict) -> jobs.Job:
 def ensure_workers(idle_exit_s: float = IDLE_EXIT_S) -> list[int]:
     """Reap dead jobs, then start a worker for every slot that has queued work and no live worker; returns new pids."""
     reap_dead_jobs()
+    if not jobs.list_jobs(["queued"], limit=1):
+        return []  # nothing to start; spares the app's first page the torch import that finding GPUs needs
     slots = gpu.training_slots()
     started = []
     for slot in slots:
