@@ -1,5 +1,4 @@
 """Predict page: drop in bin photos (or a folder, or an s3:// URI) and get each one's count with its confidence."""
-import hashlib
 from pathlib import Path
 
 import pandas as pd
@@ -132,7 +131,8 @@ def gather_inputs() -> tuple[str, list[uploads.PhotoInput], list[str]] | None:
             return st.session_state["predict_inputs"]
         if folder:
             inputs, notes = uploads.folder_inputs(folder, recursive=recursive)
-            stamp = hashlib.sha1("|".join(f"{i.name}:{_stat(i.path)}" for i in inputs).encode()).hexdigest()
+            stamp = reports.photos_fingerprint(pd.DataFrame({"name": [i.name for i in inputs],
+                                                             "path": [i.path for i in inputs]}))
             return f"folder:{folder}:{stamp}", inputs, notes
         if uri:
             signature = f"s3:{uri}:{int(limit)}"
@@ -150,14 +150,6 @@ def gather_inputs() -> tuple[str, list[uploads.PhotoInput], list[str]] | None:
     except uploads.InputError as exc:
         st.error(str(exc))
     return None
-
-
-def _stat(path: str | None) -> str:
-    try:
-        stat = Path(path).stat()
-        return f"{stat.st_size}:{stat.st_mtime_ns}"
-    except (OSError, TypeError):
-        return "-"
 
 
 def predictions_for(run: dict, signature: str, inputs: list[uploads.PhotoInput]) -> pd.DataFrame:
