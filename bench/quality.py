@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.training import TrainConfig, train  # noqa: E402
 
 GRID = {  # option → (type, default)
-    "backbone": (str, "efficientnet_lite0"), "mode": (str, "frozen"), "image_size": (int, "224"),
-    "aspect": (float, "1.0"), "head": (str, "mlp"), "loss": (str, "emd"), "balance": (str, "weights"),
-    "epochs": (int, ""), "lr": (float, ""), "label_smoothing": (float, "0"), "tta_flip": (int, ""),
+    "backbone": (str, "efficientnet_lite0"), "mode": (str, "frozen"), "image_size": (int, ""),
+    "aspect": (float, ""), "head": (str, "mlp"), "loss": (str, "emd"), "balance": (str, "weights"),
+    "epochs": (int, ""), "lr": (float, ""), "label_smoothing": (float, "0"), "tta": (str, ""),
     "weight_decay": (float, "0.01"), "patience": (int, "8"), "batch_size": (int, "32"), "seed": (int, "0"),
     "backbone_lr_factor": (float, "0.3"),
 }
@@ -49,7 +49,6 @@ def main() -> int:
     args = parse_args()
     print(f"{'recipe':<90} {'bal.acc':>7} {'acc':>6} {'F1':>6} {'±1':>6} {'MAE':>5} {'best':>4} {'s':>6}")
     for recipe in recipes(args):
-        recipe["tta_flip"] = None if recipe["tta_flip"] is None else bool(recipe["tta_flip"])
         name = ",".join(f"{k}={v}" for k, v in recipe.items() if v is not None)
         out = Path(args.runs) / name.replace("=", "-").replace(",", "_")
         started = time.perf_counter()

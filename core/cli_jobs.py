@@ -69,7 +69,7 @@ def _submit(args) -> int:
         facts = jobs.describe_dataset(dataset)
         params = {**facts, "backbone": args.backbone, "mode": args.mode, "epochs": args.epochs,
                   "batch_size": args.batch_size, "lr": args.lr, "image_size": args.image_size,
-                  "balance": args.balance, "device": args.device}
+                  "aspect": args.aspect, "balance": args.balance, "device": args.device}
         params = {k: v for k, v in params.items() if v is not None}
         if args.kind == "hpo":
             params.update(n_trials=args.trials, parallel=args.parallel, full_epochs=args.full_epochs or args.epochs)
@@ -125,7 +125,8 @@ def register(subparsers) -> None:
     submit.add_argument("--epochs", type=int, default=None)
     submit.add_argument("--batch-size", type=int, default=None)
     submit.add_argument("--lr", type=float, default=None)
-    submit.add_argument("--image-size", type=int, default=None)
+    submit.add_argument("--image-size", type=int, default=None, help="input height (default: 224 frozen, 288 finetune)")
+    submit.add_argument("--aspect", type=float, default=None, help="input width / height (default: 1.0 frozen, 1.37 finetune)")
     submit.add_argument("--balance", default=None, choices=["none", "weights", "sampler"])
     submit.add_argument("--device", default="auto")
     submit.add_argument("--trials", type=int, default=10, help="hpo: number of trials")

@@ -11,6 +11,7 @@ from core.images import SUPPORTED_SUFFIXES
 # Literal copies of core.models / core.training choices, so building the parser does not import torch.
 BACKBONES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50", "resnet18", "simple_cnn"]
 HEADS, MODES, BALANCE = ["linear", "mlp"], ["frozen", "finetune"], ["none", "weights", "sampler"]
+TTA = ["none", "hflip", "flips"]
 LOSSES, SCHEDULES = ["ce", "emd"], ["cosine", "onecycle"]
 
 
@@ -29,7 +30,7 @@ def _train(args) -> int:
         batch_size=args.batch_size, lr=args.lr, image_size=args.image_size, aspect=args.aspect,
         balance=args.balance, device=args.device, head=args.head, loss=args.loss,
         label_smoothing=args.label_smoothing, weights=args.weights, resume=args.resume, patience=args.patience,
-        num_workers=args.workers, seed=args.seed, tta_flip=args.tta_flip, augment=not args.no_augment,
+        num_workers=args.workers, seed=args.seed, tta=args.tta, augment=not args.no_augment,
         schedule=args.schedule, weight_decay=args.weight_decay, backbone_lr_factor=args.backbone_lr_factor,
     )
     if not Path(args.data).expanduser().exists():
@@ -160,14 +161,16 @@ def register(subparsers) -> None:
     train.add_argument("--backbone-lr-factor", type=float, default=0.3, help="finetune: backbone lr = lr × this")
     train.add_argument("--weight-decay", type=float, default=0.01)
     train.add_argument("--schedule", choices=SCHEDULES, default="cosine")
-    train.add_argument("--image-size", type=int, default=224, help="input height in pixels")
-    train.add_argument("--aspect", type=float, default=1.0, help="input width / height")
+    train.add_argument("--image-size", type=int, default=None, help="input height in pixels (default: 224 frozen, 288 finetune)")
+    train.add_argument("--aspect", type=float, default=None, help="input width / height (default: 1.0 frozen, 1.37 finetune)")
     train.add_argument("--balance", choices=BALANCE, default="weights")
     train.add_argument("--loss", choices=LOSSES, default="emd", help="emd: cross-entropy + a count-aware (ordinal) term; ce: plain")
     train.add_argument("--label-smoothing", type=float, default=0.0)
     train.add_argument("--head", choices=HEADS, default="mlp")
-    train.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
-                       help="average each photo with its mirror image (default: on for finetune, off for frozen)")
+    train.add_argument("--tta", choices=TTA, default=None,
+                       help="test-time augmentation: average each photo's prediction over its mirror images "
+                            "(flips: left-right, top-bottom and both; hflip: left-right only; "
+                            "default: flips for finetune, none for frozen)")
     train.add_argument("--no-augment", action="store_true")
     train.add_argument("--weights", default=None, help="backbone weights file (.pth), e.g. for resnet50/resnet18")
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -79,7 +79,7 @@ class Features:
 
 
 def extract_features(backbone: torch.nn.Module, meta: dict, paths: list, device: str = "cpu",
-                     batch_size: int = 64, num_workers: int | None = None, flip: bool = False,
+                     batch_size: int = 64, num_workers: int | None = None, view: str = "plain",
                      on_progress=None, should_stop=None) -> Features:
     """Backbone features of `paths`: cached ones are read back, the others computed (one pass) and cached.
 
@@ -87,7 +87,7 @@ def extract_features(backbone: torch.nn.Module, meta: dict, paths: list, device:
     should_stop() returning True raises core.training.Cancelled (what was computed so far stays cached).
     """
     started = time.perf_counter()
-    cache = FeatureCache(cache_key(meta, "hflip" if flip else "plain"))
+    cache = FeatureCache(cache_key(meta, view))
     known = cache.load()
     hashes = [photo_hash(p) for p in paths]
     dim = meta["feature_dim"]
@@ -103,17 +103,17 @@ def extract_features(backbone: torch.nn.Module, meta: dict, paths: list, device:
             missing.append(i)
     result.hits = len(paths) - len(missing) - len(result.errors)
     if missing:
-        _compute(backbone, meta, paths, hashes, missing, result, cache, device, batch_size, num_workers, flip,
+        _compute(backbone, meta, paths, hashes, missing, result, cache, device, batch_size, num_workers, view,
                  on_progress, should_stop)
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _compute(backbone, meta, paths, hashes, missing, result, cache, device, batch_size, num_workers, flip,
+def _compute(backbone, meta, paths, hashes, missing, result, cache, device, batch_size, num_workers, view,
              on_progress, should_stop):
     from core.training import Cancelled
 
-    dataset = PhotoDataset([paths[i] for i in missing], transform=eval_transform(meta), flip=flip)
+    dataset = PhotoDataset([paths[i] for i in missing], transform=eval_transform(meta), view=view)
     workers = default_workers() if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          pin_memory=str(device).startswith("cuda"))

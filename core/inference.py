@@ -9,15 +9,13 @@ import pandas as pd
 import torch
 
 from core.models import resolve_device
-from core.preprocess import PhotoDataset, default_workers, eval_transform
+from core.preprocess import PhotoDataset, default_workers, eval_transform, tta_views, view_of
 
 
-def batch_probabilities(model: torch.nn.Module, images: torch.Tensor, tta_flip: bool = False) -> torch.Tensor:
-    """Class probabilities of a batch; with tta_flip, the mean over the photo and its mirror image."""
-    probs = model(images).float().softmax(1)
-    if tta_flip:
-        probs = (probs + model(images.flip(-1)).float().softmax(1)) / 2
-    return probs
+def batch_probabilities(model: torch.nn.Module, images: torch.Tensor, views=("plain",)) -> torch.Tensor:
+    """Class probabilities of a batch: the mean over the given views (test-time augmentation)."""
+    probs = [model(view_of(images, view)).float().softmax(1) for view in views]
+    return sum(probs) / len(probs)
 
 
 def predict_probabilities(model: torch.nn.Module, meta: dict, paths: list, batch_size: int = 32,
@@ -45,7 +43,7 @@ def predict_probabilities(model: torch.nn.Module, meta: dict, paths: list, batch
                 raise Cancelled("stopped during prediction")
             images = images.to(device, non_blocking=True).to(memory_format=torch.channels_last)
             with torch.autocast("cuda", enabled=device.type == "cuda"):
-                batch = batch_probabilities(model, images, bool(meta.get("tta_flip"))).cpu().numpy()
+                batch = batch_probabilities(model, images, tta_views(meta)).cpu().numpy()
             for row, i, error in zip(batch, index.tolist(), batch_errors):
                 if error:
                     errors[i] = error

@@ -528,35 +528,45 @@ DEFAULT_SPEED = {"features": 25.0, "train": 6.0, "head": 5000.0}
 GPU_SPEEDUP = 25.0
 
 
-def measured_speeds(backbone: str, mode: str, image_size: int, on_gpu: bool) -> dict | None:
+def _pixels(params: dict) -> float:
+    """Input pixels of a training's photos, which its speed scales with."""
+    from core.training import DEFAULT_INPUT
+
+    height, aspect = DEFAULT_INPUT.get(params.get("mode"), (224, 1.0))
+    return float(params.get("image_size") or height) ** 2 * float(params.get("aspect") or aspect)
+
+
+def measured_speeds(params: dict, on_gpu: bool) -> dict | None:
     """images/s per stage from the latest finished run with the same backbone, mode and device kind."""
     for run in list_runs():
-        params = run.params
-        if params.get("backbone") != backbone or params.get("mode") != mode:
+        if run.params.get("backbone") != params.get("backbone") or run.params.get("mode") != params.get("mode"):
             continue
         speeds = run.extra.get("speeds") or {}
         if not speeds or bool(run.extra.get("on_gpu")) != on_gpu:
             continue
-        scale = (int(params.get("image_size") or image_size) / image_size) ** 2
+        scale = _pixels(run.params) / _pixels(params)
         return {stage: value * scale for stage, value in speeds.items() if value}
     return None
 
 
 def estimate_seconds(params: dict, n_train: int, n_valid: int, n_test: int, on_gpu: bool) -> tuple[float, bool]:
     """(seconds, measured): the duration of a training from this machine's measured images/s, else a rough guess."""
-    size = int(params.get("image_size") or 224)
-    speeds = measured_speeds(params.get("backbone"), params.get("mode"), size, on_gpu)
+    from core.preprocess import TTA_VIEWS
+    from core.training import DEFAULT_TTA
+
+    speeds = measured_speeds(params, on_gpu)
     measured = speeds is not None
     if speeds is None:
-        scale = (224 / size) ** 2 * (GPU_SPEEDUP if on_gpu else 1.0)
+        scale = 224 ** 2 / _pixels(params) * (GPU_SPEEDUP if on_gpu else 1.0)
         speeds = {stage: value * scale for stage, value in DEFAULT_SPEED.items()}
     epochs = max(int(params.get("epochs") or 1), 1)
     features = speeds.get("features") or DEFAULT_SPEED["features"]
+    views = len(TTA_VIEWS.get(params.get("tta") or DEFAULT_TTA.get(params.get("mode"), "none"), ("plain",)))
     if params.get("mode") == "frozen":
         head = max(speeds.get("train") or 0, DEFAULT_SPEED["head"]) if measured else DEFAULT_SPEED["head"]
-        seconds = (n_train + n_valid + n_test) / features + epochs * (n_train + n_valid) / head
+        seconds = views * (n_train + n_valid + n_test) / features + epochs * (n_train + n_valid) / head
     else:
         train = speeds.get("train") or DEFAULT_SPEED["train"]
         evaluate = speeds.get("features") or 3 * train  # a forward pass costs about a third of a training step
-        seconds = epochs * (n_train / train + n_valid / evaluate) + n_test / evaluate
+        seconds = epochs * (n_train / train + n_valid / evaluate) + views * (n_valid + n_test) / evaluate
     return seconds, measured

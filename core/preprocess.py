@@ -14,6 +14,9 @@ from core.images import ImageError, load_image
 PREPROCESS_VERSION = 1
 DEFAULT_IMAGE_SIZE = 224
 DEFAULT_ASPECT = 1.0
+# A bin's count does not change when its photo is mirrored either way: these views feed test-time augmentation.
+VIEW_DIMS = {"plain": (), "hflip": (-1,), "vflip": (-2,), "hvflip": (-2, -1)}
+TTA_VIEWS = {"none": ("plain",), "hflip": ("plain", "hflip"), "flips": ("plain", "hflip", "vflip", "hvflip")}
 
 
 def input_size(meta: dict) -> tuple[int, int]:
@@ -33,6 +36,19 @@ def preprocessing(backbone_info: dict, image_size: int, aspect: float = DEFAULT_
             "interpolation": "bilinear", "preprocess_version": PREPROCESS_VERSION}
 
 
+def tta_views(meta: dict) -> tuple[str, ...]:
+    """The views a model's prediction averages over (older models saved a tta_flip flag instead)."""
+    if meta.get("tta") in TTA_VIEWS:
+        return TTA_VIEWS[meta["tta"]]
+    return TTA_VIEWS["hflip" if meta.get("tta_flip") else "none"]
+
+
+def view_of(images: torch.Tensor, view: str) -> torch.Tensor:
+    """A batch (or one photo) as seen in `view`: itself or mirrored left-right, top-bottom or both."""
+    dims = VIEW_DIMS[view]
+    return images.flip(dims) if dims else images
+
+
 def preprocessing_key(meta: dict) -> str:
     """A stable string for everything that changes the tensor a photo becomes (for feature caches)."""
     keys = ("input_size", "mean", "std", "resize", "interpolation", "preprocess_version")
@@ -49,7 +65,7 @@ def eval_transform(meta: dict) -> v2.Compose:
 
 
 def train_transform(meta: dict) -> v2.Compose:
-    """Mild augmentation: a crop keeping ≥ 85 % of the photo, horizontal flip and colour jitter."""
+    """Mild augmentation: a crop keeping ≥ 85 % of the photo, left-right and top-bottom flips, colour jitter."""
     height, width = input_size(meta)
     ratio = width / height
     # Squash first, as at evaluation, so the random crop's aspect ratio is relative to the squashed photo.
@@ -57,6 +73,7 @@ def train_transform(meta: dict) -> v2.Compose:
         v2.Resize((height, width), antialias=True),
         v2.RandomResizedCrop((height, width), scale=(0.85, 1.0), ratio=(ratio * 0.9, ratio * 1.1), antialias=True),
         v2.RandomHorizontalFlip(),
+        v2.RandomVerticalFlip(),
         v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
         *_to_tensor(meta),
     ])
@@ -77,11 +94,11 @@ def default_workers() -> int:
 class PhotoDataset(torch.utils.data.Dataset):
     """Photos as (tensor, label, index, error): an unreadable photo yields a zero tensor and its error message."""
 
-    def __init__(self, paths, labels=None, transform=None, flip: bool = False):
+    def __init__(self, paths, labels=None, transform=None, view: str = "plain"):
         self.paths = [str(p) for p in paths]
         self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
         self.transform = transform
-        self.flip = flip
+        self.view = view
         self.shape = None
 
     def __len__(self):
@@ -97,8 +114,8 @@ class PhotoDataset(torch.utils.data.Dataset):
             tensor, error = None, f"{Path(self.paths[index]).name}: cannot be read ({exc})"
         if tensor is None:
             tensor = torch.zeros(self._shape())
-        elif self.flip:
-            tensor = tensor.flip(-1)
+        else:
+            tensor = view_of(tensor, self.view)
         return tensor, self.labels[index], index, error
 
     def _shape(self):

@@ -17,7 +17,8 @@ from core import models
 from core.versions import training_rows
 from core.files import atomic_write_bytes, atomic_write_json
 from core.metrics import compute_metrics, format_table
-from core.preprocess import DEFAULT_ASPECT, PhotoDataset, default_workers, eval_transform, preprocessing, train_transform
+from core.preprocess import (DEFAULT_ASPECT, TTA_VIEWS, PhotoDataset, default_workers, eval_transform, preprocessing,
+                             train_transform)
 
 MODES = ("frozen", "finetune")
 BALANCE = ("none", "weights", "sampler")
@@ -25,6 +26,11 @@ LOSSES = ("ce", "emd")
 SCHEDULES = ("cosine", "onecycle")
 DEFAULT_EPOCHS = {"frozen": 40, "finetune": 6}
 DEFAULT_LR = {"frozen": 1e-4, "finetune": 1e-3}
+# (height px, width / height). Fine-tuning gains from the bins' own shape at a higher resolution (bench/RESULTS.md);
+# frozen features did not, so frozen stays at the backbone's native, cheaper 224².
+DEFAULT_INPUT = {"frozen": (224, 1.0), "finetune": (288, 1.37)}
+# Test-time views: the four mirror images help fine-tuned models; for frozen features they cost 4× the extraction.
+DEFAULT_TTA = {"frozen": "none", "finetune": "flips"}
 PROGRESS_EVERY_S = 0.5
 
 
@@ -49,14 +55,14 @@ class TrainConfig:
     weight_decay: float = 0.01
     optimizer: str = "adamw"
     schedule: str = "cosine"
-    image_size: int = 224
-    aspect: float = DEFAULT_ASPECT     # input width / height
+    image_size: int | None = None      # input height; None: DEFAULT_INPUT[mode]
+    aspect: float | None = None        # input width / height; None: DEFAULT_INPUT[mode]
     balance: str = "weights"
     loss: str = "emd"                  # cross-entropy + squared earth mover's distance (count-aware); "ce": plain
     label_smoothing: float = 0.0
     head: str = "mlp"
     augment: bool = True
-    tta_flip: bool | None = None       # None: on for finetune (measured +1–2 points), off for frozen (no gain)
+    tta: str | None = None             # views averaged at prediction: none, hflip or flips; None: DEFAULT_TTA[mode]
     device: str = "auto"
     seed: int = 0
     weights: str | None = None
@@ -69,8 +75,16 @@ class TrainConfig:
         return self.epochs if self.epochs is not None else DEFAULT_EPOCHS.get(self.mode, 10)
 
     @property
-    def use_tta_flip(self) -> bool:
-        return self.tta_flip if self.tta_flip is not None else self.mode == "finetune"
+    def test_views(self) -> str:
+        return self.tta if self.tta is not None else DEFAULT_TTA.get(self.mode, "none")
+
+    @property
+    def input_height(self) -> int:
+        return self.image_size if self.image_size is not None else DEFAULT_INPUT.get(self.mode, (224, 1.0))[0]
+
+    @property
+    def input_aspect(self) -> float:
+        return self.aspect if self.aspect is not None else DEFAULT_INPUT.get(self.mode, (224, DEFAULT_ASPECT))[1]
 
     @property
     def learning_rate(self) -> float:
@@ -93,9 +107,10 @@ class TrainConfig:
         check(0 < self.backbone_lr_factor <= 1, "the backbone learning-rate factor must be in (0, 1]")
         check(self.weight_decay >= 0, "weight decay cannot be negative")
         check(self.batch_size >= 1, f"the batch size must be at least 1 (got {self.batch_size})")
-        check(32 <= self.image_size <= 1024, f"the image size must be between 32 and 1024 pixels (got {self.image_size})")
-        check(0.25 <= self.aspect <= 4, f"the aspect ratio must be between 0.25 and 4 (got {self.aspect})")
+        check(32 <= self.input_height <= 1024, f"the image size must be between 32 and 1024 pixels (got {self.input_height})")
+        check(0.25 <= self.input_aspect <= 4, f"the aspect ratio must be between 0.25 and 4 (got {self.input_aspect})")
         check(self.balance in BALANCE, f"unknown balance {self.balance!r} (choose none, weights or sampler)")
+        check(self.test_views in TTA_VIEWS, f"unknown test-time augmentation {self.tta!r} (choose none, hflip or flips)")
         check(self.loss in LOSSES, f"unknown loss {self.loss!r} (choose ce or emd)")
         check(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r} (choose cosine or onecycle)")
         check(self.optimizer in ("adamw", "adam"), f"unknown optimizer {self.optimizer!r} (choose adamw or adam)")
@@ -114,7 +129,8 @@ class TrainConfig:
         return problems
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"epochs": self.n_epochs, "lr": self.learning_rate, "tta_flip": self.use_tta_flip}
+        return asdict(self) | {"epochs": self.n_epochs, "lr": self.learning_rate,
+                                "image_size": self.input_height, "aspect": self.input_aspect, "tta": self.test_views}
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -242,14 +258,14 @@ def _split_rows(ds, split: str) -> Split:
 
 
 def _build_meta(config: TrainConfig, ds, backbone_info: dict) -> dict:
-    return backbone_info | preprocessing(backbone_info, config.image_size, config.aspect) | {
+    return backbone_info | preprocessing(backbone_info, config.input_height, config.input_aspect) | {
         "format": models.CHECKPOINT_FORMAT,
         "classes": [int(c) for c in ds.classes],
         "class_range": ds.class_range.to_dict(),
         "head": config.head,
         "mode": config.mode,
         "loss": config.loss,
-        "tta_flip": config.use_tta_flip,
+        "tta": config.test_views,
         "dataset_key": ds.key,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -435,32 +451,32 @@ class FrozenRun(BaseRun):
 
         self.splits = {"train": train_split, "valid": valid_split, "test": test_split}
         paths = train_split.paths + valid_split.paths + test_split.paths
-        variants = [False, True] if self.config.use_tta_flip else [False]
+        views = TTA_VIEWS[self.config.test_views]
         self.features = {}
         started = time.perf_counter()
-        for n, flip in enumerate(variants):
+        for n, view in enumerate(views):
             def report(state, n=n):
-                within = (n + state["done"] / state["total"]) / len(variants)
+                within = (n + state["done"] / state["total"]) / len(views)
                 self.progress(stage="features", fraction=self.FEATURES_SHARE * within,
                               images_per_s=state["images_per_s"], data_wait_fraction=state["data_wait_fraction"],
                               message=f"Computing features {state['done']}/{state['total']}"
-                                      + (" (mirrored)" if flip else ""))
+                                      + ("" if view == "plain" else f" ({view})"))
 
             self.progress(force=True, stage="features", message="Reading cached features")
             result = extract_features(self.model.backbone, self.meta, paths, device=self.device,
                                       batch_size=128 if self.device.type == "cuda" else 32,
-                                      num_workers=self.config.num_workers, flip=flip,
+                                      num_workers=self.config.num_workers, view=view,
                                       on_progress=report, should_stop=self.should_stop)
             if result.computed:
                 # Throttled reports can all fall inside one interval on a small set: always report the final speed.
-                self.progress(force=True, stage="features", fraction=self.FEATURES_SHARE * (n + 1) / len(variants),
+                self.progress(force=True, stage="features", fraction=self.FEATURES_SHARE * (n + 1) / len(views),
                               images_per_s=result.computed / max(result.seconds, 1e-9),
                               message=f"Computed features of {result.computed} photos")
-            self.log(f"features{' (mirrored)' if flip else ''}: {result.hits} from the cache, {result.computed} computed "
+            self.log(f"features{'' if view == 'plain' else f' ({view})'}: {result.hits} from the cache, {result.computed} computed "
                      f"in {result.seconds:.1f} s" + (f" ({result.computed / result.seconds:.1f} img/s)" if result.computed else ""))
             for i, reason in result.errors.items():
                 self.skipped[paths[i]] = reason
-            self.features[flip] = result.features
+            self.features[view] = result.features
             self.feature_seconds = time.perf_counter() - started
             self.cache_hits, self.computed = result.hits, result.computed
         self.model.backbone.to(self.device).eval()
@@ -471,8 +487,8 @@ class FrozenRun(BaseRun):
         for name, split in self.splits.items():
             rows = range(offset, offset + len(split.paths))
             keep = [i for i in rows if paths[i] not in self.skipped]
-            self.tensors[name] = (torch.stack([self.features[v][keep] for v in variants], 1) if keep
-                                  else torch.zeros(0, len(variants), self.meta["feature_dim"]),
+            self.tensors[name] = (torch.stack([self.features[v][keep] for v in views], 1) if keep
+                                  else torch.zeros(0, len(views), self.meta["feature_dim"]),
                                   torch.as_tensor(split.labels[[i - offset for i in keep]], dtype=torch.long))
             offset += len(split.paths)
 
@@ -494,7 +510,7 @@ class FrozenRun(BaseRun):
         for start in range(0, n, self.config.batch_size):
             batch = order[start:start + self.config.batch_size]
             x = features[batch]
-            # With mirrored features, each photo is seen as itself or its mirror image at random.
+            # With mirrored views cached, each photo is seen in one of its views at random.
             pick = torch.randint(0, x.shape[1], (len(batch),), generator=self.generator) if self.config.augment else torch.zeros(len(batch), dtype=torch.long)
             x = x[torch.arange(len(batch)), pick].to(self.device)
             y = labels[batch].to(self.device)

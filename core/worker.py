@@ -306,6 +306,8 @@ def run_training(ctx: JobContext) -> None:
     started = time.time()
     metrics = training.train(train_config, on_progress=progress, should_stop=ctx.should_stop)
     device = progress.state.get("device") or ctx.device
+    # The run records the input it really used (a job may leave it to the mode's default), for later estimates.
+    params.update(image_size=train_config.input_height, aspect=train_config.input_aspect)
     jobs.register_run(job.run_dir, job.id, params, metrics=jobs.read_run_metrics(job.run_dir) or metrics, extra={
         "speeds": progress.state["speeds"], "device": device, "on_gpu": str(device).startswith("cuda"),
         "duration_s": time.time() - started, "history": progress.state["history"],

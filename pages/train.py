@@ -18,6 +18,10 @@ from pages.common import current_dataset
 REFRESH_S = 2.0
 IDLE_REFRESH_S = 10.0  # with nothing running, still notice jobs queued elsewhere (CLI, another tab)
 IMAGE_SIZES = [96, 128, 160, 192, 224, 256, 288, 320, 384, 448]
+ASPECTS = [1.0, 1.37]
+ASPECT_NAMES = {1.0: "square (1.0)", 1.37: "the bins' shape (1.37)"}
+TTA_NAMES = {"none": "the photo only", "hflip": "photo + left-right mirror",
+             "flips": "photo + 3 mirrors (left-right, top-bottom, both)"}
 MODE_HELP = {"frozen": "backbone frozen, features computed once: minutes on a CPU",
              "finetune": "the whole network learns: slower, usually more accurate"}
 
@@ -48,7 +52,9 @@ def params_summary(params: dict) -> str:
     if params.get("lr"):
         parts.append(f"lr {params['lr']:g}")
     if params.get("image_size"):
-        parts.append(f"{params['image_size']} px")
+        aspect = float(params.get("aspect") or 1.0)
+        width = round(params["image_size"] * aspect)
+        parts.append(f"{params['image_size']} px" if aspect == 1.0 else f"{params['image_size']}×{width} px")
     if params.get("balance") and params["balance"] != "none":
         parts.append(f"balance {params['balance']}")
     if params.get("n_trials"):
@@ -77,17 +83,26 @@ def training_form(dataset, facts: dict, on_gpu: bool) -> dict | None:
                                      key="train_batch")
     lr = middle.number_input("Learning rate", value=float(training.DEFAULT_LR[mode]), step=0.0001, format="%.5f",
                              key=f"train_lr_{mode}")
-    size_default = int(defaults.get("image_size", 224))
+    size_default, aspect_default = training.DEFAULT_INPUT[mode]
     sizes = sorted(set(IMAGE_SIZES + [size_default]))
-    image_size = right.selectbox("Image size (px)", sizes, index=sizes.index(size_default), key="train_size")
+    image_size = right.selectbox("Image height (px)", sizes, index=sizes.index(size_default), key=f"train_size_{mode}")
+    aspects = sorted(set(ASPECTS) | {aspect_default})
+    aspect = right.selectbox("Shape (width ÷ height)", aspects, index=aspects.index(aspect_default),
+                             format_func=lambda a: ASPECT_NAMES.get(a, f"{a:g}"), key=f"train_aspect_{mode}",
+                             help="Bin photos are about 1.37 times wider than high; keeping that shape helps fine-tuning.")
     balances = ["none", "weights", "sampler"]
     balance = right.selectbox("Balancing", balances, index=balances.index(defaults.get("balance", "none")),
                               help="weights: loss weighted by inverse class frequency; sampler: rare classes drawn "
                                    "more often", key="train_balance")
+    tta_choices = list(TTA_NAMES)
+    tta = middle.selectbox("Test-time views", tta_choices, index=tta_choices.index(training.DEFAULT_TTA[mode]),
+                           format_func=TTA_NAMES.get, key=f"train_tta_{mode}",
+                           help="Each photo's prediction is the average over these mirror images of it.")
     devices = ["auto", "cpu"] + (["cuda"] if on_gpu else [])
     device = right.selectbox("Device", devices, key="train_device")
     params = {**facts, "backbone": backbone, "mode": mode, "epochs": int(epochs), "batch_size": int(batch_size),
-              "lr": float(lr), "image_size": int(image_size), "balance": balance, "device": device}
+              "lr": float(lr), "image_size": int(image_size), "aspect": float(aspect), "tta": tta,
+              "balance": balance, "device": device}
     problems = jobs.training_problems(params, facts["n_train"], on_gpu)
     if problems:
         st.error("**These settings cannot be trained:**\n" + "\n".join(f"- {p}" for p in problems))

@@ -86,7 +86,7 @@ def journey(page, errors, tmp_path):
 
     # Train: a quick frozen job runs in the background until done
     go_to(page, "Train")
-    choose(page, "Image size (px)", "128")
+    choose(page, "Image height (px)", "128")
     page.get_by_role("button", name="Launch training").click()
     finished = page.locator('[data-testid="stExpander"]', has_text="Recent finished jobs")
     finished.wait_for(timeout=300_000)

@@ -5,10 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from core.evaluation import evaluate
 from core.inference import predict_photos
 from core.models import load_model, save_model
+from core.preprocess import photo_tensor, tta_views
 from core.training import TrainConfig, train
 from tests.conftest import make_abid_subset
 from tests.test_training import SMALL, add_broken_photos
@@ -22,7 +24,7 @@ def run(tmp_path_factory) -> tuple[Path, Path, dict]:
         patch.setenv("BINSIGHT_HOME", str(folder / "home"))
         data = make_abid_subset(folder / "data", per_class=8)
         add_broken_photos(data)
-        result = train(TrainConfig(data=str(data), out=str(folder / "run"), **SMALL))
+        result = train(TrainConfig(data=str(data), out=str(folder / "run"), tta="flips", **SMALL))
     return folder / "run", data, result
 
 
@@ -42,6 +44,22 @@ def test_reloaded_checkpoint_predicts_identically(run, tmp_path):
     metrics, _ = evaluate(folder / "model.pt", data, split="test")
     assert metrics["n"] == result["test"]["n"]
     assert metrics["confusion_matrix"] == result["test"]["confusion_matrix"]
+
+
+def test_prediction_averages_the_four_mirror_views(run):
+    folder, data, _ = run
+    model, meta = load_model(folder / "model.pt")
+    assert tta_views(meta) == ("plain", "hflip", "vflip", "hvflip")
+    photos = sorted((data / "bin-images").glob("*.jpg"))[:4]
+    images = torch.stack([photo_tensor(p, meta) for p in photos])
+    with torch.no_grad():
+        views = [model.eval()(v).softmax(1) for v in (images, images.flip(-1), images.flip(-2), images.flip((-2, -1)))]
+    frame = predict_photos(model, meta, photos, num_workers=0)
+    probs = frame[[f"prob_{c}" for c in meta["classes"]]].to_numpy()
+    assert np.allclose(probs, (sum(views) / 4).numpy(), atol=1e-5)
+    assert not np.allclose(probs, views[0].numpy(), atol=1e-4)  # the views disagree, so averaging them matters
+    # models saved with the older left-right flag keep their single mirror
+    assert tta_views({"tta_flip": True}) == ("plain", "hflip") and tta_views({}) == ("plain",)
 
 
 def test_predictions_have_one_row_per_photo_and_broken_photos_get_an_error(run):

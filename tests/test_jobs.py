@@ -102,15 +102,19 @@ def test_runs_registry_and_the_current_model_survive_a_restart():
 
 
 def test_estimate_uses_measured_speed_once_a_run_exists():
-    params = {"backbone": "efficientnet_lite0", "mode": "finetune", "epochs": 2, "image_size": 224}
+    params = {"backbone": "efficientnet_lite0", "mode": "finetune", "epochs": 2, "image_size": 224, "aspect": 1.0}
     guess, measured = jobs.estimate_seconds(params, 400, 100, 100, on_gpu=False)
     assert not measured and guess > 0
     jobs.register_run(fake_run("fast", 0.5), params=params,
                       extra={"speeds": {"train": 100.0, "features": 300.0}, "on_gpu": False})
     two, measured = jobs.estimate_seconds(params, 400, 100, 100, on_gpu=False)
     four, _ = jobs.estimate_seconds(params | {"epochs": 4}, 400, 100, 100, on_gpu=False)
-    assert measured and two == pytest.approx(2 * (400 / 100 + 100 / 300) + 100 / 300)
-    assert four > 1.9 * two
+    # two epochs of training and validation, then valid and test scored in four mirror views
+    assert measured and two == pytest.approx(2 * (400 / 100 + 100 / 300) + 4 * (100 + 100) / 300)
+    assert four - two == pytest.approx(2 * (400 / 100 + 100 / 300))  # each epoch more costs one epoch
+    # a speed measured at 224² scales with the input's pixels: the bins' shape at 288 px costs 2.26× as much
+    bigger, _ = jobs.estimate_seconds(params | {"image_size": 288, "aspect": 1.37}, 400, 100, 100, on_gpu=False)
+    assert bigger == pytest.approx(two * 288 ** 2 * 1.37 / 224 ** 2)
     assert jobs.estimate_seconds(params, 400, 100, 100, on_gpu=True)[1] is False  # GPU speed not measured yet
 
 

@@ -66,7 +66,7 @@ def test_launch_queues_the_chosen_settings_and_a_queued_job_can_be_cancelled(sta
     at.number_input(key="train_epochs_finetune").set_value(3)
     at.number_input(key="train_batch").set_value(16)
     at.number_input(key="train_lr_finetune").set_value(0.005)
-    at.selectbox(key="train_size").set_value(128)
+    at.selectbox(key="train_size_finetune").set_value(128)
     at.selectbox(key="train_balance").set_value("sampler").run()
     at.button(key="train_launch").click().run()
     assert not at.exception
@@ -74,9 +74,9 @@ def test_launch_queues_the_chosen_settings_and_a_queued_job_can_be_cancelled(sta
     version = jobs.describe_dataset(load_dataset(dataset))["dataset_version"]
     assert job.status == "queued" and job.kind == "train" and started
     assert {k: job.params[k] for k in ("data", "dataset_version", "mode", "epochs", "batch_size", "lr", "image_size",
-                                       "balance", "n_train")} == {
+                                       "aspect", "tta", "balance", "n_train")} == {
         "data": str(dataset), "dataset_version": version, "mode": "finetune", "epochs": 3, "batch_size": 16,
-        "lr": 0.005, "image_size": 128, "balance": "sampler", "n_train": 40}
+        "lr": 0.005, "image_size": 128, "aspect": 1.37, "tta": "flips", "balance": "sampler", "n_train": 40}
     assert "number 1 in the queue" in text_of(at, "caption")
     at.button(key=f"train_cancel_{job.id}").click().run()
     assert jobs.get(job.id).status == "cancelled"

@@ -35,7 +35,7 @@ def data(tmp_path) -> Path:
 
 def test_frozen_run_writes_a_complete_run_folder_and_reports_progress(data, tmp_path):
     states = []
-    config = TrainConfig(data=str(data), out=str(tmp_path / "run"), **SMALL)
+    config = TrainConfig(data=str(data), out=str(tmp_path / "run"), tta="flips", **SMALL)
     result = train(config, on_progress=states.append)
     run = tmp_path / "run"
     assert {p.name for p in run.iterdir()} >= {"model.pt", "metrics.json", "config.json", "log.txt", "checkpoint.pt"}
@@ -47,7 +47,10 @@ def test_frozen_run_writes_a_complete_run_folder_and_reports_progress(data, tmp_
                          "confusion_matrix", "n", "skipped"}
     assert test["n"] == sum(sum(row) for row in test["confusion_matrix"]) > 0
     assert json.loads((run / "config.json").read_text())["image_size"] == 96
-    assert "epoch 2/2" in (run / "log.txt").read_text()
+    log = (run / "log.txt").read_text()
+    assert "epoch 2/2" in log
+    # test-time augmentation scores each photo in its four mirror views, each from its own cached features
+    assert all(f"features ({view}):" in log for view in ("hflip", "vflip", "hvflip"))
     # progress: every key, all stages, ending at 1.0
     keys = {"stage", "epoch", "epochs", "fraction", "train_loss", "valid_loss", "train_acc", "valid_acc",
             "images_per_s", "data_wait_fraction", "device", "eta_s", "message"}
@@ -63,7 +66,7 @@ def test_frozen_run_writes_a_complete_run_folder_and_reports_progress(data, tmp_
 def test_a_cache_hit_skips_the_backbone(data):
     from core.dataset import load_dataset
     from core.models import build_backbone
-    from core.preprocess import preprocessing
+    from core.preprocess import photo_tensor, preprocessing
 
     backbone, info = build_backbone("efficientnet_lite0")
     meta = info | preprocessing(info, 96)
@@ -82,6 +85,13 @@ def test_a_cache_hit_skips_the_backbone(data):
     # Another preprocessing is another cache: the backbone has to run again.
     other = feature_module.extract_features(backbone, meta | preprocessing(info, 64), paths[:2], num_workers=0)
     assert other.computed == 2
+    # So is a mirrored view: its features are the backbone's on the flipped photo.
+    mirrored = feature_module.extract_features(backbone, meta, paths[:2], num_workers=0, view="vflip")
+    assert (mirrored.hits, mirrored.computed) == (0, 2)
+    with torch.no_grad():
+        flipped = backbone.eval()(torch.stack([photo_tensor(p, meta) for p in paths[:2]]).flip(-2))
+    assert torch.allclose(mirrored.features, flipped, atol=1e-4)
+    assert not torch.allclose(mirrored.features, first.features[:2], atol=1e-3)
 
 
 def test_resume_continues_from_the_last_checkpoint(data, tmp_path):
@@ -103,6 +113,8 @@ def test_finetune_one_epoch_with_count_aware_loss(data, tmp_path):
     config = TrainConfig(data=str(data), out=str(tmp_path / "run"), mode="finetune", balance="weights",
                          loss="emd", label_smoothing=0.1, **SMALL | {"epochs": 1})
     result = train(config)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["image_size"], saved["aspect"]) == (96, 1.37)  # fine-tuning keeps the bins' shape by default
     assert result["history"][0]["images_per_s"] > 0
     assert 0 <= result["history"][0]["data_wait_fraction"] <= 1
     assert result["test"]["n"] > 0
@@ -122,6 +134,7 @@ def test_validate_lists_every_problem():
     assert any("epochs" in p for p in problems)
     assert any("learning rate" in p for p in problems)
     assert any("batch size (500) is larger than the training set (40" in p for p in problems)
+    assert any("test-time augmentation" in p for p in TrainConfig(out="x", tta="rotate").validate())
     assert TrainConfig(out="x").validate(n_train=40) == []
     assert any("no labelled photos" in p for p in TrainConfig(out="x").validate(n_train=0))
 
