@@ -528,12 +528,16 @@ DEFAULT_SPEED = {"features": 25.0, "train": 6.0, "head": 5000.0}
 GPU_SPEEDUP = 25.0
 
 
+def input_shape(params: dict) -> tuple[int, float]:
+    """(height px, width / height) a training with these params sees its photos at (mode defaults included)."""
+    config = make_train_config(params, "")
+    return config.input_height, config.input_aspect
+
+
 def _pixels(params: dict) -> float:
     """Input pixels of a training's photos, which its speed scales with."""
-    from core.training import DEFAULT_INPUT
-
-    height, aspect = DEFAULT_INPUT.get(params.get("mode"), (224, 1.0))
-    return float(params.get("image_size") or height) ** 2 * float(params.get("aspect") or aspect)
+    height, aspect = input_shape(params)
+    return float(height) ** 2 * float(aspect)
 
 
 def measured_speeds(params: dict, on_gpu: bool) -> dict | None:
@@ -552,7 +556,6 @@ def measured_speeds(params: dict, on_gpu: bool) -> dict | None:
 def estimate_seconds(params: dict, n_train: int, n_valid: int, n_test: int, on_gpu: bool) -> tuple[float, bool]:
     """(seconds, measured): the duration of a training from this machine's measured images/s, else a rough guess."""
     from core.preprocess import TTA_VIEWS
-    from core.training import DEFAULT_TTA
 
     speeds = measured_speeds(params, on_gpu)
     measured = speeds is not None
@@ -561,7 +564,7 @@ def estimate_seconds(params: dict, n_train: int, n_valid: int, n_test: int, on_g
         speeds = {stage: value * scale for stage, value in DEFAULT_SPEED.items()}
     epochs = max(int(params.get("epochs") or 1), 1)
     features = speeds.get("features") or DEFAULT_SPEED["features"]
-    views = len(TTA_VIEWS.get(params.get("tta") or DEFAULT_TTA.get(params.get("mode"), "none"), ("plain",)))
+    views = len(TTA_VIEWS.get(make_train_config(params, "").test_views, ("plain",)))  # test-time views scored
     if params.get("mode") == "frozen":
         head = max(speeds.get("train") or 0, DEFAULT_SPEED["head"]) if measured else DEFAULT_SPEED["head"]
         seconds = views * (n_train + n_valid + n_test) / features + epochs * (n_train + n_valid) / head

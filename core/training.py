@@ -17,8 +17,7 @@ from core import models
 from core.versions import training_rows
 from core.files import atomic_write_bytes, atomic_write_json
 from core.metrics import compute_metrics, format_table
-from core.preprocess import (DEFAULT_ASPECT, TTA_VIEWS, PhotoDataset, default_workers, eval_transform, preprocessing,
-                             train_transform)
+from core.preprocess import TTA_VIEWS, PhotoDataset, default_workers, eval_transform, preprocessing, train_transform
 
 MODES = ("frozen", "finetune")
 BALANCE = ("none", "weights", "sampler")
@@ -80,11 +79,13 @@ class TrainConfig:
 
     @property
     def input_height(self) -> int:
-        return self.image_size if self.image_size is not None else DEFAULT_INPUT.get(self.mode, (224, 1.0))[0]
+        default_height, _ = DEFAULT_INPUT.get(self.mode, DEFAULT_INPUT["frozen"])
+        return self.image_size if self.image_size is not None else default_height
 
     @property
     def input_aspect(self) -> float:
-        return self.aspect if self.aspect is not None else DEFAULT_INPUT.get(self.mode, (224, DEFAULT_ASPECT))[1]
+        _, default_aspect = DEFAULT_INPUT.get(self.mode, DEFAULT_INPUT["frozen"])
+        return self.aspect if self.aspect is not None else default_aspect
 
     @property
     def learning_rate(self) -> float:
@@ -455,12 +456,13 @@ class FrozenRun(BaseRun):
         self.features = {}
         started = time.perf_counter()
         for n, view in enumerate(views):
-            def report(state, n=n):
+            named = "" if view == "plain" else f" ({view})"
+
+            def report(state, n=n, named=named):
                 within = (n + state["done"] / state["total"]) / len(views)
                 self.progress(stage="features", fraction=self.FEATURES_SHARE * within,
                               images_per_s=state["images_per_s"], data_wait_fraction=state["data_wait_fraction"],
-                              message=f"Computing features {state['done']}/{state['total']}"
-                                      + ("" if view == "plain" else f" ({view})"))
+                              message=f"Computing features {state['done']}/{state['total']}{named}")
 
             self.progress(force=True, stage="features", message="Reading cached features")
             result = extract_features(self.model.backbone, self.meta, paths, device=self.device,
@@ -472,7 +474,7 @@ class FrozenRun(BaseRun):
                 self.progress(force=True, stage="features", fraction=self.FEATURES_SHARE * (n + 1) / len(views),
                               images_per_s=result.computed / max(result.seconds, 1e-9),
                               message=f"Computed features of {result.computed} photos")
-            self.log(f"features{'' if view == 'plain' else f' ({view})'}: {result.hits} from the cache, {result.computed} computed "
+            self.log(f"features{named}: {result.hits} from the cache, {result.computed} computed "
                      f"in {result.seconds:.1f} s" + (f" ({result.computed / result.seconds:.1f} img/s)" if result.computed else ""))
             for i, reason in result.errors.items():
                 self.skipped[paths[i]] = reason

@@ -52,9 +52,8 @@ def params_summary(params: dict) -> str:
     if params.get("lr"):
         parts.append(f"lr {params['lr']:g}")
     if params.get("image_size"):
-        aspect = float(params.get("aspect") or 1.0)
-        width = round(params["image_size"] * aspect)
-        parts.append(f"{params['image_size']} px" if aspect == 1.0 else f"{params['image_size']}×{width} px")
+        height, aspect = jobs.input_shape(params)
+        parts.append(f"{height} px" if aspect == 1.0 else f"{height}×{round(height * aspect)} px")
     if params.get("balance") and params["balance"] != "none":
         parts.append(f"balance {params['balance']}")
     if params.get("n_trials"):
