@@ -314,7 +314,7 @@ def search_form(base: dict | None, facts: dict, on_gpu: bool) -> None:
     trial_epochs = right.number_input("Epochs per trial", step=1, key=f"hpo_epochs_{base['mode']}",
                                       value=int(base["epochs"]) if base["mode"] == "frozen" else min(int(base["epochs"]), 3))
     full_epochs = last.number_input("Epochs of the full training", value=int(base["epochs"]), step=1,
-                                    key="hpo_full_epochs")
+                                    key=f"hpo_full_epochs_{base['mode']}")
     problems = [m for bad, m in ((n_trials < 1, "Trials must be at least 1."),
                                  (parallel < 1, "In parallel must be at least 1."),
                                  (full_epochs < 1, "The full training needs at least 1 epoch.")) if bad]

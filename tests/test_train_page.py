@@ -60,6 +60,18 @@ def test_the_form_refuses_impossible_settings_with_the_reason(started):
     assert jobs.list_jobs() == []
 
 
+def test_switching_mode_brings_that_modes_defaults_everywhere_in_the_form(started):
+    at = page()
+    assert at.number_input(key="hpo_full_epochs_frozen").value == 40
+    at.radio(key="train_mode").set_value("finetune").run()
+    assert at.number_input(key="train_epochs_finetune").value == 6
+    assert (at.selectbox(key="train_size_finetune").value, at.selectbox(key="train_aspect_finetune").value,
+            at.selectbox(key="train_tta_finetune").value) == (288, 1.37, "flips")
+    # the search's full training follows the mode too, instead of keeping frozen mode's 40 epochs
+    assert at.number_input(key="hpo_full_epochs_finetune").value == 6
+    assert at.number_input(key="hpo_epochs_finetune").value == 3
+
+
 def test_launch_queues_the_chosen_settings_and_a_queued_job_can_be_cancelled(started, dataset):
     at = page()
     at.radio(key="train_mode").set_value("finetune").run()
