@@ -20,8 +20,7 @@ IDLE_REFRESH_S = 10.0  # with nothing running, still notice jobs queued elsewher
 IMAGE_SIZES = [96, 128, 160, 192, 224, 256, 288, 320, 384, 448]
 ASPECTS = [1.0, 1.37]
 ASPECT_NAMES = {1.0: "square (1.0)", 1.37: "the bins' shape (1.37)"}
-TTA_NAMES = {"none": "the photo only", "hflip": "photo + left-right mirror",
-             "flips": "photo + 3 mirrors (left-right, top-bottom, both)"}
+TTA_NAMES = {"none": "the photo only", "hflip": "photo + left-right mirror", "flips": "photo + its 3 mirrors"}
 MODE_HELP = {"frozen": "backbone frozen, features computed once: minutes on a CPU",
              "finetune": "the whole network learns: slower, usually more accurate"}
 
@@ -96,7 +95,8 @@ def training_form(dataset, facts: dict, on_gpu: bool) -> dict | None:
     tta_choices = list(TTA_NAMES)
     tta = middle.selectbox("Test-time views", tta_choices, index=tta_choices.index(training.DEFAULT_TTA[mode]),
                            format_func=TTA_NAMES.get, key=f"train_tta_{mode}",
-                           help="Each photo's prediction is the average over these mirror images of it.")
+                           help="Each photo's prediction is the average over these views of it; its 3 mirrors are "
+                                "left-right, top-bottom and both.")
     devices = ["auto", "cpu"] + (["cuda"] if on_gpu else [])
     device = right.selectbox("Device", devices, key="train_device")
     params = {**facts, "backbone": backbone, "mode": mode, "epochs": int(epochs), "batch_size": int(batch_size),
