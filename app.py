@@ -1,4 +1,8 @@
-"""Binsight: the Streamlit entry point — navigation over pages/ and the shared sidebar."""
+"""Binsight: the Streamlit entry point — st.navigation over app_pages/ and the shared sidebar.
+
+The pages live in app_pages/, not pages/: Streamlit treats a pages/ folder beside the entry point as its legacy
+multipage app until st.navigation first runs, so a fresh server opened on a deep link would run that page alone.
+"""
 import os
 
 # Torch's OpenMP threads spin while waiting; beside a training job on the same cores that makes a single
@@ -7,24 +11,24 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import streamlit as st  # noqa: E402
 
-from core import worker  # noqa: E402
-from pages.common import sidebar  # noqa: E402
+from core.jobs import worker  # noqa: E402
+from app_pages.common import sidebar  # noqa: E402
 
 st.set_page_config(page_title="Binsight", page_icon="📦", layout="wide")
 
 PAGES = {
     "Data": [
-        st.Page("pages/overview.py", title="Overview", icon=":material/bar_chart:", default=True),
-        st.Page("pages/browse.py", title="Browse", icon=":material/photo_library:"),
-        st.Page("pages/balance.py", title="Balance", icon=":material/balance:"),
+        st.Page("app_pages/overview.py", title="Overview", icon=":material/bar_chart:", default=True),
+        st.Page("app_pages/browse.py", title="Browse", icon=":material/photo_library:"),
+        st.Page("app_pages/balance.py", title="Balance", icon=":material/balance:"),
     ],
     "Model": [
-        st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
-        st.Page("pages/evaluate.py", title="Evaluate", icon=":material/target:"),
-        st.Page("pages/predict.py", title="Predict", icon=":material/online_prediction:"),
+        st.Page("app_pages/train.py", title="Train", icon=":material/model_training:"),
+        st.Page("app_pages/evaluate.py", title="Evaluate", icon=":material/target:"),
+        st.Page("app_pages/predict.py", title="Predict", icon=":material/online_prediction:"),
     ],
     "Review": [
-        st.Page("pages/spot_check.py", title="Spot-check", icon=":material/fact_check:"),
+        st.Page("app_pages/spot_check.py", title="Spot-check", icon=":material/fact_check:"),
     ],
 }
 

@@ -23,15 +23,15 @@ ABID = (ROOT / ".." / "shared" / "abid").resolve()
 def bench_photos(n: int) -> list[str]:
     if (ABID / "bin-images").is_dir():
         return [str(p) for p in sorted((ABID / "bin-images").glob("*.jpg"))[:n]]
-    from core.demo import generate_demo
+    from core.data.demo import generate_demo
 
     demo = generate_demo(Path(tempfile.mkdtemp(prefix="binsight-bench-demo-")))
     return [str(p) for p in sorted((demo / "bin-images").glob("*.jpg"))[:n]]
 
 
 def bench_model(run: str | None, image_size: int):
-    from core import models
-    from core.preprocess import preprocessing
+    from core.models import networks as models
+    from core.models.preprocess import preprocessing
 
     if run:
         return models.load_model(run, device="cpu")
@@ -53,7 +53,7 @@ def main():
     os.environ.setdefault("BINSIGHT_HOME", tempfile.mkdtemp(prefix="binsight-bench-"))
     import torch
 
-    from core.inference import predict_photos
+    from core.models.inference import predict_photos
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.training import TrainConfig, train  # noqa: E402
+from core.training.config import TrainConfig  # noqa: E402
+from core.training.loop import train  # noqa: E402
 
 GRID = {  # option → (type, default)
     "backbone": (str, "efficientnet_lite0"), "mode": (str, "frozen"), "image_size": (int, ""),

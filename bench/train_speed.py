@@ -41,9 +41,9 @@ def photo_paths(folder: Path) -> list[str]:
 
 
 def extraction_speed(paths, image_size: int) -> float:
-    from core.features import extract_features
-    from core.models import build_backbone
-    from core.preprocess import preprocessing
+    from core.models.features import extract_features
+    from core.models.networks import build_backbone
+    from core.models.preprocess import preprocessing
 
     backbone, info = build_backbone("efficientnet_lite0")
     result = extract_features(backbone, info | preprocessing(info, image_size), paths)
@@ -51,8 +51,8 @@ def extraction_speed(paths, image_size: int) -> float:
 
 
 def finetune_speed(paths, image_size: int, steps: int = 6, batch_size: int = 16) -> float:
-    from core.models import build_backbone, make_head, CountingModel
-    from core.preprocess import PhotoDataset, preprocessing, train_transform
+    from core.models.networks import CountingModel, build_backbone, make_head
+    from core.models.preprocess import PhotoDataset, preprocessing, train_transform
 
     backbone, info = build_backbone("efficientnet_lite0")
     model = CountingModel(backbone, make_head("mlp", info["feature_dim"], 5)).train()
@@ -78,7 +78,7 @@ def study_recipe_seconds(paths, labels, epochs: int = 10) -> float:
     """Frozen ResNet50 run over every photo in every epoch, training the study's 2-layer MLP head."""
     import torchvision
 
-    from core.preprocess import PhotoDataset, eval_transform
+    from core.models.preprocess import PhotoDataset, eval_transform
 
     started = time.perf_counter()
     backbone = torchvision.models.resnet50(weights=None)
@@ -101,7 +101,8 @@ def study_recipe_seconds(paths, labels, epochs: int = 10) -> float:
 
 
 def binsight_seconds(folder: Path, out: Path, epochs: int = 10) -> float:
-    from core.training import TrainConfig, train
+    from core.training.config import TrainConfig
+    from core.training.loop import train
 
     started = time.perf_counter()
     train(TrainConfig(data=str(folder), out=str(out), epochs=epochs, patience=0))
@@ -110,9 +111,9 @@ def binsight_seconds(folder: Path, out: Path, epochs: int = 10) -> float:
 
 def inference_ms(paths, image_size: int = 224) -> tuple[float, float]:
     """(ms/photo in batches of 32, ms for a single photo) for a Lite0 model at image_size."""
-    from core.inference import predict_photos
-    from core.models import build_backbone, build_model
-    from core.preprocess import preprocessing
+    from core.models.inference import predict_photos
+    from core.models.networks import build_backbone, build_model
+    from core.models.preprocess import preprocessing
 
     _, info = build_backbone("efficientnet_lite0")
     meta = info | preprocessing(info, image_size) | {"classes": [1, 2, 3, 4, 5], "head": "mlp"}

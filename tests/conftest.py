@@ -47,7 +47,7 @@ def abid_dir() -> Path:
 @pytest.fixture(scope="session")
 def demo_source(tmp_path_factory) -> Path:
     """The embedded demo set, generated once per session (read-only for tests)."""
-    from core.demo import generate_demo
+    from core.data.demo import generate_demo
 
     return generate_demo(tmp_path_factory.mktemp("demo_source"))
 
@@ -58,7 +58,7 @@ def make_abid_subset(target: Path, per_class: int, counts=(1, 2, 3, 4, 5), with_
 
     source = ABID if (ABID / "bin-images").is_dir() else None
     if source is None:
-        from core.demo import generate_demo
+        from core.data.demo import generate_demo
 
         source = generate_demo(target.parent / f"{target.name}_demo_source")
         labels = pd.DataFrame(
@@ -94,7 +94,8 @@ def small_runs(tmp_path_factory) -> dict:
 
     {"home": Path, "data": Path (60 real photos, ABID layout), "runs": {"baseline": Path, "better": Path}}
     """
-    from core.training import TrainConfig, train
+    from core.training.config import TrainConfig
+    from core.training.loop import train
 
     home = tmp_path_factory.mktemp("runs_home")
     data = make_abid_subset(tmp_path_factory.mktemp("runs_data") / "small_abid", per_class=12)

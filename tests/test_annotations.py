@@ -9,18 +9,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from core import annotations
-from core.annotation_queue import QueueError, build_queue
-from core.classes import ClassRange
 from core.cli import main as cli_main
-from core.dataset import load_dataset
+from core.data import annotations
+from core.data.classes import ClassRange
+from core.data.loading import load_dataset
+from core.review.queue import QueueError, build_queue
 
 ROOT = Path(__file__).resolve().parents[1]
 
 WRITER = """
 import sys, time
 from pathlib import Path
-from core.annotations import save_decision
+from core.data.annotations import save_decision
 who, n, go = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 while not go.exists():
     time.sleep(0.005)

@@ -2,7 +2,8 @@
 import pandas as pd
 import pytest
 
-from core.dataset import DatasetError, load_dataset
+from core.data.dataset import DatasetError
+from core.data.loading import load_dataset
 
 
 def test_missing_folder(tmp_path):

@@ -4,11 +4,12 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core import config, versions
-from core.dataset import load_dataset
+from core import config
+from core.data import versions
+from core.data.loading import load_dataset
 from tests.moto_s3 import closed_port_url, held_subset, shared_world
 
-PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "balance.py")
+PAGE = str(Path(__file__).resolve().parents[1] / "app_pages" / "balance.py")
 HELD = {1: 8, 2: 8, 3: 2, 4: 8, 5: 8}
 
 

@@ -4,10 +4,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from core import balancing, pools, versions
 from core.cli import main as cli_main
-from core.dataset import load_dataset
-from core.s3 import S3Error, S3Source, s3_settings
+from core.data import balancing, pools, versions
+from core.data.loading import load_dataset
+from core.data.s3 import S3Error, S3Source, s3_settings
 from tests.moto_s3 import Relay, held_subset, shared_world
 
 HELD = {1: 10, 2: 10, 3: 3, 4: 10, 5: 10}  # class 3 is scarce, as in ../shared/abid

@@ -1,6 +1,5 @@
 """The main journey in a real browser: headless Chromium drives `streamlit run app.py` on the demo set."""
 import re
-import shutil
 from pathlib import Path
 
 import pytest

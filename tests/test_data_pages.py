@@ -6,7 +6,7 @@ from streamlit.testing.v1 import AppTest
 
 from core import config
 
-PAGES = Path(__file__).resolve().parents[1] / "pages"
+PAGES = Path(__file__).resolve().parents[1] / "app_pages"
 
 
 def run_page(name: str) -> AppTest:
@@ -35,27 +35,41 @@ def metrics(at: AppTest) -> dict:
 
 
 def test_overview_on_demo_set_generates_it_and_shows_distribution():
+    from core.data.demo import DEMO_COUNTS
+
     at = run_page("overview.py")
     assert not at.exception and not at.error
     shown = metrics(at)
-    assert int(shown["Photos"]) > 250 and int(shown["In classes 1–5"]) > 200
-    assert int(shown["Excluded (outside the range)"]) > 0
+    in_range = sum(n for count, n in DEMO_COUNTS.items() if 1 <= count <= 5)
+    assert shown["Photos"] == f"{sum(DEMO_COUNTS.values()):,}" and shown["In classes 1–5"] == f"{in_range:,}"
+    assert shown["Excluded (outside the range)"] == f"{sum(DEMO_COUNTS.values()) - in_range:,}"
     assert len(at.get("plotly_chart")) == 3  # classes per split, all counts, photo sizes
     assert (config.demo_dir() / ".complete").is_file()
 
 
-def test_overview_on_real_abid_warns_about_imbalance(abid_dir, monkeypatch):
+def test_overview_on_real_abid_shows_totals_read_from_labels_csv(abid_dir, monkeypatch):
+    import pandas as pd
+
+    from core.data.overview import IMBALANCE_WARNING
+    from core.data.splits import MAX_TEST_FRACTION
+
+    labels = pd.read_csv(abid_dir / "labels.csv")
+    per_class = labels[labels["count"].between(1, 5)].groupby("count").size()
     monkeypatch.setenv("BINSIGHT_DATA", str(abid_dir))
     at = run_page("overview.py")
     shown = metrics(at)
-    assert shown["Photos"] == "2,244" and shown["In classes 1–5"] == "2,011"
-    assert shown["Excluded (outside the range)"] == "233"
-    assert any("imbalanced" in w.value for w in at.warning)
-    assert any("class 3: 10" in i.value for i in at.info)  # the capped test split is explained
+    assert shown["Photos"] == f"{len(labels):,}" and shown["In classes 1–5"] == f"{per_class.sum():,}"
+    assert shown["Excluded (outside the range)"] == f"{len(labels) - per_class.sum():,}"
+    imbalanced = per_class.max() / per_class.min() >= IMBALANCE_WARNING
+    assert any("imbalanced" in w.value for w in at.warning) == imbalanced
+    short = {c: int(n * MAX_TEST_FRACTION) for c, n in per_class.items() if int(n * MAX_TEST_FRACTION) < 100}
+    capped = [i.value for i in at.info if "Fewer test photos" in i.value]
+    assert bool(capped) == bool(short)  # a capped test split is explained, and only then
+    assert all(f"class {c}: {n}" in capped[0] for c, n in short.items())
 
 
 def test_overview_resplit_changes_the_saved_split(monkeypatch, small_abid):
-    from core.dataset import load_dataset
+    from core.data.loading import load_dataset
 
     monkeypatch.setenv("BINSIGHT_DATA", str(small_abid))
     before = load_dataset(small_abid).frame.set_index("name")["split"]
@@ -91,13 +105,16 @@ def test_browse_filters_by_count_and_item_text(abid_dir, monkeypatch):
     at.multiselect[0].set_value([3]).run()
     labels = [b.label for b in at.button if b.key and b.key.startswith("open_")]
     assert labels and all(label.endswith("· 3") for label in labels)
-    at.text_input[0].set_value("cable").run()
-    assert "photos match" in at.caption[0].value
-    n = int(at.caption[0].value.split()[0].replace(",", ""))
-    from core.dataset import load_dataset
+    from core.data.loading import load_dataset
 
     frame = load_dataset(abid_dir).frame
-    expected = frame[(frame["count"] == 3) & frame["item_names"].str.contains("cable", case=False)]
+    # the word: the longest one in the items of the first count-3 photo (by name) that has items
+    first = frame[(frame["count"] == 3) & (frame["item_names"] != "")].sort_values("name").iloc[0]
+    word = max(first["item_names"].replace("|", " ").split(), key=len)
+    at.text_input[0].set_value(word).run()
+    assert "photos match" in at.caption[0].value
+    n = int(at.caption[0].value.split()[0].replace(",", ""))
+    expected = frame[(frame["count"] == 3) & frame["item_names"].str.contains(word, case=False, regex=False)]
     assert n == len(expected) > 0
 
 

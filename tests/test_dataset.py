@@ -4,12 +4,12 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
-import pytest
+from PIL import Image
 
-from core import abid
-from core.classes import ClassRange
-from core.dataset import DatasetError, load_dataset
-from core.splits import make_split
+from core.data import abid
+from core.data.classes import ClassRange
+from core.data.loading import load_dataset
+from core.data.splits import make_split
 
 
 def test_real_metadata_parses_items_and_quantity(abid_dir):
@@ -27,23 +27,29 @@ def test_real_metadata_parses_items_and_quantity(abid_dir):
 def test_abid_index_matches_labels_csv(abid_dir):
     ds = load_dataset(abid_dir)
     labels = pd.read_csv(abid_dir / "labels.csv")
-    assert len(ds.frame) == len(labels) == 2244
+    assert len(ds.frame) == len(labels)
     merged = ds.frame.merge(labels, left_on="name", right_on="image")
-    assert (merged["count_x"] == merged["count_y"]).all()
-    assert ds.summary()["label_sources"] == {"labels.csv": 1724, "metadata": 520}
+    assert len(merged) == len(labels) and (merged["count_x"] == merged["count_y"]).all()
+    with_quantity = {p.stem + ".jpg" for p in (abid_dir / "metadata").glob("*.json")
+                     if json.loads(p.read_text()).get("EXPECTED_QUANTITY") is not None}
+    from_metadata = len(with_quantity & set(labels["image"]))
+    assert ds.summary()["label_sources"] == {"labels.csv": len(labels) - from_metadata, "metadata": from_metadata}
     with_meta = ds.frame[ds.frame["label_source"] == "metadata"]
     filled = with_meta[with_meta["count"] > 0]
     assert (filled["n_items"] > 0).all() and filled["item_names"].str.len().gt(0).all()
-    assert ds.frame["width"].between(300, 1000).all() and ds.frame["height"].between(200, 1100).all()
-    # class range 1–5 excludes the 15 empty bins and the 218 fuller ones
-    assert len(ds.excluded()) == 15 + 218
+    assert ds.frame["width"].notna().all() and ds.frame["height"].notna().all()
+    for _, row in ds.frame.iloc[::max(1, len(ds.frame) // 20)].iterrows():  # 20 photos spread over the set
+        with Image.open(row["path"]) as image:
+            assert (row["width"], row["height"]) == image.size
+    outside = int((~labels["count"].between(1, 5)).sum())
+    assert len(ds.excluded()) == outside  # class range 1–5 leaves out the empty bins and the fuller ones
     assert sorted(ds.labelled()["cls"].unique()) == [1, 2, 3, 4, 5]
 
 
 def test_file_list_json_maps_to_counts(abid_dir):
     labels = abid.read_file_list(abid_dir / "lists" / "file_list.json")
     raw = json.loads((abid_dir / "lists" / "file_list.json").read_text())
-    assert len(labels) == sum(len(v) for v in raw.values()) == 10441
+    assert len(labels) == sum(len(v) for v in raw.values()) > 0
     first = raw["3"][0]
     assert labels[Path(first).stem + ".jpg"] == 3
 
@@ -51,7 +57,7 @@ def test_file_list_json_maps_to_counts(abid_dir):
 def test_counting_list_indexes_all_pairs(abid_dir):
     ds = load_dataset(abid_dir / "lists" / "counting_train.json")
     pairs = json.loads((abid_dir / "lists" / "counting_train.json").read_text())
-    assert len(ds.frame) == len(pairs) == 324735
+    assert len(ds.frame) == len(pairs) > 0
     index, count = pairs[0]
     row = ds.frame.iloc[0]
     assert row["name"] == "%05d.jpg" % (index + 1) and row["count"] == count
@@ -67,8 +73,7 @@ def test_split_is_stratified_capped_and_reproducible(abid_dir):
     for cls, n in per_class.items():
         assert test[cls] == min(100, int(n * 0.2))  # never more than a fifth of a class
         train_valid = rows[(rows["cls"] == cls) & rows["split"].isin(["train", "valid"])]
-        valid_share = (train_valid["split"] == "valid").mean()
-        assert abs(valid_share - 0.2) < 0.02
+        assert (train_valid["split"] == "valid").sum() == round(len(train_valid) * 0.2)
     assert set(ds.split_info["short_test"]) == {c for c, n in per_class.items() if n * 0.2 < 100}
     again, _ = make_split(rows, seed=0)
     assert (again == rows["split"]).all()
@@ -112,7 +117,7 @@ def test_class_range_bucket_and_zero():
 
 
 def test_demo_set_is_generated_once_in_abid_layout():
-    from core.demo import ensure_demo
+    from core.data.demo import ensure_demo
 
     folder = ensure_demo()
     ds = load_dataset(folder)

@@ -6,11 +6,11 @@ import pytest
 from sklearn.metrics import confusion_matrix
 from streamlit.testing.v1 import AppTest
 
-from core.evaluation import evaluate
-from core.metrics import compute_metrics
+from core.evaluation.metrics import compute_metrics
+from core.evaluation.results import evaluate
 from tests.conftest import make_abid_subset
 
-PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "evaluate.py")
+PAGE = str(Path(__file__).resolve().parents[1] / "app_pages" / "evaluate.py")
 CLASSES = [1, 2, 3, 4, 5]
 
 
@@ -53,11 +53,11 @@ def test_metrics_per_class_table_and_weakest_class(shared):
 
 
 def test_predictions_are_not_recomputed_on_a_rerun(shared, monkeypatch):
-    import core.inference
+    import core.models.inference
 
     calls = []
-    real = core.inference.predict_photos
-    monkeypatch.setattr(core.inference, "predict_photos", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = core.models.inference.predict_photos
+    monkeypatch.setattr(core.models.inference, "predict_photos", lambda *a, **k: calls.append(1) or real(*a, **k))
     at = run_page()
     at.selectbox(key="eval_split").set_value("valid").run()
     computed = len(calls)

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from core.evaluation import evaluate
-from core.inference import predict_photos
-from core.models import load_model, save_model
-from core.preprocess import photo_tensor, tta_views
-from core.training import TrainConfig, train
+from core.evaluation.results import evaluate
+from core.models.inference import predict_photos
+from core.models.networks import load_model, save_model
+from core.models.preprocess import photo_tensor, tta_views
+from core.training.config import TrainConfig
+from core.training.loop import train
 from tests.conftest import make_abid_subset
 from tests.test_training import SMALL, add_broken_photos
 

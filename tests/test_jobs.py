@@ -4,8 +4,13 @@ import time
 
 import pytest
 
-from core import config, hpo, jobs, worker
-from core.dataset import load_dataset
+from core import config
+from core.data.loading import load_dataset
+from core.jobs import hpo, runners
+from core.jobs import queue as jobs
+from core.jobs.estimates import estimate_seconds
+from core.jobs.params import describe_dataset, training_problems
+from core.jobs.runs import current_run, final_metrics, get_run, list_runs, register_run, set_current_run
 
 
 def fake_run(name: str, balanced_accuracy: float) -> str:
@@ -18,7 +23,7 @@ def fake_run(name: str, balanced_accuracy: float) -> str:
 
 
 def training_params(data, **changes) -> dict:
-    facts = jobs.describe_dataset(load_dataset(data))
+    facts = describe_dataset(load_dataset(data))
     return {**facts, "backbone": "efficientnet_lite0", "mode": "frozen", "epochs": 1, "batch_size": 16, "lr": 0.01,
             "image_size": 96, "balance": "none", "device": "cpu"} | changes
 
@@ -74,48 +79,48 @@ def test_bad_submissions_are_refused_with_the_reason():
 def test_impossible_training_parameters_get_reasons(small_abid):
     params = training_params(small_abid)
     n_train = params["n_train"]
-    assert jobs.training_problems(params, n_train, cuda_available=False) == []
-    reasons = jobs.training_problems(params | {"epochs": 0, "lr": -0.1, "batch_size": n_train + 1}, n_train, False)
+    assert training_problems(params, n_train, cuda_available=False) == []
+    reasons = training_problems(params | {"epochs": 0, "lr": -0.1, "batch_size": n_train + 1}, n_train, False)
     text = " ".join(reasons)
     assert "epochs must be at least 1" in text and "learning rate must be positive" in text
     assert f"larger than the training set ({n_train} photos)" in text
-    assert any("no usable GPU" in r for r in jobs.training_problems(params | {"device": "cuda"}, n_train, False))
+    assert any("no usable GPU" in r for r in training_problems(params | {"device": "cuda"}, n_train, False))
 
 
 def test_runs_registry_and_the_current_model_survive_a_restart():
-    assert jobs.current_run() is None
-    first = jobs.register_run(fake_run("run-a", 0.4), job_id=1, params={"mode": "frozen"})
-    assert jobs.current_run().id == first.id  # the first run becomes current
-    jobs.register_run(fake_run("run-b", 0.6), job_id=2)
-    assert jobs.final_metrics(jobs.get_run("run-b"))["balanced_accuracy"] == 0.6
-    jobs.set_current_run("run-b")
-    assert jobs.current_run().id == "run-b"  # read back from disk, as a new process would
-    assert [r.id for r in jobs.list_runs()] == ["run-b", "run-a"]
+    assert current_run() is None
+    first = register_run(fake_run("run-a", 0.4), job_id=1, params={"mode": "frozen"})
+    assert current_run().id == first.id  # the first run becomes current
+    register_run(fake_run("run-b", 0.6), job_id=2)
+    assert final_metrics(get_run("run-b"))["balanced_accuracy"] == 0.6
+    set_current_run("run-b")
+    assert current_run().id == "run-b"  # read back from disk, as a new process would
+    assert [r.id for r in list_runs()] == ["run-b", "run-a"]
 
     cli_run = fake_run("trained-from-cli", 0.5)  # never registered: `python -m core train --out runs/...`
-    assert jobs.set_current_run("trained-from-cli").path == cli_run
+    assert set_current_run("trained-from-cli").path == cli_run
     with pytest.raises(jobs.JobError, match="no run 'nowhere'"):
-        jobs.set_current_run("nowhere")
+        set_current_run("nowhere")
 
     (config.runs_dir() / "trained-from-cli" / "model.pt").unlink()
-    assert jobs.current_run() is None  # its model is gone: Predict must not use it
+    assert current_run() is None  # its model is gone: Predict must not use it
 
 
 def test_estimate_uses_measured_speed_once_a_run_exists():
     params = {"backbone": "efficientnet_lite0", "mode": "finetune", "epochs": 2, "image_size": 224, "aspect": 1.0}
-    guess, measured = jobs.estimate_seconds(params, 400, 100, 100, on_gpu=False)
+    guess, measured = estimate_seconds(params, 400, 100, 100, on_gpu=False)
     assert not measured and guess > 0
-    jobs.register_run(fake_run("fast", 0.5), params=params,
+    register_run(fake_run("fast", 0.5), params=params,
                       extra={"speeds": {"train": 100.0, "features": 300.0}, "on_gpu": False})
-    two, measured = jobs.estimate_seconds(params, 400, 100, 100, on_gpu=False)
-    four, _ = jobs.estimate_seconds(params | {"epochs": 4}, 400, 100, 100, on_gpu=False)
+    two, measured = estimate_seconds(params, 400, 100, 100, on_gpu=False)
+    four, _ = estimate_seconds(params | {"epochs": 4}, 400, 100, 100, on_gpu=False)
     # two epochs of training and validation, then valid and test scored in four mirror views
     assert measured and two == pytest.approx(2 * (400 / 100 + 100 / 300) + 4 * (100 + 100) / 300)
     assert four - two == pytest.approx(2 * (400 / 100 + 100 / 300))  # each epoch more costs one epoch
     # a speed measured at 224² scales with the input's pixels: the bins' shape at 288 px costs 2.26× as much
-    bigger, _ = jobs.estimate_seconds(params | {"image_size": 288, "aspect": 1.37}, 400, 100, 100, on_gpu=False)
+    bigger, _ = estimate_seconds(params | {"image_size": 288, "aspect": 1.37}, 400, 100, 100, on_gpu=False)
     assert bigger == pytest.approx(two * 288 ** 2 * 1.37 / 224 ** 2)
-    assert jobs.estimate_seconds(params, 400, 100, 100, on_gpu=True)[1] is False  # GPU speed not measured yet
+    assert estimate_seconds(params, 400, 100, 100, on_gpu=True)[1] is False  # GPU speed not measured yet
 
 
 def test_a_dataset_gone_at_run_time_fails_the_job_with_a_clear_message(small_abid):
@@ -124,7 +129,7 @@ def test_a_dataset_gone_at_run_time_fails_the_job_with_a_clear_message(small_abi
     job = jobs.submit("train", training_params(small_abid))
     shutil.rmtree(small_abid)
     claimed = jobs.claim_next("cpu", ["cpu", "auto"], "w", 1)
-    assert worker.run_job(claimed, "cpu") == "failed"
+    assert runners.run_job(claimed, "cpu") == "failed"
     failed = jobs.get(job.id)
     assert failed.status == "failed" and f"The dataset {small_abid} is gone" in failed.error
     assert "is gone" in failed.log_tail()
@@ -135,10 +140,10 @@ def test_cancel_stops_a_real_training_through_should_stop(small_abid):
     claimed = jobs.claim_next("cpu", ["cpu", "auto"], "w", 1)
     threading.Timer(0.2, jobs.cancel, args=(job.id,)).start()
     started = time.monotonic()
-    assert worker.run_job(claimed, "cpu") == "cancelled"
+    assert runners.run_job(claimed, "cpu") == "cancelled"
     assert time.monotonic() - started < 60
-    assert jobs.get(job.id).error == "cancelled while running" and jobs.list_runs() == []
-    assert "features" in jobs.get(job.id).log_tail()  # the flag was read inside core.training.train
+    assert jobs.get(job.id).error == "cancelled while running" and list_runs() == []
+    assert "features" in jobs.get(job.id).log_tail()  # the flag was read inside core.training.loop.train
 
 
 def test_search_space_follows_the_study_and_the_machine():

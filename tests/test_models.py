@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from core import models
-from core.metrics import compute_metrics
-from core.preprocess import eval_transform, input_size, photo_tensor, preprocessing, train_transform
+from core.evaluation.metrics import compute_metrics
+from core.models import networks as models
+from core.models.preprocess import eval_transform, input_size, photo_tensor, preprocessing, train_transform
 
 
 def test_cat_photo_is_classified_as_a_cat_with_the_packaged_lite0_weights():

@@ -6,13 +6,16 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from core import config, jobs, uploads
-from core.inference import predict_photos
-from core.models import load_model
+from core import config
+from core.data import uploads
+from core.jobs import queue as jobs
+from core.jobs.runs import current_run
+from core.models.inference import predict_inputs, predict_photos
+from core.models.networks import load_model
 from tests.moto_s3 import shared_world
 from tests.test_uploads import BAD_FILES
 
-PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "predict.py")
+PAGE = str(Path(__file__).resolve().parents[1] / "app_pages" / "predict.py")
 
 
 def run_page() -> AppTest:
@@ -37,11 +40,11 @@ def expected_predictions(shared, run: str, paths) -> pd.DataFrame:
 
 
 def test_without_a_model_one_click_queues_a_quick_frozen_training(monkeypatch, small_abid):
-    import core.worker
+    import core.jobs.worker
 
     monkeypatch.setenv("BINSIGHT_DATA", str(small_abid))
     started = []
-    monkeypatch.setattr(core.worker, "ensure_workers", lambda *a, **k: started.append(1) or [])
+    monkeypatch.setattr(core.jobs.worker, "ensure_workers", lambda *a, **k: started.append(1) or [])
     at = run_page()
     assert not at.exception
     assert "No model yet" in at.info[0].value and not jobs.list_jobs() and not started
@@ -89,11 +92,11 @@ def test_an_upload_batch_with_every_kind_of_bad_file(shared, tmp_path, monkeypat
 
 
 def test_threshold_flags_low_confidence_without_predicting_again(shared, monkeypatch):
-    import core.inference
+    import core.models.inference
 
     calls = []
-    real = core.inference.predict_photos
-    monkeypatch.setattr(core.inference, "predict_photos", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = core.models.inference.predict_photos
+    monkeypatch.setattr(core.models.inference, "predict_photos", lambda *a, **k: calls.append(1) or real(*a, **k))
     good = photos(shared, 4)
     at = run_page()
     at.file_uploader(key="predict_files").set_value([(p.name, p.read_bytes(), "image/jpeg") for p in good]).run()
@@ -156,13 +159,13 @@ def test_choosing_the_current_model(shared):
     at.selectbox(key="predict_run").set_value(run_id).run()
     at.button(key="make_current").click().run()
     assert not at.exception
-    assert jobs.current_run().id == run_id
+    assert current_run().id == run_id
     assert run_page().selectbox(key="predict_run").value == run_id
 
 
 def test_prediction_sees_the_training_tensor_for_the_same_photo(runs):
     """An uploaded photo reaches the model as the very tensor the training's feature extraction used."""
-    from core.features import extract_features
+    from core.models.features import extract_features
 
     model, meta = load_model(runs["runs"]["better"] / "model.pt")
     seen = {"train": [], "predict": []}
@@ -179,6 +182,6 @@ def test_prediction_sees_the_training_tensor_for_the_same_photo(runs):
     photo = photos(runs, 1)[0]
     extract_features(Recorder(model.backbone, "train"), meta, [str(photo)], num_workers=0)  # fresh cache: computed
     staged = uploads.stage_uploads([(photo.name, photo.read_bytes())])
-    uploads.predict_inputs(Recorder(model, "predict"), meta, staged)
+    predict_inputs(Recorder(model, "predict"), meta, staged)
     assert seen["train"][0].shape == seen["predict"][0].shape == (1, 3, 96, 96)
     assert torch.equal(seen["train"][0], seen["predict"][0])

@@ -11,18 +11,20 @@ import pytest
 from PIL import Image
 from sklearn.metrics import confusion_matrix, f1_score
 
-from core import reports
-from core.dataset import load_dataset
-from core.evaluation import evaluate
+from core.data.loading import load_dataset
+from core.evaluation import reports
+from core.evaluation.results import evaluate
+from core.jobs.runs import available_runs, register_run
 from tests.conftest import make_abid_subset
 
+
 def test_predictions_are_computed_once_then_read_back(runs, monkeypatch, binsight_home):
-    import core.inference
+    import core.models.inference
 
     rows = load_dataset(runs["data"]).rows("test")
     calls = []
-    real = core.inference.predict_photos
-    monkeypatch.setattr(core.inference, "predict_photos", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = core.models.inference.predict_photos
+    monkeypatch.setattr(core.models.inference, "predict_photos", lambda *a, **k: calls.append(1) or real(*a, **k))
     progress = []
     first = reports.cached_predictions(runs["runs"]["baseline"], rows, "test", on_progress=progress.append)
     assert calls == [1] and progress and progress[-1]["fraction"] == 1.0
@@ -50,11 +52,11 @@ def test_a_replaced_photo_or_model_is_predicted_again(runs, tmp_path):
 
 
 def test_truth_follows_corrected_labels_without_predicting_again(runs, monkeypatch):
-    import core.inference
+    import core.models.inference
 
     rows = load_dataset(runs["data"]).rows("test")
     reports.cached_predictions(runs["runs"]["baseline"], rows, "test")
-    monkeypatch.setattr(core.inference, "predict_photos", lambda *a, **k: pytest.fail("predicted again"))
+    monkeypatch.setattr(core.models.inference, "predict_photos", lambda *a, **k: pytest.fail("predicted again"))
     corrected = rows.copy()
     corrected.loc[corrected.index[0], "cls"] = 5 if corrected.iloc[0]["cls"] != 5 else 1
     frame = reports.cached_predictions(runs["runs"]["baseline"], corrected, "test")
@@ -168,10 +170,9 @@ def test_exports(shared):
 
 
 def test_available_runs_lists_registered_and_unregistered_folders(shared):
-    from core import jobs
 
-    jobs.register_run(shared["runs"]["better"])
-    found = {r["id"]: r for r in reports.available_runs()}
+    register_run(shared["runs"]["better"])
+    found = {r["id"]: r for r in available_runs()}
     assert set(found) >= {"baseline", "better"}
     trained = json.loads((shared["runs"]["baseline"] / "metrics.json").read_text())["test"]["accuracy"]
     assert found["baseline"]["accuracy"] == pytest.approx(trained)

@@ -5,11 +5,12 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core import annotations
-from core.dataset import load_dataset
+from core.data import annotations
+from core.data.loading import load_dataset
+from core.jobs.runs import register_run
 from tests.conftest import make_abid_subset
 
-PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "spot_check.py")
+PAGE = str(Path(__file__).resolve().parents[1] / "app_pages" / "spot_check.py")
 
 
 @pytest.fixture
@@ -119,17 +120,17 @@ def test_model_queues_say_there_is_no_model_yet(spot_source):
 def test_with_a_current_model_its_prediction_shows_and_the_confidence_queue_is_ordered(spot_source, tmp_path):
     import torch
 
-    from core import jobs
-    from core.annotation_queue import current_model_path, load_scores
-    from core.models import backbone_spec, build_model, save_model
-    from core.preprocess import preprocessing
+    from core.jobs.runs import current_model_path
+    from core.models.networks import backbone_spec, build_model, save_model
+    from core.models.preprocess import preprocessing
+    from core.review.queue import load_scores
 
     spec = backbone_spec("simple_cnn")
     meta = {"backbone": "simple_cnn", "head": "linear", "classes": [1, 2, 3, 4, 5],
             **preprocessing({"mean": spec.mean, "std": spec.std}, 64)}
     torch.manual_seed(0)
     save_model(tmp_path / "run" / "model.pt", build_model(meta, pretrained=False), meta)
-    jobs.register_run(tmp_path / "run")  # the first run becomes the current model
+    register_run(tmp_path / "run")  # the first run becomes the current model
 
     at = sign_in(open_page())
     assert not at.exception and any(m.label == "🤖 Model predicts" for m in at.metric)

@@ -6,10 +6,15 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core import config, hpo, jobs, worker
-from core.dataset import load_dataset
+from core import config
+from core.data.loading import load_dataset
+from core.jobs import hpo, runners, worker
+from core.jobs import queue as jobs
+from core.jobs.context import JobContext
+from core.jobs.params import describe_dataset
+from core.jobs.runs import current_run, register_run
 
-PAGE = Path(__file__).resolve().parents[1] / "pages" / "train.py"
+PAGE = Path(__file__).resolve().parents[1] / "app_pages" / "train.py"
 
 
 @pytest.fixture(autouse=True)
@@ -83,7 +88,7 @@ def test_launch_queues_the_chosen_settings_and_a_queued_job_can_be_cancelled(sta
     at.button(key="train_launch").click().run()
     assert not at.exception
     [job] = jobs.list_jobs()
-    version = jobs.describe_dataset(load_dataset(dataset))["dataset_version"]
+    version = describe_dataset(load_dataset(dataset))["dataset_version"]
     assert job.status == "queued" and job.kind == "train" and started
     assert {k: job.params[k] for k in ("data", "dataset_version", "mode", "epochs", "batch_size", "lr", "image_size",
                                        "aspect", "tta", "balance", "n_train")} == {
@@ -96,12 +101,12 @@ def test_launch_queues_the_chosen_settings_and_a_queued_job_can_be_cancelled(sta
 
 
 def test_a_running_training_shows_progress_curves_speed_and_device(started, dataset):
-    facts = jobs.describe_dataset(load_dataset(dataset))
+    facts = describe_dataset(load_dataset(dataset))
     job = jobs.submit("train", {**facts, "mode": "frozen", "epochs": 3, "batch_size": 16, "lr": 0.01,
                                 "image_size": 96, "balance": "none"})
     lock, claimed = claim_as_worker(job)
     try:
-        worker.run_training(worker.JobContext(claimed, "cpu"))  # real training; the job stays 'running' until finish
+        runners.run_training(JobContext(claimed, "cpu"))  # real training; the job stays 'running' until finish
         at = page()
         assert not at.exception
         assert f"Job {job.id}** · train · running" in text_of(at, "markdown")
@@ -116,7 +121,7 @@ def test_a_running_training_shows_progress_curves_speed_and_device(started, data
         lock.release()
     assert jobs.finish(job.id, "done")
     at = page()  # finished: now a run with its metrics, and the current model
-    run = jobs.current_run()
+    run = current_run()
     assert run.job_id == job.id and run.id in at.dataframe[0].value["run"].tolist()
     assert any("Test balanced accuracy per run" in c.proto.spec for c in at.get("plotly_chart"))
 
@@ -126,23 +131,23 @@ def test_choosing_the_current_model(started):
         folder = config.runs_dir() / name
         folder.mkdir(parents=True)
         (folder / "model.pt").write_bytes(b"weights")
-        jobs.register_run(folder, params={"backbone": "efficientnet_lite0", "mode": "frozen"},
+        register_run(folder, params={"backbone": "efficientnet_lite0", "mode": "frozen"},
                           metrics={"test": {"balanced_accuracy": 0.4 if name == "run-old" else 0.6}})
     at = page()
     assert "`run-old` is the current model." in text_of(at, "caption")  # the first run registered
     at.selectbox(key="train_current").set_value("run-new").run()
     at.button(key="train_set_current").click().run()
-    assert jobs.current_run().id == "run-new"
+    assert current_run().id == "run-new"
     assert "`run-new` is the current model." in text_of(at, "caption")
 
 
 def test_a_search_shows_its_trials_best_first_and_launches_the_full_training(started, dataset):
-    facts = jobs.describe_dataset(load_dataset(dataset))
+    facts = describe_dataset(load_dataset(dataset))
     search = jobs.submit("hpo", {**facts, "mode": "frozen", "epochs": 2, "image_size": 96, "balance": "none",
                                  "n_trials": 2, "parallel": 2, "full_epochs": 7})
     lock, claimed = claim_as_worker(search)
     try:
-        assert worker.run_job(claimed, "cpu") == "done", jobs.get(search.id).error
+        assert runners.run_job(claimed, "cpu") == "done", jobs.get(search.id).error
     finally:
         lock.release()
     done = jobs.get(search.id)

@@ -8,8 +8,10 @@ import pandas as pd
 import pytest
 import torch
 
-from core import features as feature_module
-from core.training import Cancelled, TrainConfig, TrainingError, train
+from core.errors import Cancelled
+from core.models import features as feature_module
+from core.training.config import TrainConfig, TrainingError
+from core.training.loop import train
 from tests.conftest import make_abid_subset
 
 SMALL = dict(image_size=96, batch_size=8, epochs=2, num_workers=0)
@@ -64,9 +66,9 @@ def test_frozen_run_writes_a_complete_run_folder_and_reports_progress(data, tmp_
 
 
 def test_a_cache_hit_skips_the_backbone(data):
-    from core.dataset import load_dataset
-    from core.models import build_backbone
-    from core.preprocess import photo_tensor, preprocessing
+    from core.data.loading import load_dataset
+    from core.models.networks import build_backbone
+    from core.models.preprocess import photo_tensor, preprocessing
 
     backbone, info = build_backbone("efficientnet_lite0")
     meta = info | preprocessing(info, 96)
@@ -140,8 +142,8 @@ def test_validate_lists_every_problem():
 
 
 def test_training_on_an_oversampled_version_reads_the_repeats(tmp_path):
-    from core import balancing
-    from core.dataset import load_dataset
+    from core.data import balancing
+    from core.data.loading import load_dataset
 
     folder = make_abid_subset(tmp_path / "data", per_class=8)
     dataset = load_dataset(folder)

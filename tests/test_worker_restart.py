@@ -10,16 +10,19 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core import jobs, worker
-from core.dataset import load_dataset
+from core.data.loading import load_dataset
+from core.jobs import queue as jobs
+from core.jobs import worker
+from core.jobs.params import describe_dataset
+from core.jobs.runs import current_run, final_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGE = ROOT / "pages" / "train.py"
+PAGE = ROOT / "app_pages" / "train.py"
 
 # The app process: queue a job and make sure a worker runs it, as the app does on every page, then wait to be killed.
 APP = """
 import sys, time
-from core import jobs, worker
+from core.jobs import queue as jobs, worker
 job = jobs.submit("sleep", {"seconds": float(sys.argv[1])})
 worker.ensure_workers()
 time.sleep(600)
@@ -120,7 +123,7 @@ def test_a_sigkilled_worker_fails_its_job_within_seconds_with_its_log_and_the_qu
 
 
 def test_jobs_queued_while_the_app_was_down_run_when_it_restarts(small_abid):
-    facts = jobs.describe_dataset(load_dataset(small_abid))
+    facts = describe_dataset(load_dataset(small_abid))
     job = jobs.submit("train", {**facts, "backbone": "efficientnet_lite0", "mode": "frozen", "epochs": 2,
                                 "batch_size": 16, "lr": 0.01, "image_size": 96, "balance": "none"})
     time.sleep(0.5)
@@ -132,9 +135,9 @@ def test_jobs_queued_while_the_app_was_down_run_when_it_restarts(small_abid):
     assert done.status == "done", done.error
     assert [p["epoch"] for p in done.progress["history"]] == [1, 2]
     assert done.progress["speeds"]["features"] > 0
-    run = jobs.current_run()
+    run = current_run()
     assert run is not None and run.job_id == job.id and run.model_path.is_file()
-    assert 0 <= jobs.final_metrics(run)["balanced_accuracy"] <= 1
+    assert 0 <= final_metrics(run)["balanced_accuracy"] <= 1
     assert run.params["dataset_version"] == facts["dataset_version"]
 
     at = page()

@@ -1,0 +1,123 @@
+"""UI pieces every page shares: the sidebar (dataset, class range) and the cached current dataset."""
+from __future__ import annotations
+
+import os
+from dataclasses import astuple
+from pathlib import Path
+
+import streamlit as st
+
+from core import config
+from core.data.classes import ClassRange
+from core.data.dataset import Dataset, DatasetError
+from core.data.images import ImageError, thumbnail
+from core.data.loading import load_dataset
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _cached_dataset(source: str | None, range_tuple: tuple, token: str) -> Dataset:
+    class_range = ClassRange(*range_tuple)
+    progress = st.progress(0.0, text="Preparing the dataset…")
+    try:
+        return load_dataset(source, class_range, on_progress=lambda f, text: progress.progress(min(f, 1.0), text=text))
+    finally:
+        progress.empty()
+
+
+def _freshness_token(source: str | None) -> str:
+    """Changes whenever the index, the split or the labels may have changed, so the cache reloads."""
+    home = config.home()
+    parts = []
+    for path in [home / "index", home / "datasets", config.demo_dir(), home / "binsight.sqlite3-wal",
+                 home / "binsight.sqlite3"] + ([Path(source)] if source else []):
+        try:
+            parts.append(str(path.stat().st_mtime_ns))
+        except OSError:
+            parts.append("-")
+    for sub in ("bin-images", "metadata", "labels.csv"):
+        if source:
+            try:
+                parts.append(str((Path(source) / sub).stat().st_mtime_ns))
+            except OSError:
+                pass
+    return ":".join(parts)
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=4)
+def _cached_model(model_path: str, stamp: str):
+    from core.models.networks import load_model
+
+    return load_model(model_path)
+
+
+def model_for(model_path: str | Path):
+    """(model, meta) for a model.pt, loaded once per version of the file and shared by every page."""
+    stat = Path(model_path).stat()
+    return _cached_model(str(model_path), f"{stat.st_mtime_ns}:{stat.st_size}")
+
+
+@st.cache_data(show_spinner=False, max_entries=2000)
+def cached_thumbnail(path: str, width: int = 240, height: int = 180) -> bytes | str:
+    """The photo upright, letterboxed to width×height as JPEG bytes, or the reason it cannot be shown."""
+    try:
+        return thumbnail(path, width, height)
+    except ImageError as exc:
+        return str(exc)
+
+
+def class_range() -> ClassRange:
+    return ClassRange.from_dict(config.load_settings().get("class_range"))
+
+
+def current_source() -> str | None:
+    chosen = config.data_dir()
+    return str(chosen) if chosen else None
+
+
+def current_dataset() -> Dataset | None:
+    """The dataset chosen in the sidebar (the demo set when none), or None after showing why it failed."""
+    source = current_source()
+    try:
+        return _cached_dataset(source, astuple(class_range()), _freshness_token(source))
+    except DatasetError as exc:
+        st.error(f"**The dataset cannot be used.** {exc}")
+        st.info("Pick another folder in the sidebar, or clear the path to use the demo set.")
+        return None
+
+
+def reload_dataset() -> None:
+    _cached_dataset.clear()
+
+
+def sidebar() -> None:
+    """Dataset choice and class range, persisted in BINSIGHT_HOME/settings.json."""
+    with st.sidebar:
+        st.markdown("### :material/inventory_2: Binsight")
+        locked = bool(os.environ.get("BINSIGHT_DATA"))
+        source = current_source()
+        st.caption("Dataset: " + (f"`{source}`" if source else "embedded demo set"))
+        with st.expander("Change dataset", expanded=False):
+            if locked:
+                st.caption("Set by the BINSIGHT_DATA environment variable.")
+            path = st.text_input(
+                "Folder (ABID layout, ImageFolder) or a .json list", value=source or "", disabled=locked,
+                placeholder="e.g. /data/abid — empty for the demo set", key="sidebar_data_path",
+            )
+            if st.button("Use this dataset", disabled=locked, key="sidebar_apply"):
+                chosen = path.strip()
+                if chosen and not Path(chosen).expanduser().exists():
+                    st.error(f"{chosen} does not exist.")
+                else:
+                    config.save_settings(data_dir=str(Path(chosen).expanduser()) if chosen else None)
+                    reload_dataset()
+                    st.rerun()
+        with st.expander("Class range", expanded=False):
+            current = class_range()
+            lo, hi = st.slider("Counts that are classes", 0, 12, (current.lo, current.hi), key="sidebar_range")
+            bucket = st.checkbox(f"Put counts above {hi} into a “{hi}+” class", value=current.top_bucket,
+                                 key="sidebar_bucket")
+            chosen_range = ClassRange(lo, hi, bucket)
+            if chosen_range != current and st.button("Apply class range", key="sidebar_range_apply"):
+                config.save_settings(class_range=chosen_range.to_dict())
+                reload_dataset()
+                st.rerun()

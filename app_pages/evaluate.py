@@ -1,0 +1,299 @@
+"""Evaluate page: a run's metrics on a split, a confusion matrix that opens its photos, and runs compared."""
+from pathlib import Path
+
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import streamlit as st
+
+from core.data.classes import ClassRange, model_class_range
+from core.data.dataset import DatasetError
+from core.data.loading import load_dataset
+from core.evaluation import reports
+from core.jobs.runs import available_runs, current_run, run_label
+from core.models.networks import WeightsError
+from app_pages.common import cached_thumbnail, current_dataset, model_for
+
+SPLITS = {"test": "Test split", "valid": "Validation split", "train": "Training split", "all": "All labelled photos"}
+OTHER_FOLDER = "Another labelled folder…"
+PHOTOS_PER_PAGE = 12
+
+
+
+
+
+
+
+
+def show_photo(path: str) -> None:
+    picture = cached_thumbnail(path)
+    if isinstance(picture, bytes):
+        st.image(picture, width="stretch")
+    else:
+        st.warning(picture)
+
+
+def model_loader(run_path: str):
+    return lambda: model_for(Path(run_path) / "model.pt")
+
+
+def predictions_for(run: dict, rows: pd.DataFrame, split_key: str) -> pd.DataFrame:
+    """Cached predictions; the first time, with a progress bar (never on a rerun)."""
+    slot = st.empty()
+    text = f"Predicting {len(rows):,} photos with {run['id']} (once: the results are kept)…"
+    if not reports.predictions_path(run["path"], split_key, rows).is_file():
+        slot.progress(0.0, text=text)
+
+    def progress(info):
+        slot.progress(min(max(float(info.get("fraction") or 0.0), 0.0), 1.0), text=text)
+
+    try:
+        return reports.cached_predictions(run["path"], rows, split_key, load=model_loader(run["path"]),
+                                          on_progress=progress)
+    finally:
+        slot.empty()
+
+
+def choose_photos(model_range: ClassRange):
+    """(rows, split_key, description) of the photos to evaluate on, or stop with a message.
+
+    The dataset is read with the model's class range, so the truth is what the model was trained to predict.
+    """
+    left, right = st.columns([2, 3])
+    options = list(SPLITS) + [OTHER_FOLDER]
+    choice = left.selectbox("Photos", options, format_func=lambda o: SPLITS.get(o, o), key="eval_split")
+    if choice == OTHER_FOLDER:
+        folder = right.text_input("Labelled folder (ABID layout or <count>/*.jpg folders)", key="eval_folder",
+                                  placeholder="/data/abid_holdout").strip()
+        if not folder:
+            st.info("Give the path of a labelled folder to evaluate on.")
+            st.stop()
+        source, split = folder, "all"
+    else:
+        current = current_dataset()
+        if current is None:
+            st.stop()
+        source, split = current.source, choice
+        if current.class_range != model_range:
+            st.info(f"Evaluated with the model's class range {model_range.describe()} "
+                    f"(the sidebar's is {current.class_range.describe()}).")
+    try:
+        dataset = load_dataset(source, model_range)
+    except DatasetError as exc:
+        st.error(f"**This folder cannot be used.** {exc}")
+        st.stop()
+    rows = dataset.rows(split)
+    description = SPLITS[split].lower() if choice != OTHER_FOLDER else f"labelled photos of `{dataset.source}`"
+    for note in dataset.notes:
+        st.caption(note)
+    if rows.empty:
+        st.warning(f"No labelled photo on disk in the {description}: nothing to evaluate.")
+        st.stop()
+    return rows, f"{dataset.key}-{split}", description
+
+
+def metric_tiles(metrics: dict) -> None:
+    cols = st.columns(5)
+    cols[0].metric("Accuracy", f"{metrics['accuracy']:.1%}")
+    cols[1].metric("Balanced accuracy", f"{metrics['balanced_accuracy']:.1%}")
+    cols[2].metric("MAE (objects)", f"{metrics['mae']:.3f}")
+    cols[3].metric("Off-by-one accuracy", f"{metrics['off_by_one']:.1%}")
+    cols[4].metric("Photos scored", f"{metrics['n']:,}")
+    left_out = metrics.get("left_out", {})
+    if left_out.get("unreadable"):
+        st.warning(f"{left_out['unreadable']:,} photos could not be read and are left out of the metrics.")
+    if left_out.get("outside_classes"):
+        st.warning(f"{left_out['outside_classes']:,} photos have a count the model does not know "
+                   f"(it predicts {', '.join(map(str, metrics['classes']))}) and are left out.")
+
+
+def per_class_section(metrics: dict) -> None:
+    table = reports.per_class_table(metrics)
+    weakest = reports.weakest_class(table)
+    left, right = st.columns([3, 2])
+    with left:
+        st.subheader("Per class")
+        styled = table.style.format({"precision": "{:.3f}", "recall": "{:.3f}", "f1": "{:.3f}"}).apply(
+            lambda row: ["background-color: #fde2e1; font-weight: 600" if row["class"] == weakest else ""] * len(row),
+            axis=1)
+        st.dataframe(styled, hide_index=True, width="stretch", key="per_class_table")
+        if weakest is not None:
+            f1 = float(table.loc[table["class"] == weakest, "f1"].iloc[0])
+            st.caption(f"Weakest class: **{weakest}** (F1 {f1:.3f}), highlighted.")
+    with right:
+        long = table.melt(id_vars="class", value_vars=["precision", "recall", "f1"], var_name="metric")
+        figure = px.bar(long, x="class", y="value", color="metric", barmode="group", range_y=[0, 1],
+                        labels={"class": "object count (class)", "value": ""})
+        figure.update_layout(height=300, margin=dict(t=10, b=10), xaxis_type="category")
+        st.plotly_chart(figure, width="stretch")
+
+
+def confusion_figure(matrix, classes, normalised: bool) -> go.Figure:
+    values = reports.row_normalised(matrix) if normalised else matrix
+    labels = [str(c) for c in classes]
+    text = [[f"{v:.0%}" if normalised else f"{int(v)}" for v in row] for row in values]
+    figure = go.Figure(go.Heatmap(z=values, x=labels, y=labels, text=text, texttemplate="%{text}",
+                                  colorscale="Blues", hoverinfo="skip", showscale=True,
+                                  zmin=0, zmax=1 if normalised else None))
+    # Heatmaps cannot be selected in plotly: an invisible marker on each cell carries the click.
+    xs, ys, custom, hover = [], [], [], []
+    for i, true in enumerate(classes):
+        for j, predicted in enumerate(classes):
+            xs.append(str(predicted))
+            ys.append(str(true))
+            custom.append([int(true), int(predicted)])
+            hover.append(f"true {true}, predicted {predicted}: {int(matrix[i, j])} photos")
+    figure.add_trace(go.Scatter(x=xs, y=ys, mode="markers", customdata=custom, hovertext=hover, hoverinfo="text",
+                                marker=dict(symbol="square", size=40, color="rgba(0,0,0,0)"), showlegend=False))
+    figure.update_layout(xaxis_title="predicted count", yaxis_title="true count", height=420,
+                         xaxis=dict(type="category"), yaxis=dict(type="category", autorange="reversed"),
+                         margin=dict(t=10, b=10), clickmode="event+select", dragmode=False)
+    return figure
+
+
+def confusion_section(predictions: pd.DataFrame, metrics: dict, dataset_label: str, run_id: str) -> None:
+    st.subheader("Confusion matrix")
+    classes = [int(c) for c in metrics["classes"]]
+    matrix = reports.confusion_matrix(metrics)
+    view = st.radio("Show", ["Counts", "Row-normalised (recall)"], horizontal=True, key="cm_view")
+    normalised = view != "Counts"
+    event = st.plotly_chart(confusion_figure(matrix, classes, normalised), width="stretch", on_select="rerun",
+                            selection_mode="points", key="cm_chart")
+    cell = reports.cell_from_selection(event)
+    if cell and cell != st.session_state.get("cm_last_click"):
+        # A new click on the chart moves the selectboxes; they stay usable on their own afterwards.
+        st.session_state["cm_last_click"] = cell
+        st.session_state["cm_true"], st.session_state["cm_pred"] = cell
+    st.caption("Click a cell to see its photos, or choose it here:")
+    left, right, _ = st.columns([1, 1, 3])
+    if st.session_state.get("cm_true") not in classes:
+        st.session_state.pop("cm_true", None)
+    if st.session_state.get("cm_pred") not in classes:
+        st.session_state.pop("cm_pred", None)
+    true = left.selectbox("True count", classes, index=None, key="cm_true", placeholder="true")
+    predicted = right.selectbox("Predicted count", classes, index=None, key="cm_pred", placeholder="predicted")
+    if true is not None and predicted is not None:
+        cell_photos(reports.confusion_cell(predictions, true, predicted), true, predicted)
+    exports(predictions, metrics, matrix, classes, dataset_label, run_id)
+
+
+def cell_photos(cell: pd.DataFrame, true: int, predicted: int) -> None:
+    verdict = "correct" if true == predicted else "misclassified"
+    st.markdown(f"**{len(cell):,} photos** with true count **{true}** predicted as **{predicted}** ({verdict}), "
+                "most confident first")
+    if cell.empty:
+        return
+    pages = max(1, -(-len(cell) // PHOTOS_PER_PAGE))
+    page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="cm_page") if pages > 1 else 1
+    shown = cell.iloc[(int(page) - 1) * PHOTOS_PER_PAGE: int(page) * PHOTOS_PER_PAGE]
+    columns = st.columns(6)
+    for i, (_, row) in enumerate(shown.iterrows()):
+        with columns[i % 6]:
+            show_photo(row["path"])
+            st.caption(f"{row['name']} · {row['confidence']:.0%}")
+    probs = reports.probability_columns(cell)
+    table = cell[["name", "truth", "predicted", "confidence"] + probs
+                 + [c for c in ["n_items", "item_names"] if c in cell]]
+    column_config = {p: st.column_config.ProgressColumn(f"P({p.split('_', 1)[1]})", min_value=0.0, max_value=1.0,
+                                                         format="%.2f") for p in probs}
+    column_config["confidence"] = st.column_config.NumberColumn("confidence", format="%.3f")
+    column_config["item_names"] = st.column_config.TextColumn("items (metadata)", width="large")
+    st.dataframe(table, hide_index=True, width="stretch", column_config=column_config, key="cm_cell_table")
+
+
+def exports(predictions, metrics, matrix, classes, dataset_label, run_id) -> None:
+    with st.expander("Export"):
+        stem = f"{run_id}-{dataset_label}".replace(" ", "_")
+        cols = st.columns(4)
+        cols[0].download_button("Report (CSV)", reports.report_csv(metrics, run_id, dataset_label),
+                                f"{stem}-report.csv", "text/csv")
+        cols[1].download_button("Report (JSON)", reports.report_json(metrics, run_id, dataset_label),
+                                f"{stem}-report.json", "application/json")
+        cols[2].download_button("Confusion matrix (PNG)",
+                                reports.confusion_png(matrix, classes, title=f"{run_id} · {dataset_label}"),
+                                f"{stem}-confusion.png", "image/png")
+        cols[3].download_button("Predictions (CSV)", reports.predictions_csv(predictions),
+                                f"{stem}-predictions.csv", "text/csv")
+
+
+def comparison_section(runs: list[dict], rows: pd.DataFrame, split_key: str, chosen: dict) -> None:
+    st.subheader("Compare runs")
+    if len(runs) < 2:
+        st.caption("Train a second run (e.g. the study's simple_cnn baseline) to compare runs here.")
+        return
+    by_id = {r["id"]: r for r in runs}
+    picked = st.multiselect("Runs to compare on these photos (the first is the baseline)", list(by_id),
+                            format_func=lambda i: run_label(by_id[i]), key="compare_runs",
+                            placeholder="choose two or more runs")
+    if len(picked) < 2:
+        st.caption("Choose at least two runs.")
+        return
+    reports_by_run = {}
+    for run_id in picked:
+        try:
+            predictions = predictions_for(by_id[run_id], rows, split_key)
+        except (OSError, WeightsError) as exc:
+            st.error(f"Run `{run_id}` is left out: its model cannot be loaded ({exc}).")
+            continue
+        reports_by_run[run_id] = reports.report_metrics(predictions, _classes_of(predictions))
+    if len(reports_by_run) < 2:
+        return
+    frame = reports.comparison_frame(reports_by_run)
+    deltas = [c for c in frame.columns if c.startswith("Δ ")]
+    run_columns = [c for c in frame.columns if c not in ("metric", "better") and c not in deltas]
+
+    def colour(column):
+        styles = []
+        for delta, better in zip(column, frame["better"]):
+            direction = reports.delta_direction(delta, better)
+            styles.append({1: "color: #1a7f37; font-weight: 600", -1: "color: #cf222e; font-weight: 600"}.get(direction, ""))
+        return styles
+
+    number_format = {c: "{:.3f}" for c in run_columns} | {c: "{:+.3f}" for c in deltas}
+    styled = frame.style.format(number_format, na_rep="—").apply(colour, subset=deltas)
+    st.dataframe(styled, hide_index=True, width="stretch", key="comparison_table")
+    st.caption("Green: better than the baseline; red: worse (for MAE, lower is better).")
+    f1 = frame[frame["metric"].str.startswith("F1 class")].melt(id_vars="metric", value_vars=run_columns, var_name="run",
+                                                                 value_name="F1")
+    figure = px.bar(f1, x="metric", y="F1", color="run", barmode="group", range_y=[0, 1], labels={"metric": ""})
+    figure.update_layout(height=320, margin=dict(t=10, b=10))
+    st.plotly_chart(figure, width="stretch")
+    st.download_button("Comparison (CSV)", frame.to_csv(index=False).encode(), "comparison.csv", "text/csv")
+
+
+def _classes_of(predictions: pd.DataFrame) -> list[int]:
+    return [int(c.split("_", 1)[1]) for c in reports.probability_columns(predictions)]
+
+
+st.title("Evaluate")
+runs = available_runs()
+if not runs:
+    st.info("No trained model yet. Train one on the **Train** page (a frozen EfficientNet-Lite takes minutes on a CPU), "
+            "then come back to see how it does.")
+    st.stop()
+
+run_ids = [r["id"] for r in runs]
+by_id = {r["id"]: r for r in runs}
+current = current_run()
+default = run_ids.index(current.id) if current is not None and current.id in by_id else 0
+run_id = st.selectbox("Run", run_ids, index=default, format_func=lambda i: run_label(by_id[i]), key="eval_run")
+run = by_id[run_id]
+try:
+    _, meta = model_loader(run["path"])()
+except (OSError, WeightsError) as exc:
+    st.error(f"**The model of run `{run_id}` cannot be loaded.** {exc}")
+    st.stop()
+rows, split_key, description = choose_photos(model_class_range(meta))
+
+predictions = predictions_for(run, rows, split_key)
+classes = [int(c) for c in meta["classes"]]
+metrics = reports.report_metrics(predictions, classes)
+st.caption(f"Run `{run['id']}` on the {description}: {len(predictions):,} photos.")
+if metrics["n"] == 0:
+    st.warning("No photo could be scored: none is readable with a count among the model's classes "
+               f"({', '.join(map(str, classes))}).")
+    st.stop()
+metric_tiles(metrics)
+per_class_section(metrics)
+confusion_section(predictions, metrics, split_key.split("-", 1)[-1], run["id"])
+comparison_section(runs, rows, split_key, run)

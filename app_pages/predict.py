@@ -1,0 +1,252 @@
+"""Predict page: drop in bin photos (or a folder, or an s3:// URI) and get each one's count with its confidence."""
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from core import config
+from core.data import uploads
+from core.evaluation import reports
+from core.jobs import queue as jobs
+from core.jobs import worker
+from core.jobs.params import describe_dataset, training_problems
+from core.jobs.runs import available_runs, current_run, get_run, register_run, run_label, set_current_run
+from core.models.inference import predict_inputs
+from core.models.networks import WeightsError
+from app_pages.common import cached_thumbnail, current_dataset, model_for
+
+DEFAULT_THRESHOLD = 0.6
+PHOTOS_PER_PAGE = 12
+QUICK_TRAINING = {"backbone": "efficientnet_lite0", "mode": "frozen", "image_size": 224, "balance": "weights",
+                  "device": "auto"}
+
+
+
+
+
+
+
+
+def show_photo(path: str) -> None:
+    picture = cached_thumbnail(path, 480, 360)
+    if isinstance(picture, bytes):
+        st.image(picture, width="stretch")
+    else:
+        st.warning(picture)
+
+
+@st.fragment(run_every=2)
+def training_progress(job_id: int) -> None:
+    job = jobs.get(job_id)
+    if job.active:
+        progress = job.progress or {}
+        fraction = min(max(float(progress.get("fraction") or 0.0), 0.0), 1.0)
+        text = progress.get("message") or ("Waiting for a worker…" if job.status == "queued" else "Training…")
+        st.progress(fraction, text=f"Training job {job.id}: {text}")
+        st.caption("It runs in the background: you can leave this page and come back.")
+    else:
+        st.rerun(scope="app")  # finished: draw the page again, with the new model or the failure
+
+
+def no_model_yet() -> None:
+    st.info("**No model yet.** Predictions need a trained model. Train a quick one here (a frozen "
+            "EfficientNet-Lite0 on the current dataset: a few minutes on a CPU), or choose the settings on the "
+            "**Train** page.")
+    active = jobs.list_jobs(statuses=jobs.ACTIVE, kind="train")
+    if active:
+        worker.ensure_workers()  # a job queued before the app restarted gets its worker
+        training_progress(active[0].id)
+        return
+    last = st.session_state.get("quick_job")
+    if last is not None:
+        try:
+            job = jobs.get(last)
+        except jobs.JobError:
+            job = None
+        if job is None:
+            pass
+        elif job.status in ("failed", "cancelled"):
+            st.error(f"The quick training {job.status}: {job.error or 'see its log on the Train page'}")
+        elif job.status == "done":
+            st.error(f"The quick training finished but left no model in `{job.run_dir}`: see its log on the Train page.")
+    dataset = current_dataset()
+    if dataset is None:
+        return
+    facts = describe_dataset(dataset)
+    params = {**facts, **QUICK_TRAINING, "batch_size": max(1, min(32, facts["n_train"]))}
+    problems = training_problems(params, facts["n_train"], cuda_available=False)
+    if problems:
+        st.warning("The current dataset cannot train a model yet: " + " ".join(problems))
+        return
+    if st.button("Train a quick model", type="primary", key="quick_train"):
+        job = jobs.submit("train", params)
+        worker.ensure_workers()
+        st.session_state["quick_job"] = job.id
+        st.rerun()
+
+
+def choose_run(runs: list[dict]) -> dict:
+    by_id = {r["id"]: r for r in runs}
+    current = current_run()
+    ids = list(by_id)
+    default = ids.index(current.id) if current is not None and current.id in by_id else 0
+    left, right = st.columns([3, 2])
+    run_id = left.selectbox("Model", ids, index=default, format_func=lambda i: run_label(by_id[i]),
+                            key="predict_run")
+    with right:
+        saved = float(config.load_settings().get("low_confidence_threshold", DEFAULT_THRESHOLD))
+        threshold = st.slider("Flag predictions less confident than", 0.0, 1.0, saved, 0.05, key="predict_threshold")
+        if abs(threshold - saved) > 1e-9:
+            config.save_settings(low_confidence_threshold=threshold)
+    if current is None or current.id != run_id:
+        if st.button("Make this the current model", key="make_current"):
+            try:
+                get_run(run_id)
+            except jobs.JobError:
+                register_run(by_id[run_id]["path"])
+            set_current_run(run_id)
+            st.rerun()
+    return by_id[run_id] | {"threshold": threshold}
+
+
+def gather_inputs() -> tuple[str, list[uploads.PhotoInput], list[str]] | None:
+    """(signature, inputs, notes) of the photos given (uploads, a folder or an S3 URI), or None when none yet."""
+    origin = st.radio("Photos from", ["Upload", "Local folder", "S3"], horizontal=True, key="predict_origin")
+    files, folder, uri, recursive, limit = None, "", "", False, 100
+    if origin == "Upload":
+        files = st.file_uploader("Bin photos (JPEG, PNG, WebP, BMP)", type=["jpg", "jpeg", "png", "webp", "bmp"],
+                                 accept_multiple_files=True, key="predict_files")
+    elif origin == "Local folder":
+        folder = st.text_input("Folder of photos on this machine", key="predict_folder",
+                               placeholder="/data/new_bins").strip()
+        recursive = st.checkbox("Include subfolders", key="predict_recursive")
+    else:
+        uri = st.text_input("S3 URI of a photo or of a prefix", key="predict_s3",
+                            placeholder="s3://aft-vbi-pds/bin-images/523.jpg").strip()
+        limit = st.number_input("At most this many photos under a prefix", 1, 5000, 100, key="predict_s3_limit")
+        st.caption("The public bucket aft-vbi-pds is read unsigned. Another S3-compatible store: set "
+                   "BINSIGHT_S3_ENDPOINT_URL (and BINSIGHT_S3_ACCESS_KEY_ID / BINSIGHT_S3_SECRET_ACCESS_KEY).")
+    try:
+        if files:
+            signature = "upload:" + "|".join(f"{f.file_id}:{f.name}:{f.size}" for f in files)
+            cached = st.session_state.get("predict_inputs")
+            if cached and cached[0] == signature:
+                return cached
+            staged = uploads.stage_uploads([(f.name, f.getvalue()) for f in files])
+            st.session_state["predict_inputs"] = (signature, staged, [])
+            return st.session_state["predict_inputs"]
+        if folder:
+            inputs, notes = uploads.folder_inputs(folder, recursive=recursive)
+            stamp = reports.photos_fingerprint(pd.DataFrame({"name": [i.name for i in inputs],
+                                                             "path": [i.path for i in inputs]}))
+            return f"folder:{folder}:{stamp}", inputs, notes
+        if uri:
+            signature = f"s3:{uri}:{int(limit)}"
+            cached = st.session_state.get("predict_inputs")
+            if cached and cached[0] == signature:
+                return cached
+            slot = st.empty()
+            try:
+                inputs, notes = uploads.s3_inputs(uri, int(limit), on_progress=lambda f, text: slot.progress(
+                    min(max(float(f), 0.0), 1.0), text=text))
+            finally:
+                slot.empty()
+            st.session_state["predict_inputs"] = (signature, inputs, notes)
+            return st.session_state["predict_inputs"]
+    except uploads.InputError as exc:
+        st.error(str(exc))
+    return None
+
+
+def predictions_for(run: dict, signature: str, inputs: list[uploads.PhotoInput]) -> pd.DataFrame:
+    """Predicted once per batch of photos and model; a rerun (e.g. moving the threshold) reuses the result."""
+    key = (reports.run_fingerprint(run["path"]), signature)
+    saved = st.session_state.get("predict_results")
+    if saved and saved[0] == key:
+        return saved[1]
+    try:
+        model, meta = model_for(Path(run["path"]) / "model.pt")
+    except (OSError, WeightsError) as exc:
+        st.error(f"**The model of run `{run['id']}` cannot be loaded.** {exc}")
+        st.stop()
+    usable = sum(1 for i in inputs if i.path and not i.error)
+    slot = st.empty()
+    slot.progress(0.0, text=f"Predicting {usable:,} photos…")
+
+    def progress(info):
+        slot.progress(min(max(float(info.get("fraction") or 0.0), 0.0), 1.0), text=f"Predicting {usable:,} photos…")
+
+    try:
+        frame = predict_inputs(model, meta, inputs, on_progress=progress)
+    finally:
+        slot.empty()
+    st.session_state["predict_results"] = (key, frame)
+    return frame
+
+
+def probability_chart(row: pd.Series, classes: list[int], threshold: float) -> go.Figure:
+    values = [float(row[f"prob_{c}"]) for c in classes]
+    colours = ["#e07b00" if c == row["predicted"] else "#9db4cc" for c in classes]
+    figure = go.Figure(go.Bar(x=values, y=[str(c) for c in classes], orientation="h", marker_color=colours,
+                              text=[f"{v:.0%}" for v in values], textposition="auto", hoverinfo="skip"))
+    figure.add_vline(x=threshold, line_dash="dot", line_color="#888")
+    figure.update_layout(height=150, margin=dict(l=0, r=0, t=0, b=0), xaxis=dict(range=[0, 1], visible=False),
+                         yaxis=dict(title=None, type="category"), showlegend=False)
+    return figure
+
+
+def show_results(frame: pd.DataFrame, run: dict, notes: list[str]) -> None:
+    threshold = run["threshold"]
+    classes = [int(c.split("_", 1)[1]) for c in reports.probability_columns(frame)]
+    ok = frame[frame["error"].isna()].copy()
+    ok["low_confidence"] = ok["confidence"] < threshold
+    bad = frame[frame["error"].notna()]
+    for note in notes:
+        st.caption(note)
+    cols = st.columns(3)
+    cols[0].metric("Photos predicted", f"{len(ok):,}")
+    cols[1].metric("Low confidence", f"{int(ok['low_confidence'].sum()):,}")
+    cols[2].metric("Could not be read", f"{len(bad):,}")
+    for message in bad["error"]:
+        st.error(message)
+    if ok.empty:
+        return
+    st.subheader("Photos")
+    pages = max(1, -(-len(ok) // PHOTOS_PER_PAGE))
+    page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="predict_page") if pages > 1 else 1
+    shown = ok.iloc[(int(page) - 1) * PHOTOS_PER_PAGE: int(page) * PHOTOS_PER_PAGE]
+    columns = st.columns(3)
+    for i, (_, row) in enumerate(shown.iterrows()):
+        with columns[i % 3].container(border=True):
+            show_photo(row["path"])
+            flag = " · :orange[low confidence]" if row["low_confidence"] else ""
+            st.markdown(f"**{row['name']}** → **{row['predicted']} objects** ({row['confidence']:.0%}){flag}")
+            st.plotly_chart(probability_chart(row, classes, threshold), width="stretch", key=f"probs_{i}_{row['name']}")
+    st.subheader("Batch table")
+    table = frame.copy()
+    table["low_confidence"] = (table["confidence"] < threshold).astype("boolean").mask(table["error"].notna())
+    probs = reports.probability_columns(table)
+    config_columns = {p: st.column_config.ProgressColumn(f"P({p.split('_', 1)[1]})", min_value=0.0, max_value=1.0,
+                                                         format="%.2f") for p in probs}
+    config_columns["confidence"] = st.column_config.NumberColumn("confidence", format="%.3f")
+    shown_columns = ["name", "predicted", "confidence", "low_confidence"] + probs + ["error"]
+    st.dataframe(table[shown_columns], hide_index=True, width="stretch", column_config=config_columns,
+                 key="predict_table")
+    st.download_button("Download the table (CSV)", table[shown_columns + ["source"]].to_csv(index=False).encode(),
+                       f"predictions-{run['id']}.csv", "text/csv")
+
+
+st.title("Predict")
+runs = available_runs()
+if not runs:
+    no_model_yet()
+    st.stop()
+run = choose_run(runs)
+given = gather_inputs()
+if given is None:
+    st.caption("Upload photos, or give a folder or an S3 URI, to predict their object counts.")
+    st.stop()
+signature, inputs, notes = given
+results = predictions_for(run, signature, inputs)
+show_results(results, run, notes)

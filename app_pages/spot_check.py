@@ -1,0 +1,301 @@
+"""Spot-check page: go through a queue of bins, confirm or correct each count; audit trail, progress and CSV export."""
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from core.data import annotations
+from core.data.dataset import photo_items
+from core.data.images import ImageError, load_image
+from core.jobs.runs import current_model_path
+from core.review.queue import MODEL_QUEUES, QUEUES, QueueError, build_queue, candidates, load_scores, score_photos
+from app_pages.common import current_dataset, model_for
+
+COUNT_FILTERS = [0, 1, 2, 3, 4, 5, annotations.MORE_THAN_FIVE]
+SPLITS = ["train", "valid", "test", "none"]
+STATUS_COLOURS = {"confirmed": "#2ca02c", "corrected": "#e07b00", "unclear": "#7f7f7f"}
+SHORTCUTS = ("Keys: **Y** confirm · **0**–**5** set the count · **M** more than 5 · **U** unclear · **N** next · "
+             "**P** previous")
+
+
+def who_is_annotating() -> str:
+    """The signed-in user when the app has authentication, else a name asked once per browser session."""
+    user = st.user.to_dict()
+    if user.get("is_logged_in") or ("is_logged_in" not in user and user.get("email")):
+        return str(user.get("email") or user.get("name") or user.get("sub"))
+    if "is_logged_in" in user:
+        st.info("Log in to spot-check: each decision is saved under your name.")
+        st.button("Log in", on_click=st.login, type="primary")
+        st.stop()
+    name = st.session_state.get("annotator") or st.query_params.get("annotator", "")
+    if name:
+        st.session_state["annotator"] = name
+        return name
+    with st.form("annotator_form"):
+        typed = st.text_input("Your name — saved with each of your decisions", key="annotator_input")
+        started = st.form_submit_button("Start checking", type="primary")
+    if started and typed.strip():
+        st.session_state["annotator"] = st.query_params["annotator"] = typed.strip()
+        st.rerun()
+    if started:
+        st.error("Type a name first: every decision records who made it.")
+    st.stop()
+
+
+def flash(kind: str, text: str) -> None:
+    st.session_state["spot_flash"] = (kind, text)
+
+
+def move(step: int, length: int) -> None:
+    st.session_state["spot_pos"] = min(max(st.session_state.get("spot_pos", 0) + step, 0), max(length - 1, 0))
+
+
+def decide(choice: str, key: str, name: str, path: str, current: int | None, seen_id: int | None, who: str,
+           length: int) -> None:
+    """Button callback: save the decision (its own transaction) and go to the next bin."""
+    note = st.session_state.get(f"spot_note_{name}", "")
+    count = current if choice == "confirm" else annotations.UNCLEAR if choice == "unclear" else int(choice)
+    try:
+        result = annotations.save_decision(key, name, who, count, recorded_count=current, note=note, path=path,
+                                           seen_id=seen_id)
+    except annotations.PhotoMissing as exc:
+        flash("error", f"**This photo has vanished.** {exc}")
+        return
+    except annotations.AnnotationError as exc:
+        flash("error", str(exc))
+        return
+    st.session_state.pop(f"spot_note_{name}", None)
+    saved = result.decision
+    message = f"Saved **{name}**: {saved.status}, count {annotations.count_label(saved.new_count)}."
+    if st.session_state.get("spot_pos", 0) >= length - 1:
+        message += " That was the last bin of this queue: draw a **New queue** for more."
+    if result.overtaken:
+        other = result.overtaken
+        flash("warning", message + f" Note: {other.annotator} had set it to "
+              f"{annotations.count_label(other.new_count)} at {other.created_at[:19]} while you looked; "
+              "both decisions are kept and yours, the later one, is now the label.")
+    else:
+        flash("success", message)
+    move(+1, length)
+
+
+
+
+
+def model_prediction(model_path: Path | None, key: str, row: pd.Series, scores: pd.DataFrame) -> None:
+    if model_path is None:
+        st.caption("🤖 No model yet: train one (Train page) to see its prediction here.")
+        return
+    from core.models.networks import WeightsError
+
+    known = scores[scores["name"] == row["name"]]
+    try:
+        if known.empty:
+            model, meta = model_for(model_path)
+            scores = score_photos(model, meta, model_path, key, row.to_frame().T)
+            known = scores[scores["name"] == row["name"]]
+    except (OSError, RuntimeError, ValueError, ImageError, WeightsError) as exc:
+        st.caption(f"🤖 The current model could not predict this photo: {exc}")
+        return
+    if known.empty or pd.notna(known.iloc[0]["error"]):
+        st.caption("🤖 The current model could not read this photo.")
+        return
+    predicted, confidence = known.iloc[0]["predicted"], float(known.iloc[0]["confidence"])
+    agrees = pd.notna(row["count"]) and (row["cls"] if pd.notna(row["cls"]) else row["count"]) == predicted
+    st.metric("🤖 Model predicts", str(predicted), "agrees with the label" if agrees else "differs from the label",
+              delta_color="normal" if agrees else "inverse", help=f"Confidence {confidence:.0%}")
+
+
+def photo_figure(path: str):
+    image = np.asarray(load_image(path))
+    figure = px.imshow(image)
+    height = int(np.clip(560 * image.shape[0] / image.shape[1], 300, 560))
+    figure.update_layout(margin=dict(l=0, r=0, t=0, b=0), height=height, dragmode="zoom")
+    figure.update_xaxes(visible=False)
+    figure.update_yaxes(visible=False)
+    return figure
+
+
+def show_progress(key: str, frame: pd.DataFrame) -> None:
+    latest = annotations.latest_decisions(key)
+    pool = candidates(frame)
+    checked = int(pool["name"].isin(latest["photo"]).sum())
+    cols = st.columns(4)
+    cols[0].metric("Bins checked", f"{checked:,} of {len(pool):,}",
+                   help=f"{checked / max(len(pool), 1):.1%} of the bins that can be looked at")
+    cols[1].metric("Counts corrected", f"{int((latest['status'] == 'corrected').sum()):,}")
+    cols[2].metric("Marked unclear", f"{int((latest['status'] == 'unclear').sum()):,}",
+                   help="Left out of training and evaluation until someone sets a count")
+    table = annotations.progress(key)
+    cols[3].metric("Decisions in total", f"{int(table['decisions'].sum()):,}")
+    if table.empty:
+        st.info("No decision yet: the chart of each annotator's progress appears after the first one.")
+        return
+    long = table.melt(id_vars="annotator", value_vars=list(annotations.STATUSES), var_name="status",
+                      value_name="n")
+    figure = px.bar(long, x="n", y="annotator", color="status", orientation="h", color_discrete_map=STATUS_COLOURS,
+                    title="Decisions per annotator", labels={"n": "decisions"},
+                    height=220 + 40 * len(table))
+    figure.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0, title=None))
+    st.plotly_chart(figure, width="stretch")
+    table["last_at"] = table["last_at"].str.slice(0, 19).str.replace("T", " ") + " UTC"
+    st.dataframe(table.rename(columns={"last_at": "last decision"}), hide_index=True, width="stretch")
+
+
+def show_history(key: str) -> None:
+    trail = annotations.history(key)
+    if trail.empty:
+        st.info("No decision yet.")
+        return
+    c1, c2 = st.columns(2)
+    who = c1.multiselect("Annotator", sorted(trail["annotator"].unique()), placeholder="everyone")
+    text = c2.text_input("Photo name contains", key="history_photo")
+    if who:
+        trail = trail[trail["annotator"].isin(who)]
+    if text.strip():
+        trail = trail[trail["photo"].str.contains(text.strip(), case=False, regex=False)]
+    st.dataframe(readable(trail).iloc[::-1], hide_index=True, width="stretch")
+    st.download_button("⬇️ Export every decision (CSV)", annotations.export_csv(key), "annotations.csv", "text/csv",
+                       key="export_csv")
+
+
+def readable(trail: pd.DataFrame) -> pd.DataFrame:
+    shown = trail[["created_at", "photo", "annotator", "status", "old_count", "new_count", "note"]].copy()
+    shown["created_at"] = shown["created_at"].str.slice(0, 19).str.replace("T", " ") + " UTC"
+    shown["old_count"] = [("—" if pd.isna(c) else str(int(c))) for c in shown["old_count"]]
+    shown["new_count"] = [annotations.count_label(None if pd.isna(c) else c) for c in shown["new_count"]]
+    return shown.rename(columns={"created_at": "time", "old_count": "from", "new_count": "to"})
+
+
+def choose_queue(frame: pd.DataFrame, key: str, model_path: Path | None, checked: set[str]) -> list[str]:
+    """The queue controls; the queue is rebuilt only when they change, so it stays put while you work."""
+    c1, c2, c3, c4 = st.columns([3, 2, 2, 1])
+    kind = c1.radio("Queue", list(QUEUES), format_func=QUEUES.get, horizontal=True, key="spot_kind")
+    counts = c2.multiselect("Current count", COUNT_FILTERS, format_func=annotations.count_label,
+                            placeholder="all counts", key="spot_counts")
+    splits = c3.multiselect("Split", SPLITS, placeholder="all splits", key="spot_splits")
+    size = int(c4.number_input("Bins", 1, 1000, 50, key="spot_size"))
+    scores = load_scores(model_path, key) if model_path else None
+    if kind in MODEL_QUEUES:
+        if model_path is None:
+            st.info("🤖 No model yet: this queue needs the current model's predictions. Train a model on the "
+                    "Train page (and choose it as current), or pick another queue.")
+            st.stop()
+        pool = candidates(frame, counts, splits)
+        todo = pool[~pool["name"].isin(scores["name"])]
+        if len(todo):
+            st.caption(f"{len(pool) - len(todo):,} of {len(pool):,} matching bins have model predictions.")
+            if st.button(f"Score {len(todo):,} bins with the current model", key="spot_score"):
+                bar = st.progress(0.0, text="Loading the model…")
+                model, meta = model_for(model_path)
+                scores = score_photos(model, meta, model_path, key, todo,
+                                      on_progress=lambda f, text: bar.progress(min(f, 1.0), text=text))
+                bar.empty()
+                st.rerun()
+    seed = st.session_state.get("spot_seed", 0)
+    # Scoring more photos changes a model queue; the other queues must not move while the current bin is scored.
+    settings = (key, kind, tuple(counts), tuple(splits), size, seed, len(scores) if kind in MODEL_QUEUES else None)
+    if st.session_state.get("spot_settings") != settings:
+        try:
+            queue = build_queue(frame, kind, checked, scores, counts, splits, size, seed)
+        except QueueError as exc:
+            st.info(str(exc))
+            st.stop()
+        st.session_state.update(spot_settings=settings, spot_queue=queue, spot_pos=0)
+    return st.session_state["spot_queue"]
+
+
+def show_bin(dataset, name: str, who: str, queue: list[str], model_path: Path | None) -> None:
+    frame = dataset.frame
+    found = frame[frame["name"] == name]
+    row = None if found.empty else found.iloc[0]
+    path = row["path"] if row is not None and isinstance(row["path"], str) else None
+    if path is None or not Path(path).is_file():
+        where = f" from {path}" if path else ""
+        st.error(f"**This photo has vanished:** {name} is gone{where} — moved or deleted after the queue was made. "
+                 "It cannot be checked and nothing was saved for it. Go on with **Next**.")
+        return
+    history = annotations.history(dataset.key, name)
+    last = history.iloc[-1] if len(history) else None
+    current = None if pd.isna(row["count"]) else int(row["count"])
+    left, right = st.columns([3, 2])
+    with left:
+        try:
+            st.plotly_chart(photo_figure(path), width="stretch", key="spot_photo",
+                            config={"scrollZoom": True, "displaylogo": False})
+            st.caption("Scroll or drag a box to zoom, double-click to reset.")
+        except ImageError as exc:
+            st.error(f"This photo cannot be shown: {exc}. Mark it unclear or go on with Next.")
+    with right:
+        st.markdown(f"#### {name}")
+        source = "checked" if row["label_source"] == "annotation" else f"recorded ({row['label_source']})"
+        if current is None:
+            shown_count = "unclear" if last is not None else "none"
+        else:  # a recorded count is exact; a checked one above 5 means "more than 5"
+            shown_count = annotations.count_label(current) if last is not None else str(current)
+        st.markdown(f"Count: **{shown_count}** · {source}"
+                    f" · split {row['split'] if pd.notna(row['split']) else '—'}")
+        if last is not None:
+            st.caption(f"Last decision: {last['status']} by {last['annotator']} at {last['created_at'][:19]} UTC")
+        model_prediction(model_path, dataset.key, row, load_scores(model_path, dataset.key) if model_path else None)
+        st.text_input("Note (optional)", key=f"spot_note_{name}", placeholder="e.g. items hidden under the flap")
+        context = dict(key=dataset.key, name=name, path=path, current=current,
+                       seen_id=None if last is None else int(last["id"]), who=who, length=len(queue))
+        buttons = st.container(horizontal=True)
+        buttons.button(f"✅ Confirm {shown_count if current is not None else ''}", type="primary",
+                       shortcut="Y", key="decide_confirm", disabled=current is None, on_click=decide,
+                       kwargs=dict(choice="confirm", **context))
+        for n in range(6):
+            buttons.button(str(n), shortcut=str(n), key=f"decide_{n}", on_click=decide,
+                           kwargs=dict(choice=str(n), **context))
+        buttons.button("More than 5", shortcut="M", key="decide_more", on_click=decide,
+                       kwargs=dict(choice=str(annotations.MORE_THAN_FIVE), **context))
+        buttons.button("❓ Unclear", shortcut="U", key="decide_unclear", on_click=decide,
+                       kwargs=dict(choice="unclear", **context))
+        st.caption(SHORTCUTS)
+        items = photo_items(dataset, name)
+        if items:
+            st.dataframe(pd.DataFrame(items).rename(columns={"asin": "ASIN"}), hide_index=True, width="stretch")
+        else:
+            st.caption("No item metadata for this photo.")
+    with st.expander(f"History of this bin ({len(history)} decision{'s' if len(history) != 1 else ''})"):
+        if history.empty:
+            st.caption("Not checked yet.")
+        else:
+            st.dataframe(readable(history), hide_index=True, width="stretch")
+
+
+st.title("Spot-check")
+dataset = current_dataset()
+if dataset is None:
+    st.stop()
+annotator = who_is_annotating()
+st.caption(f"Checking as **{annotator}** · decisions are saved at once and kept with their full history.")
+check_tab, progress_tab, history_tab = st.tabs(["Check bins", "Progress", "History"])
+with progress_tab:
+    show_progress(dataset.key, dataset.frame)
+with history_tab:
+    show_history(dataset.key)
+with check_tab:
+    if "spot_flash" in st.session_state:
+        kind, text = st.session_state.pop("spot_flash")
+        getattr(st, kind)(text)
+    model_path = current_model_path()
+    checked = set(annotations.latest_decisions(dataset.key)["photo"])
+    queue = choose_queue(dataset.frame, dataset.key, model_path, checked)
+    if not queue:
+        st.info("No bin left in this queue: every matching bin is checked, or none matches the filters.")
+        st.stop()
+    pos = min(st.session_state.get("spot_pos", 0), len(queue) - 1)
+    done = sum(name in checked for name in queue)
+    nav = st.container(horizontal=True, vertical_alignment="center")
+    nav.button("◀ Previous", shortcut="P", key="spot_prev", disabled=pos == 0, on_click=move, args=(-1, len(queue)))
+    nav.button("Next ▶", shortcut="N", key="spot_next", disabled=pos >= len(queue) - 1, on_click=move,
+               args=(+1, len(queue)))
+    nav.progress(done / len(queue), text=f"Bin {pos + 1} of {len(queue)} · {done} checked in this queue")
+    if nav.button("🔀 New queue", key="spot_reshuffle", help="Draw another sample with the same settings"):
+        st.session_state["spot_seed"] = st.session_state.get("spot_seed", 0) + 1
+        st.rerun()
+    show_bin(dataset, queue[pos], annotator, queue, model_path)

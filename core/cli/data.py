@@ -1,0 +1,64 @@
+"""CLI for datasets: `index` (summary of a folder), `split` (explicit re-split) and `demo`."""
+from __future__ import annotations
+
+import json
+
+from core.data.classes import ClassRange
+
+
+def add_class_range(parser) -> None:
+    parser.add_argument("--classes", default=None, help="class range like 1-5, 0-5 or 1-5+ (5+ bucket)")
+
+
+def parse_class_range(text: str | None) -> ClassRange | None:
+    if not text:
+        return None
+    top = text.endswith("+")
+    lo, _, hi = text.rstrip("+").partition("-")
+    return ClassRange(int(lo), int(hi or lo), top)
+
+
+def _index(args) -> int:
+    from core.data.loading import load_dataset
+
+    ds = load_dataset(args.data, parse_class_range(args.classes))
+    summary = ds.summary()
+    summary["per_split"] = ds.labelled().groupby(["split", "cls"]).size().unstack(fill_value=0).to_dict("index")
+    summary["notes"] = ds.notes
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _split(args) -> int:
+    from core.data.loading import load_dataset
+    from core.data.splits import resplit
+
+    ds = load_dataset(args.data, parse_class_range(args.classes))
+    frame, info = resplit(ds.frame, ds.key, args.test_per_class, args.valid_fraction, args.seed)
+    print(frame.dropna(subset=["split"]).groupby(["split", "cls"]).size().unstack(fill_value=0).to_string())
+    if info["short_test"]:
+        print("classes with fewer test photos than asked (a fifth of the class at most):", info["short_test"])
+    return 0
+
+
+def _demo(args) -> int:
+    from core.data.demo import ensure_demo
+
+    print(ensure_demo())
+    return 0
+
+
+def register(subparsers) -> None:
+    index = subparsers.add_parser("index", help="index a dataset and print its summary")
+    index.add_argument("--data", default=None, help="dataset folder (default: configured, else the demo)")
+    add_class_range(index)
+    index.set_defaults(handler=_index)
+    split = subparsers.add_parser("split", help="make a new stratified split (replaces the saved one)")
+    split.add_argument("--data", default=None)
+    split.add_argument("--test-per-class", type=int, default=100)
+    split.add_argument("--valid-fraction", type=float, default=0.2)
+    split.add_argument("--seed", type=int, default=0)
+    add_class_range(split)
+    split.set_defaults(handler=_split)
+    demo = subparsers.add_parser("demo", help="generate the embedded demo dataset (once) and print its folder")
+    demo.set_defaults(handler=_demo)

@@ -1,0 +1,206 @@
+"""Annotators' count decisions in SQLite: an append-only history whose latest entry per photo is the label."""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from core import db
+from core.errors import BinsightError
+from core.files import atomic_write_text
+
+# "More than 5" is stored as the count 6 ("at least 6"): a 1–5 class range excludes it, a "5+" bucket counts it
+# as class 5. Confirming a recorded count above 5 keeps that exact count instead.
+MORE_THAN_FIVE = 6
+UNCLEAR = None
+STATUSES = ("confirmed", "corrected", "unclear")
+MAX_NOTE = 2000
+EXPORT_COLUMNS = ["id", "dataset_key", "photo", "annotator", "created_at", "old_count", "new_count", "new_label",
+                  "status", "note", "is_latest"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS annotations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    dataset_key TEXT NOT NULL,
+    photo TEXT NOT NULL,
+    annotator TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    old_count INTEGER,
+    new_count INTEGER,
+    status TEXT NOT NULL CHECK (status IN ('confirmed', 'corrected', 'unclear')),
+    note TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS annotations_photo ON annotations (dataset_key, photo, id);
+"""
+
+
+class AnnotationError(BinsightError, ValueError):
+    """A decision that cannot be saved (no annotator, impossible count); the message says why."""
+
+
+class PhotoMissing(AnnotationError):
+    """The photo was moved or deleted after it was shown: nothing is saved."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    id: int
+    dataset_key: str
+    photo: str
+    annotator: str
+    created_at: str
+    old_count: int | None
+    new_count: int | None
+    status: str
+    note: str
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """The saved decision, and the other annotator's decision it followed when the photo changed meanwhile."""
+
+    decision: Decision
+    overtaken: Decision | None = None
+
+
+def count_label(count: int | None) -> str:
+    if count is None or pd.isna(count):
+        return "unclear"
+    return "more than 5" if int(count) > 5 else str(int(count))
+
+
+def _connect():
+    return db.connect(SCHEMA)
+
+
+def _decision(row) -> Decision:
+    return Decision(**{key: row[key] for key in row.keys()})
+
+
+def _status(old: int | None, new: int | None) -> str:
+    if new is None:
+        return "unclear"
+    return "confirmed" if old == new else "corrected"
+
+
+def save_decision(dataset_key: str, photo: str, annotator: str, count: int | None, *, recorded_count: int | None,
+                  note: str = "", path: str | Path | None = None, seen_id: int | None = None) -> SaveResult:
+    """Append one decision in its own transaction; `count` is 0–5, MORE_THAN_FIVE, a confirmed count, or UNCLEAR.
+
+    The old count is the label just before this decision (the previous decision's count, else `recorded_count`),
+    read inside the same write transaction, so concurrent annotators form one unbroken history.
+    `seen_id` is the latest decision id the annotator was shown; when another annotator saved after it, the
+    result names that decision in `overtaken`. With `path`, a photo that is no longer on disk raises PhotoMissing.
+    """
+    annotator = (annotator or "").strip()
+    if not annotator:
+        raise AnnotationError("Say who you are before saving: the annotator name is empty.")
+    if count is not None and (isinstance(count, bool) or int(count) != count or count < 0):
+        raise AnnotationError(f"{count!r} is not a count: use 0–5, 'more than 5' or 'unclear'.")
+    note = (note or "").strip()[:MAX_NOTE]
+    if path is not None and not Path(path).is_file():
+        raise PhotoMissing(f"{photo} is no longer at {path}: it was moved or deleted after it was shown. "
+                           "Nothing was saved; go on with the next bin.")
+    recorded = None if recorded_count is None or pd.isna(recorded_count) else int(recorded_count)
+    conn = _connect()
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            previous = conn.execute(
+                "SELECT * FROM annotations WHERE dataset_key = ? AND photo = ? ORDER BY id DESC LIMIT 1",
+                (dataset_key, photo),
+            ).fetchone()
+            old = previous["new_count"] if previous else recorded
+            new = None if count is None else int(count)
+            if new == MORE_THAN_FIVE and old is not None and old > 5:
+                new = old  # "more than 5" on a bin recorded above 5 confirms its recorded count
+            created = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+            cursor = conn.execute(
+                "INSERT INTO annotations (dataset_key, photo, annotator, created_at, old_count, new_count, status, note)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (dataset_key, photo, annotator, created, old, new, _status(old, new), note),
+            )
+            saved = conn.execute("SELECT * FROM annotations WHERE id = ?", (cursor.lastrowid,)).fetchone()
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    finally:
+        conn.close()
+    overtaken = None
+    if previous is not None and previous["id"] != seen_id and previous["annotator"] != annotator:
+        overtaken = _decision(previous)
+    return SaveResult(_decision(saved), overtaken)
+
+
+def _frame(sql: str, params: tuple) -> pd.DataFrame:
+    conn = _connect()
+    try:
+        rows = conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+    frame = pd.DataFrame([dict(r) for r in rows],
+                         columns=["id", "dataset_key", "photo", "annotator", "created_at", "old_count", "new_count",
+                                  "status", "note"])
+    for column in ("old_count", "new_count"):
+        frame[column] = frame[column].astype("Int64")
+    return frame
+
+
+def history(dataset_key: str, photo: str | None = None) -> pd.DataFrame:
+    """Every decision of the dataset (or one photo), oldest first: the audit trail."""
+    if photo is None:
+        return _frame("SELECT * FROM annotations WHERE dataset_key = ? ORDER BY id", (dataset_key,))
+    return _frame("SELECT * FROM annotations WHERE dataset_key = ? AND photo = ? ORDER BY id", (dataset_key, photo))
+
+
+def latest_decisions(dataset_key: str) -> pd.DataFrame:
+    """One row per checked photo: its latest decision (the highest id, i.e. the last committed)."""
+    return _frame(
+        "SELECT a.* FROM annotations a JOIN (SELECT photo, MAX(id) AS id FROM annotations WHERE dataset_key = ?"
+        " GROUP BY photo) latest ON a.id = latest.id ORDER BY a.photo",
+        (dataset_key,),
+    )
+
+
+def label_overrides(dataset_key: str) -> dict[str, int | None]:
+    """Photo name → its checked count, or None when marked unclear (left out of training and evaluation)."""
+    latest = latest_decisions(dataset_key)
+    counts = latest["new_count"]
+    return {photo: (None if pd.isna(count) else int(count)) for photo, count in zip(latest["photo"], counts)}
+
+
+def progress(dataset_key: str) -> pd.DataFrame:
+    """Per annotator: decisions, distinct photos, decisions per status and the time of the last one."""
+    frame = history(dataset_key)
+    columns = ["annotator", "decisions", "photos", *STATUSES, "last_at"]
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    table = frame.groupby("annotator").agg(decisions=("id", "size"), photos=("photo", "nunique"),
+                                           last_at=("created_at", "max"))
+    statuses = frame.groupby(["annotator", "status"]).size().unstack(fill_value=0)
+    statuses = statuses.reindex(columns=list(STATUSES), fill_value=0)
+    table = table.join(statuses).reset_index()
+    return table[columns].sort_values("decisions", ascending=False, ignore_index=True)
+
+
+def export_frame(dataset_key: str) -> pd.DataFrame:
+    """The full history with a readable count and a flag on each photo's current (latest) decision."""
+    frame = history(dataset_key)
+    frame["new_label"] = [count_label(None if pd.isna(c) else c) for c in frame["new_count"]]
+    frame["is_latest"] = frame["id"].isin(frame.groupby("photo")["id"].max()) if not frame.empty else []
+    return frame[EXPORT_COLUMNS]
+
+
+def export_csv(dataset_key: str, path: str | Path | None = None) -> str:
+    """The history as CSV text; also written atomically to `path` when given."""
+    buffer = io.StringIO()
+    export_frame(dataset_key).to_csv(buffer, index=False)
+    text = buffer.getvalue()
+    if path is not None:
+        atomic_write_text(path, text)
+    return text

@@ -1,0 +1,217 @@
+"""Dataset versions: a manifest parquet of the dataset's rows (+ weight, repeat) that loads like a dataset."""
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from core import config
+from core.data.classes import ClassRange
+from core.data.dataset import Dataset, DatasetError
+from core.files import atomic_write_bytes
+
+MANIFEST_SUFFIX = ".parquet"
+INFO_KEY = b"binsight.version"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+WEIGHT_USES = (None, "sampler", "loss")
+
+
+@dataclass
+class Version:
+    """A saved version: its manifest file, and what made it (strategy, params, parent, per-split counts)."""
+
+    name: str
+    path: Path
+    info: dict
+
+    @property
+    def created(self) -> str:
+        return self.info.get("created", "")
+
+    @property
+    def strategy(self) -> str:
+        return self.info.get("strategy", "")
+
+
+def versions_dir(base_key: str) -> Path:
+    return config.home() / "datasets" / base_key / "versions"
+
+
+def photos_dir(base_key: str, name: str) -> Path:
+    """Where a version keeps the photos it added (ABID layout), next to its manifest."""
+    return versions_dir(base_key) / name
+
+
+def is_manifest(path: str | Path) -> bool:
+    return Path(path).suffix == MANIFEST_SUFFIX
+
+
+def root_key(dataset: Dataset) -> str:
+    """The key of the original dataset a version descends from (the dataset's own key for a folder)."""
+    return dataset.split_info.get("base_key") or dataset.key
+
+
+def check_name(base_key: str, name: str) -> str | None:
+    """Why `name` cannot be a new version's name, or None when it can."""
+    if not NAME_PATTERN.match(name or ""):
+        return "a version name is 1–64 letters, digits, dots, dashes or underscores, starting with a letter or digit"
+    if (versions_dir(base_key) / f"{name}{MANIFEST_SUFFIX}").exists() or photos_dir(base_key, name).exists():
+        return f"a version called {name!r} already exists (versions are never overwritten)"
+    return None
+
+
+def default_name(strategy: str) -> str:
+    return f"{strategy}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def version_frame(dataset: Dataset) -> pd.DataFrame:
+    """The dataset's frame with `weight` (1.0) and `repeat` (1) columns, as a version stores it."""
+    frame = dataset.frame.copy()
+    if "weight" not in frame:
+        frame["weight"] = 1.0
+    if "repeat" not in frame:
+        frame["repeat"] = 1
+    frame["weight"] = frame["weight"].astype("float64")
+    frame["repeat"] = frame["repeat"].astype("int64")
+    return frame
+
+
+def create_version(dataset: Dataset, frame: pd.DataFrame, name: str, strategy: str, params: dict,
+                   weight_use: str | None = None, dropped: list[str] | None = None) -> Version:
+    """Save `frame` (the dataset's rows after balancing) as a new version of the dataset's original."""
+    base_key = root_key(dataset)
+    path = versions_dir(base_key) / f"{name}{MANIFEST_SUFFIX}"
+    if not NAME_PATTERN.match(name or "") or path.exists():
+        # the photos folder may exist already: balancing fetches into it before saving the manifest
+        raise DatasetError(check_name(base_key, name) or f"{name!r} cannot be a version name")
+    if weight_use not in WEIGHT_USES:
+        raise DatasetError(f"weight_use must be one of {WEIGHT_USES}")
+    parent_info = dataset.split_info if dataset.layout == "version" else {}
+    usable = frame[frame["cls"].notna() & frame["problem"].isna() & frame["split"].notna()]
+    info = {
+        "name": name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "strategy": strategy,
+        "params": params,
+        "parent": parent_info.get("version"),
+        "base_key": base_key,
+        "base_source": parent_info.get("base_source") or str(dataset.source),
+        "class_range": dataset.class_range.to_dict(),
+        "split_info": {k: v for k, v in dataset.split_info.items() if k not in _VERSION_KEYS},
+        "weight_use": weight_use,
+        "dropped": sorted(set(parent_info.get("dropped") or []) | set(dropped or [])),
+        "photos": {split: int(n) for split, n in usable.groupby("split").size().items()},
+    }
+    frame = _like(frame.reset_index(drop=True), dataset.frame)
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    metadata = dict(table.schema.metadata or {})
+    metadata[INFO_KEY] = json.dumps(info, default=str).encode()
+    buffer = io.BytesIO()
+    pq.write_table(table.replace_schema_metadata(metadata), buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Version(name, path, info)
+
+
+def _like(frame: pd.DataFrame, model: pd.DataFrame) -> pd.DataFrame:
+    """Give `frame` the column types of the dataset it came from (concatenating rows can widen them)."""
+    for column, dtype in model.dtypes.items():
+        if column in frame and frame[column].dtype != dtype:
+            try:
+                frame[column] = frame[column].astype(dtype)
+            except (TypeError, ValueError):
+                pass
+    return frame
+
+
+_VERSION_KEYS = {"source", "version", "base_key", "base_source", "weight_use", "strategy", "dropped", "parent"}
+
+
+def read_info(path: str | Path) -> dict:
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException) as exc:
+        raise DatasetError(f"{Path(path).name}: not a readable dataset version ({exc})") from None
+    if INFO_KEY not in metadata:
+        raise DatasetError(f"{Path(path).name}: a parquet file, but not a Binsight dataset version")
+    return json.loads(metadata[INFO_KEY])
+
+
+def list_versions(dataset_or_key: Dataset | str) -> list[Version]:
+    """The versions made from a dataset (or from its original, when it is a version), oldest first."""
+    key = dataset_or_key if isinstance(dataset_or_key, str) else root_key(dataset_or_key)
+    found = []
+    for path in sorted(versions_dir(key).glob(f"*{MANIFEST_SUFFIX}")):
+        try:
+            info = read_info(path)
+        except DatasetError:
+            continue
+        found.append(Version(path.stem, path, info))
+    return sorted(found, key=lambda v: (v.created, v.path.stat().st_mtime_ns))
+
+
+def load_version(path: str | Path, class_range: ClassRange | None = None) -> Dataset:
+    """A version manifest → Dataset (layout "version") with its frozen split; usable wherever a dataset is."""
+    from core.data.dataset import apply_overrides
+
+    path = Path(path).expanduser()
+    info = read_info(path)
+    try:
+        frame = pq.read_table(path).to_pandas()
+    except (OSError, pa.ArrowException) as exc:
+        raise DatasetError(f"{path.name}: cannot be read ({exc})") from None
+    stored = ClassRange.from_dict(info.get("class_range"))
+    notes = []
+    if class_range is not None and class_range != stored:
+        notes.append(f"This version was made for classes {stored.describe()} and keeps them "
+                     f"(the chosen range {class_range.describe()} does not apply to a saved version).")
+    # Counts corrected by annotators since the version was made still apply.
+    frame = apply_overrides(frame, info["base_key"])
+    frame["cls"] = stored.assign(frame["count"])
+    frame["split"] = frame["split"].where(frame["cls"].notna(), None)
+    gone = frame["path"].map(lambda p: bool(p) and not Path(p).is_file()) & frame["problem"].isna()
+    if gone.any():
+        notes.append(f"{int(gone.sum()):,} photos of this version are no longer on disk (moved or deleted) "
+                     "and are skipped.")
+        frame.loc[gone, "problem"] = "photo missing on disk"
+    split_info = {**info.get("split_info", {}), "source": "version", "version": info["name"],
+                  "base_key": info["base_key"], "base_source": info.get("base_source"),
+                  "weight_use": info.get("weight_use"), "strategy": info.get("strategy"),
+                  "dropped": info.get("dropped", []), "parent": info.get("parent")}
+    return Dataset(path, "version", info["base_key"], frame, stored, notes, split_info)
+
+
+def delete_version(version: Version) -> None:
+    """Remove a version's manifest and the photos it added (other versions are untouched)."""
+    version.path.unlink(missing_ok=True)
+    shutil.rmtree(version.path.with_suffix(""), ignore_errors=True)
+
+
+# -- for training: how a version's weight and repeat columns are meant to be used ---------------------
+
+def training_rows(dataset: Dataset, split: str = "train") -> pd.DataFrame:
+    """The split's rows, each repeated `repeat` times (oversampling); plain rows for a folder dataset."""
+    rows = dataset.rows(split)
+    if "repeat" not in rows:
+        return rows
+    return rows.loc[rows.index.repeat(rows["repeat"].clip(lower=0).astype(int))]
+
+
+def recommended_balance(dataset: Dataset) -> str:
+    """The TrainConfig.balance a version asks for: 'sampler', 'weights' (class-weighted loss) or 'none'."""
+    return {"sampler": "sampler", "loss": "weights"}.get(dataset.split_info.get("weight_use"), "none")
+
+
+def class_weights(dataset: Dataset) -> dict[int, float] | None:
+    """Per-class weights a version stores for its train split (sampler or loss), or None."""
+    if not dataset.split_info.get("weight_use") or "weight" not in dataset.frame:
+        return None
+    rows = dataset.rows("train")
+    return {int(c): float(w) for c, w in rows.groupby("cls")["weight"].first().items()}

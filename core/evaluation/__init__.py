@@ -1,0 +1,1 @@
+"""Scoring models: metrics, per-photo evaluation results, the prediction cache and report export."""

@@ -1,0 +1,1 @@
+"""Background work: the SQLite job queue, the runs registry, duration estimates, workers and job runners."""

@@ -1,0 +1,56 @@
+"""How long a training will take: from the images/s earlier runs measured on this machine, else a rough guess."""
+from __future__ import annotations
+
+from core.jobs.params import make_train_config
+from core.jobs.runs import list_runs
+
+# Rough images/s on 2 CPU cores at 224 px before any run has measured this machine.
+DEFAULT_SPEED = {"features": 25.0, "train": 6.0, "head": 5000.0}
+GPU_SPEEDUP = 25.0
+
+
+def input_shape(params: dict) -> tuple[int, float]:
+    """(height px, width / height) a training with these params sees its photos at (mode defaults included)."""
+    config = make_train_config(params, "")
+    return config.input_height, config.input_aspect
+
+
+def _pixels(params: dict) -> float:
+    """Input pixels of a training's photos, which its speed scales with."""
+    height, aspect = input_shape(params)
+    return float(height) ** 2 * float(aspect)
+
+
+def measured_speeds(params: dict, on_gpu: bool) -> dict | None:
+    """images/s per stage from the latest finished run with the same backbone, mode and device kind."""
+    for run in list_runs():
+        if run.params.get("backbone") != params.get("backbone") or run.params.get("mode") != params.get("mode"):
+            continue
+        speeds = run.extra.get("speeds") or {}
+        if not speeds or bool(run.extra.get("on_gpu")) != on_gpu:
+            continue
+        scale = _pixels(run.params) / _pixels(params)
+        return {stage: value * scale for stage, value in speeds.items() if value}
+    return None
+
+
+def estimate_seconds(params: dict, n_train: int, n_valid: int, n_test: int, on_gpu: bool) -> tuple[float, bool]:
+    """(seconds, measured): the duration of a training from this machine's measured images/s, else a rough guess."""
+    from core.models.preprocess import TTA_VIEWS
+
+    speeds = measured_speeds(params, on_gpu)
+    measured = speeds is not None
+    if speeds is None:
+        scale = 224 ** 2 / _pixels(params) * (GPU_SPEEDUP if on_gpu else 1.0)
+        speeds = {stage: value * scale for stage, value in DEFAULT_SPEED.items()}
+    epochs = max(int(params.get("epochs") or 1), 1)
+    features = speeds.get("features") or DEFAULT_SPEED["features"]
+    views = len(TTA_VIEWS.get(make_train_config(params, "").test_views, ("plain",)))  # test-time views scored
+    if params.get("mode") == "frozen":
+        head = max(speeds.get("train") or 0, DEFAULT_SPEED["head"]) if measured else DEFAULT_SPEED["head"]
+        seconds = views * (n_train + n_valid + n_test) / features + epochs * (n_train + n_valid) / head
+    else:
+        train = speeds.get("train") or DEFAULT_SPEED["train"]
+        evaluate = speeds.get("features") or 3 * train  # a forward pass costs about a third of a training step
+        seconds = epochs * (n_train / train + n_valid / evaluate) + views * (n_valid + n_test) / evaluate
+    return seconds, measured

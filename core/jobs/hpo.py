@@ -1,0 +1,202 @@
+"""Hyperparameter search like the original study's tuner: Optuna over learning rate (0.001–0.1, log-uniform) and
+batch size ({16, 32, 64, 128, 256}), minimising the final valid loss; a search runs as one job."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from core.errors import Cancelled, describe_error
+from core.files import atomic_write_json
+from core.jobs import queue as jobs
+from core.jobs.params import make_train_config
+
+BATCH_SIZES = (16, 32, 64, 128, 256)
+LR_RANGE = (0.001, 0.1)
+RESULTS_FILE = "trials.json"
+DEFAULT_TRIALS = 10
+
+
+def batch_choices(n_train: int) -> list[int]:
+    """The study's batch sizes that fit the training set (the smallest always stays, so there is a choice)."""
+    fitting = [b for b in BATCH_SIZES if b <= n_train]
+    return fitting or [BATCH_SIZES[0]]
+
+
+def parallel_trials(requested: int, device: str, cores: int | None = None) -> tuple[int, str]:
+    """How many trials run at once: several per GPU, on the CPU one per 4 cores (trials share the cores)."""
+    requested = max(1, int(requested))
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if str(device).startswith("cuda"):
+        allowed, why = min(requested, 4), "at most 4 trials share one GPU"
+    else:
+        allowed, why = min(requested, max(1, cores // 4)), f"{cores} CPU cores allow {max(1, cores // 4)} at a time"
+    return allowed, ("" if allowed == requested else why)
+
+
+def final_valid_loss(metrics: dict | None, last_progress: dict) -> float:
+    """The last epoch's valid loss, from the returned metrics' history, else from the last progress report."""
+    history = (metrics or {}).get("history") or []
+    for point in reversed(history):
+        if isinstance(point, dict) and point.get("valid_loss") is not None:
+            return float(point["valid_loss"])
+    if last_progress.get("valid_loss") is not None:
+        return float(last_progress["valid_loss"])
+    raise jobs.JobError("the training reported no valid loss (is the valid split empty?)")
+
+
+def run_search(ctx) -> None:
+    """The worker's runner for an 'hpo' job (ctx: core.jobs.context.JobContext)."""
+    import optuna
+
+    from core.jobs.context import check_dataset
+    from core.training import loop as training
+
+    job, params = ctx.job, dict(ctx.job.params)
+    check_dataset(params)
+    out = Path(job.run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_trials = max(1, int(params.get("n_trials") or DEFAULT_TRIALS))
+    choices = batch_choices(int(params.get("n_train") or max(BATCH_SIZES)))
+    parallel, why = parallel_trials(int(params.get("parallel") or 1), ctx.device)
+    base = {k: v for k, v in params.items() if k not in ("n_trials", "parallel", "full_epochs")}
+    lock = threading.Lock()
+    state = {"stage": "search", "n_trials": n_trials, "parallel": parallel, "parallel_note": why, "trials": [],
+             "running": {}, "fraction": 0.0, "device": ctx.device, "batch_choices": choices}
+    ctx.log(f"search: {n_trials} trials, {parallel} at a time{' (' + why + ')' if why else ''}, batch sizes {choices}")
+
+    def publish(force: bool = False) -> None:
+        with lock:
+            done = len(state["trials"])
+            running = sum(p.get("fraction") or 0.0 for p in state["running"].values())
+            state["fraction"] = min(1.0, (done + running) / n_trials)
+            snapshot = json.loads(json.dumps(state, default=str))
+        ctx.report(snapshot, force=force)
+
+    def objective(trial) -> float:
+        if ctx.should_stop():
+            raise Cancelled("the search was stopped")
+        lr = trial.suggest_float("lr", *LR_RANGE, log=True)
+        batch_size = trial.suggest_categorical("batch_size", choices)
+        trial_out = out / f"trial-{trial.number:03d}"
+        train_config = make_train_config({**base, "lr": lr, "batch_size": batch_size}, trial_out, ctx.device)
+        progress = _TrialProgress(trial.number, state, lock, publish)
+        trial.set_user_attr("started", time.time())
+        metrics = training.train(train_config, on_progress=progress, should_stop=ctx.should_stop)
+        trial.set_user_attr("valid_acc", progress.last.get("valid_acc"))
+        trial.set_user_attr("speeds", progress.speeds)
+        return final_valid_loss(metrics, progress.last)
+
+    def record(study, trial) -> None:
+        error = trial.user_attrs.get("error")
+        row = {"trial": trial.number, "lr": trial.params.get("lr"), "batch_size": trial.params.get("batch_size"),
+               "valid_loss": trial.value, "valid_acc": trial.user_attrs.get("valid_acc"), "state": trial.state.name,
+               "seconds": round(time.time() - trial.user_attrs.get("started", time.time()), 1), "error": error}
+        with lock:
+            state["trials"].append(row)
+            state["running"].pop(str(trial.number), None)
+            finished = [t for t in state["trials"] if t["state"] == "COMPLETE"]
+            if finished:
+                state["best"] = min(finished, key=lambda t: t["valid_loss"])
+        atomic_write_json(out / RESULTS_FILE, {"params": params, "trials": state["trials"], "best": state.get("best")})
+        ctx.log(f"trial {trial.number}: {trial.state.name} lr {row['lr']} batch {row['batch_size']} "
+                f"valid_loss {row['valid_loss']}" + (f" ({error})" if error else ""))
+        publish(force=True)
+        if ctx.should_stop():
+            study.stop()
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize", study_name=f"job{job.id}",
+                                sampler=optuna.samplers.TPESampler(seed=int(params.get("seed") or 0)))
+    # The first trial runs alone: in frozen mode it fills the feature cache that every later trial reads.
+    first = 1 if parallel > 1 else n_trials
+    study.optimize(_keeping_errors(objective), n_trials=first, catch=(Exception,), callbacks=[record])
+    if n_trials > first and not ctx.should_stop():
+        study.optimize(_keeping_errors(objective), n_trials=n_trials - first, n_jobs=parallel, catch=(Exception,),
+                       callbacks=[record])
+    if ctx.should_stop():
+        raise Cancelled("the search was stopped")
+    completed = [t for t in state["trials"] if t["state"] == "COMPLETE"]
+    if not completed:
+        errors = [t["error"] for t in state["trials"] if t.get("error")]
+        raise jobs.JobError("every trial failed" + (f"; the first: {errors[0]}" if errors else ""))
+    _keep_only_best(out, state["best"]["trial"])
+    state["stage"], state["fraction"] = "done", 1.0
+    publish(force=True)
+
+
+def _keeping_errors(objective):
+    """Optuna records a failed trial without its message: keep the message for the results table."""
+    def wrapped(trial):
+        try:
+            return objective(trial)
+        except Exception as exc:
+            trial.set_user_attr("error", describe_error(exc))
+            raise
+    return wrapped
+
+
+class _TrialProgress:
+    """Per-trial on_progress: the trial's own curves, folded into the search's progress."""
+
+    def __init__(self, number: int, state: dict, lock, publish):
+        self.number, self.state, self.lock, self.publish = number, state, lock, publish
+        self.speeds: dict = {}
+        self.last: dict = {}
+
+    def __call__(self, update: dict) -> None:
+        self.last.update({k: v for k, v in update.items() if v is not None})
+        stage = update.get("stage")
+        if stage and update.get("images_per_s"):
+            self.speeds[stage] = float(update["images_per_s"])
+        with self.lock:
+            self.state["running"][str(self.number)] = {
+                k: update.get(k) for k in ("stage", "epoch", "epochs", "fraction", "train_loss", "valid_loss",
+                                           "images_per_s", "data_wait_fraction", "device")}
+            for key in ("images_per_s", "data_wait_fraction", "device"):
+                if update.get(key) is not None:
+                    self.state[key] = update[key]
+        self.publish()
+
+
+def _keep_only_best(out: Path, best_trial: int) -> None:
+    """Trial models are only stepping stones: keep the best one's folder whole, the others' metrics only."""
+    for folder in out.glob("trial-*"):
+        if folder.name != f"trial-{best_trial:03d}":
+            for name in ("model.pt", "checkpoint.pt"):
+                (folder / name).unlink(missing_ok=True)
+
+
+def trials_table(job: jobs.Job) -> pd.DataFrame:
+    """The search's trials, best (lowest final valid loss) first; failed trials last."""
+    trials = job.progress.get("trials")
+    if trials is None and job.run_dir:
+        try:
+            trials = json.loads((Path(job.run_dir) / RESULTS_FILE).read_text()).get("trials")
+        except (OSError, ValueError):
+            trials = None
+    frame = pd.DataFrame(trials or [], columns=["trial", "lr", "batch_size", "valid_loss", "valid_acc", "state",
+                                                "seconds", "error"])
+    return frame.sort_values("valid_loss", na_position="last", kind="stable").reset_index(drop=True)
+
+
+def best_params(job: jobs.Job) -> dict | None:
+    """Training params for the full run: the search's settings with the best trial's lr and batch size."""
+    table = trials_table(job)
+    table = table[table["state"] == "COMPLETE"]
+    if table.empty:
+        return None
+    best = table.iloc[0]
+    params = {k: v for k, v in job.params.items() if k not in ("n_trials", "parallel", "full_epochs")}
+    params.update(lr=float(best["lr"]), batch_size=int(best["batch_size"]),
+                  epochs=int(job.params.get("full_epochs") or job.params.get("epochs") or 1),
+                  from_search=job.id)
+    if isinstance(best["valid_loss"], float) and math.isfinite(best["valid_loss"]):
+        params["search_valid_loss"] = float(best["valid_loss"])
+    return params

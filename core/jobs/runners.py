@@ -1,0 +1,77 @@
+"""Job runners: what each job kind does (train, hpo, sleep), and running one claimed job to its recorded end."""
+from __future__ import annotations
+
+import os
+import time
+import traceback
+
+from core.errors import Cancelled, describe_error
+from core.jobs import hpo
+from core.jobs import queue as jobs
+from core.jobs.context import JobContext, TrainingProgress, check_dataset
+from core.jobs.params import describe_dataset, make_train_config
+from core.jobs.runs import read_run_metrics, register_run
+
+
+def run_training(ctx: JobContext) -> None:
+    # torch is imported only when a job runs, so starting a worker (and the app's first page) stays light
+    from core.data.loading import load_dataset
+    from core.training import loop as training
+
+    job = ctx.job
+    check_dataset(job.params)
+    params = dict(job.params)
+    facts = describe_dataset(load_dataset(params["data"]))
+    if facts["dataset_version"] != params.get("dataset_version"):
+        # Labels, class range or split changed since the job was queued: the run records what it really used.
+        ctx.log(f"the dataset changed since this job was queued (version {params.get('dataset_version')} → "
+                f"{facts['dataset_version']}); training on the current version")
+        params.update(facts, queued_dataset_version=params.get("dataset_version"))
+    train_config = make_train_config(params, job.run_dir, ctx.device)
+    progress = TrainingProgress(ctx)
+    started = time.time()
+    metrics = training.train(train_config, on_progress=progress, should_stop=ctx.should_stop)
+    device = progress.state.get("device") or ctx.device
+    # The run records the input it really used (a job may leave it to the mode's default), for later estimates.
+    params.update(image_size=train_config.input_height, aspect=train_config.input_aspect)
+    register_run(job.run_dir, job.id, params, metrics=read_run_metrics(job.run_dir) or metrics, extra={
+        "speeds": progress.state["speeds"], "device": device, "on_gpu": str(device).startswith("cuda"),
+        "duration_s": time.time() - started, "history": progress.state["history"],
+    })
+
+
+def run_sleep(ctx: JobContext) -> None:
+    """Waits `seconds`, reporting progress: checks the queue, the worker and the page without training."""
+    seconds = float(ctx.job.params.get("seconds", 5))
+    steps = max(1, int(seconds / 0.2))
+    for step in range(steps):
+        if ctx.should_stop():
+            raise Cancelled("the check was stopped")
+        time.sleep(seconds / steps)
+        ctx.report({"stage": "sleep", "fraction": (step + 1) / steps, "device": ctx.device,
+                    "message": f"step {step + 1}/{steps}", "eta_s": seconds * (1 - (step + 1) / steps)})
+    ctx.report({"stage": "done", "fraction": 1.0, "device": ctx.device}, force=True)
+
+
+RUNNERS = {"train": run_training, "hpo": hpo.run_search, "sleep": run_sleep}
+
+
+def run_job(job: jobs.Job, device: str, worker=None) -> str:
+    """Run one claimed job to its end and record the outcome; returns the final status."""
+    ctx = JobContext(job, device, worker)
+    ctx.log(f"job {job.id} ({job.kind}) started on {device}, pid {os.getpid()}; params {job.params}")
+    status, error = "done", None
+    try:
+        RUNNERS[job.kind](ctx)
+    except Exception as exc:
+        cancelled_by_flag = isinstance(exc, Cancelled) or ctx.stop_reason is not None
+        if cancelled_by_flag and ctx.stop_reason == "cancelled":
+            status, error = "cancelled", "cancelled while running"
+        elif cancelled_by_flag and ctx.stop_reason == "terminated":
+            status, error = "failed", "The worker was stopped (SIGTERM) while this job ran; launch it again."
+        else:
+            status, error = "failed", describe_error(exc)
+            ctx.log("".join(traceback.format_exception(exc)).rstrip())
+    jobs.finish(job.id, status, error)
+    ctx.log(f"job {job.id} {status}" + (f": {error}" if error else ""))
+    return status

@@ -1,0 +1,180 @@
+"""The one registry of runs: finished trainings, the run folders under runs/, and which model is current."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core import config
+from core.jobs.queue import JobError, _jsonable, connect
+
+
+@dataclass
+class Run:
+    id: str
+    job_id: int | None
+    path: str
+    params: dict
+    metrics: dict
+    created: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def model_path(self) -> Path:
+        return Path(self.path) / "model.pt"
+
+    @property
+    def exists(self) -> bool:
+        return self.model_path.is_file()
+
+
+def register_run(path: str | Path, job_id: int | None = None, params: dict | None = None,
+                 metrics: dict | None = None, extra: dict | None = None) -> Run:
+    """Record a finished run folder (metrics default to its metrics.json); the first run becomes the current model."""
+    path = Path(path)
+    if metrics is None:
+        try:
+            metrics = json.loads((path / "metrics.json").read_text())
+        except (OSError, ValueError):
+            metrics = {}
+    if params is None:
+        try:
+            params = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            params = {}
+    conn = connect()
+    try:
+        conn.execute(
+            "INSERT OR REPLACE INTO runs (id, job_id, path, params, metrics, extra, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (path.name, job_id, str(path), json.dumps(params, default=_jsonable),
+             json.dumps(metrics, default=_jsonable), json.dumps(extra or {}, default=_jsonable), time.time()))
+    finally:
+        conn.close()
+    if current_run() is None:
+        set_current_run(path.name)
+    return get_run(path.name)
+
+
+def _run(row) -> Run:
+    return Run(id=row["id"], job_id=row["job_id"], path=row["path"], params=json.loads(row["params"] or "{}"),
+               metrics=json.loads(row["metrics"] or "{}"), extra=json.loads(row["extra"] or "{}"),
+               created=row["created"])
+
+
+def get_run(run_id: str) -> Run:
+    conn = connect()
+    try:
+        row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+    finally:
+        conn.close()
+    if row is None:
+        raise JobError(f"there is no run {run_id!r}")
+    return _run(row)
+
+
+def list_runs() -> list[Run]:
+    """Newest first, runs whose folder was deleted left out."""
+    conn = connect()
+    try:
+        rows = conn.execute("SELECT * FROM runs ORDER BY created DESC").fetchall()
+    finally:
+        conn.close()
+    return [run for run in map(_run, rows) if Path(run.path).is_dir()]
+
+
+def set_current_run(run_id: str) -> Run:
+    """Make `run_id` the model Predict uses; a run folder trained from the CLI under runs/ is registered first."""
+    try:
+        run = get_run(run_id)
+    except JobError:
+        folder = config.runs_dir() / run_id
+        if not (folder / "model.pt").is_file():
+            raise
+        run = register_run(folder)
+    if not run.exists:
+        raise JobError(f"run {run_id!r} has no model file ({run.model_path})")
+    config.save_settings(current_run=run_id)
+    return run
+
+
+def current_run() -> Run | None:
+    """The model the Predict page uses, or None when none was chosen or its files are gone."""
+    chosen = config.load_settings().get("current_run")
+    if not chosen:
+        return None
+    try:
+        run = get_run(chosen)
+    except JobError:
+        return None
+    return run if run.exists else None
+
+
+def final_test_metrics(metrics: dict) -> dict:
+    """The final test metrics inside a metrics.json (or the dict itself when it is already flat)."""
+    for key in ("test", "final", "test_metrics"):
+        if isinstance(metrics.get(key), dict):
+            return metrics[key]
+    return metrics
+
+
+def final_metrics(run: Run) -> dict:
+    """The run's final test metrics, wherever the training put them in metrics.json."""
+    return final_test_metrics(run.metrics or {})
+
+
+def read_run_metrics(run_dir: str | Path) -> dict:
+    try:
+        data = json.loads((Path(run_dir) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def current_model_path() -> Path | None:
+    """model.pt of the run chosen as the current model, or None when there is none yet."""
+    run = current_run()  # None when none was chosen or its files are gone
+    return run.model_path if run is not None else None
+
+
+def available_runs() -> list[dict]:
+    """Runs with a model file, newest first: the registered ones and any other run folder under runs/.
+
+    Each: {"id", "path", "created", "accuracy" (final test accuracy or None), "backbone", "mode"}.
+    """
+    found: dict[str, dict] = {}
+    for run in list_runs():
+        if run.exists:
+            final = final_metrics(run)
+            found[str(Path(run.path).resolve())] = _run_entry(run.id, Path(run.path), run.created, final, run.params)
+    for folder in config.runs_dir().iterdir():
+        key = str(folder.resolve())
+        if key in found or not (folder / "model.pt").is_file():
+            continue
+        metrics = _read_json(folder / "metrics.json")
+        final = final_test_metrics(metrics)
+        found[key] = _run_entry(folder.name, folder, (folder / "model.pt").stat().st_mtime, final,
+                                _read_json(folder / "config.json"))
+    return sorted(found.values(), key=lambda r: r["created"], reverse=True)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _run_entry(run_id: str, path: Path, created: float, final: dict, params: dict) -> dict:
+    accuracy = final.get("accuracy") if isinstance(final, dict) else None
+    return {"id": run_id, "path": str(path), "created": float(created),
+            "accuracy": float(accuracy) if isinstance(accuracy, (int, float)) else None,
+            "backbone": params.get("backbone"), "mode": params.get("mode")}
+
+
+def run_label(run: dict) -> str:
+    parts = [run["id"]]
+    if run.get("accuracy") is not None:
+        parts.append(f"test accuracy {run['accuracy']:.1%}")
+    return " · ".join(parts)

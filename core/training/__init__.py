@@ -1,0 +1,1 @@
+"""Training a counting model: the parameter contract (TrainConfig), losses and the epoch loop."""

@@ -1,0 +1,188 @@
+"""The epoch loop both modes share: optimiser, schedule, progress, early stopping, checkpoints and resuming."""
+from __future__ import annotations
+
+import io
+import math
+import random
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.errors import Cancelled
+from core.files import atomic_write_bytes
+from core.models import networks as models
+from core.training.config import TrainConfig
+from core.training.losses import CountLoss, class_weights
+
+PROGRESS_EVERY_S = 0.5
+
+
+class Progress:
+    """Calls on_progress with the full set of keys, at most every PROGRESS_EVERY_S unless forced."""
+
+    def __init__(self, on_progress, device: str, epochs: int):
+        self.on_progress = on_progress
+        self.started = time.perf_counter()
+        self.last = 0.0
+        self.state = {"stage": "features", "epoch": 0, "epochs": epochs, "fraction": 0.0, "train_loss": None,
+                      "valid_loss": None, "train_acc": None, "valid_acc": None, "images_per_s": None,
+                      "data_wait_fraction": None, "device": device, "eta_s": None, "message": ""}
+
+    def __call__(self, force: bool = False, **changes):
+        self.state.update(changes)
+        now = time.perf_counter()
+        fraction = min(max(self.state["fraction"], 0.0), 1.0)
+        elapsed = now - self.started
+        self.state["eta_s"] = elapsed * (1 - fraction) / fraction if fraction > 0.01 else None
+        if self.on_progress and (force or now - self.last >= PROGRESS_EVERY_S):
+            self.last = now
+            self.on_progress(dict(self.state))
+
+
+class RunLog:
+    def __init__(self, folder: Path):
+        self.path = folder / "log.txt"
+
+    def __call__(self, line: str):
+        stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(f"{stamp}  {line}\n")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def make_optimizer(config: TrainConfig, model: models.CountingModel, frozen: bool) -> torch.optim.Optimizer:
+    lr = config.learning_rate
+    if frozen:
+        groups = [{"params": model.head.parameters(), "lr": lr}]
+    else:
+        groups = [{"params": model.backbone.parameters(), "lr": lr * config.backbone_lr_factor},
+                  {"params": model.head.parameters(), "lr": lr}]
+    kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return kind(groups, lr=lr, weight_decay=config.weight_decay)
+
+
+def make_scheduler(config: TrainConfig, optimizer, steps_per_epoch: int):
+    total = max(1, config.n_epochs * steps_per_epoch)
+    if config.schedule == "onecycle":
+        peaks = [group["lr"] for group in optimizer.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total, pct_start=0.2)
+    warmup = min(steps_per_epoch, total // 10)  # a short linear warm-up keeps fine-tuning from wrecking the backbone
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class BaseRun:
+    """The epoch loop shared by both modes: early stopping on valid loss, checkpoints, history, progress."""
+
+    frozen = False
+
+    def __init__(self, config, model, meta, device, out, log, progress, should_stop, generator):
+        self.config, self.model, self.meta, self.device = config, model, meta, device
+        self.out, self.log, self.progress, self.should_stop, self.generator = out, log, progress, should_stop, generator
+        self.skipped: dict[str, str] = {}
+        self.history: list[dict] = []
+        self.best_loss, self.best_epoch, self.bad_epochs = math.inf, 0, 0
+
+    def check_stop(self):
+        if self.should_stop and self.should_stop():
+            self.log("stopped on request")
+            raise Cancelled("training was stopped")
+
+    def fit(self, train_split, valid_split, test_split, resume_state) -> dict:
+        self.prepare(train_split, valid_split, test_split)
+        n_classes = len(self.meta["classes"])
+        labels = self.train_labels()
+        weight = class_weights(labels, n_classes)
+        self.criterion = CountLoss(self.config.loss, weight if self.config.balance == "weights" else None,
+                                   self.config.label_smoothing).to(self.device)
+        # Early stopping watches the class-balanced valid loss when balancing, matching what training optimises.
+        self.eval_criterion = CountLoss(self.config.loss, weight if self.config.balance != "none" else None).to(self.device)
+        self.optimizer = make_optimizer(self.config, self.model, self.frozen)
+        self.scheduler = make_scheduler(self.config, self.optimizer, self.steps_per_epoch())
+        first = 1
+        if resume_state:
+            first = self.restore(resume_state) + 1
+            self.log(f"resumed after epoch {first - 1}")
+        epochs = self.config.n_epochs
+        for epoch in range(first, epochs + 1):
+            self.check_stop()
+            self.progress(force=True, stage="train", epoch=epoch, message=f"Epoch {epoch}/{epochs}")
+            record = self.train_epoch(epoch) | self.validate_epoch()
+            record["epoch"] = epoch
+            self.history.append(record)
+            improved = record["valid_loss"] is None or record["valid_loss"] < self.best_loss - 1e-4
+            if improved:
+                self.best_loss = record["valid_loss"] if record["valid_loss"] is not None else math.inf
+                self.best_epoch, self.bad_epochs = epoch, 0
+                models.save_model(self.out / "model.pt", self.model, self.meta | {"epoch": epoch})
+            else:
+                self.bad_epochs += 1
+            self.save_checkpoint(epoch)
+            self.log(_epoch_line(record, epochs) + ("  *" if improved else ""))
+            self.progress(force=True, **{k: record[k] for k in ("train_loss", "valid_loss", "train_acc", "valid_acc",
+                                                                  "images_per_s", "data_wait_fraction")},
+                          message=f"Epoch {epoch}/{epochs} done")
+            if self.config.patience and self.bad_epochs >= self.config.patience:
+                self.log(f"early stop: valid loss has not improved for {self.bad_epochs} epochs")
+                break
+        self.progress(force=True, stage="evaluate", fraction=0.97, message="Scoring the test split")
+        best, _ = models.load_model(self.out / "model.pt")
+        self.model.load_state_dict(best.state_dict())
+        valid_metrics = self.score("valid", valid_split)
+        test_metrics = self.score("test", test_split)
+        skipped = [{"photo": Path(p).name, "reason": r} for p, r in sorted(self.skipped.items())]
+        test_metrics["skipped"] = skipped
+        return {"history": self.history, "best_epoch": self.best_epoch, "epochs_run": len(self.history),
+                "valid": valid_metrics, "test": test_metrics, "skipped": skipped, **self.timings()}
+
+    def save_checkpoint(self, epoch: int):
+        state = self.model.head.state_dict() if self.frozen else self.model.state_dict()
+        checkpoint = {"epoch": epoch, "model": state, "optimizer": self.optimizer.state_dict(),
+                      "scheduler": self.scheduler.state_dict(), "history": self.history, "best_loss": self.best_loss,
+                      "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs, "meta": self.meta,
+                      "config": self.config.to_dict(), "torch_rng": torch.get_rng_state(),
+                      "generator": self.generator.get_state()}
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write_bytes(self.out / "checkpoint.pt", buffer.getvalue())
+
+    def restore(self, state) -> int:
+        (self.model.head if self.frozen else self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.history, self.best_loss = state["history"], state["best_loss"]
+        self.best_epoch, self.bad_epochs = state["best_epoch"], state["bad_epochs"]
+        torch.set_rng_state(state["torch_rng"])
+        self.generator.set_state(state["generator"])
+        return state["epoch"]
+
+    def fraction(self, epoch: int, within: float) -> float:
+        return (epoch - 1 + within) / self.config.n_epochs
+
+    def timings(self) -> dict:
+        return {}
+
+
+def _epoch_line(record: dict, epochs: int) -> str:
+    def fmt(value, pattern):
+        return "—" if value is None else format(value, pattern)
+
+    return (f"epoch {record['epoch']}/{epochs}  train loss {fmt(record['train_loss'], '.4f')} acc {fmt(record['train_acc'], '.3f')}"
+            f"  valid loss {fmt(record['valid_loss'], '.4f')} acc {fmt(record['valid_acc'], '.3f')}"
+            f"  {fmt(record['images_per_s'], '.1f')} img/s")
+
+
+def batch_correct(logits: torch.Tensor, labels: torch.Tensor) -> int:
+    return int((logits.argmax(1) == labels).sum())

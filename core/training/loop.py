@@ -1,0 +1,112 @@
+"""Training a counting model end to end: read the dataset and its split, pick the mode, run it, write the run folder."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.data.versions import training_rows
+from core.evaluation.metrics import format_table
+from core.files import atomic_write_json
+from core.models import networks as models
+from core.models.preprocess import (
+    preprocessing,
+)
+from core.training.config import TrainConfig, TrainingError
+from core.training.epochs import Progress, RunLog, seed_everything
+from core.training.modes import FinetuneRun, FrozenRun
+
+
+@dataclass
+class Split:
+    paths: list
+    labels: np.ndarray
+
+
+def _split_rows(ds, split: str) -> Split:
+    # A balanced dataset version repeats oversampled training photos; other splits are read once.
+    rows = training_rows(ds, split) if split == "train" else ds.rows(split)
+    index = {c: i for i, c in enumerate(ds.classes)}
+    return Split(list(rows["path"]), np.array([index[int(c)] for c in rows["cls"]], dtype=np.int64))
+
+
+def _build_meta(config: TrainConfig, ds, backbone_info: dict) -> dict:
+    return backbone_info | preprocessing(backbone_info, config.input_height, config.input_aspect) | {
+        "format": models.CHECKPOINT_FORMAT,
+        "classes": [int(c) for c in ds.classes],
+        "class_range": ds.class_range.to_dict(),
+        "head": config.head,
+        "mode": config.mode,
+        "loss": config.loss,
+        "tta": config.test_views,
+        "dataset_key": ds.key,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _load_resume(out: Path) -> dict:
+    path = out / "checkpoint.pt"
+    if not path.is_file():
+        raise TrainingError(f"{out}: nothing to resume (no checkpoint.pt); start the run without --resume")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise TrainingError(f"{path}: the checkpoint cannot be read ({exc.__class__.__name__}); start again without --resume") from None
+
+
+def train(config: TrainConfig, on_progress=None, should_stop=None) -> dict:
+    """Train per `config`, writing model.pt, metrics.json, config.json and log.txt into config.out.
+
+    Returns the metrics (as in metrics.json). Raises TrainingError for unusable settings or data,
+    core.data.dataset.DatasetError for an unusable dataset, models.WeightsError for missing weights and
+    Cancelled when should_stop() returns True.
+    """
+    from core.data.loading import load_dataset
+
+    out = Path(config.out).expanduser() if config.out else None
+    resume_state = None
+    if config.resume and out is not None:
+        resume_state = _load_resume(out)
+        saved = TrainConfig.from_dict(resume_state["config"])
+        saved.epochs = config.epochs if config.epochs is not None else saved.epochs
+        saved.device, saved.num_workers, saved.resume = config.device, config.num_workers, True
+        config = saved
+    problems = config.validate()
+    if problems:
+        raise TrainingError("; ".join(problems))
+    ds = load_dataset(config.data)
+    train_split, valid_split, test_split = (_split_rows(ds, s) for s in ("train", "valid", "test"))
+    problems = config.validate(len(train_split.paths))
+    if problems:
+        raise TrainingError("; ".join(problems))
+    out.mkdir(parents=True, exist_ok=True)
+    if resume_state is None:
+        for stale in ("checkpoint.pt", "log.txt", "metrics.json"):
+            (out / stale).unlink(missing_ok=True)
+    device = models.resolve_device(config.device)
+    log = RunLog(out)
+    progress = Progress(on_progress, str(device), config.n_epochs)
+    generator = seed_everything(config.seed)
+    backbone, info = models.build_backbone(config.backbone, config.weights)
+    meta = resume_state["meta"] if resume_state else _build_meta(config, ds, info)
+    atomic_write_json(out / "config.json", config.to_dict() | {"dataset": str(ds.source), "dataset_key": ds.key})
+    log(f"{'resuming' if resume_state else 'training'} {config.backbone} ({config.mode}) on {ds.source}: "
+        f"{len(train_split.paths)} train, {len(valid_split.paths)} valid, {len(test_split.paths)} test photos, "
+        f"classes {ds.classes}, device {device}")
+    started = time.perf_counter()
+    model = models.CountingModel(backbone, models.make_head(config.head, info["feature_dim"], len(ds.classes), config.backbone))
+    runner = FrozenRun if config.mode == "frozen" else FinetuneRun
+    run = runner(config, model, meta, device, out, log, progress, should_stop, generator)
+    result = run.fit(train_split, valid_split, test_split, resume_state)
+    result |= {"backbone": config.backbone, "mode": config.mode, "device": str(device), "classes": meta["classes"],
+               "dataset": str(ds.source), "seconds": round(time.perf_counter() - started, 2),
+               "config": config.to_dict(), "dataset_problems": [{"photo": n, "reason": r} for n, r in ds.problems]}
+    atomic_write_json(out / "metrics.json", result)
+    test = result.get("test") or {}
+    log("test: " + format_table(test).replace("\n", "\n    ") if test.get("n") else "test: no test photos")
+    progress(force=True, stage="done", fraction=1.0, message="Training finished")
+    return result

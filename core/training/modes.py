@@ -1,0 +1,248 @@
+"""The two ways to train: a head on cached frozen-backbone features, or fine-tuning the whole network on photos."""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from core.evaluation.metrics import compute_metrics
+from core.models.preprocess import (
+    TTA_VIEWS,
+    PhotoDataset,
+    default_workers,
+    eval_transform,
+    train_transform,
+)
+from core.training.epochs import BaseRun, batch_correct
+from core.training.losses import balanced_sampler
+
+
+class FrozenRun(BaseRun):
+    """Backbone frozen: features computed once (or read from the cache), then only the head trains."""
+
+    frozen = True
+    FEATURES_SHARE = 0.85  # of the progress bar, when features must be computed
+
+    def prepare(self, train_split, valid_split, test_split):
+        from core.models.features import extract_features
+
+        self.splits = {"train": train_split, "valid": valid_split, "test": test_split}
+        paths = train_split.paths + valid_split.paths + test_split.paths
+        views = TTA_VIEWS[self.config.test_views]
+        self.features = {}
+        started = time.perf_counter()
+        for n, view in enumerate(views):
+            named = "" if view == "plain" else f" ({view})"
+
+            def report(state, n=n, named=named):
+                within = (n + state["done"] / state["total"]) / len(views)
+                self.progress(stage="features", fraction=self.FEATURES_SHARE * within,
+                              images_per_s=state["images_per_s"], data_wait_fraction=state["data_wait_fraction"],
+                              message=f"Computing features {state['done']}/{state['total']}{named}")
+
+            self.progress(force=True, stage="features", message="Reading cached features")
+            result = extract_features(self.model.backbone, self.meta, paths, device=self.device,
+                                      batch_size=128 if self.device.type == "cuda" else 32,
+                                      num_workers=self.config.num_workers, view=view,
+                                      on_progress=report, should_stop=self.should_stop)
+            if result.computed:
+                # Throttled reports can all fall inside one interval on a small set: always report the final speed.
+                self.progress(force=True, stage="features", fraction=self.FEATURES_SHARE * (n + 1) / len(views),
+                              images_per_s=result.computed / max(result.seconds, 1e-9),
+                              message=f"Computed features of {result.computed} photos")
+            self.log(f"features{named}: {result.hits} from the cache, {result.computed} computed "
+                     f"in {result.seconds:.1f} s" + (f" ({result.computed / result.seconds:.1f} img/s)" if result.computed else ""))
+            for i, reason in result.errors.items():
+                self.skipped[paths[i]] = reason
+            self.features[view] = result.features
+            self.feature_seconds = time.perf_counter() - started
+            self.cache_hits, self.computed = result.hits, result.computed
+        self.model.backbone.to(self.device).eval()
+        self.model.head.to(self.device)
+        # Split the feature rows back per split, dropping unreadable photos.
+        self.tensors = {}
+        offset = 0
+        for name, split in self.splits.items():
+            rows = range(offset, offset + len(split.paths))
+            keep = [i for i in rows if paths[i] not in self.skipped]
+            self.tensors[name] = (torch.stack([self.features[v][keep] for v in views], 1) if keep
+                                  else torch.zeros(0, len(views), self.meta["feature_dim"]),
+                                  torch.as_tensor(split.labels[[i - offset for i in keep]], dtype=torch.long))
+            offset += len(split.paths)
+
+    def train_labels(self):
+        return self.tensors["train"][1].numpy()
+
+    def steps_per_epoch(self):
+        return max(1, math.ceil(len(self.tensors["train"][1]) / self.config.batch_size))
+
+    def train_epoch(self, epoch):
+        features, labels = self.tensors["train"]
+        n = len(labels)
+        if self.config.balance == "sampler":
+            order = torch.as_tensor(list(balanced_sampler(labels.numpy(), self.generator)))
+        else:
+            order = torch.randperm(n, generator=self.generator)
+        self.model.head.train()
+        total_loss, correct, started = 0.0, 0, time.perf_counter()
+        for start in range(0, n, self.config.batch_size):
+            batch = order[start:start + self.config.batch_size]
+            x = features[batch]
+            # With mirrored views cached, each photo is seen in one of its views at random.
+            pick = torch.randint(0, x.shape[1], (len(batch),), generator=self.generator) if self.config.augment else torch.zeros(len(batch), dtype=torch.long)
+            x = x[torch.arange(len(batch)), pick].to(self.device)
+            y = labels[batch].to(self.device)
+            logits = self.model.head(x)
+            loss = self.criterion(logits, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            total_loss += loss.item() * len(batch)
+            correct += batch_correct(logits, y)
+        seconds = time.perf_counter() - started
+        self.progress(fraction=self.FEATURES_SHARE + (1 - self.FEATURES_SHARE - 0.03) * epoch / self.config.n_epochs)
+        return {"train_loss": total_loss / max(n, 1), "train_acc": correct / max(n, 1),
+                "images_per_s": n / max(seconds, 1e-9), "data_wait_fraction": 0.0, "seconds": seconds}
+
+    def probabilities(self, name: str) -> torch.Tensor:
+        features, _ = self.tensors[name]
+        self.model.head.eval()
+        with torch.no_grad():
+            views = [self.model.head(features[:, v].to(self.device)).float().softmax(1) for v in range(features.shape[1])]
+        return (sum(views) / len(views)).cpu()
+
+    def validate_epoch(self):
+        _, labels = self.tensors["valid"]
+        if not len(labels):
+            return {"valid_loss": None, "valid_acc": None}
+        self.model.head.eval()
+        with torch.no_grad():
+            logits = self.model.head(self.tensors["valid"][0][:, 0].to(self.device))
+            loss = float(self.eval_criterion(logits, labels.to(self.device)))
+        probs = self.probabilities("valid")
+        return {"valid_loss": loss, "valid_acc": float((probs.argmax(1) == labels).float().mean())}
+
+    def score(self, name, split) -> dict:
+        _, labels = self.tensors[name]
+        probs = self.probabilities(name).numpy()
+        classes = self.meta["classes"]
+        truth = [classes[i] for i in labels.tolist()]
+        predicted = [classes[i] for i in probs.argmax(1).tolist()] if len(probs) else []
+        return compute_metrics(truth, predicted, classes, probs if len(probs) else None)
+
+    def timings(self):
+        return {"feature_seconds": round(self.feature_seconds, 2), "feature_cache_hits": self.cache_hits,
+                "features_computed": self.computed}
+
+
+class FinetuneRun(BaseRun):
+    """The whole network trains on augmented photos; the backbone at a lower learning rate."""
+
+    def prepare(self, train_split, valid_split, test_split):
+        cuda = self.device.type == "cuda"
+        # channels_last speeds up GPU training; on CPU its backward pass measured slower, so only there.
+        self.memory_format = torch.channels_last if cuda else torch.contiguous_format
+        self.model.to(self.device).to(memory_format=self.memory_format)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+        workers = default_workers() if self.config.num_workers is None else self.config.num_workers
+        transform = train_transform(self.meta) if self.config.augment else eval_transform(self.meta)
+        train_set = PhotoDataset(train_split.paths, train_split.labels, transform)
+        sampler = balanced_sampler(train_split.labels, self.generator) if self.config.balance == "sampler" else None
+        self.train_loader = torch.utils.data.DataLoader(
+            train_set, batch_size=self.config.batch_size, shuffle=sampler is None, sampler=sampler,
+            num_workers=workers, persistent_workers=workers > 0, pin_memory=cuda, generator=self.generator,
+            drop_last=len(train_set) % self.config.batch_size == 1)  # BatchNorm cannot train on a batch of one
+        self.train_split, self.valid_split = train_split, valid_split
+        self.valid_loader = self._eval_loader(valid_split, workers)
+
+    def _eval_loader(self, split, workers):
+        if not split.paths:
+            return None
+        return torch.utils.data.DataLoader(PhotoDataset(split.paths, split.labels, eval_transform(self.meta)),
+                                           batch_size=self.config.batch_size, num_workers=workers,
+                                           pin_memory=self.device.type == "cuda")
+
+    def train_labels(self):
+        return self.train_split.labels
+
+    def steps_per_epoch(self):
+        return max(1, len(self.train_loader))
+
+    def _batch(self, images, labels, errors, paths):
+        """Move a batch to the device, dropping (and recording) photos that could not be read."""
+        ok = torch.tensor([not e for e in errors], dtype=torch.bool)
+        for index, error in zip(range(len(errors)), errors):
+            if error:
+                self.skipped[paths[index]] = error
+        images, labels = images[ok], labels[ok]
+        images = images.to(self.device, non_blocking=True).to(memory_format=self.memory_format)
+        return images, labels.to(self.device, non_blocking=True)
+
+    def train_epoch(self, epoch):
+        self.model.train()
+        total_loss, correct, seen, wait = 0.0, 0, 0, 0.0
+        started = tick = time.perf_counter()
+        steps = len(self.train_loader)
+        cuda = self.device.type == "cuda"
+        for step, (images, labels, index, errors) in enumerate(self.train_loader, 1):
+            wait += time.perf_counter() - tick
+            self.check_stop()
+            images, labels = self._batch(images, labels, errors, [self.train_split.paths[i] for i in index.tolist()])
+            if len(labels) > 1:
+                with torch.autocast("cuda", enabled=cuda):
+                    logits = self.model(images)
+                    loss = self.criterion(logits, labels)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                total_loss += loss.item() * len(labels)
+                correct += batch_correct(logits, labels)
+                seen += len(labels)
+            self.scheduler.step()
+            elapsed = time.perf_counter() - started
+            self.progress(fraction=0.95 * self.fraction(epoch, step / steps), train_loss=total_loss / max(seen, 1),
+                          train_acc=correct / max(seen, 1), images_per_s=seen / max(elapsed, 1e-9),
+                          data_wait_fraction=wait / max(elapsed, 1e-9),
+                          message=f"Epoch {epoch}/{self.config.n_epochs}, batch {step}/{steps}")
+            tick = time.perf_counter()
+        elapsed = time.perf_counter() - started
+        return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1),
+                "images_per_s": seen / max(elapsed, 1e-9), "data_wait_fraction": wait / max(elapsed, 1e-9),
+                "seconds": elapsed}
+
+    def validate_epoch(self):
+        if self.valid_loader is None:
+            return {"valid_loss": None, "valid_acc": None}
+        self.model.eval()
+        total_loss, correct, seen = 0.0, 0, 0
+        with torch.inference_mode():
+            for images, labels, index, errors in self.valid_loader:
+                self.check_stop()
+                images, labels = self._batch(images, labels, errors, [self.valid_split.paths[i] for i in index.tolist()])
+                if not len(labels):
+                    continue
+                with torch.autocast("cuda", enabled=self.device.type == "cuda"):
+                    logits = self.model(images)
+                total_loss += float(self.eval_criterion(logits.float(), labels)) * len(labels)
+                correct += batch_correct(logits, labels)
+                seen += len(labels)
+        return {"valid_loss": total_loss / max(seen, 1), "valid_acc": correct / max(seen, 1)}
+
+    def score(self, name, split) -> dict:
+        from core.models.inference import predict_probabilities
+
+        def report(state):
+            self.progress(message=f"Scoring the {name} split {state['done']}/{state['total']}")
+
+        probs, errors = predict_probabilities(self.model, self.meta, split.paths, self.config.batch_size,
+                                              self.device, self.config.num_workers, report, self.should_stop)
+        for i, reason in errors.items():
+            self.skipped[split.paths[i]] = reason
+        keep = [i for i in range(len(split.paths)) if i not in errors]
+        classes = self.meta["classes"]
+        truth = [classes[split.labels[i]] for i in keep]
+        predicted = [classes[int(probs[i].argmax())] for i in keep]
+        return compute_metrics(truth, predicted, classes, probs[keep] if keep else None)
