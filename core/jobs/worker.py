@@ -143,9 +143,9 @@ def _starting(slot: str) -> bool:
             and time.monotonic() - when < SPAWN_GRACE_S)
 
 
-def launch(kind: str, params: dict) -> jobs.Job:
+def launch(kind: str, params: dict, user: str | None = None) -> jobs.Job:
     """Queue a job and make sure a worker will run it: what a page's Launch button does."""
-    job = jobs.submit(kind, params)
+    job = jobs.submit(kind, params, user=user)
     ensure_workers()
     return job
 
