@@ -1,25 +1,172 @@
-"""SQLite storage under BINSIGHT_HOME in WAL mode; each module declares its own tables."""
+"""SQLite storage under BINSIGHT_HOME in WAL mode: every table, its versioned migrations, and connection helpers."""
 from __future__ import annotations
 
 import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 from core.config import home
+from core.errors import BinsightError
 
 DB_FILE = "binsight.sqlite3"
+
+# Migration N (1-based) brings the schema from version N-1 to N: a sequence of SQL statements, or a function of the
+# connection. Each runs in its own transaction that also sets PRAGMA user_version = N. Append only; never edit one
+# that has shipped. Version 0 is a database made before migrations existed: its tables are exactly migration 1's,
+# hence IF NOT EXISTS there.
+Migration = Sequence[str] | Callable[[sqlite3.Connection], None]
+
+MIGRATIONS: list[Migration] = [
+    # 1: the job queue, the runs registry, the worker rows, and the annotators' decisions.
+    (
+        """CREATE TABLE IF NOT EXISTS jobs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind TEXT NOT NULL,
+            params TEXT NOT NULL,
+            device TEXT NOT NULL DEFAULT 'auto',
+            status TEXT NOT NULL DEFAULT 'queued',
+            progress TEXT NOT NULL DEFAULT '{}',
+            pid INTEGER,
+            host TEXT,
+            worker TEXT,
+            slot TEXT,
+            created REAL NOT NULL,
+            started REAL,
+            finished REAL,
+            heartbeat REAL,
+            log_path TEXT,
+            run_dir TEXT,
+            error TEXT,
+            cancel_requested INTEGER NOT NULL DEFAULT 0
+        )""",
+        "CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs(status, id)",
+        """CREATE TABLE IF NOT EXISTS runs (
+            id TEXT PRIMARY KEY,
+            job_id INTEGER,
+            path TEXT NOT NULL,
+            params TEXT NOT NULL DEFAULT '{}',
+            metrics TEXT NOT NULL DEFAULT '{}',
+            extra TEXT NOT NULL DEFAULT '{}',
+            created REAL NOT NULL
+        )""",
+        """CREATE TABLE IF NOT EXISTS workers (
+            id TEXT PRIMARY KEY,
+            slot TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            host TEXT NOT NULL,
+            started REAL NOT NULL,
+            heartbeat REAL NOT NULL,
+            job_id INTEGER
+        )""",
+        """CREATE TABLE IF NOT EXISTS annotations (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            dataset_key TEXT NOT NULL,
+            photo TEXT NOT NULL,
+            annotator TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            old_count INTEGER,
+            new_count INTEGER,
+            status TEXT NOT NULL CHECK (status IN ('confirmed', 'corrected', 'unclear')),
+            note TEXT NOT NULL DEFAULT ''
+        )""",
+        "CREATE INDEX IF NOT EXISTS annotations_photo ON annotations (dataset_key, photo, id)",
+    ),
+    # 2: who launched a job (NULL for jobs queued before).
+    ("ALTER TABLE jobs ADD COLUMN user TEXT",),
+]
+LATEST_VERSION = len(MIGRATIONS)
+
+_migrated: set[str] = set()  # database files this process has brought up to date
+_migrated_lock = threading.Lock()
+
+
+class DatabaseError(BinsightError):
+    """A database this version of Binsight cannot use; the message says why."""
 
 
 def db_path() -> Path:
     return home() / DB_FILE
 
 
-def connect(schema: str = "") -> sqlite3.Connection:
-    """A new connection (one per thread/process), WAL mode, rows as sqlite3.Row; runs `schema` if given."""
-    conn = sqlite3.connect(db_path(), timeout=30, isolation_level=None, check_same_thread=False)
+def _open(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=30000")
-    if schema:
-        conn.executescript(schema)
     return conn
+
+
+def connect() -> sqlite3.Connection:
+    """A new connection (one per thread/process) to an up-to-date database, rows as sqlite3.Row; the caller closes it.
+
+    Autocommit mode: each statement commits on its own unless the caller begins a transaction (see transaction()).
+    """
+    path = db_path()
+    conn = _open(path)
+    key = str(path.resolve())
+    if key not in _migrated:
+        with _migrated_lock:
+            if key not in _migrated:
+                try:
+                    migrate(conn)
+                except BaseException:
+                    conn.close()
+                    raise
+                _migrated.add(key)
+    return conn
+
+
+def connection():
+    """`with db.connection() as conn:` a connection, closed at the end (each statement commits on its own)."""
+    return closing(connect())
+
+
+@contextmanager
+def transaction() -> Iterator[sqlite3.Connection]:
+    """`with db.transaction() as conn:` one write transaction, taken up front (BEGIN IMMEDIATE) so check-then-update
+    steps cannot interleave with another process's; committed at the end, rolled back on any exception."""
+    with connection() as conn:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply the migrations this database lacks, one transaction each; returns the version reached.
+
+    Safe with several processes: each step re-reads the version under BEGIN IMMEDIATE, so a step another process
+    has just applied is skipped. Running it on an up-to-date database changes nothing.
+    """
+    while (version := schema_version(conn)) < LATEST_VERSION:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = schema_version(conn)
+            if version < LATEST_VERSION:
+                step = MIGRATIONS[version]
+                if callable(step):
+                    step(conn)
+                else:
+                    for statement in step:
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {version + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    if version > LATEST_VERSION:
+        raise DatabaseError(f"{db_path()} has schema version {version}, newer than this Binsight knows "
+                            f"({LATEST_VERSION}): it was written by a newer version; update Binsight to use it.")
+    return version

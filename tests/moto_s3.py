@@ -65,8 +65,9 @@ def start_world(tmp_root: Path) -> S3World:
     chosen = labels[labels["count"].between(1, 5)].groupby("count").head(PER_COUNT)
     for bucket in (PUBLIC_BUCKET, PRIVATE_BUCKET):
         admin.create_bucket(Bucket=bucket)
+    # AWS authorizes HeadObject (which downloads ask first, for the size) as s3:GetObject; moto wants s3:HeadObject.
     public_read = {"Version": "2012-10-17", "Statement": [{
-        "Effect": "Allow", "Principal": "*", "Action": ["s3:GetObject", "s3:ListBucket"],
+        "Effect": "Allow", "Principal": "*", "Action": ["s3:GetObject", "s3:HeadObject", "s3:ListBucket"],
         "Resource": [f"arn:aws:s3:::{PUBLIC_BUCKET}", f"arn:aws:s3:::{PUBLIC_BUCKET}/*"]}]}
     admin.put_bucket_policy(Bucket=PUBLIC_BUCKET, Policy=json.dumps(public_read))
     for i, name in enumerate(chosen["image"]):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from core import db
 from core.cli import main as cli_main
 from core.data import annotations
 from core.data.classes import ClassRange
@@ -58,9 +59,8 @@ def test_sigkill_between_saves_keeps_every_saved_annotation(tmp_path):
     assert set(acknowledged) <= set(trail["id"])
     assert len(trail) in (len(acknowledged), len(acknowledged) + 1)  # at most the save in flight, whole
     assert trail["id"].tolist() == list(range(1, len(trail) + 1))
-    conn = annotations._connect()
-    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    conn.close()
+    with db.connection() as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert_unbroken_chains(trail, recorded=1)
 
 

@@ -143,3 +143,24 @@ def test_jobs_queued_while_the_app_was_down_run_when_it_restarts(small_abid):
     at = page()
     assert run.id in at.dataframe[0].value["run"].tolist()
     assert f"`{run.id}` is the current model." in shown_text(at)
+
+
+def test_a_slot_lock_is_dropped_by_the_os_when_its_process_is_killed():
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from core.jobs.worker import SlotLock; lock = SlotLock('cpu'); "
+                               "assert lock.acquire(); print('held', flush=True); sys.stdin.read()"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert worker.slot_is_held("cpu") and not worker.SlotLock("cpu").acquire()
+        assert worker.pid_alive(holder.pid)
+        holder.kill()
+        os.waitid(os.P_PID, holder.pid, os.WEXITED | os.WNOWAIT)  # dead, not reaped yet: a zombie
+        assert not worker.pid_alive(holder.pid)
+        assert not worker.slot_is_held("cpu")
+        mine = worker.SlotLock("cpu")
+        assert mine.acquire()
+        mine.release()
+    finally:
+        holder.kill()
+        holder.wait()

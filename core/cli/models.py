@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 from core.data.images import SUPPORTED_SUFFIXES
@@ -30,7 +29,10 @@ def _train(args) -> int:
     if not Path(args.data).expanduser().exists():
         raise UsageError(f"{args.data}: no such dataset folder")
     printer = _ProgressPrinter()
-    result = train(config, on_progress=printer)
+    try:
+        result = train(config, on_progress=printer)
+    finally:
+        printer.close()
     from core.evaluation.metrics import format_table
 
     print(f"test split ({result['mode']} {result['backbone']}, best epoch {result['best_epoch']}):")
@@ -42,27 +44,40 @@ def _train(args) -> int:
 
 
 class _ProgressPrinter:
-    """Prints one line per epoch, and feature-extraction progress every few seconds."""
+    """One line per epoch on stdout, and the training's progress (feature extraction included) as a tqdm bar on
+    stderr; `close()` takes the bar away."""
 
     def __init__(self):
-        self.last_line = 0.0
+        self.bar = None
         self.last_message = ""
 
     def __call__(self, state: dict):
+        from tqdm import tqdm
+
         message = state.get("message") or ""
-        now = time.monotonic()
         if message.endswith("done") and message != self.last_message:
             def fmt(key, pattern):
                 value = state.get(key)
                 return "—" if value is None else format(value, pattern)
 
-            print(f"epoch {state['epoch']}/{state['epochs']}  train loss {fmt('train_loss', '.4f')} "
-                  f"acc {fmt('train_acc', '.3f')}  valid loss {fmt('valid_loss', '.4f')} acc {fmt('valid_acc', '.3f')}"
-                  f"  {fmt('images_per_s', '.1f')} img/s", flush=True)
-        elif state.get("stage") == "features" and message.startswith("Computing") and now - self.last_line > 5:
-            print(f"{message}  ({state.get('images_per_s') or 0:.1f} img/s)", file=sys.stderr, flush=True)
-            self.last_line = now
-        self.last_message = message
+            tqdm.write(f"epoch {state['epoch']}/{state['epochs']}  train loss {fmt('train_loss', '.4f')} "
+                       f"acc {fmt('train_acc', '.3f')}  valid loss {fmt('valid_loss', '.4f')} "
+                       f"acc {fmt('valid_acc', '.3f')}  {fmt('images_per_s', '.1f')} img/s", file=sys.stdout)
+            sys.stdout.flush()
+        if state.get("fraction") is not None:
+            if self.bar is None:
+                self.bar = tqdm(total=1.0, file=sys.stderr, leave=False, mininterval=1.0,
+                                bar_format="{percentage:3.0f}%|{bar:20}| {elapsed}<{remaining} {desc}")
+            if state.get("stage") == "features" and state.get("images_per_s"):
+                message += f" ({state['images_per_s']:.1f} img/s)"
+            self.bar.set_description_str(message, refresh=False)
+            self.bar.update(float(state["fraction"]) - self.bar.n)
+        self.last_message = state.get("message") or ""
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _evaluate(args) -> int:

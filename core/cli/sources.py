@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,21 @@ def _source(args):
     return S3Source(settings, workers=args.workers)
 
 
-def _progress(fraction: float, text: str) -> None:
-    print(f"\r{fraction:6.1%}  {text}", end="" if fraction < 1 else "\n", file=sys.stderr, flush=True)
+@contextmanager
+def _progress(quiet: bool):
+    """An on_progress(fraction, text) callback drawing a tqdm bar on stderr, or None when quiet; closed at the end."""
+    if quiet:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=1.0, file=sys.stderr, bar_format="{percentage:5.1f}%|{bar:20}| {elapsed}<{remaining} {desc}") \
+            as bar:
+        def update(fraction: float, text: str) -> None:
+            bar.set_description_str(text, refresh=False)
+            bar.update(fraction - bar.n)
+
+        yield update
 
 
 def _fetch(args) -> int:
@@ -70,8 +84,9 @@ def _fetch(args) -> int:
             photos.update({n: int(c) for n, c in zip(listed["name"], listed["count"])})
         if not photos:
             raise UsageError("nothing to fetch: give photo names or keys, or --list file_list.json/counting list")
-        folder = source.fetch_dataset(photos, Path(args.to).expanduser(), with_metadata=not args.no_metadata,
-                                      on_progress=None if args.quiet else _progress)
+        with _progress(args.quiet) as on_progress:
+            folder = source.fetch_dataset(photos, Path(args.to).expanduser(), with_metadata=not args.no_metadata,
+                                          on_progress=on_progress)
     except S3Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -131,8 +146,8 @@ def _balance(args) -> int:
         if not args.apply:
             print("(preview only: add --apply to save it as a new version)")
             return 0
-        version = balancing.apply(dataset, args.strategy, params, name=args.name,
-                                  on_progress=None if args.quiet else _progress)
+        with _progress(args.quiet) as on_progress:
+            version = balancing.apply(dataset, args.strategy, params, name=args.name, on_progress=on_progress)
     except balancing.BalanceError as exc:
         raise UsageError(str(exc)) from None
     except S3Error as exc:

@@ -21,22 +21,6 @@ MAX_NOTE = 2000
 EXPORT_COLUMNS = ["id", "dataset_key", "photo", "annotator", "created_at", "old_count", "new_count", "new_label",
                   "status", "note", "is_latest"]
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS annotations (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    dataset_key TEXT NOT NULL,
-    photo TEXT NOT NULL,
-    annotator TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    old_count INTEGER,
-    new_count INTEGER,
-    status TEXT NOT NULL CHECK (status IN ('confirmed', 'corrected', 'unclear')),
-    note TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS annotations_photo ON annotations (dataset_key, photo, id);
-"""
-
-
 class AnnotationError(BinsightError, ValueError):
     """A decision that cannot be saved (no annotator, impossible count); the message says why."""
 
@@ -72,10 +56,6 @@ def count_label(count: int | None) -> str:
     return "more than 5" if int(count) > 5 else str(int(count))
 
 
-def _connect():
-    return db.connect(SCHEMA)
-
-
 def _decision(row) -> Decision:
     return Decision(**{key: row[key] for key in row.keys()})
 
@@ -105,32 +85,22 @@ def save_decision(dataset_key: str, photo: str, annotator: str, count: int | Non
         raise PhotoMissing(f"{photo} is no longer at {path}: it was moved or deleted after it was shown. "
                            "Nothing was saved; go on with the next bin.")
     recorded = None if recorded_count is None or pd.isna(recorded_count) else int(recorded_count)
-    conn = _connect()
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            previous = conn.execute(
-                "SELECT * FROM annotations WHERE dataset_key = ? AND photo = ? ORDER BY id DESC LIMIT 1",
-                (dataset_key, photo),
-            ).fetchone()
-            old = previous["new_count"] if previous else recorded
-            new = None if count is None else int(count)
-            if new == MORE_THAN_FIVE and old is not None and old > 5:
-                new = old  # "more than 5" on a bin recorded above 5 confirms its recorded count
-            created = datetime.now(timezone.utc).isoformat(timespec="microseconds")
-            cursor = conn.execute(
-                "INSERT INTO annotations (dataset_key, photo, annotator, created_at, old_count, new_count, status, note)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (dataset_key, photo, annotator, created, old, new, _status(old, new), note),
-            )
-            saved = conn.execute("SELECT * FROM annotations WHERE id = ?", (cursor.lastrowid,)).fetchone()
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-    finally:
-        conn.close()
+    with db.transaction() as conn:
+        previous = conn.execute(
+            "SELECT * FROM annotations WHERE dataset_key = ? AND photo = ? ORDER BY id DESC LIMIT 1",
+            (dataset_key, photo),
+        ).fetchone()
+        old = previous["new_count"] if previous else recorded
+        new = None if count is None else int(count)
+        if new == MORE_THAN_FIVE and old is not None and old > 5:
+            new = old  # "more than 5" on a bin recorded above 5 confirms its recorded count
+        created = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+        cursor = conn.execute(
+            "INSERT INTO annotations (dataset_key, photo, annotator, created_at, old_count, new_count, status, note)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (dataset_key, photo, annotator, created, old, new, _status(old, new), note),
+        )
+        saved = conn.execute("SELECT * FROM annotations WHERE id = ?", (cursor.lastrowid,)).fetchone()
     overtaken = None
     if previous is not None and previous["id"] != seen_id and previous["annotator"] != annotator:
         overtaken = _decision(previous)
@@ -138,11 +108,8 @@ def save_decision(dataset_key: str, photo: str, annotator: str, count: int | Non
 
 
 def _frame(sql: str, params: tuple) -> pd.DataFrame:
-    conn = _connect()
-    try:
+    with db.connection() as conn:
         rows = conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
     frame = pd.DataFrame([dict(r) for r in rows],
                          columns=["id", "dataset_key", "photo", "annotator", "created_at", "old_count", "new_count",
                                   "status", "note"])

@@ -5,8 +5,8 @@ import csv
 import io
 import os
 import re
+import tempfile
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 from core import config
 from core.data import abid
 from core.errors import BinsightError
-from core.files import atomic_write_bytes, atomic_write_text
+from core.files import atomic_write_text
 
 ENV_VARS = {
     "bucket": "BINSIGHT_S3_BUCKET",
@@ -137,6 +137,9 @@ def place_file(source: Path, target: Path) -> Path:
     return target
 
 
+_MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+
+
 class _Missing(Exception):
     """The key is not in the bucket."""
 
@@ -190,15 +193,18 @@ class S3Source:
 
     def _explain(self, exc: Exception, key: str | None = None) -> str:
         from botocore import exceptions as bx
+        from s3transfer.exceptions import RetriesExceededError
 
         where = self.settings.describe()
+        if isinstance(exc, RetriesExceededError) and exc.last_exception is not None:
+            exc = exc.last_exception  # s3transfer gave up on a body that kept breaking off: say why it broke
         if isinstance(exc, bx.ClientError):
             error = exc.response.get("Error", {})
             code = str(error.get("Code", ""))
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code in {"NoSuchBucket"}:
                 return f"bucket {self.settings.bucket!r} does not exist at {self.settings.endpoint_url or 'AWS'}"
-            if code in {"NoSuchKey", "404", "NotFound"}:
+            if code in _MISSING_CODES:
                 return f"{key} is not in {where}"
             denied = {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
             if code in denied or status == 403:
@@ -250,31 +256,34 @@ class S3Source:
         return path if path.is_file() else None
 
     def _download(self, key: str, stop: threading.Event) -> Path:
+        """Download one key into the cache through a temporary file renamed into place, so no partial file is left.
+
+        botocore retries failed requests, s3transfer a body that breaks off midway; each up to `attempts` times.
+        """
+        from boto3.s3.transfer import TransferConfig
         from botocore import exceptions as bx
 
-        for attempt in range(1, self.attempts + 1):
-            if stop.is_set():
-                raise _Cancelled()
-            try:
-                response = self.client.get_object(Bucket=self.settings.bucket, Key=key)
-                data = response["Body"].read()  # botocore checks the length; a cut stream raises
-                expected = response.get("ContentLength")
-                if expected is not None and len(data) != expected:
-                    raise bx.IncompleteReadError(actual_bytes=len(data), expected_bytes=expected)
-                path = self.cache_path(key)
-                atomic_write_bytes(path, data)
-                return path
-            except bx.ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404", "NotFound"}:
-                    raise _Missing(key) from None
-                raise
-            except (bx.ResponseStreamingError, bx.IncompleteReadError, bx.ReadTimeoutError,
-                    bx.ConnectionClosedError):
-                # botocore retries the request itself, not a body that broke off: retry that here.
-                if attempt == self.attempts:
-                    raise
-                time.sleep(min(0.2 * 2 ** attempt, 2.0))
-        raise AssertionError("unreachable")
+        if stop.is_set():
+            raise _Cancelled()
+        path = self.cache_path(key)
+        # The temporary file sits at the cache's top, so a failed download leaves no empty folders behind either.
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                self.client.download_fileobj(
+                    self.settings.bucket, key, handle,
+                    Config=TransferConfig(num_download_attempts=self.attempts, use_threads=False))
+                handle.flush()
+                os.fsync(handle.fileno())
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, path)
+        except BaseException as exc:
+            Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, bx.ClientError) and exc.response.get("Error", {}).get("Code") in _MISSING_CODES:
+                raise _Missing(key) from None
+            raise
+        return path
 
     def fetch(self, keys, on_progress=None, missing_ok: bool = False) -> dict[str, Path | None]:
         """Local paths of `keys`, downloading the ones not cached yet in parallel.

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import socket
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,49 +14,6 @@ KINDS = ("train", "hpo", "sleep")  # sleep: waits, reporting progress; checks th
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
 ACTIVE = ("queued", "running")
 DEVICES = ("auto", "cpu", "cuda")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind TEXT NOT NULL,
-    params TEXT NOT NULL,
-    device TEXT NOT NULL DEFAULT 'auto',
-    status TEXT NOT NULL DEFAULT 'queued',
-    progress TEXT NOT NULL DEFAULT '{}',
-    pid INTEGER,
-    host TEXT,
-    worker TEXT,
-    slot TEXT,
-    created REAL NOT NULL,
-    started REAL,
-    finished REAL,
-    heartbeat REAL,
-    log_path TEXT,
-    run_dir TEXT,
-    error TEXT,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs(status, id);
-CREATE TABLE IF NOT EXISTS runs (
-    id TEXT PRIMARY KEY,
-    job_id INTEGER,
-    path TEXT NOT NULL,
-    params TEXT NOT NULL DEFAULT '{}',
-    metrics TEXT NOT NULL DEFAULT '{}',
-    extra TEXT NOT NULL DEFAULT '{}',
-    created REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS workers (
-    id TEXT PRIMARY KEY,
-    slot TEXT NOT NULL,
-    pid INTEGER NOT NULL,
-    host TEXT NOT NULL,
-    started REAL NOT NULL,
-    heartbeat REAL NOT NULL,
-    job_id INTEGER
-);
-"""
-
 
 class JobError(BinsightError, ValueError):
     """A job that cannot be submitted or changed; the message says why."""
@@ -83,6 +39,7 @@ class Job:
     run_dir: str | None
     error: str | None
     cancel_requested: bool
+    user: str | None = None  # who launched it; None for jobs queued before this was recorded
 
     @property
     def active(self) -> bool:
@@ -107,26 +64,6 @@ class Job:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def connect():
-    return db.connect(SCHEMA)
-
-
-@contextmanager
-def transaction():
-    """A write transaction taken up front (BEGIN IMMEDIATE), so check-then-update steps cannot interleave."""
-    conn = connect()
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
-
-
 def _job(row) -> Job:
     data = dict(row)
     data["params"] = json.loads(data["params"] or "{}")
@@ -147,8 +84,9 @@ def hostname() -> str:
 
 # --- the queue ---------------------------------------------------------------------------------------------------
 
-def submit(kind: str, params: dict) -> Job:
-    """Queue a job; its output folder and log path are fixed now so the page can show them at once."""
+def submit(kind: str, params: dict, user: str | None = None) -> Job:
+    """Queue a job (launched by `user`, when known); its output folder and log path are fixed now so the page can
+    show them at once."""
     if kind not in KINDS:
         raise JobError(f"unknown job kind {kind!r}: one of {', '.join(KINDS)}")
     device = str(params.get("device") or "auto")
@@ -156,10 +94,10 @@ def submit(kind: str, params: dict) -> Job:
         raise JobError(f"device {device!r}: use auto, cpu or cuda")
     params = {**params, "device": device}
     json.dumps(params)  # refuse what cannot be persisted before anything is written
-    with transaction() as conn:
+    with db.transaction() as conn:
         job_id = conn.execute(
-            "INSERT INTO jobs (kind, params, device, created) VALUES (?, ?, ?, ?)",
-            (kind, json.dumps(params), device, time.time()),
+            "INSERT INTO jobs (kind, params, device, created, user) VALUES (?, ?, ?, ?, ?)",
+            (kind, json.dumps(params), device, time.time(), (user or "").strip() or None),
         ).lastrowid
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = None
@@ -175,11 +113,8 @@ def submit(kind: str, params: dict) -> Job:
 
 
 def get(job_id: int) -> Job:
-    conn = connect()
-    try:
+    with db.connection() as conn:
         row = conn.execute("SELECT * FROM jobs WHERE id = ?", (int(job_id),)).fetchone()
-    finally:
-        conn.close()
     if row is None:
         raise JobError(f"there is no job {job_id}")
     return _job(row)
@@ -196,25 +131,19 @@ def list_jobs(statuses: tuple[str, ...] | list[str] | None = None, kind: str | N
         where.append("kind = ?")
         args.append(kind)
     sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?"
-    conn = connect()
-    try:
+    with db.connection() as conn:
         return [_job(r) for r in conn.execute(sql, args + [limit]).fetchall()]
-    finally:
-        conn.close()
 
 
 def queue_position(job_id: int) -> int:
     """1 for the next queued job to start."""
-    conn = connect()
-    try:
+    with db.connection() as conn:
         return conn.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND id <= ?", (job_id,)).fetchone()[0]
-    finally:
-        conn.close()
 
 
 def cancel(job_id: int) -> Job:
     """A queued job is cancelled at once; a running one stops at its next check (the training's should_stop)."""
-    with transaction() as conn:
+    with db.transaction() as conn:
         row = conn.execute("SELECT status FROM jobs WHERE id = ?", (int(job_id),)).fetchone()
         if row is None:
             raise JobError(f"there is no job {job_id}")
@@ -227,11 +156,8 @@ def cancel(job_id: int) -> Job:
 
 
 def cancel_requested(job_id: int) -> bool:
-    conn = connect()
-    try:
+    with db.connection() as conn:
         row = conn.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
-    finally:
-        conn.close()
     return bool(row and row[0])
 
 
@@ -244,19 +170,16 @@ def slot_accepts(slot: str, slots: list[str]) -> list[str]:
 
 
 def queued_count(devices: list[str]) -> int:
-    conn = connect()
-    try:
+    with db.connection() as conn:
         return conn.execute(
             f"SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND device IN ({','.join('?' * len(devices))})",
             devices,
         ).fetchone()[0]
-    finally:
-        conn.close()
 
 
 def claim_next(slot: str, devices: list[str], worker_id: str, pid: int) -> Job | None:
     """Atomically move the oldest queued job this slot accepts to running, owned by this worker."""
-    with transaction() as conn:
+    with db.transaction() as conn:
         row = conn.execute(
             f"SELECT id FROM jobs WHERE status = 'queued' AND device IN ({','.join('?' * len(devices))}) "
             "ORDER BY id LIMIT 1", devices,
@@ -273,26 +196,20 @@ def claim_next(slot: str, devices: list[str], worker_id: str, pid: int) -> Job |
 
 
 def set_progress(job_id: int, progress: dict) -> None:
-    conn = connect()
-    try:
+    with db.connection() as conn:
         conn.execute("UPDATE jobs SET progress = ?, heartbeat = ? WHERE id = ?",
                      (json.dumps(progress, default=_jsonable), time.time(), job_id))
-    finally:
-        conn.close()
 
 
 def finish(job_id: int, status: str, error: str | None = None, only_if_running: bool = True) -> bool:
     """Record the outcome; with only_if_running a job already finished (e.g. by the reaper) is left alone."""
     if status not in ("done", "failed", "cancelled"):
         raise JobError(f"a job finishes as done, failed or cancelled, not {status!r}")
-    conn = connect()
-    try:
+    with db.connection() as conn:
         sql = "UPDATE jobs SET status = ?, error = ?, finished = ? WHERE id = ?"
         if only_if_running:
             sql += " AND status = 'running'"
         return conn.execute(sql, (status, error, time.time(), job_id)).rowcount > 0
-    finally:
-        conn.close()
 
 
 def _jsonable(value):
@@ -306,37 +223,28 @@ def _jsonable(value):
 
 def register_worker(worker_id: str, slot: str, pid: int) -> None:
     now = time.time()
-    conn = connect()
-    try:
+    with db.connection() as conn:
         conn.execute("INSERT OR REPLACE INTO workers (id, slot, pid, host, started, heartbeat) VALUES (?, ?, ?, ?, ?, ?)",
                      (worker_id, slot, pid, hostname(), now, now))
-    finally:
-        conn.close()
 
 
 def worker_heartbeat(worker_id: str, job_id: int | None) -> None:
     now = time.time()
-    conn = connect()
-    try:
+    with db.connection() as conn:
         conn.execute("UPDATE workers SET heartbeat = ?, job_id = ? WHERE id = ?", (now, job_id, worker_id))
         if job_id is not None:
             conn.execute("UPDATE jobs SET heartbeat = ? WHERE id = ? AND status = 'running'", (now, job_id))
-    finally:
-        conn.close()
 
 
 def unregister_worker(worker_id: str) -> None:
-    conn = connect()
-    try:
+    with db.connection() as conn:
         conn.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
-    finally:
-        conn.close()
 
 
 def retire_worker_if_idle(worker_id: str, devices: list[str], release) -> bool:
     """Unregister the worker and call release() (its slot lock) only if nothing it accepts is queued, atomically:
     a job submitted meanwhile either is seen here or finds the slot free and gets a new worker."""
-    with transaction() as conn:
+    with db.transaction() as conn:
         waiting = conn.execute(
             f"SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND device IN ({','.join('?' * len(devices))})",
             devices,
@@ -349,8 +257,5 @@ def retire_worker_if_idle(worker_id: str, devices: list[str], release) -> bool:
 
 
 def list_workers() -> list[dict]:
-    conn = connect()
-    try:
+    with db.connection() as conn:
         return [dict(r) for r in conn.execute("SELECT * FROM workers ORDER BY started").fetchall()]
-    finally:
-        conn.close()

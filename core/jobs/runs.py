@@ -6,8 +6,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core import config
-from core.jobs.queue import JobError, _jsonable, connect
+from core import config, db
+from core.jobs.queue import JobError, _jsonable
 
 
 @dataclass
@@ -43,14 +43,11 @@ def register_run(path: str | Path, job_id: int | None = None, params: dict | Non
             params = json.loads((path / "config.json").read_text())
         except (OSError, ValueError):
             params = {}
-    conn = connect()
-    try:
+    with db.connection() as conn:
         conn.execute(
             "INSERT OR REPLACE INTO runs (id, job_id, path, params, metrics, extra, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (path.name, job_id, str(path), json.dumps(params, default=_jsonable),
              json.dumps(metrics, default=_jsonable), json.dumps(extra or {}, default=_jsonable), time.time()))
-    finally:
-        conn.close()
     if current_run() is None:
         set_current_run(path.name)
     return get_run(path.name)
@@ -63,11 +60,8 @@ def _run(row) -> Run:
 
 
 def get_run(run_id: str) -> Run:
-    conn = connect()
-    try:
+    with db.connection() as conn:
         row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
-    finally:
-        conn.close()
     if row is None:
         raise JobError(f"there is no run {run_id!r}")
     return _run(row)
@@ -75,11 +69,8 @@ def get_run(run_id: str) -> Run:
 
 def list_runs() -> list[Run]:
     """Newest first, runs whose folder was deleted left out."""
-    conn = connect()
-    try:
+    with db.connection() as conn:
         rows = conn.execute("SELECT * FROM runs ORDER BY created DESC").fetchall()
-    finally:
-        conn.close()
     return [run for run in map(_run, rows) if Path(run.path).is_dir()]
 
 

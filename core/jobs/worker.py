@@ -2,7 +2,6 @@
 that marks a job failed as soon as the process running it is gone."""
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import subprocess
@@ -11,6 +10,9 @@ import threading
 import time
 import uuid
 from pathlib import Path
+
+import psutil
+from filelock import FileLock, Timeout
 
 from core import config, gpu
 from core.jobs import queue as jobs
@@ -25,7 +27,7 @@ LOCK_WAIT_S = 5.0
 STALE_S = 30.0  # a job on another host counts as dead when its heartbeat is older than this
 
 
-# --- slot locks: held by the worker process for its whole life; the kernel drops them when it dies ---------------
+# --- slot locks: held by the worker process for its whole life; the OS drops them when it dies ---------------------
 
 def _lock_path(slot: str) -> Path:
     folder = config.home() / "workers"
@@ -34,29 +36,23 @@ def _lock_path(slot: str) -> Path:
 
 
 class SlotLock:
+    """An OS file lock (flock) on the slot's lock file: never a lock file that outlives a killed process."""
+
     def __init__(self, slot: str):
         self.slot = slot
-        self.handle = None
+        # One lock per process, whichever thread releases it; never the "soft" lock file a dead process leaves held.
+        self.lock = FileLock(_lock_path(slot), thread_local=False, fallback_to_soft=False)
 
     def acquire(self, wait_s: float = 0.0) -> bool:
-        handle = open(_lock_path(self.slot), "a+")
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self.handle = handle
-                return True
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    handle.close()
-                    return False
-                time.sleep(0.1)
+        try:
+            self.lock.acquire(timeout=wait_s, poll_interval=0.1)
+        except Timeout:
+            return False
+        return True
 
     def release(self) -> None:
-        if self.handle is not None:
-            fcntl.flock(self.handle, fcntl.LOCK_UN)
-            self.handle.close()
-            self.handle = None
+        if self.lock.is_locked:
+            self.lock.release(force=True)
 
 
 def slot_is_held(slot: str) -> bool:
@@ -73,19 +69,11 @@ def pid_alive(pid: int | None) -> bool:
     if not pid:
         return False
     try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rpartition(")")[2].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
         return False
-    except OSError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    return True
 
 
 def reap_dead_jobs() -> list[int]:
@@ -143,9 +131,9 @@ def _starting(slot: str) -> bool:
             and time.monotonic() - when < SPAWN_GRACE_S)
 
 
-def launch(kind: str, params: dict) -> jobs.Job:
+def launch(kind: str, params: dict, user: str | None = None) -> jobs.Job:
     """Queue a job and make sure a worker will run it: what a page's Launch button does."""
-    job = jobs.submit(kind, params)
+    job = jobs.submit(kind, params, user=user)
     ensure_workers()
     return job
 
