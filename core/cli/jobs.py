@@ -6,7 +6,7 @@ import json
 import math
 import time
 
-from core.cli.models import add_train_options
+from core.cli.models import add_train_options, config_from_args
 from core.errors import UsageError
 from core.jobs.params import describe_dataset, training_problems
 
@@ -66,8 +66,8 @@ def _submit(args) -> int:
     if args.kind == "sleep":
         params = {"seconds": args.seconds, "device": args.device}
     else:
-        from core.cli.models import config_from_args
         from core.data.loading import load_dataset
+        from core.jobs.describe import search_params, trial_epochs
 
         if not args.data:
             raise UsageError("--data DIR is required for a training or a search")
@@ -75,9 +75,9 @@ def _submit(args) -> int:
         params = facts | config_from_args(args, job=True).to_params()
         if args.kind == "train":
             problems = training_problems(params, facts["n_train"], gpu.cuda_available())
-        else:
-            params = {k: v for k, v in params.items() if k not in hpo.search_space()}
-            params.update(n_trials=args.trials, parallel=args.parallel, full_epochs=args.full_epochs or params["epochs"])
+        else:  # as the Train page's search form: trials as long as --epochs (else short), then the full training
+            params = search_params(params, args.trials, args.parallel, args.epochs or trial_epochs(params),
+                                   args.full_epochs or params["epochs"])
             problems = hpo.search_problems(params, facts["n_train"], gpu.cuda_available())
         if problems:
             raise UsageError("; ".join(problems))

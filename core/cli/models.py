@@ -9,6 +9,7 @@ from core.data.images import SUPPORTED_SUFFIXES
 from core.errors import UsageError
 from core.training import config as training_config
 
+
 def add_train_options(parser, job: bool = False) -> None:
     """One option per TrainConfig setting, from its metadata (flag, type, choices, default, help); job: the options
     of `submit train|hpo` (no run folder, no resume, nothing required)."""

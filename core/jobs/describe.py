@@ -12,7 +12,7 @@ def duration(seconds: float | None) -> str:
     """'42 s', '3 min 05 s', '1 h 02 min'; '–' when unknown."""
     if seconds is None:
         return "–"
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     if seconds < 60:
         return f"{seconds} s"
     if seconds < 3600:

@@ -165,7 +165,7 @@ class TrainConfig:
                   f"the batch size ({self.batch_size}) is larger than the training set ({n_train} photos)")
         return problems
 
-    def for_dataset(self, dataset) -> "TrainConfig":
+    def for_dataset(self, dataset) -> TrainConfig:
         """This configuration with the defaults that depend on the dataset resolved (balance: its recommendation)."""
         if self.balance is not None:
             return self
@@ -176,7 +176,7 @@ class TrainConfig:
                                 "image_size": self.input_height, "aspect": self.input_aspect, "tta": self.test_views}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
+    def from_dict(cls, data: dict) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
@@ -188,7 +188,7 @@ class TrainConfig:
                 if item.in_job and resolved[item.name] is not None}
 
     @classmethod
-    def from_params(cls, params: dict, out, device: str | None = None) -> "TrainConfig":
+    def from_params(cls, params: dict, out, device: str | None = None) -> TrainConfig:
         """The configuration job params stand for (keys that are not settings, such as the dataset facts, are
         ignored), writing into `out`, on `device` when given (the worker's slot)."""
         config = cls.from_dict(params)
