@@ -2,7 +2,6 @@
 hyperparameters."""
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import pandas as pd
@@ -14,10 +13,10 @@ from plotly.subplots import make_subplots
 from core import gpu
 from core.jobs import hpo, worker
 from core.jobs import queue as jobs
-from core.jobs.estimates import estimate_seconds, input_shape
+from core.jobs.describe import duration, params_summary, progress_text, search_params, trial_epochs
+from core.jobs.estimates import estimate_seconds
 from core.jobs.params import describe_dataset, training_problems
 from core.jobs.runs import current_run, final_metrics, list_runs, set_current_run
-from core.models.networks import BACKBONES
 from core.training import config as training
 from app_pages.common import current_dataset
 
@@ -27,93 +26,84 @@ IMAGE_SIZES = [96, 128, 160, 192, 224, 256, 288, 320, 384, 448]
 ASPECTS = [1.0, 1.37]
 ASPECT_NAMES = {1.0: "square (1.0)", 1.37: "the bins' shape (1.37)"}
 TTA_NAMES = {"none": "the photo only", "hflip": "photo + left-right mirror", "flips": "photo + its 3 mirrors"}
-MODE_HELP = {"frozen": "backbone frozen, features computed once: minutes on a CPU",
-             "finetune": "the whole network learns: slower, usually more accurate"}
-
-
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-
-
-def training_defaults() -> dict:
-    return {f.name: f.default for f in dataclasses.fields(training.TrainConfig) if f.default is not dataclasses.MISSING}
-
-
-def params_summary(params: dict) -> str:
-    if "seconds" in params and "backbone" not in params:
-        return f"{params['seconds']} s check"
-    parts = [params.get("backbone", "?"), params.get("mode", "?")]
-    if params.get("epochs"):
-        parts.append(f"{params['epochs']} epochs")
-    if params.get("batch_size"):
-        parts.append(f"batch {params['batch_size']}")
-    if params.get("lr"):
-        parts.append(f"lr {params['lr']:g}")
-    if params.get("image_size"):
-        height, aspect = input_shape(params)
-        parts.append(f"{height} px" if aspect == 1.0 else f"{height}×{round(height * aspect)} px")
-    if params.get("balance") and params["balance"] != "none":
-        parts.append(f"balance {params['balance']}")
-    if params.get("n_trials"):
-        parts.append(f"{params['n_trials']} trials")
-    return " · ".join(str(p) for p in parts)
 
 
 # ---------------------------------------------------------------------------------------------- the form
 
+def setting_widget(container, item: training.Setting, value, key: str, **extra):
+    """The widget for one TrainConfig setting, by its kind: choices, yes/no, a number or text."""
+    common = {"help": item.help or None, "key": key}
+    if item.choices:
+        options = list(item.choices)
+        index = options.index(value) if value in options else None
+        return container.selectbox(item.label, options, index=index, **common, **extra)
+    if item.type is bool:
+        return container.checkbox(item.label, value=bool(value), **common)
+    if item.type is int:
+        return container.number_input(item.label, value=None if value is None else int(value), step=1, **common)
+    if item.type is float:
+        step = item.step or (abs(value) / 10 if value else 0.01)
+        return container.number_input(item.label, value=None if value is None else float(value), step=float(step),
+                                      format="%g", **common)
+    return container.text_input(item.label, value="" if value is None else str(value), **common) or None
+
+
+def advanced_settings() -> dict:
+    """Every setting meant for the Advanced expander, drawn by its kind: a new TrainConfig field appears here."""
+    items = [item for item in training.settings() if item.page == training.ADVANCED]
+    values = {}
+    with st.expander("Advanced"):
+        columns = st.columns(3)
+        for number, item in enumerate(items):
+            values[item.name] = setting_widget(columns[number % 3], item, item.default, f"train_{item.name}")
+    return values
+
+
 def training_form(dataset, facts: dict, on_gpu: bool) -> dict | None:
     """The training parameters chosen, with the reasons they cannot work shown; None when they cannot."""
-    defaults = training_defaults()
+    items = {item.name: item for item in training.settings()}
     st.caption(f"Dataset `{facts['data']}` · version `{facts['dataset_version']}` · classes "
                f"{', '.join(map(str, facts['classes']))} · {facts['n_train']:,} train / {facts['n_valid']:,} valid / "
                f"{facts['n_test']:,} test photos. Change it in the sidebar.")
     left, middle, right = st.columns(3)
-    backbones = list(BACKBONES)
-    backbone = left.selectbox("Backbone", backbones, index=backbones.index(defaults.get("backbone", backbones[0])),
-                              key="train_backbone")
-    mode = left.radio("Mode", ["frozen", "finetune"], index=["frozen", "finetune"].index(defaults.get("mode", "frozen")),
-                      format_func=lambda m: f"{m} — {MODE_HELP[m]}", key="train_mode")
-    # Epochs and learning rate have per-mode defaults, so each mode keeps its own widget.
-    epochs = middle.number_input("Epochs", value=int(training.DEFAULT_EPOCHS[mode]), step=1,
-                                 key=f"train_epochs_{mode}")
-    batch_size = middle.number_input("Batch size", value=int(defaults.get("batch_size", 32)), step=1,
-                                     key="train_batch")
-    lr = middle.number_input("Learning rate", value=float(training.DEFAULT_LR[mode]), step=0.0001, format="%.5f",
-                             key=f"train_lr_{mode}")
-    size_default, aspect_default = training.DEFAULT_INPUT[mode]
+    backbone = setting_widget(left, items["backbone"], items["backbone"].default, "train_backbone")
+    mode_item = items["mode"]
+    mode = left.radio(mode_item.label, list(mode_item.choices), index=list(mode_item.choices).index(mode_item.default),
+                      help=mode_item.help, key="train_mode")
+    # Settings left to the mode (epochs, lr, input, views) have per-mode defaults, so each mode keeps its own widget.
+    mode_defaults = training.TrainConfig(mode=mode)
+    epochs = setting_widget(middle, items["epochs"], mode_defaults.n_epochs, f"train_epochs_{mode}")
+    batch_size = setting_widget(middle, items["batch_size"], items["batch_size"].default, "train_batch")
+    lr_item = items["lr"]
+    lr = middle.number_input(lr_item.label, value=float(mode_defaults.learning_rate), step=0.0001, format="%.5f",
+                             help=lr_item.help, key=f"train_lr_{mode}")
+    size_default, aspect_default = mode_defaults.input_height, mode_defaults.input_aspect
     sizes = sorted(set(IMAGE_SIZES + [size_default]))
-    image_size = right.selectbox("Image height (px)", sizes, index=sizes.index(size_default), key=f"train_size_{mode}")
+    image_size = right.selectbox(items["image_size"].label, sizes, index=sizes.index(size_default),
+                                 help=items["image_size"].help, key=f"train_size_{mode}")
     aspects = sorted(set(ASPECTS) | {aspect_default})
-    aspect = right.selectbox("Shape (width ÷ height)", aspects, index=aspects.index(aspect_default),
-                             format_func=lambda a: ASPECT_NAMES.get(a, f"{a:g}"), key=f"train_aspect_{mode}",
-                             help="Bin photos are about 1.37 times wider than high; keeping that shape helps fine-tuning.")
-    balances = ["none", "weights", "sampler"]
-    balance = right.selectbox("Balancing", balances, index=balances.index(defaults.get("balance", "none")),
-                              help="weights: loss weighted by inverse class frequency; sampler: rare classes drawn "
-                                   "more often", key="train_balance")
-    tta_choices = list(TTA_NAMES)
-    tta = middle.selectbox("Test-time views", tta_choices, index=tta_choices.index(training.DEFAULT_TTA[mode]),
-                           format_func=TTA_NAMES.get, key=f"train_tta_{mode}",
-                           help="Each photo's prediction is the average over these views of it; its 3 mirrors are "
-                                "left-right, top-bottom and both.")
-    devices = ["auto", "cpu"] + (["cuda"] if on_gpu else [])
-    device = right.selectbox("Device", devices, key="train_device")
-    params = {**facts, "backbone": backbone, "mode": mode, "epochs": int(epochs), "batch_size": int(batch_size),
+    aspect = right.selectbox(items["aspect"].label, aspects, index=aspects.index(aspect_default),
+                             format_func=lambda a: ASPECT_NAMES.get(a, f"{a:g}"), help=items["aspect"].help,
+                             key=f"train_aspect_{mode}")
+    if st.session_state.get("train_balance_dataset") != facts["dataset_key"]:
+        # Another dataset: its own recommended balance becomes the default again.
+        st.session_state.pop("train_balance", None)
+        st.session_state["train_balance_dataset"] = facts["dataset_key"]
+    balance = setting_widget(right, items["balance"], training.default_balance(dataset), "train_balance")
+    tta = setting_widget(middle, items["tta"], mode_defaults.test_views, f"train_tta_{mode}",
+                         format_func=lambda v: TTA_NAMES.get(v, v))
+    device_item = items["device"]
+    devices = [d for d in device_item.choices if on_gpu or not d.startswith("cuda")]
+    device = right.selectbox(device_item.label, devices, help=device_item.help, key="train_device")
+    params = {**facts, "backbone": backbone, "mode": mode, "epochs": epochs, "batch_size": batch_size,
               "lr": float(lr), "image_size": int(image_size), "aspect": float(aspect), "tta": tta,
-              "balance": balance, "device": device}
+              "balance": balance, "device": device, **advanced_settings()}
     problems = training_problems(params, facts["n_train"], on_gpu)
     if problems:
         st.error("**These settings cannot be trained:**\n" + "\n".join(f"- {p}" for p in problems))
         return None
     seconds, measured = estimate_seconds(params, facts["n_train"], facts["n_valid"], facts["n_test"],
-                                              on_gpu and device != "cpu")
+                                         on_gpu and device != "cpu")
     st.caption(f"Estimated duration: about **{duration(seconds)}** "
                + ("(from the images/s measured by earlier runs on this machine)." if measured else
                   "(a rough guess: the first run measures this machine's images/s and later estimates use it)."))
@@ -143,17 +133,6 @@ def curves(history: list[dict]) -> go.Figure | None:
     figure.update_yaxes(tickformat=".0%", row=1, col=2)
     figure.update_layout(height=280, margin={"t": 30, "b": 10, "l": 10, "r": 10})
     return figure
-
-
-def progress_text(progress: dict) -> str:
-    stage = progress.get("stage") or "starting"
-    text = {"features": "Computing backbone features", "train": "Training", "evaluate": "Evaluating on the test split",
-            "search": "Searching", "sleep": "Checking the queue", "done": "Finishing"}.get(stage, stage)
-    if progress.get("epoch") and stage == "train":
-        text += f" — epoch {progress['epoch']}/{progress.get('epochs', '?')}"
-    if progress.get("message"):
-        text += f" · {progress['message']}"
-    return text
 
 
 def running_view(job: jobs.Job) -> None:
@@ -307,34 +286,25 @@ def search_results(job: jobs.Job) -> None:
 
 
 def search_form(base: dict | None, facts: dict, on_gpu: bool) -> None:
-    st.caption("Like the original study's tuner: learning rate 0.001–0.1 (log-uniform) and batch size in "
-               "{16, 32, 64, 128, 256} (those that fit the training set), minimising the final valid loss. "
-               "The other settings come from the form above.")
+    st.caption(f"Like the original study's tuner: {hpo.describe_space(hpo.search_space(facts['n_train']))}, "
+               "minimising the final valid loss. The other settings come from the form above.")
     if base is None:
         st.info("Fix the training settings above first.")
         return
     left, middle, right, last = st.columns(4)
     n_trials = left.number_input("Trials", value=hpo.DEFAULT_TRIALS, step=1, key="hpo_trials")
     parallel = middle.number_input("In parallel", value=2, step=1, key="hpo_parallel")
-    # Frozen epochs are cheap once the features are cached; fine-tuning trials are kept short.
-    trial_epochs = right.number_input("Epochs per trial", step=1, key=f"hpo_epochs_{base['mode']}",
-                                      value=int(base["epochs"]) if base["mode"] == "frozen" else min(int(base["epochs"]), 3))
+    epochs = right.number_input("Epochs per trial", value=trial_epochs(base), step=1, key=f"hpo_epochs_{base['mode']}")
     full_epochs = last.number_input("Epochs of the full training", value=int(base["epochs"]), step=1,
                                     key=f"hpo_full_epochs_{base['mode']}")
-    problems = [m for bad, m in ((n_trials < 1, "Trials must be at least 1."),
-                                 (parallel < 1, "In parallel must be at least 1."),
-                                 (full_epochs < 1, "The full training needs at least 1 epoch.")) if bad]
-    params = {**base, "epochs": int(trial_epochs), "n_trials": int(n_trials), "parallel": int(parallel),
-              "full_epochs": int(full_epochs)}
-    params["batch_size"] = hpo.batch_choices(facts["n_train"])[0]
-    problems += training_problems(params, facts["n_train"], on_gpu)
+    params = search_params(base, n_trials, parallel, epochs, full_epochs)
+    problems = hpo.search_problems(params, facts["n_train"], on_gpu)
     allowed, why = hpo.parallel_trials(int(max(parallel, 1)), "cuda" if on_gpu and base["device"] != "cpu" else "cpu")
     if why:
         st.caption(f"{allowed} trial(s) at a time here: {why}.")
     if problems:
         st.error("**This search cannot run:**\n" + "\n".join(f"- {p}" for p in problems))
         return
-    params.pop("batch_size")
     if st.button("Launch the search", key="hpo_launch"):
         launch("hpo", params)
         st.rerun()

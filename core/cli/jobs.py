@@ -6,6 +6,7 @@ import json
 import math
 import time
 
+from core.cli.models import add_train_options, config_from_args
 from core.errors import UsageError
 from core.jobs.params import describe_dataset, training_problems
 
@@ -66,25 +67,20 @@ def _submit(args) -> int:
         params = {"seconds": args.seconds, "device": args.device}
     else:
         from core.data.loading import load_dataset
+        from core.jobs.describe import search_params, trial_epochs
 
         if not args.data:
             raise UsageError("--data DIR is required for a training or a search")
-        dataset = load_dataset(args.data)
-        facts = describe_dataset(dataset)
-        params = {**facts, "backbone": args.backbone, "mode": args.mode, "epochs": args.epochs,
-                  "batch_size": args.batch_size, "lr": args.lr, "image_size": args.image_size,
-                  "aspect": args.aspect, "balance": args.balance, "device": args.device}
-        params = {k: v for k, v in params.items() if v is not None}
-        if args.kind == "hpo":
-            params.update(n_trials=args.trials, parallel=args.parallel, full_epochs=args.full_epochs or args.epochs)
-            params["batch_size"] = hpo.batch_choices(facts["n_train"])[0]  # checked like a training
-        problems = training_problems(params, facts["n_train"], gpu.cuda_available())
-        if args.kind == "hpo" and (args.trials < 1 or args.parallel < 1):
-            problems.append("--trials and --parallel must be at least 1")
+        facts = describe_dataset(load_dataset(args.data))
+        params = facts | config_from_args(args, job=True).to_params()
+        if args.kind == "train":
+            problems = training_problems(params, facts["n_train"], gpu.cuda_available())
+        else:  # as the Train page's search form: trials as long as --epochs (else short), then the full training
+            params = search_params(params, args.trials, args.parallel, args.epochs or trial_epochs(params),
+                                   args.full_epochs or params["epochs"])
+            problems = hpo.search_problems(params, facts["n_train"], gpu.cuda_available())
         if problems:
             raise UsageError("; ".join(problems))
-        if args.kind == "hpo":
-            params.pop("batch_size")
     try:
         job = jobs.submit(args.kind, params)
     except jobs.JobError as exc:
@@ -123,16 +119,7 @@ def register(subparsers) -> None:
 
     submit = subparsers.add_parser("submit", help="queue a training, a hyperparameter search or a sleep check")
     submit.add_argument("kind", choices=["train", "hpo", "sleep"])
-    submit.add_argument("--data", default=None)
-    submit.add_argument("--backbone", default=None)
-    submit.add_argument("--mode", default=None, choices=["frozen", "finetune"])
-    submit.add_argument("--epochs", type=int, default=None)
-    submit.add_argument("--batch-size", type=int, default=None)
-    submit.add_argument("--lr", type=float, default=None)
-    submit.add_argument("--image-size", type=int, default=None, help="input height (default: 224 frozen, 288 finetune)")
-    submit.add_argument("--aspect", type=float, default=None, help="input width / height (default: 1.0 frozen, 1.37 finetune)")
-    submit.add_argument("--balance", default=None, choices=["none", "weights", "sampler"])
-    submit.add_argument("--device", default="auto")
+    add_train_options(submit, job=True)
     submit.add_argument("--trials", type=int, default=10, help="hpo: number of trials")
     submit.add_argument("--parallel", type=int, default=1, help="hpo: trials at once, where resources allow")
     submit.add_argument("--full-epochs", type=int, default=None, help="hpo: epochs of the full training afterwards")

@@ -6,26 +6,43 @@ from pathlib import Path
 
 from core.data.images import SUPPORTED_SUFFIXES
 from core.errors import UsageError
+from core.training import config as training_config
 
-# Literal copies of core.models / core.training choices, so building the parser does not import torch.
-BACKBONES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50", "resnet18", "simple_cnn"]
-HEADS, MODES, BALANCE = ["linear", "mlp"], ["frozen", "finetune"], ["none", "weights", "sampler"]
-TTA = ["none", "hflip", "flips"]
-LOSSES, SCHEDULES = ["ce", "emd"], ["cosine", "onecycle"]
+
+def add_train_options(parser, job: bool = False) -> None:
+    """One option per TrainConfig setting, from its metadata (flag, type, choices, default, help); job: the options
+    of `submit train|hpo` (no run folder, no resume, nothing required)."""
+    for item in training_config.settings():
+        if job and not item.in_job:
+            continue
+        options = {"dest": item.name, "default": item.default, "help": item.help or None}
+        if item.type is bool:
+            options["action"] = "store_false" if item.default is True else "store_true"
+            if item.default is True:
+                options["help"] = f"turn off: {item.help}"
+        else:
+            options["type"] = item.type
+            if item.choices and not item.open_choices:
+                options["choices"] = list(item.choices)
+            else:
+                options["metavar"] = ("{" + ",".join(map(str, item.choices)) + ",…}" if item.choices
+                                      else item.flag.lstrip("-").upper().replace("-", "_"))
+            if item.default is not None and "default" not in item.help:
+                options["help"] = f"{item.help} (default: {item.default})"
+            options["required"] = item.required and not job
+        parser.add_argument(item.flag, **options)
+
+
+def config_from_args(args, job: bool = False):
+    """The TrainConfig the options added by add_train_options stand for."""
+    return training_config.TrainConfig(**{item.name: getattr(args, item.name) for item in training_config.settings()
+                                          if not job or item.in_job})
 
 
 def _train(args) -> int:
-    from core.training.config import TrainConfig
     from core.training.loop import train
 
-    config = TrainConfig(
-        data=args.data, out=args.out, backbone=args.backbone, mode=args.mode, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, image_size=args.image_size, aspect=args.aspect,
-        balance=args.balance, device=args.device, head=args.head, loss=args.loss,
-        label_smoothing=args.label_smoothing, weights=args.weights, resume=args.resume, patience=args.patience,
-        num_workers=args.workers, seed=args.seed, tta=args.tta, augment=not args.no_augment,
-        schedule=args.schedule, weight_decay=args.weight_decay, backbone_lr_factor=args.backbone_lr_factor,
-    )
+    config = config_from_args(args)
     if not Path(args.data).expanduser().exists():
         raise UsageError(f"{args.data}: no such dataset folder")
     printer = _ProgressPrinter()
@@ -150,33 +167,7 @@ def _predict(args) -> int:
 
 def register(subparsers) -> None:
     train = subparsers.add_parser("train", help="train a counting model on a labelled folder")
-    train.add_argument("--data", required=True, help="dataset folder (ABID layout, ImageFolder or file_list.json)")
-    train.add_argument("--out", required=True, help="run folder for model.pt, metrics.json, config.json, log.txt")
-    train.add_argument("--backbone", choices=BACKBONES, default="efficientnet_lite0")
-    train.add_argument("--mode", choices=MODES, default="frozen")
-    train.add_argument("--epochs", type=int, default=None, help="default: 40 frozen, 6 finetune")
-    train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--lr", type=float, default=None, help="head learning rate (default 1e-4 frozen, 1e-3 finetune)")
-    train.add_argument("--backbone-lr-factor", type=float, default=0.3, help="finetune: backbone lr = lr × this")
-    train.add_argument("--weight-decay", type=float, default=0.01)
-    train.add_argument("--schedule", choices=SCHEDULES, default="cosine")
-    train.add_argument("--image-size", type=int, default=None, help="input height in pixels (default: 224 frozen, 288 finetune)")
-    train.add_argument("--aspect", type=float, default=None, help="input width / height (default: 1.0 frozen, 1.37 finetune)")
-    train.add_argument("--balance", choices=BALANCE, default="weights")
-    train.add_argument("--loss", choices=LOSSES, default="emd", help="emd: cross-entropy + a count-aware (ordinal) term; ce: plain")
-    train.add_argument("--label-smoothing", type=float, default=0.0)
-    train.add_argument("--head", choices=HEADS, default="mlp")
-    train.add_argument("--tta", choices=TTA, default=None,
-                       help="test-time augmentation: average each photo's prediction over its mirror images "
-                            "(flips: left-right, top-bottom and both; hflip: left-right only; "
-                            "default: flips for finetune, none for frozen)")
-    train.add_argument("--no-augment", action="store_true")
-    train.add_argument("--weights", default=None, help="backbone weights file (.pth), e.g. for resnet50/resnet18")
-    train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--patience", type=int, default=8, help="early stopping patience in epochs (0: off)")
-    train.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: cores − 1)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add_train_options(train)
     train.set_defaults(handler=_train)
 
     evaluate = subparsers.add_parser("evaluate", help="score a model on a labelled folder's split")

@@ -1,8 +1,8 @@
 """How long a training will take: from the images/s earlier runs measured on this machine, else a rough guess."""
 from __future__ import annotations
 
-from core.jobs.params import make_train_config
 from core.jobs.runs import list_runs
+from core.training.config import TrainConfig
 
 # Rough images/s on 2 CPU cores at 224 px before any run has measured this machine.
 DEFAULT_SPEED = {"features": 25.0, "train": 6.0, "head": 5000.0}
@@ -11,7 +11,7 @@ GPU_SPEEDUP = 25.0
 
 def input_shape(params: dict) -> tuple[int, float]:
     """(height px, width / height) a training with these params sees its photos at (mode defaults included)."""
-    config = make_train_config(params, "")
+    config = TrainConfig.from_params(params, "")
     return config.input_height, config.input_aspect
 
 
@@ -43,10 +43,11 @@ def estimate_seconds(params: dict, n_train: int, n_valid: int, n_test: int, on_g
     if speeds is None:
         scale = 224 ** 2 / _pixels(params) * (GPU_SPEEDUP if on_gpu else 1.0)
         speeds = {stage: value * scale for stage, value in DEFAULT_SPEED.items()}
-    epochs = max(int(params.get("epochs") or 1), 1)
+    config = TrainConfig.from_params(params, "")
+    epochs = max(int(config.n_epochs), 1)
     features = speeds.get("features") or DEFAULT_SPEED["features"]
-    views = len(TTA_VIEWS.get(make_train_config(params, "").test_views, ("plain",)))  # test-time views scored
-    if params.get("mode") == "frozen":
+    views = len(TTA_VIEWS.get(config.test_views, ("plain",)))  # test-time views scored
+    if config.mode == "frozen":
         head = max(speeds.get("train") or 0, DEFAULT_SPEED["head"]) if measured else DEFAULT_SPEED["head"]
         seconds = views * (n_train + n_valid + n_test) / features + epochs * (n_train + n_valid) / head
     else:

@@ -1,5 +1,6 @@
-"""Hyperparameter search like the original study's tuner: Optuna over learning rate (0.001–0.1, log-uniform) and
-batch size ({16, 32, 64, 128, 256}), minimising the final valid loss; a search runs as one job."""
+"""Hyperparameter search like the original study's tuner: Optuna over TrainConfig's searchable settings (their
+metadata's search space: learning rate 0.001–0.1 log-uniform, batch size {16, 32, 64, 128, 256}), minimising the
+final valid loss; a search runs as one job."""
 from __future__ import annotations
 
 import json
@@ -14,18 +15,65 @@ import pandas as pd
 from core.errors import Cancelled, describe_error
 from core.files import atomic_write_json
 from core.jobs import queue as jobs
-from core.jobs.params import make_train_config
+from core.jobs.params import training_problems
+from core.training import config as training_config
 
-BATCH_SIZES = (16, 32, 64, 128, 256)
-LR_RANGE = (0.001, 0.1)
 RESULTS_FILE = "trials.json"
 DEFAULT_TRIALS = 10
+SEARCH_ONLY = ("n_trials", "parallel", "full_epochs")  # params of the search itself, not of its trainings
 
 
 def batch_choices(n_train: int) -> list[int]:
-    """The study's batch sizes that fit the training set (the smallest always stays, so there is a choice)."""
-    fitting = [b for b in BATCH_SIZES if b <= n_train]
-    return fitting or [BATCH_SIZES[0]]
+    """The searched batch sizes that fit the training set (the smallest always stays, so there is a choice)."""
+    sizes = sorted(training_config.search_space()["batch_size"]["choice"])
+    fitting = [b for b in sizes if b <= n_train]
+    return fitting or sizes[:1]
+
+
+def search_space(n_train: int | None = None) -> dict[str, dict]:
+    """The space searched, from TrainConfig's metadata; batch sizes larger than the training set are left out."""
+    space = dict(training_config.search_space())
+    if n_train is not None and "batch_size" in space:
+        space["batch_size"] = {"choice": tuple(batch_choices(n_train))}
+    return space
+
+
+def describe_space(space: dict[str, dict]) -> str:
+    """'lr 0.001–0.1 (log-uniform), batch_size in {16, 32}'."""
+    parts = []
+    for name, spec in space.items():
+        if "choice" in spec:
+            parts.append(f"{name} in {{{', '.join(str(v) for v in spec['choice'])}}}")
+        else:
+            kind = next(iter(spec))
+            low, high = spec[kind]
+            parts.append(f"{name} {low:g}–{high:g} ({kind.replace('_', '-')})")
+    return ", ".join(parts)
+
+
+def suggest(trial, space: dict[str, dict]) -> dict:
+    """One trial's values: a float range ("log_uniform" or "uniform") or a choice per searched setting."""
+    values = {}
+    for name, spec in space.items():
+        if "choice" in spec:
+            values[name] = trial.suggest_categorical(name, list(spec["choice"]))
+        elif "log_uniform" in spec:
+            values[name] = trial.suggest_float(name, *spec["log_uniform"], log=True)
+        else:
+            values[name] = trial.suggest_float(name, *spec["uniform"])
+    return values
+
+
+def search_problems(params: dict, n_train: int, cuda_available: bool) -> list[str]:
+    """Why a search with these params cannot run (empty when it can): its own counts, and its trainings checked with
+    the smallest value of each searched setting."""
+    problems = [message for key, message in (("n_trials", "the number of trials must be at least 1"),
+                                             ("parallel", "trials in parallel must be at least 1"),
+                                             ("full_epochs", "the full training needs at least 1 epoch"))
+                if params.get(key) is not None and params[key] < 1]
+    smallest = {name: min(spec["choice"]) if "choice" in spec else next(iter(spec.values()))[0]
+                for name, spec in search_space(n_train).items()}
+    return problems + training_problems(params | smallest, n_train, cuda_available)
 
 
 def parallel_trials(requested: int, device: str, cores: int | None = None) -> tuple[int, str]:
@@ -63,13 +111,13 @@ def run_search(ctx) -> None:
     out = Path(job.run_dir)
     out.mkdir(parents=True, exist_ok=True)
     n_trials = max(1, int(params.get("n_trials") or DEFAULT_TRIALS))
-    choices = batch_choices(int(params.get("n_train") or max(BATCH_SIZES)))
+    space = search_space(int(params["n_train"]) if params.get("n_train") else None)
     parallel, why = parallel_trials(int(params.get("parallel") or 1), ctx.device)
-    base = {k: v for k, v in params.items() if k not in ("n_trials", "parallel", "full_epochs")}
+    base = {k: v for k, v in params.items() if k not in SEARCH_ONLY}
     lock = threading.Lock()
     state = {"stage": "search", "n_trials": n_trials, "parallel": parallel, "parallel_note": why, "trials": [],
-             "running": {}, "fraction": 0.0, "device": ctx.device, "batch_choices": choices}
-    ctx.log(f"search: {n_trials} trials, {parallel} at a time{' (' + why + ')' if why else ''}, batch sizes {choices}")
+             "running": {}, "fraction": 0.0, "device": ctx.device, "space": space}
+    ctx.log(f"search: {n_trials} trials, {parallel} at a time{' (' + why + ')' if why else ''}: {describe_space(space)}")
 
     def publish(force: bool = False) -> None:
         with lock:
@@ -82,10 +130,9 @@ def run_search(ctx) -> None:
     def objective(trial) -> float:
         if ctx.should_stop():
             raise Cancelled("the search was stopped")
-        lr = trial.suggest_float("lr", *LR_RANGE, log=True)
-        batch_size = trial.suggest_categorical("batch_size", choices)
+        values = suggest(trial, space)
         trial_out = out / f"trial-{trial.number:03d}"
-        train_config = make_train_config({**base, "lr": lr, "batch_size": batch_size}, trial_out, ctx.device)
+        train_config = training_config.TrainConfig.from_params({**base, **values}, trial_out, ctx.device)
         progress = _TrialProgress(trial.number, state, lock, publish)
         trial.set_user_attr("started", time.time())
         metrics = training.train(train_config, on_progress=progress, should_stop=ctx.should_stop)
@@ -95,7 +142,7 @@ def run_search(ctx) -> None:
 
     def record(study, trial) -> None:
         error = trial.user_attrs.get("error")
-        row = {"trial": trial.number, "lr": trial.params.get("lr"), "batch_size": trial.params.get("batch_size"),
+        row = {"trial": trial.number, **{name: trial.params.get(name) for name in space},
                "valid_loss": trial.value, "valid_acc": trial.user_attrs.get("valid_acc"), "state": trial.state.name,
                "seconds": round(time.time() - trial.user_attrs.get("started", time.time()), 1), "error": error}
         with lock:
@@ -105,8 +152,8 @@ def run_search(ctx) -> None:
             if finished:
                 state["best"] = min(finished, key=lambda t: t["valid_loss"])
         atomic_write_json(out / RESULTS_FILE, {"params": params, "trials": state["trials"], "best": state.get("best")})
-        ctx.log(f"trial {trial.number}: {trial.state.name} lr {row['lr']} batch {row['batch_size']} "
-                f"valid_loss {row['valid_loss']}" + (f" ({error})" if error else ""))
+        ctx.log(f"trial {trial.number}: {trial.state.name} " + " ".join(f"{name} {row[name]}" for name in space)
+                + f" valid_loss {row['valid_loss']}" + (f" ({error})" if error else ""))
         publish(force=True)
         if ctx.should_stop():
             study.stop()
@@ -181,21 +228,22 @@ def trials_table(job: jobs.Job) -> pd.DataFrame:
             trials = json.loads((Path(job.run_dir) / RESULTS_FILE).read_text()).get("trials")
         except (OSError, ValueError):
             trials = None
-    frame = pd.DataFrame(trials or [], columns=["trial", "lr", "batch_size", "valid_loss", "valid_acc", "state",
+    frame = pd.DataFrame(trials or [], columns=["trial", *search_space(), "valid_loss", "valid_acc", "state",
                                                 "seconds", "error"])
     return frame.sort_values("valid_loss", na_position="last", kind="stable").reset_index(drop=True)
 
 
 def best_params(job: jobs.Job) -> dict | None:
-    """Training params for the full run: the search's settings with the best trial's lr and batch size."""
+    """Training params for the full run: the search's settings with the best trial's searched values."""
     table = trials_table(job)
     table = table[table["state"] == "COMPLETE"]
     if table.empty:
         return None
     best = table.iloc[0]
-    params = {k: v for k, v in job.params.items() if k not in ("n_trials", "parallel", "full_epochs")}
-    params.update(lr=float(best["lr"]), batch_size=int(best["batch_size"]),
-                  epochs=int(job.params.get("full_epochs") or job.params.get("epochs") or 1),
+    params = {k: v for k, v in job.params.items() if k not in SEARCH_ONLY}
+    types = {item.name: item.type for item in training_config.settings()}
+    params.update({name: types[name](best[name]) for name in search_space()})
+    params.update(epochs=int(job.params.get("full_epochs") or job.params.get("epochs") or 1),
                   from_search=job.id)
     if isinstance(best["valid_loss"], float) and math.isfinite(best["valid_loss"]):
         params["search_valid_loss"] = float(best["valid_loss"])

@@ -1,35 +1,16 @@
-"""Training parameters as jobs carry them: the TrainConfig they stand for, their problems, and the dataset facts."""
+"""Training parameters as jobs carry them (TrainConfig.to_params / from_params): their problems, the dataset facts."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from core import config
-
-
-def make_train_config(params: dict, out: str | Path, device: str | None = None):
-    """A core.training.loop.TrainConfig from job params (unknown keys, such as the dataset version, are left out)."""
-    from dataclasses import fields
-
-    from core.training.config import TrainConfig
-
-    names = {f.name for f in fields(TrainConfig)}
-    values = {key: value for key, value in params.items() if key in names}
-    values["out"] = str(out)
-    if device:
-        values["device"] = device
-    return TrainConfig(**values)
+from core.training.config import TrainConfig
 
 
 def training_problems(params: dict, n_train: int, cuda_available: bool) -> list[str]:
-    """Why these training parameters cannot work (empty when they can): the training's own checks, plus the device."""
-    problems = []
-    if str(params.get("device") or "auto").startswith("cuda") and not cuda_available:
-        problems.append("CUDA was asked for but this machine has no usable GPU: choose auto or cpu.")
+    """Why these job params cannot be trained (empty when they can): TrainConfig.validate on what they stand for."""
     try:
-        problems += make_train_config(params, config.home() / "validate-only").validate(n_train)
-    except (TypeError, ValueError) as exc:
-        problems.append(str(exc))
-    return problems
+        return TrainConfig.from_params(params, config.home() / "validate-only").validate(n_train, cuda_available)
+    except (TypeError, ValueError) as exc:  # a value of the wrong type, e.g. text for the epochs
+        return [str(exc)]
 
 
 def describe_dataset(dataset) -> dict:

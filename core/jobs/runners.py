@@ -9,8 +9,9 @@ from core.errors import Cancelled, describe_error
 from core.jobs import hpo
 from core.jobs import queue as jobs
 from core.jobs.context import JobContext, TrainingProgress, check_dataset
-from core.jobs.params import describe_dataset, make_train_config
+from core.jobs.params import describe_dataset
 from core.jobs.runs import read_run_metrics, register_run
+from core.training.config import TrainConfig
 
 
 def run_training(ctx: JobContext) -> None:
@@ -27,13 +28,14 @@ def run_training(ctx: JobContext) -> None:
         ctx.log(f"the dataset changed since this job was queued (version {params.get('dataset_version')} → "
                 f"{facts['dataset_version']}); training on the current version")
         params.update(facts, queued_dataset_version=params.get("dataset_version"))
-    train_config = make_train_config(params, job.run_dir, ctx.device)
+    train_config = TrainConfig.from_params(params, job.run_dir, ctx.device)
     progress = TrainingProgress(ctx)
     started = time.time()
     metrics = training.train(train_config, on_progress=progress, should_stop=ctx.should_stop)
     device = progress.state.get("device") or ctx.device
-    # The run records the input it really used (a job may leave it to the mode's default), for later estimates.
-    params.update(image_size=train_config.input_height, aspect=train_config.input_aspect)
+    # The run records the input and balance it really used (a job may leave them to the mode's or dataset's default).
+    params.update(image_size=train_config.input_height, aspect=train_config.input_aspect,
+                  balance=(metrics.get("config") or {}).get("balance", params.get("balance")))
     register_run(job.run_dir, job.id, params, metrics=read_run_metrics(job.run_dir) or metrics, extra={
         "speeds": progress.state["speeds"], "device": device, "on_gpu": str(device).startswith("cuda"),
         "duration_s": time.time() - started, "history": progress.state["history"],

@@ -1,7 +1,9 @@
-"""The training parameter contract (TrainConfig) and its choice lists; importing it does not import torch."""
+"""The training parameter contract (TrainConfig): each field with its help, choices, CLI flag, place on the Train page
+and search space, which the CLI, the page, job params and the search derive from; importing it does not import torch."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from core import gpu
 from core.errors import BinsightError
@@ -11,6 +13,8 @@ MODES = ("frozen", "finetune")
 BALANCE = ("none", "weights", "sampler")
 LOSSES = ("ce", "emd")
 SCHEDULES = ("cosine", "onecycle")
+OPTIMIZERS = ("adamw", "adam")
+DEVICES = ("auto", "cpu", "cuda")  # cuda:N is accepted too
 DEFAULT_EPOCHS = {"frozen": 40, "finetune": 6}
 DEFAULT_LR = {"frozen": 1e-4, "finetune": 1e-3}
 # (height px, width / height). Fine-tuning gains from the bins' own shape at a higher resolution (bench/RESULTS.md);
@@ -18,39 +22,90 @@ DEFAULT_LR = {"frozen": 1e-4, "finetune": 1e-3}
 DEFAULT_INPUT = {"frozen": (224, 1.0), "finetune": (288, 1.37)}
 # Test-time views: the four mirror images help fine-tuned models; for frozen features they cost 4× the extraction.
 DEFAULT_TTA = {"frozen": "none", "finetune": "flips"}
+# Without a dataset version's own recommendation, the loss is weighted by inverse class frequency.
+FALLBACK_BALANCE = "weights"
+
+# Where a setting shows on the Train page: in the main form, in its "Advanced" expander, or not at all.
+MAIN, ADVANCED, HIDDEN = "main", "advanced", None
+
+
+def setting(default, help: str, *, choices=None, open_choices: bool = False, flag: str | None = None,
+            label: str | None = None, page: str | None = ADVANCED, search: dict | None = None,
+            required: bool = False, in_job: bool = True, step: float | None = None, what: str | None = None):
+    """A TrainConfig field with the metadata every interface derives from.
+
+    choices: the allowed values (open_choices: others pass too, validate() judges them); flag: the CLI option
+    (default --field-name; a bool that defaults to True gets --no-field-name); page: MAIN, ADVANCED or HIDDEN;
+    search: {"log_uniform": (low, high)} or {"choice": (values...)}; required: a CLI `train` must give it;
+    in_job: whether job params carry it; what: the setting's name in problem messages.
+    """
+    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "open_choices": open_choices,
+                "flag": flag, "label": label, "page": page, "search": search, "required": required,
+                "in_job": in_job, "step": step, "what": what}
+    return field(default=default, metadata=metadata)
 
 
 class TrainingError(BinsightError):
     """The configuration or the data cannot be used; the message says why."""
 
 
+def _modes(defaults: dict) -> str:
+    return ", ".join(f"{value} {mode}" for mode, value in defaults.items())
+
+
 @dataclass
 class TrainConfig:
-    data: str | None = None
-    out: str | None = None
-    backbone: str = "efficientnet_lite0"
-    mode: str = "frozen"
-    epochs: int | None = None          # None: DEFAULT_EPOCHS[mode]
-    batch_size: int = 32
-    lr: float | None = None            # None: DEFAULT_LR[mode]; the head's rate in finetune mode
-    backbone_lr_factor: float = 0.3    # finetune: the backbone learns at lr × this
-    weight_decay: float = 0.01
-    optimizer: str = "adamw"
-    schedule: str = "cosine"
-    image_size: int | None = None      # input height; None: DEFAULT_INPUT[mode]
-    aspect: float | None = None        # input width / height; None: DEFAULT_INPUT[mode]
-    balance: str = "weights"
-    loss: str = "emd"                  # cross-entropy + squared earth mover's distance (count-aware); "ce": plain
-    label_smoothing: float = 0.0
-    head: str = "mlp"
-    augment: bool = True
-    tta: str | None = None             # views averaged at prediction: none, hflip or flips; None: DEFAULT_TTA[mode]
-    device: str = "auto"
-    seed: int = 0
-    weights: str | None = None
-    resume: bool = False
-    patience: int = 8                  # epochs without a better valid loss before stopping; 0: never
-    num_workers: int | None = None
+    data: str | None = setting(None, "dataset folder (ABID layout, ImageFolder or file_list.json)",
+                               required=True, page=HIDDEN)
+    out: str | None = setting(None, "run folder for model.pt, metrics.json, config.json, log.txt",
+                              required=True, page=HIDDEN, in_job=False)
+    backbone: str = setting("efficientnet_lite0", "the ImageNet-pretrained network under the counting head",
+                            choices=BACKBONES, label="Backbone", page=MAIN)
+    mode: str = setting("frozen", "frozen: backbone frozen, features computed once (minutes on a CPU); "
+                        "finetune: the whole network learns (slower, usually more accurate)",
+                        choices=MODES, label="Mode", page=MAIN)
+    epochs: int | None = setting(None, f"passes over the training set (default: {_modes(DEFAULT_EPOCHS)})",
+                                 label="Epochs", page=MAIN)
+    batch_size: int = setting(32, "photos per training step", label="Batch size", page=MAIN,
+                              search={"choice": (16, 32, 64, 128, 256)})
+    lr: float | None = setting(None, f"learning rate, the head's in finetune mode (default: {_modes(DEFAULT_LR)})",
+                               label="Learning rate", page=MAIN, search={"log_uniform": (0.001, 0.1)},
+                               what="the learning rate")
+    backbone_lr_factor: float = setting(0.3, "finetune: the backbone learns at lr × this",
+                                        label="Backbone learning-rate factor", step=0.05)
+    weight_decay: float = setting(0.01, "AdamW/Adam weight decay", label="Weight decay", step=0.005)
+    optimizer: str = setting("adamw", "the optimizer", choices=OPTIMIZERS, label="Optimizer")
+    schedule: str = setting("cosine", "learning-rate schedule over the epochs", choices=SCHEDULES,
+                            label="Schedule")
+    image_size: int | None = setting(None, "input height in pixels (default: "
+                                     + ", ".join(f"{h} {m}" for m, (h, _) in DEFAULT_INPUT.items()) + ")",
+                                     label="Image height (px)", page=MAIN, what="the image size")
+    aspect: float | None = setting(None, "input width / height; bin photos are about 1.37 times wider than high, "
+                                   "keeping that shape helps fine-tuning (default: "
+                                   + ", ".join(f"{a:g} {m}" for m, (_, a) in DEFAULT_INPUT.items()) + ")",
+                                   label="Shape (width ÷ height)", page=MAIN, what="the aspect ratio")
+    balance: str | None = setting(None, "weights: loss weighted by inverse class frequency; sampler: rare classes "
+                                  "drawn more often (default: the dataset version's recommendation, else weights)",
+                                  choices=BALANCE, label="Balancing", page=MAIN)
+    loss: str = setting("emd", "emd: cross-entropy + a count-aware (ordinal) term; ce: plain cross-entropy",
+                        choices=LOSSES, label="Loss")
+    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy, in [0, 1)",
+                                     label="Label smoothing", step=0.05)
+    head: str = setting("mlp", "the classifier on the backbone's features", choices=HEADS, label="Head")
+    augment: bool = setting(True, "augment training photos (crop, left-right and top-bottom flips, colour jitter)",
+                            label="Augment training photos")
+    tta: str | None = setting(None, "test-time augmentation: average each photo's prediction over its mirror images "
+                              "(flips: left-right, top-bottom and both; hflip: left-right only; default: "
+                              + ", ".join(f"{v} {m}" for m, v in DEFAULT_TTA.items()) + ")",
+                              choices=TTA_VIEWS, label="Test-time views", page=MAIN, what="test-time augmentation")
+    device: str = setting("auto", "where to train: auto picks a CUDA GPU when there is one (cuda:N also accepted)",
+                          choices=DEVICES, open_choices=True, label="Device", page=MAIN)
+    seed: int = setting(0, "random seed", label="Seed")
+    weights: str | None = setting(None, "backbone weights file (.pth), e.g. for resnet50/resnet18", page=HIDDEN)
+    resume: bool = setting(False, "continue the run in --out from its last checkpoint", page=HIDDEN, in_job=False)
+    patience: int = setting(8, "early stopping: epochs without a better valid loss before stopping (0: off)",
+                            label="Early-stopping patience (epochs)")
+    num_workers: int | None = setting(None, "DataLoader workers (default: cores − 1)", flag="--workers", page=HIDDEN)
 
     @property
     def n_epochs(self) -> int:
@@ -74,16 +129,19 @@ class TrainConfig:
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR.get(self.mode, 1e-3)
 
-    def validate(self, n_train: int | None = None) -> list[str]:
-        """Human-readable problems with this configuration (empty when it can be trained)."""
+    def validate(self, n_train: int | None = None, cuda_available: bool | None = None) -> list[str]:
+        """Human-readable problems with this configuration (empty when it can be trained): the one place they are
+        found. cuda_available: whether a GPU can be used (None: ask this machine)."""
         problems = []
 
         def check(ok, message):
             if not ok:
                 problems.append(message)
 
-        check(self.backbone in BACKBONES, f"unknown backbone {self.backbone!r} (choose {', '.join(BACKBONES)})")
-        check(self.mode in MODES, f"unknown mode {self.mode!r} (choose frozen or finetune)")
+        for item in settings(type(self)):
+            value = getattr(self, item.name)
+            if item.choices and not item.open_choices and not (value is None and item.default is None):
+                check(value in item.choices, f"unknown {item.what} {value!r} (choose {_one_of(item.choices)})")
         check(not (self.mode == "frozen" and self.backbone == "simple_cnn"),
               "simple_cnn has no pretrained weights to freeze: train it with --mode finetune")
         check(self.n_epochs >= 1, f"epochs must be at least 1 (got {self.n_epochs})")
@@ -93,18 +151,13 @@ class TrainConfig:
         check(self.batch_size >= 1, f"the batch size must be at least 1 (got {self.batch_size})")
         check(32 <= self.input_height <= 1024, f"the image size must be between 32 and 1024 pixels (got {self.input_height})")
         check(0.25 <= self.input_aspect <= 4, f"the aspect ratio must be between 0.25 and 4 (got {self.input_aspect})")
-        check(self.balance in BALANCE, f"unknown balance {self.balance!r} (choose none, weights or sampler)")
-        check(self.test_views in TTA_VIEWS, f"unknown test-time augmentation {self.tta!r} (choose none, hflip or flips)")
-        check(self.loss in LOSSES, f"unknown loss {self.loss!r} (choose ce or emd)")
-        check(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r} (choose cosine or onecycle)")
-        check(self.optimizer in ("adamw", "adam"), f"unknown optimizer {self.optimizer!r} (choose adamw or adam)")
-        check(self.head in HEADS, f"unknown head {self.head!r} (choose linear or mlp)")
         check(0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1) (got {self.label_smoothing})")
         check(self.patience >= 0, "patience cannot be negative")
         check(self.num_workers is None or self.num_workers >= 0, "num_workers cannot be negative")
-        check(self.device in ("auto", "cpu") or self.device.startswith("cuda"), f"unknown device {self.device!r} (choose auto, cpu or cuda)")
-        if self.device.startswith("cuda") and not gpu.cuda_available():
-            problems.append("--device cuda was asked for but no CUDA GPU is available (use auto or cpu)")
+        device = str(self.device)
+        check(device in DEVICES or device.startswith("cuda:"), f"unknown device {self.device!r} (choose {_one_of(DEVICES)})")
+        if device.startswith("cuda") and not (gpu.cuda_available() if cuda_available is None else cuda_available):
+            problems.append("CUDA was asked for but this machine has no usable GPU: choose auto or cpu")
         check(bool(self.out), "an output folder for the run is needed")
         if n_train is not None:
             check(n_train > 0, "the training split holds no labelled photos")
@@ -112,11 +165,98 @@ class TrainConfig:
                   f"the batch size ({self.batch_size}) is larger than the training set ({n_train} photos)")
         return problems
 
+    def for_dataset(self, dataset) -> TrainConfig:
+        """This configuration with the defaults that depend on the dataset resolved (balance: its recommendation)."""
+        if self.balance is not None:
+            return self
+        return replace(self, balance=default_balance(dataset))
+
     def to_dict(self) -> dict:
         return asdict(self) | {"epochs": self.n_epochs, "lr": self.learning_rate,
                                 "image_size": self.input_height, "aspect": self.input_aspect, "tta": self.test_views}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
+    def from_dict(cls, data: dict) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_params(self) -> dict:
+        """Job params: the settings a job carries, mode defaults resolved; a setting left to the dataset (balance None)
+        is left out, so the training resolves it."""
+        resolved = self.to_dict()
+        return {item.name: resolved[item.name] for item in settings(type(self))
+                if item.in_job and resolved[item.name] is not None}
+
+    @classmethod
+    def from_params(cls, params: dict, out, device: str | None = None) -> TrainConfig:
+        """The configuration job params stand for (keys that are not settings, such as the dataset facts, are
+        ignored), writing into `out`, on `device` when given (the worker's slot)."""
+        config = cls.from_dict(params)
+        config.out = str(out)
+        if device:
+            config.device = device
+        return config
+
+
+def _one_of(choices) -> str:
+    names = [str(c) for c in choices]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def default_balance(dataset) -> str:
+    """The balance a training on this dataset gets by default: its version's recommendation, else FALLBACK_BALANCE."""
+    from core.data.versions import recommended_balance
+
+    recommended = recommended_balance(dataset)
+    return recommended if recommended != "none" else FALLBACK_BALANCE
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One TrainConfig field as the interfaces see it (see `setting` for what each piece means)."""
+
+    name: str
+    type: type
+    default: object
+    help: str
+    choices: tuple | None
+    open_choices: bool
+    flag: str
+    label: str
+    page: str | None
+    search: dict | None
+    required: bool
+    in_job: bool
+    step: float | None
+    what: str
+
+
+def _base_type(hint) -> type:
+    """int for `int | None`, str for `str`."""
+    options = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    return options[0]
+
+
+def settings(cls=None) -> list[Setting]:
+    """Every field of TrainConfig (or of a subclass) with its metadata, in declaration order."""
+    cls = cls or TrainConfig
+    hints = typing.get_type_hints(cls)
+    found = []
+    for f in fields(cls):
+        meta = dict(f.metadata)
+        kind = _base_type(hints[f.name])
+        default = f.default if f.default is not MISSING else None
+        dashed = f.name.replace("_", "-")
+        flag = meta.get("flag") or (f"--no-{dashed}" if kind is bool and default is True else f"--{dashed}")
+        found.append(Setting(
+            name=f.name, type=kind, default=default, help=meta.get("help") or "", choices=meta.get("choices"),
+            open_choices=bool(meta.get("open_choices")), flag=flag,
+            label=meta.get("label") or f.name.replace("_", " ").capitalize(), page=meta.get("page", ADVANCED),
+            search=meta.get("search"), required=bool(meta.get("required")), in_job=meta.get("in_job", True),
+            step=meta.get("step"), what=meta.get("what") or f.name.replace("_", " ")))
+    return found
+
+
+def search_space(cls=None) -> dict[str, dict]:
+    """The hyperparameter search's space: {field name: {"log_uniform": (low, high)} or {"choice": values}}."""
+    return {item.name: item.search for item in settings(cls) if item.search}

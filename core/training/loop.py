@@ -79,6 +79,7 @@ def train(config: TrainConfig, on_progress=None, should_stop=None) -> dict:
     if problems:
         raise TrainingError("; ".join(problems))
     ds = load_dataset(config.data)
+    config = config.for_dataset(ds)  # balance left to the dataset: its version's recommendation, recorded resolved
     train_split, valid_split, test_split = (_split_rows(ds, s) for s in ("train", "valid", "test"))
     problems = config.validate(len(train_split.paths))
     if problems:
