@@ -11,8 +11,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import streamlit as st  # noqa: E402
 
-from core.jobs import worker  # noqa: E402
 from app_pages.common import sidebar  # noqa: E402
+from core.jobs import worker  # noqa: E402
 
 st.set_page_config(page_title="Binsight", page_icon="📦", layout="wide")
 

@@ -7,12 +7,12 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
+from app_pages.common import current_dataset, reload_dataset
 from core import config
 from core.data import balancing, pools, versions
 from core.data.dataset import DatasetError
 from core.data.overview import SPLIT_COLOURS
 from core.data.s3 import S3Error, S3Settings, S3Source, endpoint_problem, s3_settings, save_s3_settings
-from app_pages.common import current_dataset, reload_dataset
 
 
 @st.cache_resource(show_spinner="Reading the candidate pool…", max_entries=4)

@@ -2,9 +2,9 @@
 import pandas as pd
 import streamlit as st
 
+from app_pages.common import cached_thumbnail, current_dataset
 from core.data.browse import filter_photos, page_of, sample_per_class
 from core.data.dataset import photo_items
-from app_pages.common import cached_thumbnail, current_dataset
 
 st.title("Browse")
 dataset = current_dataset()

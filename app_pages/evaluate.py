@@ -6,13 +6,13 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
+from app_pages.common import cached_thumbnail, current_dataset, model_for
 from core.data.classes import ClassRange, model_class_range
 from core.data.dataset import DatasetError
 from core.data.loading import load_dataset
 from core.evaluation import reports
 from core.jobs.runs import available_runs, current_run, run_label
 from core.models.networks import WeightsError
-from app_pages.common import cached_thumbnail, current_dataset, model_for
 
 SPLITS = {"test": "Test split", "valid": "Validation split", "train": "Training split", "all": "All labelled photos"}
 OTHER_FOLDER = "Another labelled folder…"

@@ -2,9 +2,9 @@
 import plotly.express as px
 import streamlit as st
 
+from app_pages.common import current_dataset, reload_dataset
 from core.data import overview
 from core.data.splits import resplit
-from app_pages.common import current_dataset, reload_dataset
 
 st.title("Overview")
 dataset = current_dataset()

@@ -5,6 +5,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from app_pages.common import cached_thumbnail, current_dataset, model_for
 from core import config
 from core.data import uploads
 from core.evaluation import reports
@@ -14,7 +15,6 @@ from core.jobs.params import describe_dataset, training_problems
 from core.jobs.runs import available_runs, current_run, get_run, register_run, run_label, set_current_run
 from core.models.inference import predict_inputs
 from core.models.networks import WeightsError
-from app_pages.common import cached_thumbnail, current_dataset, model_for
 
 DEFAULT_THRESHOLD = 0.6
 PHOTOS_PER_PAGE = 12

@@ -6,12 +6,12 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
+from app_pages.common import current_dataset, model_for
 from core.data import annotations
 from core.data.dataset import photo_items
 from core.data.images import ImageError, load_image
 from core.jobs.runs import current_model_path
 from core.review.queue import MODEL_QUEUES, QUEUES, QueueError, build_queue, candidates, load_scores, score_photos
-from app_pages.common import current_dataset, model_for
 
 COUNT_FILTERS = [0, 1, 2, 3, 4, 5, annotations.MORE_THAN_FIVE]
 SPLITS = ["train", "valid", "test", "none"]

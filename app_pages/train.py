@@ -10,6 +10,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
+from app_pages.common import current_dataset
 from core import gpu
 from core.jobs import hpo, worker
 from core.jobs import queue as jobs
@@ -18,7 +19,6 @@ from core.jobs.estimates import estimate_seconds
 from core.jobs.params import describe_dataset, training_problems
 from core.jobs.runs import current_run, final_metrics, list_runs, set_current_run
 from core.training import config as training
-from app_pages.common import current_dataset
 
 REFRESH_S = 2.0
 IDLE_REFRESH_S = 10.0  # with nothing running, still notice jobs queued elsewhere (CLI, another tab)
