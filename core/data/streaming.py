@@ -1,0 +1,74 @@
+"""Reading a shard set as a stream of photos with webdataset: shards split across ranks and DataLoader workers."""
+from __future__ import annotations
+
+import warnings
+
+from core.data.shard_store import ShardError, ShardStore, open_store, read_complete_index
+
+IMAGE_EXTS = ("jpg", "png", "webp", "bmp")
+BAD_SHARD_CHOICES = ("stop", "skip")
+
+
+def shard_samples(store: ShardStore, shard: dict, on_bad_shard: str = "stop"):
+    """The photos of one shard as dicts (key, name, count, image bytes, metadata bytes or None, shard).
+
+    A shard that breaks off or holds fewer samples than its index entry raises ShardError naming it
+    ("stop"), or is left with a warning after the photos read before the damage ("skip").
+    """
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    if on_bad_shard not in BAD_SHARD_CHOICES:
+        raise ShardError(f"on_bad_shard must be one of {BAD_SHARD_CHOICES}, not {on_bad_shard!r}")
+    names = {key: (name, count) for key, name, count in shard["photos"]}
+    read = 0
+    problem = None
+    stream = store.open(shard["name"])
+    try:
+        files = tar_file_expander([{"url": shard["name"], "stream": stream}])
+        for sample in group_by_keys(files):
+            image_ext = next((ext for ext in IMAGE_EXTS if ext in sample), None)
+            if sample["__key__"] not in names or image_ext is None:
+                problem = f"holds an unexpected sample {sample['__key__']!r}"
+                break
+            name, count = names[sample["__key__"]]
+            read += 1
+            yield {"key": sample["__key__"], "name": name, "count": count, "image": sample[image_ext],
+                   "metadata": sample.get("json"), "shard": shard["name"]}
+    except Exception as exc:  # noqa: BLE001 — tarfile and the stream raise many kinds; all mean a damaged shard
+        problem = f"breaks off after {read} of {shard['samples']} photos ({type(exc).__name__}: {exc.args[0]})"
+    finally:
+        getattr(stream, "close", lambda: None)()
+    if problem is None and read != shard["samples"]:
+        problem = f"ends after {read} of {shard['samples']} photos"
+    if problem is not None:
+        message = f"shard {shard['name']} in {store.location} is truncated or damaged: it {problem}"
+        if on_bad_shard == "stop":
+            raise ShardError(message + "; pack it again, or read with on_bad_shard='skip'")
+        warnings.warn(message + "; skipping the rest of it", RuntimeWarning, stacklevel=2)
+
+
+def split_shards(index: dict, split: str) -> list[dict]:
+    return [shard for shard in index["shards"] if shard["split"] == split]
+
+
+def photo_stream(source, split: str = "train", on_bad_shard: str = "stop", by_worker: bool = True,
+                 by_rank: bool = True, index: dict | None = None):
+    """A webdataset pipeline (a torch IterableDataset) of the split's photos, each shard read by one worker.
+
+    Shards are dealt to distributed ranks (by_rank) and then to DataLoader workers (by_worker) with
+    webdataset's split_by_node / split_by_worker, so no photo is read twice in one pass.
+    """
+    import webdataset as wds
+
+    store = source if isinstance(source, ShardStore) else open_store(source)
+    index = index or read_complete_index(store)
+    shards = {shard["name"]: shard for shard in split_shards(index, split)}
+
+    def expand(urls):
+        for item in urls:
+            yield from shard_samples(store, shards[item["url"]], on_bad_shard)
+
+    stages = [wds.SimpleShardList(list(shards))]
+    stages += [wds.split_by_node] if by_rank else []
+    stages += [wds.split_by_worker] if by_worker else []
+    return wds.DataPipeline(*stages, expand)
