@@ -53,6 +53,7 @@ def test_every_photo_lands_in_one_shard_of_its_split_byte_identical(packed):
     dataset, out, index = packed
     assert index["complete"]
     assert_packed_exactly(dataset, out)
+    assert set(read_split(out, "all")) == set(dataset.rows()["name"])
     train_shards = [s for s in index["shards"] if s["split"] == "train"]
     assert len(train_shards) > 1
     names = [photo[1] for shard in index["shards"] for photo in shard["photos"]]

@@ -100,7 +100,15 @@ class S3Store(ShardStore):
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.location = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self.source = S3Source(settings or s3_settings(bucket=bucket))
-        self.client = self.source.client
+        self._clients: dict[int, object] = {}
+
+    @property
+    def client(self):
+        """One client per process: DataLoader workers are forked, and a client's connections must not be shared."""
+        pid = os.getpid()
+        if pid not in self._clients:
+            self._clients[pid] = self.source._make_client()
+        return self._clients[pid]
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name

@@ -48,7 +48,8 @@ def shard_samples(store: ShardStore, shard: dict, on_bad_shard: str = "stop"):
 
 
 def split_shards(index: dict, split: str) -> list[dict]:
-    return [shard for shard in index["shards"] if shard["split"] == split]
+    """The shards of one split ('train', 'valid', 'test'), or every shard ('all')."""
+    return [shard for shard in index["shards"] if split in ("all", shard["split"])]
 
 
 def photo_stream(source, split: str = "train", on_bad_shard: str = "stop", by_worker: bool = True,
