@@ -245,3 +245,31 @@ def test_cli_packs_and_prints_a_summary(small_abid, tmp_path, capsys):
     assert sum(summary["photos"].values()) == len(load_dataset(small_abid).rows())
     assert summary["shards"] == len(json.loads((out / INDEX_NAME).read_text())["shards"])
     assert main(["shards", "--data", str(small_abid), "--out", str(out), "--shard-size", "1MB"]) == 2
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_training_stream_gives_every_rank_equal_whole_batches(packed, monkeypatch, world):
+    import torch
+    from torchvision.transforms import v2
+
+    from core.data.streaming import training_stream
+
+    dataset, out, index = packed
+    transform = v2.Compose([v2.ToImage(), v2.Resize((32, 32), antialias=True), v2.ToDtype(torch.float32, scale=True)])
+    class_index = {c: i for i, c in enumerate(dataset.classes)}
+    labels = {p[0]: class_index[p[2]] for s in index["shards"] for p in s["photos"]}
+    train_keys = {p[0] for s in index["shards"] if s["split"] == "train" for p in s["photos"]}
+    batches = {}
+    for rank in range(world):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        stream = training_stream(out, transform, class_index, batch_size=4, workers=2)
+        loader = torch.utils.data.DataLoader(stream, batch_size=4, num_workers=2)
+        batches[rank] = list(loader)
+        assert len(batches[rank]) == len(loader)
+        for images, batch_labels, keys, errors in batches[rank]:
+            assert images.shape == (4, 3, 32, 32) and not any(errors)
+            assert set(keys) <= train_keys and batch_labels.tolist() == [labels[k] for k in keys]
+    assert len({len(b) for b in batches.values()}) == 1 and len(batches[0]) > 0
+    seen = {k for b in batches.values() for _, _, keys, _ in b for k in keys}
+    assert seen == train_keys  # no gaps: readers with fewer photos go round their shards again to fill whole batches

@@ -73,3 +73,69 @@ def photo_stream(source, split: str = "train", on_bad_shard: str = "stop", by_wo
     stages += [wds.split_by_node] if by_rank else []
     stages += [wds.split_by_worker] if by_worker else []
     return wds.DataPipeline(*stages, expand)
+
+
+def _tensor_shape(transform) -> tuple[int, int, int]:
+    """The (C, H, W) a transform makes, for the zero tensor standing in for an unreadable photo."""
+    for step in getattr(transform, "transforms", []):
+        size = getattr(step, "size", None)
+        if size:
+            return (3, *(tuple(size) if len(size) == 2 else (size[0], size[0])))
+    return (3, 64, 64)
+
+
+def decode_sample(sample: dict, transform, class_index: dict[int, int]):
+    """A streamed photo → (tensor, label, key, error); an unreadable photo is a zero tensor with its error."""
+    import torch
+
+    from core.data.images import load_image
+
+    try:
+        return transform(load_image(sample["image"], sample["name"])), class_index[sample["count"]], sample["key"], ""
+    except Exception as exc:  # noqa: BLE001 — one damaged photo must not stop the stream
+        return torch.zeros(_tensor_shape(transform)), class_index[sample["count"]], sample["key"], str(exc)
+
+
+def training_stream(source, transform, class_index: dict[int, int], batch_size: int, workers: int,
+                    split: str = "train", on_bad_shard: str = "stop", index: dict | None = None):
+    """(tensor, label, key, error) of the train shards, dealt to ranks and DataLoader workers.
+
+    Every rank yields the same number of whole batches (as DDP needs) and every photo at least once a pass:
+    each worker delivers as many photos as the fullest one, going round its shards again for the rest.
+    `class_index` maps a count to its label; `workers` is the DataLoader's num_workers.
+    """
+    from itertools import islice
+
+    import webdataset as wds
+    from webdataset.utils import pytorch_worker_info
+
+    store = source if isinstance(source, ShardStore) else open_store(source)
+    index = index or read_complete_index(store)
+    shards = {shard["name"]: shard for shard in split_shards(index, split)
+              if any(count in class_index for _key, _name, count in shard["photos"])}
+    _rank, world = pytorch_worker_info()[:2]
+    readers = world * max(1, workers)
+    if len(shards) < readers:
+        raise ShardError(f"{store.location}: {len(shards)} {split} shards cannot feed {readers} readers "
+                         f"({world} ranks × {max(1, workers)} workers); pack with a smaller --shard-size")
+    # Deal shards as split_by_node and split_by_worker do, and let every reader deliver as many photos as the
+    # fullest one (a whole number of batches): the others go round their shards again, like DDP's padding.
+    names = list(shards)
+    totals = [sum(sum(1 for p in shards[n]["photos"] if p[2] in class_index) for n in names[r::world][w::max(1, workers)])
+              for r in range(world) for w in range(max(1, workers))]
+    per_worker = -(-max(totals) // batch_size) * batch_size
+    def round_robin(urls):
+        urls = list(urls)
+        while urls:
+            yield from urls
+
+    def expand(urls):
+        samples = (s for item in urls for s in shard_samples(store, shards[item["url"]], on_bad_shard))
+        known = (s for s in samples if s["count"] in class_index)
+        yield from islice(known, per_worker)
+
+    pipeline = wds.DataPipeline(wds.SimpleShardList(list(shards)), wds.split_by_node, wds.split_by_worker,
+                                round_robin, expand, wds.map(lambda s: decode_sample(s, transform, class_index)))
+    with warnings.catch_warnings():  # webdataset warns that a length does not bound the epoch; here it is exact
+        warnings.simplefilter("ignore", UserWarning)
+        return pipeline.with_length(per_worker * max(1, workers))
