@@ -228,6 +228,9 @@ def test_a_counting_list_packs_its_mirror_and_the_bucket(s3_world, tmp_path):
     assert {n for n, p in on_disk.items() if p} == set(names[:5])
 
     index = pack_shards(dataset, tmp_path / "out", shard_size=SHARD_SIZE)
+    from core.data.s3 import S3Source
+
+    assert not any(S3Source().cached(f"bin-images/{name}") for name in names)  # fetched for packing only
     labelled = dataset.labelled()
     assert sum(s["samples"] for s in index["shards"]) == len(labelled[labelled["split"].notna()])
     for split in ("train", "valid", "test"):

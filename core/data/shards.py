@@ -221,24 +221,26 @@ def pack_shards(dataset: Dataset, dest: str | Path, shard_size: str | int = DEFA
         for start in range(0, len(todo), FETCH_BATCH):
             batch = todo[start:start + FETCH_BATCH]
             files.prefetch(batch)
-            for photo in batch:
-                try:
-                    image, metadata = files.read(photo)
-                    problem = photo_problem(image)
-                except OSError as exc:
-                    problem = f"cannot be read ({exc})"
-                if problem:
-                    index["skipped"].append({"name": photo.name, "split": split, "reason": problem})
-                else:
-                    writer = writer or _ShardWriter(store, split, number)
-                    writer.add(photo, image, metadata)
-                progress[0] += 1
-                report(f"{split}: {photo.name}")
-                if writer and writer.size >= shard_bytes:
-                    index["shards"].append(writer.finish())
-                    store.write_index(index)
-                    number, writer = number + 1, None
-            files.release()
+            try:
+                for photo in batch:
+                    try:
+                        image, metadata = files.read(photo)
+                        problem = photo_problem(image)
+                    except OSError as exc:
+                        problem = f"cannot be read ({exc})"
+                    if problem:
+                        index["skipped"].append({"name": photo.name, "split": split, "reason": problem})
+                    else:
+                        writer = writer or _ShardWriter(store, split, number)
+                        writer.add(photo, image, metadata)
+                    progress[0] += 1
+                    report(f"{split}: {photo.name}")
+                    if writer and writer.size >= shard_bytes:
+                        index["shards"].append(writer.finish())
+                        store.write_index(index)
+                        number, writer = number + 1, None
+            finally:
+                files.release()
         if writer:
             index["shards"].append(writer.finish())
         store.write_index(index)
