@@ -16,7 +16,7 @@ from core.data.images import SUPPORTED_SUFFIXES, image_size
 from core.errors import BinsightError
 from core.files import atomic_write_bytes, atomic_write_json
 
-INDEX_VERSION = 3
+INDEX_VERSION = 4
 COLUMNS = ["name", "path", "count", "label_source", "width", "height", "n_items", "item_names", "problem", "folder_split"]
 IMAGEFOLDER_SPLITS = {
     "train": "train", "train_data": "train", "training": "train",
@@ -127,11 +127,18 @@ def _imagefolder_files(source: Path) -> list[tuple[Path, int, str | None]]:
     return found
 
 
+def _list_mirror(source: Path) -> Path:
+    """Where a counting list's photos are held locally: <list folder>/../bin-images/."""
+    return source.parent.parent / "bin-images"
+
+
 def _fingerprint(source: Path, layout: str) -> str:
     digest = hashlib.sha1(f"{INDEX_VERSION}:{layout}".encode())
     if source.is_file():
         stat = source.stat()
         digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+        if layout == "counting_list" and _list_mirror(source).is_dir():
+            digest.update(f":{_list_mirror(source).stat().st_mtime_ns}".encode())
         return digest.hexdigest()
     for root, dirs, files in os.walk(source):
         dirs.sort()
@@ -163,7 +170,10 @@ def build_index(source: Path, layout: str, on_progress=None) -> pd.DataFrame:
     if layout == "counting_list":
         frame = abid.read_counting_list(source)
         frame["label_source"] = "counting_list"
-        return _finish(frame)
+        mirror = _list_mirror(source)  # photos held locally need no download; one listing, not a stat per name
+        held = set(os.listdir(mirror)) if mirror.is_dir() else set()
+        frame["path"] = [os.path.join(mirror, n) if n in held else None for n in frame["name"]]
+        return _read_sizes(_finish(frame), on_progress)
     if layout == "file_list":
         labels = abid.read_file_list(source)
         frame = pd.DataFrame({"name": list(labels), "count": pd.array(list(labels.values()), dtype="Int64")})

@@ -1,4 +1,4 @@
-"""Opening a dataset by its source: a folder or list is indexed, a version manifest is read, nothing means the demo."""
+"""Opening a dataset by its source: a folder or list is indexed, a version or shard index is read, nothing means the demo."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,6 +16,8 @@ from core.data.dataset import (
     index_notes,
 )
 from core.data.demo import ensure_demo
+from core.data.shard_store import is_shard_source
+from core.data.shards import load_shards_dataset
 from core.data.versions import load_version
 
 
@@ -26,9 +28,11 @@ def load_dataset(source: str | Path | None = None, class_range: ClassRange | Non
         source = config.data_dir()
     if source is None:
         source = ensure_demo(on_progress=on_progress)
-    source = Path(source).expanduser()
     if class_range is None:
         class_range = ClassRange.from_dict(config.load_settings().get("class_range"))
+    if is_shard_source(source):  # a packed shard set (core.data.shards): its index lists the photos
+        return load_shards_dataset(source, class_range)
+    source = Path(source).expanduser()
     if not source.exists():
         raise DatasetError(f"{source} does not exist: check the path, or leave it empty to use the demo set")
     if source.suffix == ".parquet":  # a dataset version (core.versions): a manifest of rows with a frozen split

@@ -1,0 +1,141 @@
+"""Reading a shard set as a stream of photos with webdataset: shards split across ranks and DataLoader workers."""
+from __future__ import annotations
+
+import warnings
+
+from core.data.shard_store import ShardError, ShardStore, open_store, read_complete_index
+
+IMAGE_EXTS = ("jpg", "png", "webp", "bmp")
+BAD_SHARD_CHOICES = ("stop", "skip")
+
+
+def shard_samples(store: ShardStore, shard: dict, on_bad_shard: str = "stop"):
+    """The photos of one shard as dicts (key, name, count, image bytes, metadata bytes or None, shard).
+
+    A shard that breaks off or holds fewer samples than its index entry raises ShardError naming it
+    ("stop"), or is left with a warning after the photos read before the damage ("skip").
+    """
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    if on_bad_shard not in BAD_SHARD_CHOICES:
+        raise ShardError(f"on_bad_shard must be one of {BAD_SHARD_CHOICES}, not {on_bad_shard!r}")
+    names = {key: (name, count) for key, name, count in shard["photos"]}
+    read = 0
+    problem = None
+    stream = store.open(shard["name"])
+    try:
+        files = tar_file_expander([{"url": shard["name"], "stream": stream}])
+        for sample in group_by_keys(files):
+            image_ext = next((ext for ext in IMAGE_EXTS if ext in sample), None)
+            if sample["__key__"] not in names or image_ext is None:
+                problem = f"holds an unexpected sample {sample['__key__']!r}"
+                break
+            name, count = names[sample["__key__"]]
+            read += 1
+            yield {"key": sample["__key__"], "name": name, "count": count, "image": sample[image_ext],
+                   "metadata": sample.get("json"), "shard": shard["name"]}
+    except Exception as exc:  # noqa: BLE001 — tarfile and the stream raise many kinds; all mean a damaged shard
+        problem = f"breaks off after {read} of {shard['samples']} photos ({type(exc).__name__}: {exc.args[0]})"
+    finally:
+        getattr(stream, "close", lambda: None)()
+    if problem is None and read != shard["samples"]:
+        problem = f"ends after {read} of {shard['samples']} photos"
+    if problem is not None:
+        message = f"shard {shard['name']} in {store.location} is truncated or damaged: it {problem}"
+        if on_bad_shard == "stop":
+            raise ShardError(message + "; pack it again, or read with on_bad_shard='skip'")
+        warnings.warn(message + "; skipping the rest of it", RuntimeWarning, stacklevel=2)
+
+
+def split_shards(index: dict, split: str) -> list[dict]:
+    """The shards of one split ('train', 'valid', 'test'), or every shard ('all')."""
+    return [shard for shard in index["shards"] if split in ("all", shard["split"])]
+
+
+def photo_stream(source, split: str = "train", on_bad_shard: str = "stop", by_worker: bool = True,
+                 by_rank: bool = True, index: dict | None = None):
+    """A webdataset pipeline (a torch IterableDataset) of the split's photos, each shard read by one worker.
+
+    Shards are dealt to distributed ranks (by_rank) and then to DataLoader workers (by_worker) with
+    webdataset's split_by_node / split_by_worker, so no photo is read twice in one pass.
+    """
+    import webdataset as wds
+
+    store = source if isinstance(source, ShardStore) else open_store(source)
+    index = index or read_complete_index(store)
+    shards = {shard["name"]: shard for shard in split_shards(index, split)}
+
+    def expand(urls):
+        for item in urls:
+            yield from shard_samples(store, shards[item["url"]], on_bad_shard)
+
+    stages = [wds.SimpleShardList(list(shards))]
+    stages += [wds.split_by_node] if by_rank else []
+    stages += [wds.split_by_worker] if by_worker else []
+    return wds.DataPipeline(*stages, expand)
+
+
+def _tensor_shape(transform) -> tuple[int, int, int]:
+    """The (C, H, W) a transform makes, for the zero tensor standing in for an unreadable photo."""
+    for step in getattr(transform, "transforms", []):
+        size = getattr(step, "size", None)
+        if size:
+            return (3, *(tuple(size) if len(size) == 2 else (size[0], size[0])))
+    return (3, 64, 64)
+
+
+def decode_sample(sample: dict, transform, class_index: dict[int, int]):
+    """A streamed photo → (tensor, label, key, error); an unreadable photo is a zero tensor with its error."""
+    import torch
+
+    from core.data.images import load_image
+
+    try:
+        return transform(load_image(sample["image"], sample["name"])), class_index[sample["count"]], sample["key"], ""
+    except Exception as exc:  # noqa: BLE001 — one damaged photo must not stop the stream
+        return torch.zeros(_tensor_shape(transform)), class_index[sample["count"]], sample["key"], str(exc)
+
+
+def training_stream(source, transform, class_index: dict[int, int], batch_size: int, workers: int,
+                    split: str = "train", on_bad_shard: str = "stop", index: dict | None = None):
+    """(tensor, label, key, error) of the train shards, dealt to ranks and DataLoader workers.
+
+    Every rank yields the same number of whole batches (as DDP needs) and every photo at least once a pass:
+    each worker delivers as many photos as the fullest one, going round its shards again for the rest.
+    `class_index` maps a count to its label; `workers` is the DataLoader's num_workers.
+    """
+    from itertools import islice
+
+    import webdataset as wds
+    from webdataset.utils import pytorch_worker_info
+
+    store = source if isinstance(source, ShardStore) else open_store(source)
+    index = index or read_complete_index(store)
+    shards = {shard["name"]: shard for shard in split_shards(index, split)
+              if any(count in class_index for _key, _name, count in shard["photos"])}
+    _rank, world = pytorch_worker_info()[:2]
+    readers = world * max(1, workers)
+    if len(shards) < readers:
+        raise ShardError(f"{store.location}: {len(shards)} {split} shards cannot feed {readers} readers "
+                         f"({world} ranks × {max(1, workers)} workers); pack with a smaller --shard-size")
+    # Deal shards as split_by_node and split_by_worker do, and let every reader deliver as many photos as the
+    # fullest one (a whole number of batches): the others go round their shards again, like DDP's padding.
+    names = list(shards)
+    totals = [sum(sum(1 for p in shards[n]["photos"] if p[2] in class_index) for n in names[r::world][w::max(1, workers)])
+              for r in range(world) for w in range(max(1, workers))]
+    per_worker = -(-max(totals) // batch_size) * batch_size
+    def round_robin(urls):
+        urls = list(urls)
+        while urls:
+            yield from urls
+
+    def expand(urls):
+        samples = (s for item in urls for s in shard_samples(store, shards[item["url"]], on_bad_shard))
+        known = (s for s in samples if s["count"] in class_index)
+        yield from islice(known, per_worker)
+
+    pipeline = wds.DataPipeline(wds.SimpleShardList(list(shards)), wds.split_by_node, wds.split_by_worker,
+                                round_robin, expand, wds.map(lambda s: decode_sample(s, transform, class_index)))
+    with warnings.catch_warnings():  # webdataset warns that a length does not bound the epoch; here it is exact
+        warnings.simplefilter("ignore", UserWarning)
+        return pipeline.with_length(per_worker * max(1, workers))
