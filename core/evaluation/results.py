@@ -82,7 +82,7 @@ class EvaluationResult:
         """
         if not others:
             raise ValueError("comparing needs at least two runs")
-        return comparison_frame([(self.run or "baseline", self.metrics())]
+        return _comparison_frame([(self.run or "baseline", self.metrics())]
                                 + [(name, other.metrics()) for name, other in others.items()])
 
     # ------------------------------------------------------------ export
@@ -152,7 +152,7 @@ class EvaluationResult:
         return buffer.getvalue()
 
 
-def comparison_frame(named_metrics: list[tuple[str, dict]]) -> pd.DataFrame:
+def _comparison_frame(named_metrics: list[tuple[str, dict]]) -> pd.DataFrame:
     # a run named like a fixed column, or like an earlier run, gets a suffix, so no column is overwritten
     reports: dict[str, dict] = {}
     for name, metrics in named_metrics:
