@@ -145,3 +145,22 @@ def test_a_damaged_model_file_is_explained(binsight_home):
     at = run_page()
     assert not at.exception
     assert "cannot be loaded" in at.error[0].value and "not a Binsight model file" in at.error[0].value
+
+
+def test_skipped_photos_are_reported_as_the_cli_reports_them(shared, tmp_path, capsys):
+    from core.cli import main
+
+    other = make_abid_subset(tmp_path / "holdout", per_class=2)
+    broken = sorted((other / "bin-images").glob("*.jpg"))[0]
+    broken.write_bytes(broken.read_bytes()[:300])
+    at = run_page()
+    at.selectbox(key="eval_split").set_value("Another labelled folder…").run()
+    at.text_input(key="eval_folder").input(str(other)).run()
+    assert not at.exception
+    assert any("1 photos could not be read" in w.value for w in at.warning)
+    run_id = at.selectbox(key="eval_run").value
+    assert main(["evaluate", "--model", str(shared["runs"][run_id] / "model.pt"), "--data", str(other),
+                 "--split", "all"]) == 0
+    cli_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("skipped "))
+    assert broken.name in cli_line
+    assert cli_line in [c.value for c in at.caption]
