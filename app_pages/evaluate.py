@@ -7,10 +7,13 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages.common import cached_thumbnail, current_dataset, model_for
+from core.data.browse import page_of
 from core.data.classes import ClassRange, model_class_range
 from core.data.dataset import DatasetError
 from core.data.loading import load_dataset
 from core.evaluation import reports
+from core.evaluation.predictions import PredictionStore, probability_columns
+from core.evaluation.results import EvaluationResult, score, skipped_summary
 from core.jobs.runs import available_runs, current_run, run_label
 from core.models.networks import WeightsError
 
@@ -37,25 +40,27 @@ def model_loader(run_path: str):
     return lambda: model_for(Path(run_path) / "model.pt")
 
 
-def predictions_for(run: dict, rows: pd.DataFrame, split_key: str) -> pd.DataFrame:
-    """Cached predictions; the first time, with a progress bar (never on a rerun)."""
+def result_for(run: dict, rows: pd.DataFrame, split: str, problems=()) -> EvaluationResult:
+    """The run's result on these photos from the prediction store; a progress bar while photos are predicted."""
     slot = st.empty()
-    text = f"Predicting {len(rows):,} photos with {run['id']} (once: the results are kept)…"
-    if not reports.predictions_path(run["path"], split_key, rows).is_file():
+    model_path = Path(run["path"]) / "model.pt"
+    missing = len(PredictionStore(model_path).missing(rows))
+    text = f"Predicting {missing:,} photos with {run['id']} (once: the results are kept)…"
+    if missing:
         slot.progress(0.0, text=text)
 
     def progress(info):
         slot.progress(min(max(float(info.get("fraction") or 0.0), 0.0), 1.0), text=text)
 
     try:
-        return reports.cached_predictions(run["path"], rows, split_key, load=model_loader(run["path"]),
-                                          on_progress=progress)
+        return score(model_path, rows, model_loader(run["path"]), run=run["id"], split=split, problems=problems,
+                     on_progress=progress)
     finally:
         slot.empty()
 
 
 def choose_photos(model_range: ClassRange):
-    """(rows, split_key, description) of the photos to evaluate on, or stop with a message.
+    """(rows, split, problems, description) of the photos to evaluate on, or stop with a message.
 
     The dataset is read with the model's class range, so the truth is what the model was trained to predict.
     """
@@ -89,10 +94,10 @@ def choose_photos(model_range: ClassRange):
     if rows.empty:
         st.warning(f"No labelled photo on disk in the {description}: nothing to evaluate.")
         st.stop()
-    return rows, f"{dataset.key}-{split}", description
+    return rows, split, dataset.problems, description
 
 
-def metric_tiles(metrics: dict) -> None:
+def metric_tiles(metrics: dict, skipped: list[dict]) -> None:
     cols = st.columns(5)
     cols[0].metric("Accuracy", f"{metrics['accuracy']:.1%}")
     cols[1].metric("Balanced accuracy", f"{metrics['balanced_accuracy']:.1%}")
@@ -100,16 +105,19 @@ def metric_tiles(metrics: dict) -> None:
     cols[3].metric("Off-by-one accuracy", f"{metrics['off_by_one']:.1%}")
     cols[4].metric("Photos scored", f"{metrics['n']:,}")
     left_out = metrics.get("left_out", {})
-    if left_out.get("unreadable"):
-        st.warning(f"{left_out['unreadable']:,} photos could not be read and are left out of the metrics.")
+    if skipped:
+        st.warning(f"{len(skipped):,} photos could not be read and are left out of the metrics.")
+        with st.expander("Skipped photos"):
+            st.caption(skipped_summary(skipped))
+            st.dataframe(pd.DataFrame(skipped), hide_index=True, width="stretch", key="skipped_table")
     if left_out.get("outside_classes"):
         st.warning(f"{left_out['outside_classes']:,} photos have a count the model does not know "
                    f"(it predicts {', '.join(map(str, metrics['classes']))}) and are left out.")
 
 
-def per_class_section(metrics: dict) -> None:
-    table = reports.per_class_table(metrics)
-    weakest = reports.weakest_class(table)
+def per_class_section(result: EvaluationResult) -> None:
+    table = result.per_class()
+    weakest = result.weakest_class()
     left, right = st.columns([3, 2])
     with left:
         st.subheader("Per class")
@@ -151,7 +159,7 @@ def confusion_figure(matrix, classes, normalised: bool) -> go.Figure:
     return figure
 
 
-def confusion_section(predictions: pd.DataFrame, metrics: dict, dataset_label: str, run_id: str) -> None:
+def confusion_section(result: EvaluationResult, metrics: dict) -> None:
     st.subheader("Confusion matrix")
     classes = [int(c) for c in metrics["classes"]]
     matrix = reports.confusion_matrix(metrics)
@@ -173,8 +181,8 @@ def confusion_section(predictions: pd.DataFrame, metrics: dict, dataset_label: s
     true = left.selectbox("True count", classes, index=None, key="cm_true", placeholder="true")
     predicted = right.selectbox("Predicted count", classes, index=None, key="cm_pred", placeholder="predicted")
     if true is not None and predicted is not None:
-        cell_photos(reports.confusion_cell(predictions, true, predicted), true, predicted)
-    exports(predictions, metrics, matrix, classes, dataset_label, run_id)
+        cell_photos(result.cell(true, predicted), true, predicted)
+    exports(result)
 
 
 def cell_photos(cell: pd.DataFrame, true: int, predicted: int) -> None:
@@ -183,15 +191,15 @@ def cell_photos(cell: pd.DataFrame, true: int, predicted: int) -> None:
                 "most confident first")
     if cell.empty:
         return
-    pages = max(1, -(-len(cell) // PHOTOS_PER_PAGE))
+    _, pages = page_of(cell, 1, PHOTOS_PER_PAGE)
     page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="cm_page") if pages > 1 else 1
-    shown = cell.iloc[(int(page) - 1) * PHOTOS_PER_PAGE: int(page) * PHOTOS_PER_PAGE]
+    shown, _ = page_of(cell, int(page), PHOTOS_PER_PAGE)
     columns = st.columns(6)
     for i, (_, row) in enumerate(shown.iterrows()):
         with columns[i % 6]:
             show_photo(row["path"])
             st.caption(f"{row['name']} · {row['confidence']:.0%}")
-    probs = reports.probability_columns(cell)
+    probs = probability_columns(cell)
     table = cell[["name", "truth", "predicted", "confidence"] + probs
                  + [c for c in ["n_items", "item_names"] if c in cell]]
     column_config = {p: st.column_config.ProgressColumn(f"P({p.split('_', 1)[1]})", min_value=0.0, max_value=1.0,
@@ -201,22 +209,18 @@ def cell_photos(cell: pd.DataFrame, true: int, predicted: int) -> None:
     st.dataframe(table, hide_index=True, width="stretch", column_config=column_config, key="cm_cell_table")
 
 
-def exports(predictions, metrics, matrix, classes, dataset_label, run_id) -> None:
+def exports(result: EvaluationResult) -> None:
     with st.expander("Export"):
-        stem = f"{run_id}-{dataset_label}".replace(" ", "_")
+        stem = f"{result.run}-{result.split}".replace(" ", "_")
         cols = st.columns(4)
-        cols[0].download_button("Report (CSV)", reports.report_csv(metrics, run_id, dataset_label),
-                                f"{stem}-report.csv", "text/csv")
-        cols[1].download_button("Report (JSON)", reports.report_json(metrics, run_id, dataset_label),
-                                f"{stem}-report.json", "application/json")
-        cols[2].download_button("Confusion matrix (PNG)",
-                                reports.confusion_png(matrix, classes, title=f"{run_id} · {dataset_label}"),
+        cols[0].download_button("Report (CSV)", result.report_csv(), f"{stem}-report.csv", "text/csv")
+        cols[1].download_button("Report (JSON)", result.report_json(), f"{stem}-report.json", "application/json")
+        cols[2].download_button("Confusion matrix (PNG)", result.confusion_png(title=f"{result.run} · {result.split}"),
                                 f"{stem}-confusion.png", "image/png")
-        cols[3].download_button("Predictions (CSV)", reports.predictions_csv(predictions),
-                                f"{stem}-predictions.csv", "text/csv")
+        cols[3].download_button("Predictions (CSV)", result.predictions_csv(), f"{stem}-predictions.csv", "text/csv")
 
 
-def comparison_section(runs: list[dict], rows: pd.DataFrame, split_key: str, chosen: dict) -> None:
+def comparison_section(runs: list[dict], rows: pd.DataFrame, split: str) -> None:
     st.subheader("Compare runs")
     if len(runs) < 2:
         st.caption("Train a second run (e.g. the study's simple_cnn baseline) to compare runs here.")
@@ -228,17 +232,16 @@ def comparison_section(runs: list[dict], rows: pd.DataFrame, split_key: str, cho
     if len(picked) < 2:
         st.caption("Choose at least two runs.")
         return
-    reports_by_run = {}
+    results = {}
     for run_id in picked:
         try:
-            predictions = predictions_for(by_id[run_id], rows, split_key)
+            results[run_id] = result_for(by_id[run_id], rows, split)
         except (OSError, WeightsError) as exc:
             st.error(f"Run `{run_id}` is left out: its model cannot be loaded ({exc}).")
-            continue
-        reports_by_run[run_id] = reports.report_metrics(predictions, _classes_of(predictions))
-    if len(reports_by_run) < 2:
+    if len(results) < 2:
         return
-    frame = reports.comparison_frame(reports_by_run)
+    baseline, *others = results.values()
+    frame = baseline.compare({result.run: result for result in others})
     deltas = [c for c in frame.columns if c.startswith("Δ ")]
     run_columns = [c for c in frame.columns if c not in ("metric", "better") and c not in deltas]
 
@@ -261,10 +264,6 @@ def comparison_section(runs: list[dict], rows: pd.DataFrame, split_key: str, cho
     st.download_button("Comparison (CSV)", frame.to_csv(index=False).encode(), "comparison.csv", "text/csv")
 
 
-def _classes_of(predictions: pd.DataFrame) -> list[int]:
-    return [int(c.split("_", 1)[1]) for c in reports.probability_columns(predictions)]
-
-
 st.title("Evaluate")
 runs = available_runs()
 if not runs:
@@ -283,17 +282,17 @@ try:
 except (OSError, WeightsError) as exc:
     st.error(f"**The model of run `{run_id}` cannot be loaded.** {exc}")
     st.stop()
-rows, split_key, description = choose_photos(model_class_range(meta))
+rows, split, problems, description = choose_photos(model_class_range(meta))
 
-predictions = predictions_for(run, rows, split_key)
-classes = [int(c) for c in meta["classes"]]
-metrics = reports.report_metrics(predictions, classes)
-st.caption(f"Run `{run['id']}` on the {description}: {len(predictions):,} photos.")
+result = result_for(run, rows, split, problems)
+classes = result.classes
+metrics = result.metrics()
+st.caption(f"Run `{run['id']}` on the {description}: {len(result.frame):,} photos.")
 if metrics["n"] == 0:
     st.warning("No photo could be scored: none is readable with a count among the model's classes "
                f"({', '.join(map(str, classes))}).")
     st.stop()
-metric_tiles(metrics)
-per_class_section(metrics)
-confusion_section(predictions, metrics, split_key.split("-", 1)[-1], run["id"])
-comparison_section(runs, rows, split_key, run)
+metric_tiles(metrics, result.skipped)
+per_class_section(result)
+confusion_section(result, metrics)
+comparison_section(runs, rows, split)

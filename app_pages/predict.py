@@ -8,7 +8,8 @@ import streamlit as st
 from app_pages.common import cached_thumbnail, current_dataset, model_for
 from core import config
 from core.data import uploads
-from core.evaluation import reports
+from core.data.browse import page_of
+from core.evaluation.predictions import model_fingerprint, photos_fingerprint, probability_columns
 from core.jobs import queue as jobs
 from core.jobs import worker
 from core.jobs.params import describe_dataset, training_problems
@@ -138,8 +139,8 @@ def gather_inputs() -> tuple[str, list[uploads.PhotoInput], list[str]] | None:
             return st.session_state["predict_inputs"]
         if folder:
             inputs, notes = uploads.folder_inputs(folder, recursive=recursive)
-            stamp = reports.photos_fingerprint(pd.DataFrame({"name": [i.name for i in inputs],
-                                                             "path": [i.path for i in inputs]}))
+            stamp = photos_fingerprint(pd.DataFrame({"name": [i.name for i in inputs],
+                                                     "path": [i.path for i in inputs]}))
             return f"folder:{folder}:{stamp}", inputs, notes
         if uri:
             signature = f"s3:{uri}:{int(limit)}"
@@ -161,7 +162,7 @@ def gather_inputs() -> tuple[str, list[uploads.PhotoInput], list[str]] | None:
 
 def predictions_for(run: dict, signature: str, inputs: list[uploads.PhotoInput]) -> pd.DataFrame:
     """Predicted once per batch of photos and model; a rerun (e.g. moving the threshold) reuses the result."""
-    key = (reports.run_fingerprint(run["path"]), signature)
+    key = (model_fingerprint(Path(run["path"]) / "model.pt"), signature)
     saved = st.session_state.get("predict_results")
     if saved and saved[0] == key:
         return saved[1]
@@ -198,7 +199,7 @@ def probability_chart(row: pd.Series, classes: list[int], threshold: float) -> g
 
 def show_results(frame: pd.DataFrame, run: dict, notes: list[str]) -> None:
     threshold = run["threshold"]
-    classes = [int(c.split("_", 1)[1]) for c in reports.probability_columns(frame)]
+    classes = [int(c.split("_", 1)[1]) for c in probability_columns(frame)]
     ok = frame[frame["error"].isna()].copy()
     ok["low_confidence"] = ok["confidence"] < threshold
     bad = frame[frame["error"].notna()]
@@ -213,9 +214,9 @@ def show_results(frame: pd.DataFrame, run: dict, notes: list[str]) -> None:
     if ok.empty:
         return
     st.subheader("Photos")
-    pages = max(1, -(-len(ok) // PHOTOS_PER_PAGE))
+    _, pages = page_of(ok, 1, PHOTOS_PER_PAGE)
     page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="predict_page") if pages > 1 else 1
-    shown = ok.iloc[(int(page) - 1) * PHOTOS_PER_PAGE: int(page) * PHOTOS_PER_PAGE]
+    shown, _ = page_of(ok, int(page), PHOTOS_PER_PAGE)
     columns = st.columns(3)
     for i, (_, row) in enumerate(shown.iterrows()):
         with columns[i % 3].container(border=True):
@@ -226,7 +227,7 @@ def show_results(frame: pd.DataFrame, run: dict, notes: list[str]) -> None:
     st.subheader("Batch table")
     table = frame.copy()
     table["low_confidence"] = (table["confidence"] < threshold).astype("boolean").mask(table["error"].notna())
-    probs = reports.probability_columns(table)
+    probs = probability_columns(table)
     config_columns = {p: st.column_config.ProgressColumn(f"P({p.split('_', 1)[1]})", min_value=0.0, max_value=1.0,
                                                          format="%.2f") for p in probs}
     config_columns["confidence"] = st.column_config.NumberColumn("confidence", format="%.3f")

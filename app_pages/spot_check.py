@@ -11,7 +11,17 @@ from core.data import annotations
 from core.data.dataset import photo_items
 from core.data.images import ImageError, load_image
 from core.jobs.runs import current_model_path
-from core.review.queue import MODEL_QUEUES, QUEUES, QueueError, build_queue, candidates, load_scores, score_photos
+from core.review.queue import (
+    MODEL_QUEUES,
+    QUEUES,
+    QueueError,
+    agrees,
+    build_queue,
+    candidates,
+    model_scores,
+    score_photos,
+    unscored,
+)
 
 COUNT_FILTERS = [0, 1, 2, 3, 4, 5, annotations.MORE_THAN_FIVE]
 SPLITS = ["train", "valid", "test", "none"]
@@ -84,18 +94,14 @@ def decide(choice: str, key: str, name: str, path: str, current: int | None, see
 
 
 
-def model_prediction(model_path: Path | None, key: str, row: pd.Series, scores: pd.DataFrame) -> None:
+def model_prediction(model_path: Path | None, row: pd.Series) -> None:
     if model_path is None:
         st.caption("🤖 No model yet: train one (Train page) to see its prediction here.")
         return
     from core.models.networks import WeightsError
 
-    known = scores[scores["name"] == row["name"]]
-    try:
-        if known.empty:
-            model, meta = model_for(model_path)
-            scores = score_photos(model, meta, model_path, key, row.to_frame().T)
-            known = scores[scores["name"] == row["name"]]
+    try:  # read from the prediction store; predicted (and stored) the first time this bin is shown
+        known = score_photos(model_path, row.to_frame().T, lambda: model_for(model_path))
     except (OSError, RuntimeError, ValueError, ImageError, WeightsError) as exc:
         st.caption(f"🤖 The current model could not predict this photo: {exc}")
         return
@@ -103,9 +109,9 @@ def model_prediction(model_path: Path | None, key: str, row: pd.Series, scores: 
         st.caption("🤖 The current model could not read this photo.")
         return
     predicted, confidence = known.iloc[0]["predicted"], float(known.iloc[0]["confidence"])
-    agrees = pd.notna(row["count"]) and (row["cls"] if pd.notna(row["cls"]) else row["count"]) == predicted
-    st.metric("🤖 Model predicts", str(predicted), "agrees with the label" if agrees else "differs from the label",
-              delta_color="normal" if agrees else "inverse", help=f"Confidence {confidence:.0%}")
+    agreed = agrees(row, predicted)
+    st.metric("🤖 Model predicts", str(predicted), "agrees with the label" if agreed else "differs from the label",
+              delta_color="normal" if agreed else "inverse", help=f"Confidence {confidence:.0%}")
 
 
 def photo_figure(path: str):
@@ -177,23 +183,23 @@ def choose_queue(frame: pd.DataFrame, key: str, model_path: Path | None, checked
                             placeholder="all counts", key="spot_counts")
     splits = c3.multiselect("Split", SPLITS, placeholder="all splits", key="spot_splits")
     size = int(c4.number_input("Bins", 1, 1000, 50, key="spot_size"))
-    scores = load_scores(model_path, key) if model_path else None
+    scores = None
     if kind in MODEL_QUEUES:
         if model_path is None:
             st.info("🤖 No model yet: this queue needs the current model's predictions. Train a model on the "
                     "Train page (and choose it as current), or pick another queue.")
             st.stop()
         pool = candidates(frame, counts, splits)
-        todo = pool[~pool["name"].isin(scores["name"])]
+        todo = unscored(model_path, pool)
         if len(todo):
             st.caption(f"{len(pool) - len(todo):,} of {len(pool):,} matching bins have model predictions.")
             if st.button(f"Score {len(todo):,} bins with the current model", key="spot_score"):
                 bar = st.progress(0.0, text="Loading the model…")
-                model, meta = model_for(model_path)
-                scores = score_photos(model, meta, model_path, key, todo,
-                                      on_progress=lambda f, text: bar.progress(min(f, 1.0), text=text))
+                score_photos(model_path, todo, lambda: model_for(model_path), on_progress=lambda info: bar.progress(
+                    min(float(info["fraction"]), 1.0), text=f"Scoring bins with the current model: {info['message']}"))
                 bar.empty()
                 st.rerun()
+        scores = model_scores(model_path, pool)
     seed = st.session_state.get("spot_seed", 0)
     # Scoring more photos changes a model queue; the other queues must not move while the current bin is scored.
     settings = (key, kind, tuple(counts), tuple(splits), size, seed, len(scores) if kind in MODEL_QUEUES else None)
@@ -239,7 +245,7 @@ def show_bin(dataset, name: str, who: str, queue: list[str], model_path: Path | 
                     f" · split {row['split'] if pd.notna(row['split']) else '—'}")
         if last is not None:
             st.caption(f"Last decision: {last['status']} by {last['annotator']} at {last['created_at'][:19]} UTC")
-        model_prediction(model_path, dataset.key, row, load_scores(model_path, dataset.key) if model_path else None)
+        model_prediction(model_path, row)
         st.text_input("Note (optional)", key=f"spot_note_{name}", placeholder="e.g. items hidden under the flap")
         context = dict(key=dataset.key, name=name, path=path, current=current,
                        seen_id=None if last is None else int(last["id"]), who=who, length=len(queue))

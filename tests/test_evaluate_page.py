@@ -6,8 +6,11 @@ import pytest
 from sklearn.metrics import confusion_matrix
 from streamlit.testing.v1 import AppTest
 
+from core.data.loading import load_dataset
 from core.evaluation.metrics import compute_metrics
 from core.evaluation.results import evaluate
+from core.models.inference import predict_photos
+from core.models.networks import load_model
 from tests.conftest import make_abid_subset
 
 PAGE = str(Path(__file__).resolve().parents[1] / "app_pages" / "evaluate.py")
@@ -20,6 +23,17 @@ def run_page() -> AppTest:
 
 def shown_metrics(at: AppTest) -> dict:
     return {m.label: m.value for m in at.metric}
+
+
+def reference_predictions(run: Path, data: Path, split: str):
+    """The model's predictions on a split made directly, without the prediction store: name, truth, predicted."""
+    import pandas as pd
+
+    rows = load_dataset(data).rows(split)
+    model, meta = load_model(run / "model.pt")
+    frame = predict_photos(model, meta, list(rows["path"]))
+    return pd.DataFrame({"name": list(rows["name"]), "truth": rows["cls"].astype(int).to_numpy(),
+                         "predicted": frame["predicted"].astype(int).to_numpy()})
 
 
 def table_with(at: AppTest, column: str):
@@ -36,7 +50,7 @@ def test_metrics_per_class_table_and_weakest_class(shared):
     at = run_page()
     assert not at.exception and not at.error
     run_id = at.selectbox(key="eval_run").value
-    metrics, _ = evaluate(shared["runs"][run_id] / "model.pt", shared["data"], split="test")
+    metrics = evaluate(shared["runs"][run_id] / "model.pt", shared["data"], split="test").metrics()
     shown = shown_metrics(at)
     assert shown["Accuracy"] == f"{metrics['accuracy']:.1%}"
     assert shown["Balanced accuracy"] == f"{metrics['balanced_accuracy']:.1%}"
@@ -73,8 +87,8 @@ def test_a_selected_cell_shows_exactly_the_photos_sklearn_counts(shared):
     at = run_page()
     at.selectbox(key="eval_split").set_value("all").run()
     run_id = at.selectbox(key="eval_run").value
-    _, reference = evaluate(shared["runs"][run_id] / "model.pt", shared["data"], split="all")
-    matrix = confusion_matrix(reference["truth"].astype(int), reference["predicted"].astype(int), labels=CLASSES)
+    reference = reference_predictions(shared["runs"][run_id], shared["data"], "all")
+    matrix = confusion_matrix(reference["truth"], reference["predicted"], labels=CLASSES)
     off_diagonal = [(i, j) for i in range(5) for j in range(5) if i != j and matrix[i, j] > 0]
     assert off_diagonal, "the small run makes no mistake: nothing to open"
     for i, j in [max(off_diagonal, key=lambda ij: matrix[ij]), (int(np.argmax(np.diag(matrix))),) * 2]:
@@ -86,7 +100,7 @@ def test_a_selected_cell_shows_exactly_the_photos_sklearn_counts(shared):
                                       f"**{predicted}**") for m in at.markdown)
         cell = table_with(at, "item_names")
         expected = reference[(reference["truth"] == true) & (reference["predicted"] == predicted)]
-        assert sorted(cell["name"]) == sorted(expected["photo"])
+        assert sorted(cell["name"]) == sorted(expected["name"])
         assert all(cell["truth"] == true) and all(cell["predicted"] == predicted)
         assert list(cell["confidence"]) == sorted(cell["confidence"], reverse=True)
         assert cell["item_names"].str.len().gt(0).any()  # metadata items are shown with the photos
@@ -100,8 +114,8 @@ def test_comparing_two_runs_shows_the_right_deltas(shared):
     frame = table_with(at, "Δ better (run)").set_index("metric")
     scored = {}
     for name in ("baseline", "better"):
-        _, predictions = evaluate(shared["runs"][name] / "model.pt", shared["data"], split="test")
-        scored[name] = compute_metrics(predictions["truth"].astype(int), predictions["predicted"].astype(int), CLASSES)
+        predictions = reference_predictions(shared["runs"][name], shared["data"], "test")
+        scored[name] = compute_metrics(predictions["truth"], predictions["predicted"], CLASSES)
     assert frame.loc["Accuracy", "Δ better (run)"] == pytest.approx(scored["better"]["accuracy"] - scored["baseline"]["accuracy"])
     assert frame.loc["MAE (objects)", "Δ better (run)"] == pytest.approx(scored["better"]["mae"] - scored["baseline"]["mae"])
     for c in CLASSES:
@@ -131,3 +145,22 @@ def test_a_damaged_model_file_is_explained(binsight_home):
     at = run_page()
     assert not at.exception
     assert "cannot be loaded" in at.error[0].value and "not a Binsight model file" in at.error[0].value
+
+
+def test_skipped_photos_are_reported_as_the_cli_reports_them(shared, tmp_path, capsys):
+    from core.cli import main
+
+    other = make_abid_subset(tmp_path / "holdout", per_class=2)
+    broken = sorted((other / "bin-images").glob("*.jpg"))[0]
+    broken.write_bytes(broken.read_bytes()[:300])
+    at = run_page()
+    at.selectbox(key="eval_split").set_value("Another labelled folder…").run()
+    at.text_input(key="eval_folder").input(str(other)).run()
+    assert not at.exception
+    assert any("1 photos could not be read" in w.value for w in at.warning)
+    run_id = at.selectbox(key="eval_run").value
+    assert main(["evaluate", "--model", str(shared["runs"][run_id] / "model.pt"), "--data", str(other),
+                 "--split", "all"]) == 0
+    cli_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("skipped "))
+    assert broken.name in cli_line
+    assert cli_line in [c.value for c in at.caption]

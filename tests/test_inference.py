@@ -42,7 +42,7 @@ def test_reloaded_checkpoint_predicts_identically(run, tmp_path):
     assert np.array_equal(first[prob_columns].to_numpy(), reloaded[prob_columns].to_numpy())
     assert list(first["predicted"]) == list(reloaded["predicted"])
     # evaluating the saved model reproduces the test metrics training reported (same split, same preprocessing)
-    metrics, _ = evaluate(folder / "model.pt", data, split="test")
+    metrics = evaluate(folder / "model.pt", data, split="test").metrics()
     assert metrics["n"] == result["test"]["n"]
     assert metrics["confusion_matrix"] == result["test"]["confusion_matrix"]
 
@@ -81,8 +81,9 @@ def test_predictions_have_one_row_per_photo_and_broken_photos_get_an_error(run):
 
 def test_evaluate_all_scores_every_readable_photo_and_lists_the_skipped(run):
     folder, data, _ = run
-    metrics, predictions = evaluate(folder / "model.pt", data, split="all")
+    result = evaluate(folder / "model.pt", data, split="all")
+    metrics = result.metrics()
     assert metrics["n"] == 40  # 8 real photos of each count 1–5
-    assert {s["photo"] for s in metrics["skipped"]} == {"truncated.jpg", "garbage.jpg"}
-    assert {"photo", "path", "truth", "predicted", "confidence", "prob_1"} <= set(predictions.columns)
+    assert {s["photo"] for s in result.skipped} == {"truncated.jpg", "garbage.jpg"}
+    assert {"name", "path", "truth", "predicted", "confidence", "prob_1"} <= set(result.frame.columns)
     assert 0 <= metrics["balanced_accuracy"] <= 1 and len(metrics["confusion_matrix"]) == 5

@@ -1,4 +1,4 @@
-"""Evaluation reports on real small runs: the predictions cache, confusion cells, run comparison, exports."""
+"""Evaluation results on real small runs: the prediction store, confusion cells, run comparison, exports."""
 from __future__ import annotations
 
 import io
@@ -13,9 +13,25 @@ from sklearn.metrics import confusion_matrix, f1_score
 
 from core.data.loading import load_dataset
 from core.evaluation import reports
-from core.evaluation.results import evaluate
+from core.evaluation.predictions import PredictionStore
+from core.evaluation.results import EvaluationResult, score
 from core.jobs.runs import available_runs, register_run
+from core.models.inference import predict_photos
+from core.models.networks import load_model
 from tests.conftest import make_abid_subset
+
+
+def result_of(run: Path, rows: pd.DataFrame, split: str, on_progress=None) -> EvaluationResult:
+    return score(run / "model.pt", rows, lambda: load_model(run / "model.pt"), run=run.name, split=split,
+                 on_progress=on_progress)
+
+
+def reference_predictions(run: Path, rows: pd.DataFrame) -> pd.DataFrame:
+    """The model's predictions made directly, without the store: name, truth, predicted."""
+    model, meta = load_model(run / "model.pt")
+    frame = predict_photos(model, meta, list(rows["path"]))
+    return pd.DataFrame({"name": list(rows["name"]), "truth": rows["cls"].astype(int).to_numpy(),
+                         "predicted": frame["predicted"].astype(int).to_numpy()})
 
 
 def test_predictions_are_computed_once_then_read_back(runs, monkeypatch, binsight_home):
@@ -26,40 +42,43 @@ def test_predictions_are_computed_once_then_read_back(runs, monkeypatch, binsigh
     real = core.models.inference.predict_photos
     monkeypatch.setattr(core.models.inference, "predict_photos", lambda *a, **k: calls.append(1) or real(*a, **k))
     progress = []
-    first = reports.cached_predictions(runs["runs"]["baseline"], rows, "test", on_progress=progress.append)
+    first = result_of(runs["runs"]["baseline"], rows, "test", on_progress=progress.append).frame
     assert calls == [1] and progress and progress[-1]["fraction"] == 1.0
-    cached = reports.predictions_path(runs["runs"]["baseline"], "test", rows)
-    assert cached.is_file() and cached.is_relative_to(binsight_home)
-    second = reports.cached_predictions(runs["runs"]["baseline"], rows, "test")
+    stored = PredictionStore(runs["runs"]["baseline"] / "model.pt").file
+    assert stored.is_file() and stored.is_relative_to(binsight_home)
+    second = result_of(runs["runs"]["baseline"], rows, "test").frame
     assert calls == [1]  # read back, not predicted again
     pd.testing.assert_frame_equal(first, second)
     assert len(first) == len(rows) and set(first["name"]) == set(rows["name"])
     assert (first.set_index("name")["truth"] == rows.set_index("name")["cls"]).all()
-    # another split, or another run, is another entry
-    reports.cached_predictions(runs["runs"]["baseline"], load_dataset(runs["data"]).rows("valid"), "valid")
-    reports.cached_predictions(runs["runs"]["better"], rows, "test")
+    # other photos, or another run, are predicted
+    result_of(runs["runs"]["baseline"], load_dataset(runs["data"]).rows("valid"), "valid")
+    result_of(runs["runs"]["better"], rows, "test")
     assert calls == [1, 1, 1]
 
 
 def test_a_replaced_photo_or_model_is_predicted_again(runs, tmp_path):
     data = make_abid_subset(tmp_path / "copy", per_class=3)
     rows = load_dataset(data).rows("all")
-    before = reports.predictions_path(runs["runs"]["baseline"], "all", rows)
+    store = PredictionStore(runs["runs"]["baseline"] / "model.pt")
+    result_of(runs["runs"]["baseline"], rows, "all")
+    assert store.missing(rows).empty
     photo = Path(rows.iloc[0]["path"])
     photo.write_bytes(photo.read_bytes() + b"\0")  # same name, new content
-    assert reports.predictions_path(runs["runs"]["baseline"], "all", rows) != before
-    assert reports.predictions_path(runs["runs"]["better"], "all", rows) != before
+    assert list(store.missing(rows)["name"]) == [rows.iloc[0]["name"]]
+    assert PredictionStore(runs["runs"]["better"] / "model.pt").folder != store.folder
+    assert len(PredictionStore(runs["runs"]["better"] / "model.pt").missing(rows)) == len(rows)
 
 
 def test_truth_follows_corrected_labels_without_predicting_again(runs, monkeypatch):
     import core.models.inference
 
     rows = load_dataset(runs["data"]).rows("test")
-    reports.cached_predictions(runs["runs"]["baseline"], rows, "test")
+    result_of(runs["runs"]["baseline"], rows, "test")
     monkeypatch.setattr(core.models.inference, "predict_photos", lambda *a, **k: pytest.fail("predicted again"))
     corrected = rows.copy()
     corrected.loc[corrected.index[0], "cls"] = 5 if corrected.iloc[0]["cls"] != 5 else 1
-    frame = reports.cached_predictions(runs["runs"]["baseline"], corrected, "test")
+    frame = result_of(runs["runs"]["baseline"], corrected, "test").frame
     assert frame.set_index("name").loc[corrected.iloc[0]["name"], "truth"] == corrected.iloc[0]["cls"]
 
 
@@ -67,8 +86,7 @@ def test_metrics_match_the_training_run_and_preprocessing_is_shared(shared):
     """Predicting the test photos from files gives the test metrics training computed from cached features."""
     rows = load_dataset(shared["data"]).rows("test")
     for run in shared["runs"].values():
-        predictions = reports.cached_predictions(run, rows, "test")
-        metrics = reports.report_metrics(predictions, [1, 2, 3, 4, 5])
+        metrics = result_of(run, rows, "test").metrics()
         trained = json.loads((run / "metrics.json").read_text())["test"]
         assert metrics["n"] == trained["n"]
         assert metrics["confusion_matrix"] == trained["confusion_matrix"]
@@ -77,17 +95,17 @@ def test_metrics_match_the_training_run_and_preprocessing_is_shared(shared):
 
 def test_confusion_cells_hold_exactly_the_photos_sklearn_counts(shared):
     rows = load_dataset(shared["data"]).rows("all")
-    predictions = reports.cached_predictions(shared["runs"]["baseline"], rows, "all")
+    result = result_of(shared["runs"]["baseline"], rows, "all")
     classes = [1, 2, 3, 4, 5]
-    # the reference: core.evaluation's own predictions and scikit-learn's matrix
-    _, reference = evaluate(shared["runs"]["baseline"] / "model.pt", shared["data"], split="all")
-    matrix = confusion_matrix(reference["truth"].astype(int), reference["predicted"].astype(int), labels=classes)
+    # the reference: the model's predictions made directly, and scikit-learn's matrix
+    reference = reference_predictions(shared["runs"]["baseline"], rows)
+    matrix = confusion_matrix(reference["truth"], reference["predicted"], labels=classes)
     assert matrix.sum() == len(rows) and np.trace(matrix) < matrix.sum()  # some mistakes to look at
     seen = []
     for i, true in enumerate(classes):
         for j, predicted in enumerate(classes):
-            cell = reports.confusion_cell(predictions, true, predicted)
-            expected = reference[(reference["truth"] == true) & (reference["predicted"] == predicted)]["photo"]
+            cell = result.cell(true, predicted)
+            expected = reference[(reference["truth"] == true) & (reference["predicted"] == predicted)]["name"]
             assert len(cell) == matrix[i, j]
             assert sorted(cell["name"]) == sorted(expected)
             assert list(cell["confidence"]) == sorted(cell["confidence"], reverse=True)
@@ -97,14 +115,13 @@ def test_confusion_cells_hold_exactly_the_photos_sklearn_counts(shared):
 
 def test_per_class_table_and_weakest_class(shared):
     rows = load_dataset(shared["data"]).rows("all")
-    predictions = reports.cached_predictions(shared["runs"]["baseline"], rows, "all")
-    metrics = reports.report_metrics(predictions, [1, 2, 3, 4, 5])
-    table = reports.per_class_table(metrics)
-    truth, predicted = predictions["truth"].astype(int), predictions["predicted"].astype(int)
+    result = result_of(shared["runs"]["baseline"], rows, "all")
+    table = result.per_class()
+    truth, predicted = result.frame["truth"].astype(int), result.frame["predicted"].astype(int)
     expected_f1 = f1_score(truth, predicted, labels=[1, 2, 3, 4, 5], average=None, zero_division=0)
     assert np.allclose(table["f1"], expected_f1)
     assert list(table["support"]) == [12] * 5
-    weakest = reports.weakest_class(table)
+    weakest = result.weakest_class()
     assert table.set_index("class").loc[weakest, "f1"] == expected_f1.min()
 
 
@@ -120,21 +137,20 @@ def test_unreadable_photos_and_unknown_counts_are_left_out_and_counted(runs, tmp
     broken = Path(rows.iloc[0]["path"])
     broken.write_bytes(broken.read_bytes()[:300])  # damaged after indexing
     rows.loc[rows.index[1], "cls"] = 7  # a count the model does not know
-    predictions = reports.cached_predictions(runs["runs"]["baseline"], rows, "all")
-    assert "damaged or truncated" in predictions.set_index("name").loc[rows.iloc[0]["name"], "error"]
-    metrics = reports.report_metrics(predictions, [1, 2, 3, 4, 5])
+    result = result_of(runs["runs"]["baseline"], rows, "all")
+    assert "damaged or truncated" in result.frame.set_index("name").loc[rows.iloc[0]["name"], "error"]
+    metrics = result.metrics()
     assert metrics["n"] == len(rows) - 2
     assert metrics["left_out"] == {"unreadable": 1, "outside_classes": 1}
-    assert rows.iloc[0]["name"] not in set(reports.confusion_cell(predictions, int(rows.iloc[0]["cls"]),
-                                                                  int(rows.iloc[0]["cls"]))["name"])
+    assert [s["photo"] for s in result.skipped] == [rows.iloc[0]["name"]]
+    assert rows.iloc[0]["name"] not in set(result.cell(int(rows.iloc[0]["cls"]), int(rows.iloc[0]["cls"]))["name"])
 
 
-def test_comparison_frame_deltas(shared):
+def test_comparison_deltas(shared):
     rows = load_dataset(shared["data"]).rows("all")
-    by_run = {}
-    for name, run in shared["runs"].items():
-        by_run[name] = reports.report_metrics(reports.cached_predictions(run, rows, "all"), [1, 2, 3, 4, 5])
-    frame = reports.comparison_frame(by_run).set_index("metric")
+    results = {name: result_of(run, rows, "all") for name, run in shared["runs"].items()}
+    by_run = {name: result.metrics() for name, result in results.items()}
+    frame = results["baseline"].compare({"better": results["better"]}).set_index("metric")
     assert list(frame.columns) == ["better", "baseline", "better (run)", "Δ better (run)"]
     for key, label, _ in reports.OVERALL_METRICS:
         assert frame.loc[label, "Δ better (run)"] == pytest.approx(by_run["better"][key] - by_run["baseline"][key])
@@ -143,7 +159,7 @@ def test_comparison_frame_deltas(shared):
         assert frame.loc[f"F1 class {cls}", "Δ better (run)"] == pytest.approx(delta)
     assert frame.loc["MAE (objects)", "better"] == "lower"
     with pytest.raises(ValueError):
-        reports.comparison_frame({"one": by_run["baseline"]})
+        results["baseline"].compare({})
 
 
 def test_delta_direction_knows_mae_is_better_lower():
@@ -154,17 +170,21 @@ def test_delta_direction_knows_mae_is_better_lower():
 
 def test_exports(shared):
     rows = load_dataset(shared["data"]).rows("test")
-    metrics = reports.report_metrics(reports.cached_predictions(shared["runs"]["better"], rows, "test"), [1, 2, 3, 4, 5])
-    report = json.loads(reports.report_json(metrics, "better", "test"))
+    result = result_of(shared["runs"]["better"], rows, "test")
+    metrics = result.metrics()
+    report = json.loads(result.report_json())
     assert report["accuracy"] == metrics["accuracy"] and report["confusion_matrix"] == metrics["confusion_matrix"]
     assert [r["class"] for r in report["per_class"]] == [1, 2, 3, 4, 5]
-    table = pd.read_csv(io.BytesIO(reports.report_csv(metrics, "better", "test")))
+    assert report["run"] == "better" and report["split"] == "test"
+    table = pd.read_csv(io.BytesIO(result.report_csv()))
     assert set(table["run"]) == {"better"}
     overall = table[table["scope"] == "overall"].set_index("metric")["value"]
     assert overall["accuracy"] == pytest.approx(metrics["accuracy"])
     assert len(table[table["scope"] == "class 3"]) == 4
-    png = Image.open(io.BytesIO(reports.confusion_png(np.asarray(metrics["confusion_matrix"]), [1, 2, 3, 4, 5])))
+    png = Image.open(io.BytesIO(result.confusion_png()))
     assert png.format == "PNG" and png.width > 200
+    predictions = pd.read_csv(io.BytesIO(result.predictions_csv()))
+    assert sorted(predictions["name"]) == sorted(rows["name"]) and "prob_5" in predictions
     normalised = reports.row_normalised(np.asarray(metrics["confusion_matrix"]))
     assert np.allclose(normalised.sum(axis=1)[np.asarray(metrics["confusion_matrix"]).sum(axis=1) > 0], 1.0)
 

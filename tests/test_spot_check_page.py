@@ -123,7 +123,7 @@ def test_with_a_current_model_its_prediction_shows_and_the_confidence_queue_is_o
     from core.jobs.runs import current_model_path
     from core.models.networks import backbone_spec, build_model, save_model
     from core.models.preprocess import preprocessing
-    from core.review.queue import load_scores
+    from core.review.queue import candidates, model_scores
 
     spec = backbone_spec("simple_cnn")
     meta = {"backbone": "simple_cnn", "head": "linear", "classes": [1, 2, 3, 4, 5],
@@ -140,7 +140,7 @@ def test_with_a_current_model_its_prediction_shows_and_the_confidence_queue_is_o
     at.radio(key="spot_kind").set_value("low_confidence").run()
     at.button(key="spot_score").click().run()
     assert not at.exception
-    scores = load_scores(current_model_path(), load_dataset(spot_source).key).set_index("name")
+    scores = model_scores(current_model_path(), candidates(load_dataset(spot_source).frame)).set_index("name")
     assert len(scores) == len(counts_by_name(spot_source)) and scores["error"].isna().all()
     queue = at.session_state["spot_queue"]
     assert sorted(queue) == sorted(scores.index)

@@ -99,25 +99,26 @@ class _ProgressPrinter:
 
 def _evaluate(args) -> int:
     from core.evaluation.metrics import format_table
-    from core.evaluation.results import evaluate
+    from core.evaluation.results import evaluate, skipped_summary
     from core.files import atomic_write_json
 
     for path, what in ((args.model, "model file"), (args.data, "dataset folder")):
         if not Path(path).expanduser().exists():
             raise UsageError(f"{path}: no such {what}")
-    metrics, _ = evaluate(args.model, args.data, split=args.split)
+    result = evaluate(args.model, args.data, split=args.split)
+    metrics = result.metrics()
     if not metrics["n"]:
         raise UsageError(f"{args.data}: no readable labelled photos of counts {metrics['classes']} in the {args.split} split")
-    print(f"{args.split} split of {metrics['data']}")
+    print(f"{args.split} split of {result.source}")
     print(format_table(metrics))
     print("confusion matrix (rows true, columns predicted): " + "  ".join(str(c) for c in metrics["classes"]))
     for count, row in zip(metrics["classes"], metrics["confusion_matrix"]):
         print(f"{count:>5}  " + " ".join(f"{v:>5}" for v in row))
-    if metrics["skipped"]:
-        print(f"skipped {len(metrics['skipped'])} photos that could not be read: "
-              + "; ".join(s["reason"] for s in metrics["skipped"][:3]) + (" …" if len(metrics["skipped"]) > 3 else ""))
+    if result.skipped:
+        print(skipped_summary(result.skipped))
     if args.json:
-        atomic_write_json(args.json, metrics)
+        atomic_write_json(args.json, metrics | {"split": args.split, "skipped": result.skipped,
+                                                "model": str(args.model), "data": result.source})
     return 0
 
 

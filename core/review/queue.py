@@ -1,16 +1,15 @@
-"""Which bins to spot-check next: random, unchecked, least confident or disputed by the model; model scores cached."""
+"""Which bins to spot-check next: random, unchecked, least confident or disputed by the model (scores from the store)."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-from core import config
 from core.data.annotations import MORE_THAN_FIVE
 from core.errors import BinsightError
-from core.files import atomic_write_bytes
+from core.evaluation.predictions import PredictionStore
 
 QUEUES = {
     "unchecked": "Not yet checked",
@@ -61,50 +60,42 @@ def build_queue(frame: pd.DataFrame, kind: str, checked: set[str] | None = None,
     scored = shuffled.merge(scores[scores["error"].isna()][["name", "predicted", "confidence"]], on="name")
     if kind == "low_confidence":
         return scored.sort_values("confidence", kind="stable")["name"].head(size).tolist()
-    truth = scored["cls"].fillna(scored["count"]) if "cls" in scored else scored["count"]
-    disputed = scored[truth.notna() & (truth != scored["predicted"])]
+    disputed = scored[~agreement(scored).fillna(True)]
     return disputed.sort_values("confidence", ascending=False, kind="stable")["name"].head(size).tolist()
 
 
-def _scores_file(model_path: Path, dataset_key: str) -> Path:
-    stat = Path(model_path).stat()
-    stamp = hashlib.sha1(f"{Path(model_path).resolve()}:{stat.st_mtime_ns}:{stat.st_size}".encode()).hexdigest()[:12]
-    return config.home() / "annotations" / f"scores_{dataset_key}_{stamp}.parquet"
+def agreement(scored: pd.DataFrame) -> pd.Series:
+    """Per photo (cls, count, predicted): True when the model predicts its label, False when it predicts another
+    count, NA when the photo has no count. The label is the class when the count is one, else the count."""
+    label = (scored["cls"].fillna(scored["count"]) if "cls" in scored else scored["count"]).astype("Float64")
+    return (label == scored["predicted"].astype("Float64")).astype("boolean")
 
 
-def load_scores(model_path: str | Path, dataset_key: str) -> pd.DataFrame:
-    """The model's saved predictions for this dataset (name, predicted, confidence, error); empty when none."""
-    try:
-        return pd.read_parquet(_scores_file(Path(model_path), dataset_key))
-    except (OSError, ValueError):
-        return pd.DataFrame(columns=SCORE_COLUMNS)
+def agrees(row: pd.Series, predicted) -> bool:
+    """Whether the model's prediction for this bin is its label."""
+    one = row.to_frame().T.assign(predicted=predicted)
+    return bool(agreement(one).fillna(False).iloc[0])
 
 
-def score_photos(model, meta: dict, model_path: str | Path, dataset_key: str, rows: pd.DataFrame,
-                 on_progress=None, chunk: int = 256) -> pd.DataFrame:
-    """Predict the photos of `rows` (name, path) not yet scored by this model, save them, and return all scores.
+def _scores(outputs: pd.DataFrame) -> pd.DataFrame:
+    return outputs[SCORE_COLUMNS].reset_index(drop=True)
 
-    Scores are saved after each chunk, so an interrupted scoring resumes where it stopped.
+
+def model_scores(model_path: str | Path, rows: pd.DataFrame) -> pd.DataFrame:
+    """The model's stored predictions for the photos of `rows` (name, predicted, confidence, error); none are made."""
+    return _scores(PredictionStore(model_path).stored(rows))
+
+
+def unscored(model_path: str | Path, rows: pd.DataFrame) -> pd.DataFrame:
+    """name and path of the photos of `rows` the model has not predicted yet."""
+    return PredictionStore(model_path).missing(rows)
+
+
+def score_photos(model_path: str | Path, rows: pd.DataFrame, load_model: Callable[[], tuple],
+                 on_progress: Callable[[dict], None] | None = None, chunk: int = 256) -> pd.DataFrame:
+    """The model's predictions for the photos of `rows` (name, path), predicting those not in the store yet.
+
+    They go to the same prediction store the Evaluate page and `python -m core evaluate` read, saved after
+    each chunk, so an interrupted scoring resumes where it stopped.
     """
-    from core.models.inference import predict_photos
-
-    scores = load_scores(model_path, dataset_key)
-    todo = rows[~rows["name"].isin(scores["name"])][["name", "path"]]
-    target = _scores_file(Path(model_path), dataset_key)
-    for start in range(0, len(todo), chunk):
-        part = todo.iloc[start:start + chunk]
-
-        def report(info: dict, start=start) -> None:
-            done = start + int(info.get("done", 0))
-            on_progress(done / len(todo), f"Scoring bins with the current model {done:,}/{len(todo):,}")
-
-        predicted = predict_photos(model, meta, part["path"].tolist(), on_progress=report if on_progress else None)
-        batch = pd.DataFrame({  # predict_photos keeps the order of the paths it is given
-            "name": part["name"].to_numpy(),
-            "predicted": pd.array(predicted["predicted"], dtype="Int64"),
-            "confidence": predicted["confidence"].astype(float).to_numpy(),
-            "error": predicted["error"].astype(object).where(predicted["error"].notna(), None).to_numpy(),
-        })
-        scores = pd.concat([scores, batch], ignore_index=True) if len(scores) else batch
-        atomic_write_bytes(target, scores.to_parquet(index=False))
-    return scores
+    return _scores(PredictionStore(model_path).predict(rows, load_model, on_progress, chunk=chunk))

@@ -1,0 +1,148 @@
+"""The one prediction store of a model: each photo's class probabilities (or error), predicted once and kept."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from core import config
+from core.files import atomic_write_bytes
+
+STORE_VERSION = 1
+KEY_COLUMNS = ["name", "path", "size", "mtime_ns"]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._")[:60] or "x"
+
+
+def model_fingerprint(model_path: str | Path) -> str:
+    """Changes when the model file is replaced (retrained into the same folder)."""
+    model_path = Path(model_path).resolve()
+    stat = model_path.stat()
+    return hashlib.sha1(f"{model_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+
+
+def photo_stamps(paths) -> tuple[list[int], list[int]]:
+    """(sizes, modification times in ns) of the photo files; -1 for a file that cannot be read."""
+    sizes, times = [], []
+    for path in paths:
+        try:
+            stat = os.stat(path)
+            sizes.append(int(stat.st_size))
+            times.append(int(stat.st_mtime_ns))
+        except (OSError, TypeError, ValueError):
+            sizes.append(-1)
+            times.append(-1)
+    return sizes, times
+
+
+def photos_fingerprint(rows: pd.DataFrame) -> str:
+    """The version of a set of photos: their names, paths, sizes and modification times."""
+    sizes, times = photo_stamps(rows["path"])
+    digest = hashlib.sha1(f"v{STORE_VERSION}".encode())
+    for name, path, size, mtime in zip(rows["name"], rows["path"], sizes, times):
+        digest.update(f"{name}\0{path}\0{size}:{mtime}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def probability_columns(frame: pd.DataFrame) -> list[str]:
+    """The prob_<count> columns of a predictions frame, in count order."""
+    return sorted((c for c in frame.columns if c.startswith("prob_")), key=lambda c: int(c.split("_", 1)[1]))
+
+
+def _keyed(rows: pd.DataFrame) -> pd.DataFrame:
+    """name and path of `rows` (those with a file) with the size and time that identify the photo's version."""
+    keyed = rows.loc[rows["path"].notna(), ["name", "path"]].astype({"name": str, "path": str}).reset_index(drop=True)
+    keyed["size"], keyed["mtime_ns"] = photo_stamps(keyed["path"])
+    return keyed.astype({"size": "int64", "mtime_ns": "int64"})
+
+
+class PredictionStore:
+    """A model's outputs per photo (keyed by name, path, size and modification time) as parquet in
+    BINSIGHT_HOME/predictions/<run>-<model fingerprint>/.
+
+    A photo is predicted once per version of the photo and of the model file; every page and command that
+    needs this model's predictions (Evaluate, spot-check, `python -m core evaluate`) reads them here.
+    """
+
+    def __init__(self, model_path: str | Path):
+        self.model_path = Path(model_path)
+        run = self.model_path.resolve().parent.name
+        self.folder = config.home() / "predictions" / f"{_slug(run)}-{model_fingerprint(self.model_path)}"
+        self.file = self.folder / f"outputs-v{STORE_VERSION}.parquet"
+
+    def _read(self) -> pd.DataFrame:
+        try:
+            return pd.read_parquet(self.file)
+        except (OSError, ValueError):
+            return pd.DataFrame(columns=KEY_COLUMNS + ["predicted", "confidence", "error"])
+
+    def _joined(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """`rows`' keys (in order) with the stored outputs of each photo's current version (NaN when none)."""
+        stored = self._read().drop_duplicates(KEY_COLUMNS, keep="last")
+        return _keyed(rows).merge(stored.astype({"size": "int64", "mtime_ns": "int64"}), on=KEY_COLUMNS, how="left",
+                                  indicator="_stored")
+
+    def missing(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """name and path of the photos of `rows` this model has not predicted yet (in their current version)."""
+        joined = self._joined(rows)
+        return joined.loc[joined["_stored"] == "left_only", ["name", "path"]].reset_index(drop=True)
+
+    def stored(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """The stored outputs of the photos of `rows` already predicted: name, path, predicted, confidence,
+        prob_<count>…, error; photos not predicted yet are left out."""
+        joined = self._joined(rows)
+        return _outputs(joined[joined["_stored"] == "both"])
+
+    def predict(self, rows: pd.DataFrame, load_model: Callable[[], tuple],
+                on_progress: Callable[[dict], None] | None = None, chunk: int = 256) -> pd.DataFrame:
+        """The outputs for the photos of `rows` (in order; those without a file are left out).
+
+        Only photos not stored yet are predicted, `chunk` at a time; each chunk is saved as soon as it is
+        done, so an interrupted prediction resumes where it stopped. `load_model` is called only when
+        something is left to predict. Progress: {done, total, fraction, message} over the photos to predict.
+        """
+        from core.models.inference import predict_photos
+
+        todo = self.missing(rows)
+        loaded = None
+        for start in range(0, len(todo), chunk):
+            part = todo.iloc[start:start + chunk]
+            if loaded is None:
+                loaded = load_model()
+            model, meta = loaded
+
+            def report(info: dict, start=start) -> None:
+                done = start + int(info.get("done", 0))
+                on_progress({"done": done, "total": len(todo), "fraction": done / len(todo),
+                             "message": f"Predicting photo {done:,}/{len(todo):,}"})
+
+            predicted = predict_photos(model, meta, part["path"].tolist(), on_progress=report if on_progress else None)
+            if len(predicted) != len(part):
+                raise RuntimeError(f"predict_photos returned {len(predicted)} rows for {len(part)} photos")
+            batch = predicted.reset_index(drop=True).drop(columns=["photo", "path"])  # same order as the paths
+            batch.insert(0, "name", part["name"].to_numpy())
+            batch.insert(1, "path", part["path"].to_numpy())
+            self._save(batch)
+        return self.stored(rows)
+
+    def _save(self, batch: pd.DataFrame) -> None:
+        """Add a chunk's outputs; an older version of the same photo (name and path) is dropped."""
+        batch = _keyed(batch).merge(batch, on=["name", "path"])
+        stored = self._read()
+        stored = stored[~stored.set_index(["name", "path"]).index.isin(batch.set_index(["name", "path"]).index)]
+        frame = pd.concat([stored, batch], ignore_index=True) if len(stored) else batch
+        atomic_write_bytes(self.file, _outputs(frame, keys=True).to_parquet(index=False))
+
+
+def _outputs(frame: pd.DataFrame, keys: bool = False) -> pd.DataFrame:
+    columns = (KEY_COLUMNS if keys else ["name", "path"]) + ["predicted", "confidence"]
+    frame = frame[columns + probability_columns(frame) + ["error"]].reset_index(drop=True)
+    return frame.astype({"predicted": "Int64", "confidence": float}).assign(
+        error=frame["error"].astype(object).where(frame["error"].notna(), None))
+
