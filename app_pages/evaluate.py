@@ -128,6 +128,46 @@ def per_class_section(metrics: dict) -> None:
         st.plotly_chart(figure, width="stretch")
 
 
+def calibration_section(predictions: pd.DataFrame, classes: list[int]) -> None:
+    """Reliability diagram, ECE, and what the Predict page's low-confidence threshold flags on these photos."""
+    from core import config
+    from core.evaluation.calibration import expected_calibration_error, flag_summary, reliability_table
+
+    rows = reports.scored(predictions, classes)
+    probs = rows[reports.probability_columns(rows)].to_numpy(dtype=float)
+    truth = rows["truth"].astype(int).map({c: i for i, c in enumerate(classes)}).to_numpy()
+    table = reliability_table(probs, truth)
+    filled = table[table["count"] > 0]
+    st.subheader("Confidence calibration")
+    figure = go.Figure()
+    figure.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfectly calibrated",
+                                line=dict(dash="dash", color="grey"), hoverinfo="skip"))
+    figure.add_trace(go.Bar(x=(filled["bin_low"] + filled["bin_high"]) / 2, y=filled["accuracy"],
+                            width=filled["bin_high"] - filled["bin_low"], name="accuracy per confidence bin",
+                            customdata=filled[["bin_low", "bin_high", "confidence", "count"]].to_numpy().tolist(),
+                            hovertemplate="confidence %{customdata[0]:.2f}–%{customdata[1]:.2f}<br>mean confidence "
+                                          "%{customdata[2]:.3f}<br>accuracy %{y:.3f}<br>%{customdata[3]} photos"
+                                          "<extra></extra>"))
+    figure.add_trace(go.Scatter(x=filled["confidence"], y=filled["accuracy"], mode="markers", name="mean confidence",
+                                hoverinfo="skip"))
+    figure.update_layout(xaxis=dict(title="confidence (top class probability)", range=[0, 1]),
+                         yaxis=dict(title="accuracy", range=[0, 1]), height=360, margin=dict(t=10, b=10),
+                         legend=dict(orientation="h", y=-0.25))
+    threshold = float(config.load_settings().get("low_confidence_threshold", 0.6))
+    flags = flag_summary(probs.max(axis=1), rows["correct"].to_numpy(), threshold)
+    left, right = st.columns([3, 2])
+    left.plotly_chart(figure, width="stretch", key="reliability_chart")
+    right.metric("Expected calibration error", f"{expected_calibration_error(probs, truth):.3f}",
+                 help="Photo-weighted gap between confidence and accuracy over 15 confidence bins (0 is perfect).")
+    right.metric(f"Flagged below {threshold:.0%} confidence", f"{flags['share_flagged']:.1%}")
+
+    def accuracy(value):
+        return "—" if value is None else f"{value:.1%}"
+
+    right.caption(f"Accuracy of the flagged photos: **{accuracy(flags['accuracy_flagged'])}**, of the rest: "
+                  f"**{accuracy(flags['accuracy_rest'])}** (the threshold is set on the Predict page).")
+
+
 def confusion_figure(matrix, classes, normalised: bool) -> go.Figure:
     values = reports.row_normalised(matrix) if normalised else matrix
     labels = [str(c) for c in classes]
@@ -295,5 +335,6 @@ if metrics["n"] == 0:
     st.stop()
 metric_tiles(metrics)
 per_class_section(metrics)
+calibration_section(predictions, classes)
 confusion_section(predictions, metrics, split_key.split("-", 1)[-1], run["id"])
 comparison_section(runs, rows, split_key, run)

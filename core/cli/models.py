@@ -81,6 +81,8 @@ def _evaluate(args) -> int:
     print("confusion matrix (rows true, columns predicted): " + "  ".join(str(c) for c in metrics["classes"]))
     for count, row in zip(metrics["classes"], metrics["confusion_matrix"]):
         print(f"{count:>5}  " + " ".join(f"{v:>5}" for v in row))
+    print(f"calibration (temperature {metrics['temperature']:.3f}): ECE {metrics['ece_uncalibrated']:.3f} before, "
+          f"{metrics['ece']:.3f} after")
     if metrics["skipped"]:
         print(f"skipped {len(metrics['skipped'])} photos that could not be read: "
               + "; ".join(s["reason"] for s in metrics["skipped"][:3]) + (" …" if len(metrics["skipped"]) > 3 else ""))

@@ -5,8 +5,9 @@ import pandas as pd
 
 from core.data.classes import model_class_range
 from core.errors import BinsightError
+from core.evaluation.calibration import expected_calibration_error
 from core.evaluation.metrics import compute_metrics
-from core.models.inference import predict_photos
+from core.models.inference import predict_probabilities, predictions_frame
 from core.models.networks import load_model
 
 SPLITS = ("test", "valid", "train", "all")
@@ -26,8 +27,10 @@ def evaluate(model_path, data_dir, split: str = "test", on_progress=None, batch_
     model, meta = load_model(model_path)
     ds = load_dataset(data_dir, class_range=model_class_range(meta))
     rows = ds.rows(split)
-    predictions = predict_photos(model, meta, list(rows["path"]), batch_size=batch_size,
-                                 on_progress=on_progress, device=device)
+    paths = [str(p) for p in rows["path"]]
+    probs, errors, uncalibrated = predict_probabilities(model, meta, paths, batch_size, device,
+                                                        on_progress=on_progress, with_uncalibrated=True)
+    predictions = predictions_frame(paths, probs, errors, meta["classes"])
     predictions.insert(2, "truth", pd.array(rows["cls"].astype(int).to_list(), dtype="Int64"))
     predictions["photo"] = list(rows["name"])
     skipped = [{"photo": name, "reason": reason} for name, reason in ds.problems]
@@ -37,5 +40,10 @@ def evaluate(model_path, data_dir, split: str = "test", on_progress=None, batch_
     prob_columns = [f"prob_{c}" for c in meta["classes"]]
     metrics = compute_metrics(scored["truth"].astype(int), scored["predicted"].astype(int), meta["classes"],
                               scored[prob_columns].to_numpy() if len(scored) else None)
-    metrics |= {"split": split, "skipped": skipped, "model": str(model_path), "data": str(ds.source)}
+    if len(scored):
+        index = {c: i for i, c in enumerate(meta["classes"])}
+        truth_index = [index.get(int(t), -1) for t in scored["truth"]]
+        metrics["ece_uncalibrated"] = expected_calibration_error(uncalibrated[scored.index], truth_index)
+    metrics |= {"split": split, "skipped": skipped, "model": str(model_path), "data": str(ds.source),
+                "temperature": float(meta.get("temperature", 1.0))}
     return metrics, predictions
