@@ -7,6 +7,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages.common import cached_thumbnail, current_dataset, model_for
+from core import config
 from core.data.browse import page_of
 from core.data.classes import ClassRange, model_class_range
 from core.data.dataset import DatasetError
@@ -134,6 +135,40 @@ def per_class_section(result: EvaluationResult) -> None:
                         labels={"class": "object count (class)", "value": ""})
         figure.update_layout(height=300, margin=dict(t=10, b=10), xaxis_type="category")
         st.plotly_chart(figure, width="stretch")
+
+
+def calibration_section(result) -> None:
+    """Reliability diagram, ECE, and what the Predict page's low-confidence threshold flags on these photos."""
+    threshold = float(config.load_settings().get("low_confidence_threshold", 0.6))
+    calibration = result.calibration(threshold)
+    table, flags = calibration["table"], calibration["flags"]
+    filled = table[table["count"] > 0]
+    st.subheader("Confidence calibration")
+    figure = go.Figure()
+    figure.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfectly calibrated",
+                                line=dict(dash="dash", color="grey"), hoverinfo="skip"))
+    figure.add_trace(go.Bar(x=(filled["bin_low"] + filled["bin_high"]) / 2, y=filled["accuracy"],
+                            width=filled["bin_high"] - filled["bin_low"], name="accuracy per confidence bin",
+                            customdata=filled[["bin_low", "bin_high", "confidence", "count"]].to_numpy().tolist(),
+                            hovertemplate="confidence %{customdata[0]:.2f}–%{customdata[1]:.2f}<br>mean confidence "
+                                          "%{customdata[2]:.3f}<br>accuracy %{y:.3f}<br>%{customdata[3]} photos"
+                                          "<extra></extra>"))
+    figure.add_trace(go.Scatter(x=filled["confidence"], y=filled["accuracy"], mode="markers", name="mean confidence",
+                                hoverinfo="skip"))
+    figure.update_layout(xaxis=dict(title="confidence (top class probability)", range=[0, 1]),
+                         yaxis=dict(title="accuracy", range=[0, 1]), height=360, margin=dict(t=10, b=10),
+                         legend=dict(orientation="h", y=-0.25))
+    left, right = st.columns([3, 2])
+    left.plotly_chart(figure, width="stretch", key="reliability_chart")
+    right.metric("Expected calibration error", f"{calibration['ece']:.3f}",
+                 help="Photo-weighted gap between confidence and accuracy over 15 confidence bins (0 is perfect).")
+    right.metric(f"Flagged below {threshold:.0%} confidence", f"{flags['share_flagged']:.1%}")
+
+    def accuracy(value):
+        return "—" if value is None else f"{value:.1%}"
+
+    right.caption(f"Accuracy of the flagged photos: **{accuracy(flags['accuracy_flagged'])}**, of the rest: "
+                  f"**{accuracy(flags['accuracy_rest'])}** (the threshold is set on the Predict page).")
 
 
 def confusion_figure(matrix, classes, normalised: bool) -> go.Figure:
@@ -294,5 +329,6 @@ if metrics["n"] == 0:
     st.stop()
 metric_tiles(metrics, result.skipped)
 per_class_section(result)
+calibration_section(result)
 confusion_section(result, metrics)
 comparison_section(runs, rows, split)

@@ -61,7 +61,7 @@ def test_metrics_per_class_table_and_weakest_class(shared):
     assert np.allclose(table["f1"], [metrics["per_class"][str(c)]["f1"] for c in CLASSES])
     weakest = min(CLASSES, key=lambda c: (metrics["per_class"][str(c)]["f1"], metrics["per_class"][str(c)]["recall"], c))
     assert any(f"Weakest class: **{weakest}**" in c.value for c in at.caption)
-    assert len(at.get("plotly_chart")) == 2  # per-class bars and the confusion matrix
+    assert len(at.get("plotly_chart")) == 3  # per-class bars, the reliability diagram and the confusion matrix
     labels = [b.label for b in at.get("download_button")]
     assert labels == ["Report (CSV)", "Report (JSON)", "Confusion matrix (PNG)", "Predictions (CSV)"]
 

@@ -54,7 +54,8 @@ def test_prediction_averages_the_four_mirror_views(run):
     photos = sorted((data / "bin-images").glob("*.jpg"))[:4]
     images = torch.stack([photo_tensor(p, meta) for p in photos])
     with torch.no_grad():
-        views = [model.eval()(v).softmax(1) for v in (images, images.flip(-1), images.flip(-2), images.flip((-2, -1)))]
+        views = [(model.eval()(v) / meta["temperature"]).softmax(1)  # softmax at the calibrated temperature
+                 for v in (images, images.flip(-1), images.flip(-2), images.flip((-2, -1)))]
     frame = predict_photos(model, meta, photos, num_workers=0)
     probs = frame[[f"prob_{c}" for c in meta["classes"]]].to_numpy()
     assert np.allclose(probs, (sum(views) / 4).numpy(), atol=1e-5)

@@ -114,6 +114,9 @@ def _evaluate(args) -> int:
     print("confusion matrix (rows true, columns predicted): " + "  ".join(str(c) for c in metrics["classes"]))
     for count, row in zip(metrics["classes"], metrics["confusion_matrix"]):
         print(f"{count:>5}  " + " ".join(f"{v:>5}" for v in row))
+    if metrics.get("ece_uncalibrated") is not None and metrics.get("ece") is not None:
+        print(f"calibration (temperature {metrics['temperature']:.3f}): ECE {metrics['ece_uncalibrated']:.3f} before, "
+              f"{metrics['ece']:.3f} after")
     if result.skipped:
         print(skipped_summary(result.skipped))
     if args.json:

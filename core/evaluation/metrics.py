@@ -4,13 +4,16 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+from core.evaluation.calibration import expected_calibration_error
+
 
 def compute_metrics(y_true, y_pred, classes, probabilities=None) -> dict:
     """Metrics of predicted counts against true counts (both given as counts, i.e. values of `classes`).
 
     Balanced accuracy is the mean recall over the classes present in y_true, macro-F1 the mean F1 over the
     classes in y_true or y_pred; MAE and off-by-one are in
-    objects. With `probabilities` (n × len(classes)), the mean log loss and confidence are added.
+    objects. With `probabilities` (n × len(classes)), the mean log loss, mean confidence and expected calibration
+    error (ECE, 15 bins; a truth outside `classes` counts as wrong) are added.
     """
     classes = [int(c) for c in classes]
     y_true = np.asarray(y_true, dtype=np.int64)
@@ -45,6 +48,7 @@ def compute_metrics(y_true, y_pred, classes, probabilities=None) -> dict:
         if known.any():
             result["log_loss"] = float(-np.log(probs[np.flatnonzero(known), columns[known]]).mean())
         result["mean_confidence"] = float(probs.max(axis=1).mean())
+        result["ece"] = expected_calibration_error(probs, columns)
     return result
 
 

@@ -12,7 +12,7 @@ import pandas as pd
 from core import config
 from core.files import atomic_write_bytes
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: raw_<count> columns, the probabilities at temperature 1
 KEY_COLUMNS = ["name", "path", "size", "mtime_ns"]
 
 
@@ -107,7 +107,7 @@ class PredictionStore:
         done, so an interrupted prediction resumes where it stopped. `load_model` is called only when
         something is left to predict. Progress: {done, total, fraction, message} over the photos to predict.
         """
-        from core.models.inference import predict_photos
+        from core.models.inference import predict_probabilities, predictions_frame
 
         todo = self.missing(rows)
         loaded = None
@@ -122,9 +122,12 @@ class PredictionStore:
                 on_progress({"done": done, "total": len(todo), "fraction": done / len(todo),
                              "message": f"Predicting photo {done:,}/{len(todo):,}"})
 
-            predicted = predict_photos(model, meta, part["path"].tolist(), on_progress=report if on_progress else None)
-            if len(predicted) != len(part):
-                raise RuntimeError(f"predict_photos returned {len(predicted)} rows for {len(part)} photos")
+            paths = part["path"].tolist()
+            probs, errors, raw = predict_probabilities(model, meta, paths, on_progress=report if on_progress else None,
+                                                       with_uncalibrated=True)
+            predicted = predictions_frame(paths, probs, errors, meta["classes"])
+            for column, count in enumerate(meta["classes"]):
+                predicted[f"raw_{int(count)}"] = raw[:, column]
             batch = predicted.reset_index(drop=True).drop(columns=["photo", "path"])  # same order as the paths
             batch.insert(0, "name", part["name"].to_numpy())
             batch.insert(1, "path", part["path"].to_numpy())
@@ -142,7 +145,8 @@ class PredictionStore:
 
 def _outputs(frame: pd.DataFrame, keys: bool = False) -> pd.DataFrame:
     columns = (KEY_COLUMNS if keys else ["name", "path"]) + ["predicted", "confidence"]
-    frame = frame[columns + probability_columns(frame) + ["error"]].reset_index(drop=True)
+    raw = sorted((c for c in frame.columns if c.startswith("raw_")), key=lambda c: int(c.split("_", 1)[1]))
+    frame = frame[columns + probability_columns(frame) + raw + ["error"]].reset_index(drop=True)
     return frame.astype({"predicted": "Int64", "confidence": float}).assign(
         error=frame["error"].astype(object).where(frame["error"].notna(), None))
 

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from core.errors import BinsightError
+from core.evaluation.calibration import expected_calibration_error, flag_summary, reliability_table
 from core.evaluation.predictions import PredictionStore, probability_columns
 from core.evaluation.reports import (
     OVERALL_METRICS,
@@ -40,6 +41,7 @@ class EvaluationResult:
     split: str = ""
     source: str = ""
     problems: list[dict] = field(default_factory=list)
+    temperature: float = 1.0  # the model's fitted calibration temperature (1: none)
 
     def scored(self) -> pd.DataFrame:
         """The rows that count in the metrics: readable photos whose truth is one of the model's classes."""
@@ -55,10 +57,24 @@ class EvaluationResult:
         probabilities = rows[probs].to_numpy(dtype=float) if len(probs) == len(self.classes) and len(rows) else None
         metrics = compute_metrics(rows["truth"].astype(int).to_numpy(), rows["predicted"].astype(int).to_numpy(),
                                   self.classes, probabilities=probabilities)
+        raw = [f"raw_{c}" for c in self.classes]
+        if len(rows) and all(c in rows for c in raw):  # the same photos' probabilities at temperature 1
+            truth_index = [self.classes.index(int(t)) for t in rows["truth"]]
+            metrics["ece_uncalibrated"] = expected_calibration_error(rows[raw].to_numpy(dtype=float), truth_index)
+        metrics["temperature"] = self.temperature
         unreadable = int(self.frame["error"].notna().sum())
         metrics["left_out"] = {"unreadable": unreadable,
                                "outside_classes": int(len(self.frame) - len(rows) - unreadable)}
         return metrics
+
+    def calibration(self, threshold: float) -> dict:
+        """Reliability over 15 confidence bins, the ECE, and what `threshold` flags as low confidence."""
+        rows = self.scored()
+        probs = rows[probability_columns(rows)].to_numpy(dtype=float)
+        truth = [self.classes.index(int(t)) for t in rows["truth"]]
+        confidence = probs.max(axis=1) if len(probs) else probs.reshape(0)
+        return {"table": reliability_table(probs, truth), "ece": expected_calibration_error(probs, truth),
+                "flags": flag_summary(confidence, rows["correct"].to_numpy(), threshold)}
 
     @property
     def skipped(self) -> list[dict]:
@@ -218,7 +234,8 @@ def score(model_path: str | Path, rows: pd.DataFrame, load_model: Callable[[], t
     _, meta = load()
     outputs = PredictionStore(model_path).predict(rows, load, on_progress)
     return EvaluationResult(with_truth(outputs, rows), [int(c) for c in meta["classes"]], run=run, split=split,
-                            source=str(source), problems=[{"photo": p, "reason": r} for p, r in problems])
+                            source=str(source), problems=[{"photo": p, "reason": r} for p, r in problems],
+                            temperature=float(meta.get("temperature", 1.0)))
 
 
 def evaluate(model_path, data, split: str = "test", on_progress=None) -> EvaluationResult:

@@ -13,22 +13,38 @@ from core.models.networks import resolve_device
 from core.models.preprocess import PhotoDataset, default_workers, eval_transform, tta_views, view_of
 
 
-def batch_probabilities(model: torch.nn.Module, images: torch.Tensor, views=("plain",)) -> torch.Tensor:
-    """Class probabilities of a batch: the mean over the given views (test-time augmentation)."""
-    probs = [model(view_of(images, view)).float().softmax(1) for view in views]
-    return sum(probs) / len(probs)
+def view_logits(model: torch.nn.Module, images: torch.Tensor, views=("plain",)) -> torch.Tensor:
+    """The model's logits of a batch for each view (test-time augmentation): n × views × classes."""
+    return torch.stack([model(view_of(images, view)).float() for view in views], 1)
+
+
+def tempered_probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Calibrated class probabilities from per-view logits (n × views × classes): mean over views of softmax(z / T)."""
+    return (logits.float() / temperature).softmax(-1).mean(1)
+
+
+def batch_probabilities(model: torch.nn.Module, images: torch.Tensor, views=("plain",),
+                        temperature: float = 1.0) -> torch.Tensor:
+    """Class probabilities of a batch: the mean over the given views of softmax(logits / temperature)."""
+    return tempered_probabilities(view_logits(model, images, views), temperature)
 
 
 def predict_probabilities(model: torch.nn.Module, meta: dict, paths: list, batch_size: int = 32,
                           device: str | torch.device | None = None, num_workers: int | None = None,
-                          on_progress=None, should_stop=None) -> tuple[np.ndarray, dict[int, str]]:
-    """(probabilities n × classes, NaN rows for unreadable photos; {row: error message})."""
+                          on_progress=None, should_stop=None, with_uncalibrated: bool = False) -> tuple:
+    """(probabilities n × classes, NaN rows for unreadable photos; {row: error message}).
+
+    Probabilities use the model's fitted temperature (meta "temperature", 1 for older models); with
+    `with_uncalibrated`, the probabilities at temperature 1 come third, from the same forward pass.
+    """
     device = resolve_device("auto") if device is None else torch.device(device)
     n_classes = len(meta["classes"])
+    temperature = float(meta.get("temperature", 1.0))
     probs = np.full((len(paths), n_classes), np.nan, dtype=np.float32)
+    uncalibrated = probs.copy()
     errors: dict[int, str] = {}
     if not paths:
-        return probs, errors
+        return (probs, errors, uncalibrated) if with_uncalibrated else (probs, errors)
     dataset = PhotoDataset(paths, transform=eval_transform(meta))
     workers = default_workers() if num_workers is None else num_workers
     workers = min(workers, max(0, len(paths) // batch_size))  # no worker start-up cost for a handful of photos
@@ -44,19 +60,21 @@ def predict_probabilities(model: torch.nn.Module, meta: dict, paths: list, batch
                 raise Cancelled("stopped during prediction")
             images = images.to(device, non_blocking=True).to(memory_format=torch.channels_last)
             with torch.autocast("cuda", enabled=device.type == "cuda"):
-                batch = batch_probabilities(model, images, tta_views(meta)).cpu().numpy()
-            for row, i, error in zip(batch, index.tolist(), batch_errors):
+                logits = view_logits(model, images, tta_views(meta))
+            batch = tempered_probabilities(logits, temperature).cpu().numpy()
+            batch_uncalibrated = tempered_probabilities(logits).cpu().numpy() if with_uncalibrated else batch
+            for row, row_uncalibrated, i, error in zip(batch, batch_uncalibrated, index.tolist(), batch_errors):
                 if error:
                     errors[i] = error
                 else:
-                    probs[i] = row
+                    probs[i], uncalibrated[i] = row, row_uncalibrated
             done += len(index)
             if on_progress:
                 elapsed = time.perf_counter() - started
                 on_progress({"done": done, "total": len(paths), "fraction": done / len(paths),
                              "images_per_s": done / max(elapsed, 1e-9),
                              "message": f"Predicting photo {done}/{len(paths)}"})
-    return probs, errors
+    return (probs, errors, uncalibrated) if with_uncalibrated else (probs, errors)
 
 
 def predictions_frame(paths: list, probs: np.ndarray, errors: dict[int, str], classes: list[int]) -> pd.DataFrame:

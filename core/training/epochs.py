@@ -12,8 +12,11 @@ import numpy as np
 import torch
 
 from core.errors import Cancelled
+from core.evaluation.calibration import expected_calibration_error, fit_temperature
+from core.evaluation.metrics import compute_metrics
 from core.files import atomic_write_bytes
 from core.models import networks as models
+from core.models.inference import tempered_probabilities
 from core.training.config import TrainConfig
 from core.training.losses import CountLoss, class_weights
 
@@ -84,7 +87,11 @@ def make_scheduler(config: TrainConfig, optimizer, steps_per_epoch: int):
 
 
 class BaseRun:
-    """The epoch loop shared by both modes: early stopping on valid loss, checkpoints, history, progress."""
+    """The epoch loop shared by both modes: early stopping on valid loss, checkpoints, history, progress.
+
+    After the epochs, the best model's temperature is fitted on the valid split's per-view logits
+    (`split_logits`, given by each mode) and both splits are scored with it.
+    """
 
     frozen = False
 
@@ -94,6 +101,8 @@ class BaseRun:
         self.skipped: dict[str, str] = {}
         self.history: list[dict] = []
         self.best_loss, self.best_epoch, self.bad_epochs = math.inf, 0, 0
+        self.temperature = 1.0
+        self.logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def check_stop(self):
         if self.should_stop and self.should_stop():
@@ -137,15 +146,49 @@ class BaseRun:
             if self.config.patience and self.bad_epochs >= self.config.patience:
                 self.log(f"early stop: valid loss has not improved for {self.bad_epochs} epochs")
                 break
-        self.progress(force=True, stage="evaluate", fraction=0.97, message="Scoring the test split")
-        best, _ = models.load_model(self.out / "model.pt")
+        best, best_meta = models.load_model(self.out / "model.pt")
         self.model.load_state_dict(best.state_dict())
+        self.temperature = self.calibrate(valid_split, best_meta)
+        self.progress(force=True, stage="evaluate", fraction=0.97, message="Scoring the test split")
         valid_metrics = self.score("valid", valid_split)
         test_metrics = self.score("test", test_split)
         skipped = [{"photo": Path(p).name, "reason": r} for p, r in sorted(self.skipped.items())]
         test_metrics["skipped"] = skipped
         return {"history": self.history, "best_epoch": self.best_epoch, "epochs_run": len(self.history),
-                "valid": valid_metrics, "test": test_metrics, "skipped": skipped, **self.timings()}
+                "temperature": self.temperature, "valid": valid_metrics, "test": test_metrics, "skipped": skipped,
+                **self.timings()}
+
+    def split_logits(self, name: str, split) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits n × views × classes on the CPU, class indices n) of a split's readable photos, computed once."""
+        if name not in self.logits:
+            self.logits[name] = self.compute_logits(name, split)
+        return self.logits[name]
+
+    def calibrate(self, valid_split, best_meta: dict) -> float:
+        """Fit the temperature on the valid split and store it in model.pt's meta; 1 without valid photos."""
+        self.progress(force=True, stage="evaluate", fraction=0.96, message="Calibrating confidence on the valid split")
+        logits, labels = self.split_logits("valid", valid_split)
+        if len(labels):
+            temperature = fit_temperature(logits.numpy(), labels.numpy())
+            self.log(f"calibration: temperature {temperature:.3f} fitted on {len(labels)} valid photos")
+        else:
+            temperature = 1.0
+            self.log("calibration: no valid photos, so temperature 1 (confidence left uncalibrated)")
+        models.save_model(self.out / "model.pt", self.model, best_meta | {"temperature": temperature})
+        return temperature
+
+    def score(self, name: str, split) -> dict:
+        """Metrics of the best model on a split, with calibrated probabilities; ECE before calibration too."""
+        logits, labels = self.split_logits(name, split)
+        classes = self.meta["classes"]
+        if not len(labels):
+            return compute_metrics([], [], classes) | {"ece": None, "ece_uncalibrated": None}
+        probs = tempered_probabilities(logits, self.temperature).numpy()
+        truth = [classes[i] for i in labels.tolist()]
+        predicted = [classes[i] for i in probs.argmax(1).tolist()]
+        metrics = compute_metrics(truth, predicted, classes, probs)
+        metrics["ece_uncalibrated"] = expected_calibration_error(tempered_probabilities(logits).numpy(), labels.numpy())
+        return metrics
 
     def save_checkpoint(self, epoch: int):
         state = self.model.head.state_dict() if self.frozen else self.model.state_dict()

@@ -109,5 +109,8 @@ def train(config: TrainConfig, on_progress=None, should_stop=None) -> dict:
     atomic_write_json(out / "metrics.json", result)
     test = result.get("test") or {}
     log("test: " + format_table(test).replace("\n", "\n    ") if test.get("n") else "test: no test photos")
+    if test.get("n"):
+        log(f"test calibration: ECE {test['ece_uncalibrated']:.3f} before, {test['ece']:.3f} after "
+            f"(temperature {result['temperature']:.3f})")
     progress(force=True, stage="done", fraction=1.0, message="Training finished")
     return result

@@ -6,13 +6,14 @@ import time
 
 import torch
 
-from core.evaluation.metrics import compute_metrics
+from core.models.inference import tempered_probabilities, view_logits
 from core.models.preprocess import (
     TTA_VIEWS,
     PhotoDataset,
     default_workers,
     eval_transform,
     train_transform,
+    tta_views,
 )
 from core.training.epochs import BaseRun, batch_correct
 from core.training.losses import balanced_sampler
@@ -106,12 +107,16 @@ class FrozenRun(BaseRun):
         return {"train_loss": total_loss / max(n, 1), "train_acc": correct / max(n, 1),
                 "images_per_s": n / max(seconds, 1e-9), "data_wait_fraction": 0.0, "seconds": seconds}
 
-    def probabilities(self, name: str) -> torch.Tensor:
+    def head_logits(self, name: str) -> torch.Tensor:
+        """The head's logits on a split's cached features, n × views × classes, on the CPU."""
         features, _ = self.tensors[name]
         self.model.head.eval()
         with torch.no_grad():
-            views = [self.model.head(features[:, v].to(self.device)).float().softmax(1) for v in range(features.shape[1])]
-        return (sum(views) / len(views)).cpu()
+            views = [self.model.head(features[:, v].to(self.device)).float() for v in range(features.shape[1])]
+        return torch.stack(views, 1).cpu()
+
+    def compute_logits(self, name, split):
+        return self.head_logits(name), self.tensors[name][1]
 
     def validate_epoch(self):
         _, labels = self.tensors["valid"]
@@ -121,16 +126,8 @@ class FrozenRun(BaseRun):
         with torch.no_grad():
             logits = self.model.head(self.tensors["valid"][0][:, 0].to(self.device))
             loss = float(self.eval_criterion(logits, labels.to(self.device)))
-        probs = self.probabilities("valid")
+        probs = tempered_probabilities(self.head_logits("valid"))
         return {"valid_loss": loss, "valid_acc": float((probs.argmax(1) == labels).float().mean())}
-
-    def score(self, name, split) -> dict:
-        _, labels = self.tensors[name]
-        probs = self.probabilities(name).numpy()
-        classes = self.meta["classes"]
-        truth = [classes[i] for i in labels.tolist()]
-        predicted = [classes[i] for i in probs.argmax(1).tolist()] if len(probs) else []
-        return compute_metrics(truth, predicted, classes, probs if len(probs) else None)
 
     def timings(self):
         return {"feature_seconds": round(self.feature_seconds, 2), "feature_cache_hits": self.cache_hits,
@@ -147,6 +144,7 @@ class FinetuneRun(BaseRun):
         self.model.to(self.device).to(memory_format=self.memory_format)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cuda)
         workers = default_workers() if self.config.num_workers is None else self.config.num_workers
+        self.workers = workers
         transform = train_transform(self.meta) if self.config.augment else eval_transform(self.meta)
         train_set = PhotoDataset(train_split.paths, train_split.labels, transform)
         sampler = balanced_sampler(train_split.labels, self.generator) if self.config.balance == "sampler" else None
@@ -231,18 +229,21 @@ class FinetuneRun(BaseRun):
                 seen += len(labels)
         return {"valid_loss": total_loss / max(seen, 1), "valid_acc": correct / max(seen, 1)}
 
-    def score(self, name, split) -> dict:
-        from core.models.inference import predict_probabilities
-
-        def report(state):
-            self.progress(message=f"Scoring the {name} split {state['done']}/{state['total']}")
-
-        probs, errors = predict_probabilities(self.model, self.meta, split.paths, self.config.batch_size,
-                                              self.device, self.config.num_workers, report, self.should_stop)
-        for i, reason in errors.items():
-            self.skipped[split.paths[i]] = reason
-        keep = [i for i in range(len(split.paths)) if i not in errors]
-        classes = self.meta["classes"]
-        truth = [classes[split.labels[i]] for i in keep]
-        predicted = [classes[int(probs[i].argmax())] for i in keep]
-        return compute_metrics(truth, predicted, classes, probs[keep] if keep else None)
+    def compute_logits(self, name, split):
+        """Per-view logits of a split's photos (the model's test-time views), unreadable photos left out."""
+        loader = self.valid_loader if name == "valid" else self._eval_loader(split, self.workers)
+        views = tta_views(self.meta)
+        n_classes = len(self.meta["classes"])
+        logits, labels = [torch.zeros(0, len(views), n_classes)], [torch.zeros(0, dtype=torch.long)]
+        self.model.eval()
+        with torch.inference_mode():
+            for images, batch_labels, index, errors in loader or []:
+                self.check_stop()
+                images, batch_labels = self._batch(images, batch_labels, errors, [split.paths[i] for i in index.tolist()])
+                if not len(batch_labels):
+                    continue
+                with torch.autocast("cuda", enabled=self.device.type == "cuda"):
+                    logits.append(view_logits(self.model, images, views).cpu())
+                labels.append(batch_labels.cpu())
+                self.progress(message=f"Scoring the {name} split {sum(map(len, labels))}/{len(split.paths)}")
+        return torch.cat(logits), torch.cat(labels)
