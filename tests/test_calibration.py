@@ -152,7 +152,8 @@ def test_evaluate_page_shows_the_reliability_diagram(shared, monkeypatch):
     at = AppTest.from_file(PAGE, default_timeout=120).run()
     assert not at.exception and not at.error
     run_id = at.selectbox(key="eval_run").value
-    metrics, predictions = evaluate(shared["runs"][run_id] / "model.pt", shared["data"], split="test")
+    result = evaluate(shared["runs"][run_id] / "model.pt", shared["data"], split="test")
+    metrics, predictions = result.metrics(), result.scored()
     charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
     reliability = next(c for c in charts if any(t.get("name") == "perfectly calibrated" for t in c["data"]))
     bars = next(t for t in reliability["data"] if t["type"] == "bar")

@@ -107,7 +107,7 @@ class PredictionStore:
         done, so an interrupted prediction resumes where it stopped. `load_model` is called only when
         something is left to predict. Progress: {done, total, fraction, message} over the photos to predict.
         """
-        from core.models.inference import predict_probabilities, predictions_frame
+        from core.models.inference import predict_photos
 
         todo = self.missing(rows)
         loaded = None
@@ -122,12 +122,10 @@ class PredictionStore:
                 on_progress({"done": done, "total": len(todo), "fraction": done / len(todo),
                              "message": f"Predicting photo {done:,}/{len(todo):,}"})
 
-            paths = part["path"].tolist()
-            probs, errors, raw = predict_probabilities(model, meta, paths, on_progress=report if on_progress else None,
-                                                       with_uncalibrated=True)
-            predicted = predictions_frame(paths, probs, errors, meta["classes"])
-            for column, count in enumerate(meta["classes"]):
-                predicted[f"raw_{int(count)}"] = raw[:, column]
+            predicted = predict_photos(model, meta, part["path"].tolist(), on_progress=report if on_progress else None,
+                                       with_uncalibrated=True)
+            if len(predicted) != len(part):
+                raise RuntimeError(f"predict_photos returned {len(predicted)} rows for {len(part)} photos")
             batch = predicted.reset_index(drop=True).drop(columns=["photo", "path"])  # same order as the paths
             batch.insert(0, "name", part["name"].to_numpy())
             batch.insert(1, "path", part["path"].to_numpy())

@@ -96,11 +96,22 @@ def predictions_frame(paths: list, probs: np.ndarray, errors: dict[int, str], cl
 
 
 def predict_photos(model: torch.nn.Module, meta: dict, paths: list, batch_size: int = 32,
-                   on_progress=None, device=None, num_workers: int | None = None) -> pd.DataFrame:
-    """Predicted count and class probabilities for each photo (a clear error instead for unreadable ones)."""
+                   on_progress=None, device=None, num_workers: int | None = None,
+                   with_uncalibrated: bool = False) -> pd.DataFrame:
+    """Predicted count and class probabilities for each photo (a clear error instead for unreadable ones).
+
+    With `with_uncalibrated`, raw_<count> columns hold the same photos' probabilities at temperature 1.
+    """
     paths = [str(p) for p in paths]
-    probs, errors = predict_probabilities(model, meta, paths, batch_size, device, num_workers, on_progress)
-    return predictions_frame(paths, probs, errors, meta["classes"])
+    if not with_uncalibrated:
+        probs, errors = predict_probabilities(model, meta, paths, batch_size, device, num_workers, on_progress)
+        return predictions_frame(paths, probs, errors, meta["classes"])
+    probs, errors, raw = predict_probabilities(model, meta, paths, batch_size, device, num_workers, on_progress,
+                                               with_uncalibrated=True)
+    frame = predictions_frame(paths, probs, errors, meta["classes"])
+    for column, count in enumerate(meta["classes"]):
+        frame[f"raw_{int(count)}"] = raw[:, column]
+    return frame
 
 
 def predict_inputs(model, meta: dict, inputs: list[PhotoInput], batch_size: int = 32,
