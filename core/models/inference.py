@@ -1,4 +1,8 @@
-"""Batched prediction of counts for photos, on the GPU when present; unreadable photos get an error, not a crash."""
+"""Batched prediction of counts for photos, on the GPU when present; unreadable photos get an error, not a crash.
+
+`model` is a PyTorch module, or an ONNX Runtime stand-in from core.models.export (anything with
+`probabilities(images) -> array`, its test-time views already folded in).
+"""
 from __future__ import annotations
 
 import time
@@ -32,9 +36,13 @@ def predict_probabilities(model: torch.nn.Module, meta: dict, paths: list, batch
     dataset = PhotoDataset(paths, transform=eval_transform(meta))
     workers = default_workers() if num_workers is None else num_workers
     workers = min(workers, max(0, len(paths) // batch_size))  # no worker start-up cost for a handful of photos
+    exported = not isinstance(model, torch.nn.Module)
+    if exported:
+        device = torch.device("cpu")
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          pin_memory=device.type == "cuda")
-    model = model.to(device).eval().to(memory_format=torch.channels_last)
+    if not exported:
+        model = model.to(device).eval().to(memory_format=torch.channels_last)
     started, done = time.perf_counter(), 0
     with torch.inference_mode():
         for images, _, index, batch_errors in loader:
@@ -42,9 +50,12 @@ def predict_probabilities(model: torch.nn.Module, meta: dict, paths: list, batch
                 from core.errors import Cancelled
 
                 raise Cancelled("stopped during prediction")
-            images = images.to(device, non_blocking=True).to(memory_format=torch.channels_last)
-            with torch.autocast("cuda", enabled=device.type == "cuda"):
-                batch = batch_probabilities(model, images, tta_views(meta)).cpu().numpy()
+            if exported:
+                batch = model.probabilities(images.numpy())
+            else:
+                images = images.to(device, non_blocking=True).to(memory_format=torch.channels_last)
+                with torch.autocast("cuda", enabled=device.type == "cuda"):
+                    batch = batch_probabilities(model, images, tta_views(meta)).cpu().numpy()
             for row, i, error in zip(batch, index.tolist(), batch_errors):
                 if error:
                     errors[i] = error
