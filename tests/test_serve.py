@@ -175,3 +175,21 @@ def test_cli_serve_defaults_to_the_current_model(tmp_path):
     args = build_parser().parse_args(["serve"])
     assert (args.model, args.port, args.host) == (None, 8080, "127.0.0.1")
     assert main(["serve"]) == 2  # no current model yet: a clear message, not a traceback
+
+
+def test_cli_predicts_every_photo_under_an_s3_prefix(tmp_path, tmp_path_factory, monkeypatch, capsys):
+    import pandas as pd
+
+    from core.cli import main
+
+    world = shared_world(tmp_path_factory)
+    monkeypatch.setenv("BINSIGHT_S3_ENDPOINT_URL", world.url)
+    model = small_model(tmp_path / "run")
+    out = tmp_path / "predictions.csv"
+    assert main(["predict", "--model", str(model), f"s3://{PUBLIC_BUCKET}/bin-images/", "--csv", str(out),
+                 "--batch-size", "16"]) == 0
+    frame = pd.read_csv(out)
+    assert sorted(frame["photo"]) == sorted(world.labels) and frame["error"].isna().all()
+    assert frame["path"].str.startswith(f"s3://{PUBLIC_BUCKET}/bin-images/").all()
+    assert "photos/s" in capsys.readouterr().err
+    assert main(["predict", "--model", str(model), f"s3://{PUBLIC_BUCKET}/nothing-here/"]) == 2

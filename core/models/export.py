@@ -176,3 +176,12 @@ def load_fast_model(model_path: str | Path, engine: str = "auto", device: str | 
             log.warning("ONNX export of %s failed (%s); using PyTorch", model_path, exc)
     model, meta = load_model(model_path)
     return TorchModel(model, meta, target), meta
+
+
+def load_predictor(model_path: str | Path, device: str | None = None):
+    """(model, meta) for core.models.inference: the ONNX Runtime model on a CPU when it can be had, else the
+    PyTorch module itself (so a GPU keeps its mixed-precision path)."""
+    fast, meta = load_fast_model(model_path, device=device)
+    if isinstance(fast, TorchModel):
+        return fast.model.model, meta
+    return fast, meta
