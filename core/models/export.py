@@ -123,6 +123,9 @@ class OnnxModel:
         options.intra_op_num_threads = threads or cpu_cores()
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle threads sleep instead of spinning: on cores shared with other work, spinning threads steal
+        # the time the busy ones need (the same effect as OMP_WAIT_POLICY=PASSIVE for PyTorch).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(source if isinstance(source, bytes) else str(source), options,
                                             providers=["CPUExecutionProvider"])
         self.meta = meta
