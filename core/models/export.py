@@ -126,6 +126,8 @@ class OnnxModel:
         # Idle threads sleep instead of spinning: on cores shared with other work, spinning threads steal
         # the time the busy ones need (the same effect as OMP_WAIT_POLICY=PASSIVE for PyTorch).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Batches vary in size; an arena would keep the largest one's activations for the life of the process.
+        options.enable_cpu_mem_arena = False
         self.session = ort.InferenceSession(source if isinstance(source, bytes) else str(source), options,
                                             providers=["CPUExecutionProvider"])
         self.meta = meta
