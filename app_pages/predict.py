@@ -5,7 +5,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import cached_thumbnail, current_dataset, model_for
+from app_pages.common import cached_thumbnail, current_dataset
 from core import config
 from core.data import uploads
 from core.data.browse import page_of
@@ -14,6 +14,7 @@ from core.jobs import queue as jobs
 from core.jobs import worker
 from core.jobs.params import describe_dataset, training_problems
 from core.jobs.runs import available_runs, current_run, get_run, register_run, run_label, set_current_run
+from core.models.export import load_predictor
 from core.models.inference import predict_inputs
 from core.models.networks import WeightsError
 
@@ -160,6 +161,26 @@ def gather_inputs() -> tuple[str, list[uploads.PhotoInput], list[str]] | None:
     return None
 
 
+@st.cache_resource(show_spinner="Preparing the model for fast prediction…", max_entries=4)
+def _fast_model(model_path: str, version: str):
+    return load_predictor(model_path)  # ONNX Runtime on a CPU (exported once, cached beside model.pt), else PyTorch
+
+
+def model_for(model_path: Path):
+    """(model, meta), loaded once per version of the model file."""
+    stat = model_path.stat()
+    return _fast_model(str(model_path), f"{stat.st_mtime_ns}:{stat.st_size}")
+
+
+def serve_hint(run: dict) -> None:
+    """The command that serves this model over HTTP, and a curl line to ask it for a photo's count."""
+    with st.expander("Predict over HTTP"):
+        st.code(f"python -m core serve --model {Path(run['path']) / 'model.pt'} --port 8080\n"
+                "curl -s -X POST -H 'Content-Type: image/jpeg' --data-binary @photo.jpg "
+                "http://127.0.0.1:8080/invocations", language="bash")
+        st.caption("GET /ping answers 200 once the model is loaded, GET /model describes it, /docs lists the API.")
+
+
 def predictions_for(run: dict, signature: str, inputs: list[uploads.PhotoInput]) -> pd.DataFrame:
     """Predicted once per batch of photos and model; a rerun (e.g. moving the threshold) reuses the result."""
     key = (model_fingerprint(Path(run["path"]) / "model.pt"), signature)
@@ -244,6 +265,7 @@ if not runs:
     no_model_yet()
     st.stop()
 run = choose_run(runs)
+serve_hint(run)
 given = gather_inputs()
 if given is None:
     st.caption("Upload photos, or give a folder or an S3 URI, to predict their object counts.")

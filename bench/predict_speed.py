@@ -1,14 +1,17 @@
-"""Benchmark: Predict's ms/photo on the CPU, one photo at a time and in batches (decode, preprocessing, model).
+"""Benchmark: Predict's CPU speed with PyTorch and with ONNX Runtime, one photo at a time and in batches.
 
-    python bench/predict_speed.py [--run RUN_DIR] [--photos 64] [--image-size 224] [--batch-sizes 8,32] [--threads N]
+    python bench/predict_speed.py [--run RUN_DIR] [--photos 64] [--engines torch,onnx] [--batch-size 32]
 
-Without --run it measures an EfficientNet-Lite0 with its real ImageNet backbone and an untrained head
-(the speed does not depend on what the head learned). Photos come from ../shared/abid, else the demo set.
-When other processes share the cores, compare with OMP_WAIT_POLICY=PASSIVE (spinning OpenMP threads of a
-busy machine made single photos ~50x slower here).
+Two models are measured: the fine-tune default (288×395 input, four test-time views; --run's model.pt when
+given, else an EfficientNet-Lite0 with an untrained head, since speed does not depend on what the head
+learned) and a 224² one-view model. Each is copied to a temporary folder first (its model.onnx is written
+beside it). Figures include decoding and preprocessing. Photos come from ../shared/abid, else the demo set.
+On a machine whose cores are shared, the figures move with the neighbours' load: quote them with that caveat
+(the load average is printed).
 """
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -29,60 +32,73 @@ def bench_photos(n: int) -> list[str]:
     return [str(p) for p in sorted((demo / "bin-images").glob("*.jpg"))[:n]]
 
 
-def bench_model(run: str | None, image_size: int):
+def untrained_model(folder: Path, image_size: int, aspect: float, tta: str) -> Path:
     from core.models import networks as models
     from core.models.preprocess import preprocessing
 
-    if run:
-        return models.load_model(run, device="cpu")
     backbone, info = models.build_backbone("efficientnet_lite0")
-    meta = info | preprocessing(info, image_size) | {"classes": [1, 2, 3, 4, 5], "head": "mlp"}
-    head = models.make_head("mlp", info["feature_dim"], 5)
-    return models.CountingModel(backbone, head).eval(), meta
+    meta = info | preprocessing(info, image_size, aspect) | {"classes": [1, 2, 3, 4, 5], "head": "mlp", "tta": tta}
+    model = models.CountingModel(backbone, models.make_head("mlp", info["feature_dim"], 5)).eval()
+    return models.save_model(folder / "model.pt", model, meta)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", help="a run folder (model.pt); default: an untrained-head EfficientNet-Lite0")
-    parser.add_argument("--photos", type=int, default=64)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-sizes", default="8,32")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    args = parser.parse_args()
-    os.environ.setdefault("BINSIGHT_HOME", tempfile.mkdtemp(prefix="binsight-bench-"))
-    import torch
-
+def measure(label: str, model, meta, photos: list[str], batch_size: int) -> None:
     from core.models.inference import predict_photos
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, meta = bench_model(args.run, args.image_size)
-    photos = bench_photos(args.photos)
-    print(f"{len(photos)} photos, input {meta.get('input_size') or meta['image_size']}, backbone {meta['backbone']}, "
-          f"CPU threads {torch.get_num_threads()}, cores {os.cpu_count()}, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
-    predict_photos(model, meta, photos[:4], batch_size=4, device="cpu", num_workers=0)  # warm-up
-
-    # Medians and best-of-N: on a shared machine a busy neighbour makes single timings jump tenfold.
+    predict_photos(model, meta, photos[:2], batch_size=2, device="cpu", num_workers=0)  # warm-up
+    # Medians: on a shared machine a busy neighbour makes single timings jump.
     single = []
     for path in photos[: min(16, len(photos))]:
         start = time.perf_counter()
         predict_photos(model, meta, [path], batch_size=1, device="cpu", num_workers=0)
         single.append((time.perf_counter() - start) * 1000)
-    ms = statistics.median(single)
-    print(f"{'one photo per call (what a single upload costs)':<46} {ms:8.1f} ms/photo (median; "
-          f"max {max(single):.0f})  {1000 / ms:6.1f} photos/s")
-    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        runs = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            frame = predict_photos(model, meta, photos, batch_size=batch_size, device="cpu")
-            runs.append((time.perf_counter() - start) * 1000 / len(photos))
-            assert frame["error"].isna().all()
-        ms = min(runs)
-        print(f"{f'batches of {batch_size} (default DataLoader workers)':<46} {ms:8.1f} ms/photo (best of "
-              f"{args.repeats})  {1000 / ms:6.1f} photos/s")
+    start = time.perf_counter()
+    frame = predict_photos(model, meta, photos, batch_size=batch_size, device="cpu")
+    rate = len(photos) / (time.perf_counter() - start)
+    assert frame["error"].isna().all()
+    print(f"{label:<44} one at a time {statistics.median(single):7.1f} ms/photo (median of {len(single)})   "
+          f"batches of {batch_size}: {rate:6.1f} photos/s", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", help="a fine-tune run folder (model.pt); default: an untrained-head Lite0")
+    parser.add_argument("--photos", type=int, default=64)
+    parser.add_argument("--engines", default="torch,onnx")
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    os.environ.setdefault("BINSIGHT_HOME", tempfile.mkdtemp(prefix="binsight-bench-"))
+    import torch
+
+    from core.models.export import load_fast_model
+    from core.models.networks import load_model
+    from core.models.preprocess import input_size, tta_views
+
+    work = Path(tempfile.mkdtemp(prefix="binsight-bench-models-"))
+    finetune = work / "finetune"
+    if args.run:
+        finetune.mkdir()
+        shutil.copy(Path(args.run).expanduser() / "model.pt", finetune / "model.pt")
+    else:
+        untrained_model(finetune, 288, 1.37, "flips")
+    small = work / "one_view_224"
+    untrained_model(small, 224, 1.0, "none")
+    photos = bench_photos(args.photos)
+    print(f"{len(photos)} photos; torch threads {torch.get_num_threads()}, cores {os.cpu_count()}, "
+          f"load average {os.getloadavg()[0]:.1f} (shared machine: figures move with the neighbours' load)")
+    try:
+        for folder in (finetune, small):
+            for engine in args.engines.split(","):
+                if engine == "onnx":
+                    started = time.perf_counter()
+                    model, meta = load_fast_model(folder / "model.pt", engine="onnx")
+                    print(f"  (ONNX export and check: {time.perf_counter() - started:.1f} s)")
+                else:
+                    model, meta = load_model(folder / "model.pt")
+                label = f"{'×'.join(map(str, input_size(meta)))}, {len(tta_views(meta))} view(s), {engine}"
+                measure(label, model, meta, photos, args.batch_size)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 from core.data.images import SUPPORTED_SUFFIXES
@@ -143,14 +144,22 @@ def photo_paths(items: list[str]) -> list[Path]:
 
 
 def _predict(args) -> int:
-    from core.models.inference import predict_photos
-    from core.models.networks import load_model
+    from core.models.export import load_predictor
 
-    if not Path(args.model).expanduser().exists():
-        raise UsageError(f"{args.model}: no such model file")
-    paths = photo_paths(args.photos)
-    model, meta = load_model(args.model)
-    frame = predict_photos(model, meta, paths, batch_size=args.batch_size)
+    model_path = _model_path(args.model)
+    remote = [p for p in args.photos if p.startswith("s3://")]
+    if remote and len(remote) < len(args.photos):
+        raise UsageError("give either local photos and folders or one s3:// prefix, not both")
+    if len(remote) > 1:
+        raise UsageError("give one s3:// prefix (or photo) at a time")
+    paths = None if remote else photo_paths(args.photos)
+    model, meta = load_predictor(model_path)
+    if remote:
+        frame = _predict_s3(model, meta, remote[0], args.batch_size, args.limit)
+    else:
+        from core.models.inference import predict_photos
+
+        frame = predict_photos(model, meta, paths, batch_size=args.batch_size)
     classes = meta["classes"]
     width = max(12, *(len(p) for p in frame["photo"]))
     print(f"{'photo':<{width}}  predicted  " + "  ".join(f"{'p(' + str(c) + ')':>6}" for c in classes))
@@ -169,6 +178,73 @@ def _predict(args) -> int:
     return 0
 
 
+def _model_path(given: str | None) -> Path:
+    if given is None:
+        from core.jobs.runs import current_model_path
+
+        found = current_model_path()
+        if found is None:
+            raise UsageError("no current model yet: pass --model RUN_DIR/model.pt")
+        return found
+    if not Path(given).expanduser().exists():
+        raise UsageError(f"{given}: no such model file")
+    return Path(given).expanduser()
+
+
+def _predict_s3(model, meta, uri: str, batch_size: int, limit: int | None):
+    """Every photo under an s3:// prefix (or one photo): batches download on threads while the previous
+    batches are predicted; a tqdm bar on stderr, and the photos/s at the end."""
+    import re
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import pandas as pd
+    from tqdm import tqdm
+
+    from core.data.s3 import S3Error, S3Source, s3_settings
+    from core.models.inference import predict_probabilities, predictions_frame
+
+    match = re.match(r"^s3://([A-Za-z0-9.\-_]{3,63})(?:/(.*))?$", uri.strip())
+    if not match:
+        raise UsageError(f"{uri!r} is not an S3 URI: expected s3://bucket/prefix/ or s3://bucket/key.jpg")
+    bucket, prefix = match.group(1), match.group(2) or ""
+    source = S3Source(s3_settings(bucket=bucket))
+    if Path(prefix).suffix.lower() in SUPPORTED_SUFFIXES:
+        keys = [prefix]
+    else:
+        keys = [k for k in source.list_keys(prefix, limit=limit) if Path(k).suffix.lower() in SUPPORTED_SUFFIXES]
+        if not keys:
+            raise UsageError(f"s3://{bucket}/{prefix} holds no photos (JPEG, PNG, WebP or BMP)")
+    chunks = [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
+    frames, started = [], time.perf_counter()
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="s3-batches") as pool, \
+            tqdm(total=len(keys), unit="photo", desc=f"s3://{bucket}/{prefix}", file=sys.stderr) as bar:
+        pending = deque(pool.submit(source.fetch, chunk, None, True) for chunk in chunks[:2])
+        for i, chunk in enumerate(chunks):
+            try:
+                paths = pending.popleft().result()
+            except S3Error as exc:
+                raise UsageError(str(exc)) from None
+            if i + 2 < len(chunks):
+                pending.append(pool.submit(source.fetch, chunks[i + 2], None, True))
+            present = [k for k in chunk if paths.get(k) is not None]
+            probs = np.full((len(chunk), len(meta["classes"])), np.nan, dtype=np.float32)
+            errors = {j: f"{Path(k).name}: not in s3://{bucket}" for j, k in enumerate(chunk) if paths.get(k) is None}
+            if present:
+                found, found_errors = predict_probabilities(model, meta, [paths[k] for k in present], batch_size,
+                                                            num_workers=0)
+                rows = [chunk.index(k) for k in present]
+                probs[rows] = found
+                errors.update({rows[j]: message for j, message in found_errors.items()})
+            frames.append(predictions_frame([f"s3://{bucket}/{k}" for k in chunk], probs, errors, meta["classes"]))
+            bar.update(len(chunk))
+    elapsed = time.perf_counter() - started
+    print(f"{len(keys):,} photos in {elapsed:.1f} s: {len(keys) / max(elapsed, 1e-9):.1f} photos/s "
+          f"({getattr(model, 'engine', 'torch')})", file=sys.stderr)
+    return pd.concat(frames, ignore_index=True)
+
+
 def register(subparsers) -> None:
     train = subparsers.add_parser("train", help="train a counting model on a labelled folder")
     add_train_options(train)
@@ -181,9 +257,10 @@ def register(subparsers) -> None:
     evaluate.add_argument("--json", default=None, help="write the metrics as JSON to this file")
     evaluate.set_defaults(handler=_evaluate)
 
-    predict = subparsers.add_parser("predict", help="predict the count of photos")
-    predict.add_argument("--model", required=True, help="RUN_DIR/model.pt")
-    predict.add_argument("photos", nargs="+", metavar="PHOTO_OR_DIR")
+    predict = subparsers.add_parser("predict", help="predict the count of photos (local, or under an s3:// prefix)")
+    predict.add_argument("--model", default=None, help="RUN_DIR/model.pt (default: the current model)")
+    predict.add_argument("photos", nargs="+", metavar="PHOTO_DIR_OR_S3_URI")
+    predict.add_argument("--limit", type=int, default=None, help="at most this many photos under an s3:// prefix")
     predict.add_argument("--csv", default=None, help="write the predictions to this CSV file")
     predict.add_argument("--batch-size", type=int, default=32)
     predict.set_defaults(handler=_predict)

@@ -1,4 +1,8 @@
-"""Batched prediction of counts for photos, on the GPU when present; unreadable photos get an error, not a crash."""
+"""Batched prediction of counts for photos, on the GPU when present; unreadable photos get an error, not a crash.
+
+`model` is a PyTorch module, or an ONNX Runtime stand-in from core.models.export (anything with
+`probabilities(images) -> array`, its test-time views already folded in).
+"""
 from __future__ import annotations
 
 import time
@@ -48,9 +52,13 @@ def predict_probabilities(model: torch.nn.Module, meta: dict, paths: list, batch
     dataset = PhotoDataset(paths, transform=eval_transform(meta))
     workers = default_workers() if num_workers is None else num_workers
     workers = min(workers, max(0, len(paths) // batch_size))  # no worker start-up cost for a handful of photos
+    exported = not isinstance(model, torch.nn.Module)
+    if exported:
+        device = torch.device("cpu")
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          pin_memory=device.type == "cuda")
-    model = model.to(device).eval().to(memory_format=torch.channels_last)
+    if not exported:
+        model = model.to(device).eval().to(memory_format=torch.channels_last)
     started, done = time.perf_counter(), 0
     with torch.inference_mode():
         for images, _, index, batch_errors in loader:
@@ -58,11 +66,16 @@ def predict_probabilities(model: torch.nn.Module, meta: dict, paths: list, batch
                 from core.errors import Cancelled
 
                 raise Cancelled("stopped during prediction")
-            images = images.to(device, non_blocking=True).to(memory_format=torch.channels_last)
-            with torch.autocast("cuda", enabled=device.type == "cuda"):
-                logits = view_logits(model, images, tta_views(meta))
-            batch = tempered_probabilities(logits, temperature).cpu().numpy()
-            batch_uncalibrated = tempered_probabilities(logits).cpu().numpy() if with_uncalibrated else batch
+            if exported:
+                if with_uncalibrated:
+                    raise ValueError("an exported model gives calibrated probabilities only")
+                batch = batch_uncalibrated = model.probabilities(images.numpy())
+            else:
+                images = images.to(device, non_blocking=True).to(memory_format=torch.channels_last)
+                with torch.autocast("cuda", enabled=device.type == "cuda"):
+                    logits = view_logits(model, images, tta_views(meta))
+                batch = tempered_probabilities(logits, temperature).cpu().numpy()
+                batch_uncalibrated = tempered_probabilities(logits).cpu().numpy() if with_uncalibrated else batch
             for row, row_uncalibrated, i, error in zip(batch, batch_uncalibrated, index.tolist(), batch_errors):
                 if error:
                     errors[i] = error

@@ -1,0 +1,216 @@
+"""The HTTP API (FastAPI): /ping, /invocations and /model, with request ids, one log line a request and safe errors."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from core import config
+from core.models.networks import file_digest
+from core.serving.batcher import DynamicBatcher, QueueFull
+from core.serving.inputs import IMAGE_TYPES, JSON_TYPE, BadInput, PhotoReader, fetch_s3, uri_list
+
+log = logging.getLogger("binsight.serve")
+MAX_BODY_BYTES = 10 * 1024 * 1024
+DEFAULT_THRESHOLD = 0.6
+REQUEST_ID = "X-Request-Id"
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+
+
+class ServeError(Exception):
+    """A request answered with an error status and a message for the caller."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _finite(value):
+    """JSON-safe: NaN and infinities become null, recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+class Service:
+    """A loaded model, its batcher, and how to turn photos into answers."""
+
+    def __init__(self, model_path: str | Path, engine: str = "auto", max_batch: int = 16, window_ms: float = 5.0):
+        from core.models.export import load_fast_model
+
+        self.model_path = Path(model_path).expanduser()
+        if self.model_path.is_dir():
+            self.model_path = self.model_path / "model.pt"
+        self.model, self.meta = load_fast_model(self.model_path, engine=engine)
+        self.classes = [int(c) for c in self.meta["classes"]]
+        self.model_id = f"{self.model_path.parent.name}@{file_digest(self.model_path)}"
+        self.reader = PhotoReader(self.meta)
+        self.threshold = float(config.load_settings().get("low_confidence_threshold", DEFAULT_THRESHOLD))
+        self.batcher = DynamicBatcher(self.model.probabilities, max_batch=max_batch, window_ms=window_ms)
+
+    def answer(self, probs: np.ndarray) -> dict:
+        best = int(np.argmax(probs))
+        confidence = float(probs[best])
+        return {"count": self.classes[best],
+                "probabilities": {str(c): float(p) for c, p in zip(self.classes, probs)},
+                "confidence": confidence, "low_confidence": confidence < self.threshold, "model": self.model_id}
+
+    async def probabilities(self, arrays: list[np.ndarray]) -> np.ndarray:
+        try:
+            future = self.batcher.submit(np.stack(arrays))
+        except QueueFull as exc:
+            raise ServeError(503, f"the service is busy ({exc}); retry shortly") from None
+        return await asyncio.wrap_future(future)
+
+    def description(self) -> dict:
+        from core.jobs.runs import final_test_metrics, read_run_metrics
+        from core.models.preprocess import input_size, tta_views
+
+        described = {"model": self.model_id, "path": str(self.model_path), "backbone": self.meta.get("backbone"),
+                     "head": self.meta.get("head"), "classes": self.classes,
+                     "input_size": list(input_size(self.meta)), "tta_views": list(tta_views(self.meta)),
+                     "engine": self.model.engine, "low_confidence_threshold": self.threshold,
+                     "metrics": final_test_metrics(read_run_metrics(self.model_path.parent)),
+                     "batching": self.batcher.stats()}
+        if "temperature" in self.meta:
+            described["temperature"] = self.meta["temperature"]
+        return _finite(described)
+
+    def close(self) -> None:
+        self.batcher.close()
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to pass `limit` bytes (declared or streamed)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ServeError(413, f"the body is {int(declared):,} bytes; at most {limit:,} are accepted")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ServeError(413, f"the body is over {limit:,} bytes; at most {limit:,} are accepted")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(model_path: str | Path, engine: str = "auto", max_batch: int = 16, window_ms: float = 5.0,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The service for one model file; the model is loaded (and exported to ONNX) before the first request."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.service = await run_in_threadpool(Service, model_path, engine, max_batch, window_ms)
+        log.info("serving %s with %s (batches of up to %d photos, %.0f ms window)", app.state.service.model_id,
+                 app.state.service.model.engine, max_batch, window_ms)
+        try:
+            yield
+        finally:
+            app.state.service.close()
+
+    app = FastAPI(title="Binsight prediction service", lifespan=lifespan,
+                  description="Counts the objects in warehouse bin photos (SageMaker inference-container API).")
+    app.state.service = None
+
+    @app.middleware("http")
+    async def request_id_and_log(request: Request, call_next):
+        given = request.headers.get(REQUEST_ID, "")
+        request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex
+        request.state.request_id = request_id
+        request.state.outcome = ""
+        started = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # noqa: BLE001 — the caller gets a 500 with the id; the server keeps going
+            log.exception("request %s failed", request_id)
+            request.state.outcome = f"internal error: {exc.__class__.__name__}"
+            response = JSONResponse({"error": "internal error", "request_id": request_id}, status_code=500)
+        response.headers[REQUEST_ID] = request_id
+        log.info("%s %s %s %d %.1fms %s", request_id, request.method, request.url.path, response.status_code,
+                 (time.perf_counter() - started) * 1000, request.state.outcome)
+        return response
+
+    @app.exception_handler(ServeError)
+    async def serve_error(request: Request, exc: ServeError):
+        request.state.outcome = exc.message
+        return JSONResponse({"error": exc.message, "request_id": getattr(request.state, "request_id", None)},
+                            status_code=exc.status)
+
+    def service(request: Request) -> Service:
+        if request.app.state.service is None:
+            raise ServeError(503, "the model is still loading")
+        return request.app.state.service
+
+    @app.get("/ping", summary="200 when the model is loaded")
+    async def ping(request: Request):
+        service(request)
+        return {"status": "ok"}
+
+    @app.get("/model", summary="the loaded model: backbone, classes, test metrics, calibration")
+    async def model(request: Request):
+        return service(request).description()
+
+    @app.post("/invocations", summary="count the objects in a photo, or in photos given as s3:// URIs",
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+                  "image/png": {"schema": {"type": "string", "format": "binary"}},
+                  "application/x-image": {"schema": {"type": "string", "format": "binary"}},
+                  JSON_TYPE: {"schema": {"type": "array", "items": {"type": "string"}},
+                              "example": ["s3://aft-vbi-pds/bin-images/523.jpg"]}}}})
+    async def invocations(request: Request):
+        served = service(request)
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind not in IMAGE_TYPES and kind != JSON_TYPE:
+            raise ServeError(415, f"content type {kind or '(none)'!r} is not accepted: send a photo "
+                                  f"(image/jpeg, image/png, application/x-image) or a JSON list of s3:// URIs")
+        body = await read_body(request, max_body_bytes)
+        try:
+            if kind == JSON_TYPE:
+                return await _predict_uris(served, request, uri_list(body))
+            array = await run_in_threadpool(served.reader.array, body, "photo")
+        except BadInput as exc:
+            raise ServeError(400, str(exc)) from None
+        result = served.answer((await served.probabilities([array]))[0])
+        request.state.outcome = f"count {result['count']} ({result['confidence']:.2f})"
+        return result
+
+    return app
+
+
+async def _predict_uris(served: Service, request: Request, uris: list[str]) -> dict:
+    found = await run_in_threadpool(fetch_s3, uris)
+    results: list[dict] = [{"uri": uri} for uri in uris]
+    arrays, rows = [], []
+    for row, uri in enumerate(uris):
+        where = found[uri]
+        if isinstance(where, str):
+            results[row]["error"] = where
+            continue
+        try:
+            data = await run_in_threadpool(Path(where).read_bytes)
+            arrays.append(await run_in_threadpool(served.reader.array, data, Path(where).name))
+            rows.append(row)
+        except BadInput as exc:
+            results[row]["error"] = str(exc)
+        except OSError as exc:
+            results[row]["error"] = f"{Path(where).name}: cannot be read ({exc.strerror or exc})"
+    if arrays:
+        for row, probs in zip(rows, await served.probabilities(arrays)):
+            results[row].update(served.answer(probs))
+    request.state.outcome = f"{len(rows)} of {len(uris)} photos predicted"
+    return {"results": results, "model": served.model_id}

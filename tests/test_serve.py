@@ -1,0 +1,195 @@
+"""The prediction service over real HTTP: /ping, photos, s3:// URIs, every kind of bad input, dynamic batching, ONNX."""
+from __future__ import annotations
+
+import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core.data.uploads import photo_problem
+from core.models.inference import predict_photos
+from core.models.networks import backbone_spec, build_model, load_model, save_model
+from core.models.preprocess import preprocessing
+from tests.conftest import make_abid_subset
+from tests.moto_s3 import PUBLIC_BUCKET, shared_world
+
+MAX_BODY = 2 * 1024 * 1024
+
+
+def small_model(path: Path, backbone: str = "simple_cnn", size: int = 64, aspect: float = 1.0, tta="flips") -> Path:
+    spec = backbone_spec(backbone)
+    meta = {"backbone": backbone, "head": "mlp", "classes": [1, 2, 3, 4, 5], "tta": tta, "temperature": 1.5,
+            **preprocessing({"mean": spec.mean, "std": spec.std}, size, aspect)}
+    torch.manual_seed(0)
+    model = build_model(meta, pretrained=False).eval()
+    return save_model(path / "model.pt", model, meta)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list[Path]:
+    folder = make_abid_subset(tmp_path_factory.mktemp("serve_photos"), per_class=2)
+    return sorted((folder / "bin-images").glob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from core.serving.server import BackgroundServer
+
+    model = small_model(tmp_path_factory.mktemp("serve_run"))
+    # A generous window so that requests sent together reliably meet in the batcher on a busy machine.
+    with BackgroundServer(model, max_batch=8, window_ms=150, max_body_bytes=MAX_BODY) as running:
+        yield running
+        assert httpx.get(f"{running.url}/ping").status_code == 200, "the server went down during the tests"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        yield http
+
+
+def post_photo(client, data: bytes, kind: str = "image/jpeg", **headers) -> httpx.Response:
+    return client.post("/invocations", content=data, headers={"content-type": kind, **headers})
+
+
+def torch_probabilities(server, paths) -> np.ndarray:
+    model, meta = load_model(server.service.model_path)
+    frame = predict_photos(model, meta, paths, batch_size=8, device="cpu", num_workers=0)
+    return frame[[f"prob_{c}" for c in meta["classes"]]].to_numpy(dtype=float)
+
+
+def test_ping_model_description_and_docs(client, server):
+    ping = client.get("/ping")
+    assert ping.status_code == 200 and ping.headers["X-Request-Id"]
+    assert client.get("/ping", headers={"X-Request-Id": "abc-123"}).headers["X-Request-Id"] == "abc-123"
+    described = client.get("/model").json()
+    assert described["backbone"] == "simple_cnn" and described["classes"] == [1, 2, 3, 4, 5]
+    assert described["tta_views"] == ["plain", "hflip", "vflip", "hvflip"] and described["temperature"] == 1.5
+    assert described["engine"] == "onnxruntime" and described["model"] == server.service.model_id
+    assert client.get("/docs").status_code == 200
+    assert "/invocations" in client.get("/openapi.json").json()["paths"]
+
+
+def test_one_photo_gets_its_count_as_pytorch_would(client, server, photos):
+    answer = post_photo(client, photos[0].read_bytes())
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    probs = np.array([body["probabilities"][str(c)] for c in range(1, 6)])
+    assert abs(probs.sum() - 1) < 1e-5
+    assert body["count"] == int(np.argmax(probs)) + 1 and body["confidence"] == pytest.approx(probs.max())
+    assert body["low_confidence"] == (body["confidence"] < 0.6) and body["model"] == server.service.model_id
+    assert np.abs(probs - torch_probabilities(server, [photos[0]])[0]).max() <= 1e-4
+    png = io.BytesIO()
+    Image.open(photos[0]).save(png, "PNG")
+    assert post_photo(client, png.getvalue(), "application/x-image").json()["count"] == body["count"]
+
+
+def test_a_json_list_of_s3_uris_gets_one_result_per_photo(client, server, tmp_path_factory, monkeypatch):
+    world = shared_world(tmp_path_factory)
+    monkeypatch.setenv("BINSIGHT_S3_ENDPOINT_URL", world.url)
+    names = list(world.labels)[:2]
+    uris = [f"s3://{PUBLIC_BUCKET}/bin-images/{n}" for n in names]
+    uris += [f"s3://{PUBLIC_BUCKET}/bin-images/no-such-photo.jpg", "https://example.com/a.jpg"]
+    answer = client.post("/invocations", json=uris)
+    assert answer.status_code == 200, answer.text
+    results = answer.json()["results"]
+    assert [r["uri"] for r in results] == uris
+    expected = torch_probabilities(server, [world.source / "bin-images" / n for n in names])
+    for result, probs in zip(results[:2], expected):
+        assert "error" not in result and result["count"] in range(1, 6)
+        assert np.abs(np.array(list(result["probabilities"].values())) - probs).max() <= 1e-4
+    assert results[2]["error"] == f"no-such-photo.jpg: not in s3://{PUBLIC_BUCKET}"
+    assert "not an S3 URI" in results[3]["error"]
+
+
+def bomb_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("1", (9000, 5000)).save(buffer, "PNG")  # 45 megapixels in a few kilobytes
+    return buffer.getvalue()
+
+
+def test_bad_input_gets_a_clear_status_and_message_and_the_server_stays_up(client, photos):
+    good = photos[0].read_bytes()
+    for data in (b"", b"<!doctype html><html>oops</html>", b"just some words", good[: len(good) // 3],
+                 b"\xff\xd8\xff\xe0 not really a jpeg", bomb_png()):
+        answer = post_photo(client, data)
+        assert answer.status_code == 400, (data[:20], answer.text)
+        assert answer.json()["error"] == photo_problem(data, "photo")
+        assert answer.headers["X-Request-Id"] == answer.json()["request_id"]
+    assert "decompression bomb" in post_photo(client, bomb_png(), "image/png").json()["error"]
+    assert post_photo(client, good, "text/plain").status_code == 415
+    assert post_photo(client, good, "").status_code == 415
+    assert post_photo(client, b"\xff" * (MAX_BODY + 1)).status_code == 413
+    assert "not valid JSON" in post_photo(client, b"[s3://", "application/json").json()["error"]
+    assert post_photo(client, b'{"uris": 3}', "application/json").status_code == 400
+    assert client.get("/invocations").status_code == 405
+    assert client.get("/ping").status_code == 200
+    assert post_photo(client, good).status_code == 200
+
+
+def test_concurrent_requests_share_forward_passes_with_unchanged_results(client, server, photos):
+    bodies = [p.read_bytes() for p in photos[:8]]
+    alone = [post_photo(client, b).json()["probabilities"] for b in bodies]
+    before = server.service.batcher.stats()
+    start = threading.Barrier(len(bodies))
+
+    def send(body):
+        with httpx.Client(base_url=server.url, timeout=60) as own:
+            start.wait(timeout=30)
+            return post_photo(own, body).json()["probabilities"]
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(send, bodies))
+    after = server.service.batcher.stats()
+    assert after["shared_passes"] > before["shared_passes"], after
+    assert after["forward_passes"] - before["forward_passes"] < len(bodies)
+    for one, shared in zip(alone, together):
+        assert max(abs(one[k] - shared[k]) for k in one) <= 1e-5
+
+
+def test_the_onnx_export_of_an_efficientnet_equals_pytorch_on_real_photos(tmp_path, photos):
+    from core.models.export import OnnxModel, ensure_onnx, load_fast_model
+
+    path = small_model(tmp_path, "efficientnet_lite0", size=96, aspect=1.37, tta="hflip")
+    fast, meta = load_fast_model(path)
+    assert isinstance(fast, OnnxModel) and (tmp_path / "model.onnx").is_file()
+    model, _ = load_model(path)
+    slow = predict_photos(model, meta, photos, batch_size=4, device="cpu", num_workers=0)
+    quick = predict_photos(fast, meta, photos, batch_size=4, device="cpu", num_workers=0)
+    columns = [f"prob_{c}" for c in meta["classes"]]
+    assert list(quick.columns) == list(slow.columns) and quick["predicted"].equals(slow["predicted"])
+    assert np.abs(quick[columns].to_numpy() - slow[columns].to_numpy()).max() <= 1e-4
+    stamp = (tmp_path / "model.onnx").stat().st_mtime_ns
+    assert ensure_onnx(path) == tmp_path / "model.onnx" and (tmp_path / "model.onnx").stat().st_mtime_ns == stamp
+
+
+def test_cli_serve_defaults_to_the_current_model(tmp_path):
+    from core.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve"])
+    assert (args.model, args.port, args.host) == (None, 8080, "127.0.0.1")
+    assert main(["serve"]) == 2  # no current model yet: a clear message, not a traceback
+
+
+def test_cli_predicts_every_photo_under_an_s3_prefix(tmp_path, tmp_path_factory, monkeypatch, capsys):
+    import pandas as pd
+
+    from core.cli import main
+
+    world = shared_world(tmp_path_factory)
+    monkeypatch.setenv("BINSIGHT_S3_ENDPOINT_URL", world.url)
+    model = small_model(tmp_path / "run")
+    out = tmp_path / "predictions.csv"
+    assert main(["predict", "--model", str(model), f"s3://{PUBLIC_BUCKET}/bin-images/", "--csv", str(out),
+                 "--batch-size", "16"]) == 0
+    frame = pd.read_csv(out)
+    assert sorted(frame["photo"]) == sorted(world.labels) and frame["error"].isna().all()
+    assert frame["path"].str.startswith(f"s3://{PUBLIC_BUCKET}/bin-images/").all()
+    assert "photos/s" in capsys.readouterr().err
+    assert main(["predict", "--model", str(model), f"s3://{PUBLIC_BUCKET}/nothing-here/"]) == 2
