@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from core import config
+from core import config, storage
 from core.files import atomic_write_bytes
 
 PREDICTIONS_VERSION = 1
@@ -80,11 +80,13 @@ def cached_predictions(run_dir: str | Path, rows: pd.DataFrame, split: str,
     path = predictions_path(run_dir, split, rows)
     try:
         outputs = pd.read_parquet(path)
+        storage.touch(path)  # used: the least recently used predictions go first when the cache is over its cap
     except (OSError, ValueError):
         outputs = None
     if outputs is None:
         outputs = _predict(run_dir, rows, load, on_progress, batch_size)
         atomic_write_bytes(path, outputs.to_parquet(index=False))
+        storage.prune_after_write("predictions")
     return _with_truth(outputs, rows)
 
 
