@@ -1,8 +1,10 @@
 """Overview page: what the dataset holds — classes per split, imbalance, counts above the range, photo sizes."""
+import pandas as pd
 import plotly.express as px
 import streamlit as st
 
 from app_pages.common import current_dataset, reload_dataset
+from core import storage
 from core.data import overview
 from core.data.splits import resplit
 
@@ -90,3 +92,27 @@ with st.expander("Split recipe"):
                 resplit(dataset.frame, dataset.key, int(test_per_class), float(valid_fraction), int(seed))
                 reload_dataset()
                 st.rerun()
+
+
+def _mb(size: int | None) -> str:
+    return "no cap" if size is None else f"{size / storage.MB:,.1f} MB"
+
+
+with st.expander(":material/hard_drive: Storage"):
+    st.write("Caches under the Binsight folder (predictions, features, S3 downloads, uploads) are kept under a cap "
+             f"each (setting `{storage.CAPS_SETTING}` or `{storage.CAPS_ENV}`): the least recently used files go "
+             "first, never one in use. Pruning runs by itself after writes; the button runs it now.")
+    if st.button("Prune now", key="storage_prune"):  # before the sizes, so they show the result
+        pruned = storage.prune_all()
+        deleted = sum(len(p.deleted) for p in pruned.values())
+        freed = sum(p.freed for p in pruned.values())
+        over = [name for name, p in pruned.items() if p.cap is not None and p.size_after > p.cap]
+        st.success(f"Deleted {deleted:,} cached files, freed {_mb(freed)}."
+                   + (f" Still over the cap (its files are in use or recent): {', '.join(over)}." if over else ""))
+    caps, sizes = storage.cache_caps(), storage.cache_sizes()
+    frame = pd.DataFrame([{"cache": name, "used (MB)": sizes[name] / storage.MB,
+                           "room left (MB)": max(0, (caps[name] or 0) - sizes[name]) / storage.MB}
+                          for name in storage.CACHES])
+    st.bar_chart(frame, x="cache", y=["used (MB)", "room left (MB)"], horizontal=True, stack=True,
+                 color=["#1f77b4", "#dddddd"], height=220)
+    st.caption(" · ".join(f"{name}: {_mb(sizes[name])} of {_mb(caps[name])}" for name in storage.CACHES))

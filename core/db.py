@@ -75,6 +75,10 @@ MIGRATIONS: list[Migration] = [
     ),
     # 2: who launched a job (NULL for jobs queued before).
     ("ALTER TABLE jobs ADD COLUMN user TEXT",),
+    # 3: a job whose worker died is requeued: how many times it was started, and how many requeues it may have
+    # (NULL for jobs queued before: the current BINSIGHT_JOB_RETRIES applies).
+    ("ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
+     "ALTER TABLE jobs ADD COLUMN retries INTEGER"),
 ]
 LATEST_VERSION = len(MIGRATIONS)
 

@@ -101,7 +101,8 @@ def test_a_job_keeps_running_when_the_app_is_stopped_and_the_restarted_page_show
     assert jobs.get(job.id).status == "cancelled"
 
 
-def test_a_sigkilled_worker_fails_its_job_within_seconds_with_its_log_and_the_queue_goes_on():
+def test_a_sigkilled_worker_fails_its_job_within_seconds_with_its_log_and_the_queue_goes_on(monkeypatch):
+    monkeypatch.setenv("BINSIGHT_JOB_RETRIES", "0")  # no requeue (tests/test_job_recovery.py covers that)
     victim = jobs.submit("sleep", {"seconds": 60})
     assert worker.ensure_workers()
     running = wait_for(lambda: jobs.get(victim.id).progress.get("fraction") and jobs.get(victim.id), 60,

@@ -36,9 +36,10 @@ def _worker(args) -> int:
 
 
 def _jobs(args) -> int:
-    from core.jobs import queue as jobs
+    from core.jobs.worker import jobs_view
 
-    listed = jobs.list_jobs(args.status.split(",") if args.status else None, limit=args.limit)
+    # Jobs whose worker died are requeued (a worker starts for them) or failed before they are listed.
+    listed = jobs_view(args.status.split(",") if args.status else None, limit=args.limit)
     if args.json:
         print(json.dumps([{**job.__dict__, "progress": {k: v for k, v in job.progress.items()
                                                        if k not in ("history", "trials", "running")}}
@@ -51,6 +52,10 @@ def _jobs(args) -> int:
         done = f"{fraction:4.0%}" if isinstance(fraction, (int, float)) else "  - "
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(job.created))
         line = f"{job.id:>5}  {job.kind:<5}  {job.status:<9}  {done}  {when}  {job.run_dir or ''}"
+        if job.status == "queued" and job.attempts:
+            line += "  (requeued: its worker died)"
+        elif job.attempts > 1:
+            line += f"  (attempt {job.attempts})"
         if job.error:
             line += f"\n       {job.error}"
         print(line)

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 
-from core import config
+from core import config, storage
 from core.data import abid
 from core.errors import BinsightError
 from core.files import atomic_write_text
@@ -298,6 +298,7 @@ class S3Source:
         for key in keys:
             hit = self.cached(key)
             if hit:
+                storage.touch(hit)  # used: the least recently used files go first when the cache is over its cap
                 result[key] = hit
             else:
                 todo.append(key)
@@ -332,6 +333,7 @@ class S3Source:
                 if on_progress and failure is None:
                     on_progress((cached + done) / total, f"Downloaded {cached + done:,} of {total:,} files "
                                                          f"from {self.settings.describe()}")
+        storage.prune_after_write("s3-cache")  # what was fetched just now is recent, so it stays
         if failure is not None:
             key, exc = failure
             saved = sum(1 for k in keys if result.get(k) is not None)

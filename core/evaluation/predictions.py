@@ -9,7 +9,7 @@ from typing import Callable
 
 import pandas as pd
 
-from core import config
+from core import config, storage
 from core.files import atomic_write_bytes
 
 STORE_VERSION = 2  # 2: raw_<count> columns, the probabilities at temperature 1
@@ -78,7 +78,9 @@ class PredictionStore:
 
     def _read(self) -> pd.DataFrame:
         try:
-            return pd.read_parquet(self.file)
+            frame = pd.read_parquet(self.file)
+            storage.touch(self.file)  # used: the least recently used predictions go first when over the cap
+            return frame
         except (OSError, ValueError):
             return pd.DataFrame(columns=KEY_COLUMNS + ["predicted", "confidence", "error"])
 
@@ -139,6 +141,7 @@ class PredictionStore:
         stored = stored[~stored.set_index(["name", "path"]).index.isin(batch.set_index(["name", "path"]).index)]
         frame = pd.concat([stored, batch], ignore_index=True) if len(stored) else batch
         atomic_write_bytes(self.file, _outputs(frame, keys=True).to_parquet(index=False))
+        storage.prune_after_write("predictions")
 
 
 def _outputs(frame: pd.DataFrame, keys: bool = False) -> pd.DataFrame:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ KINDS = ("train", "hpo", "sleep")  # sleep: waits, reporting progress; checks th
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
 ACTIVE = ("queued", "running")
 DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_RETRIES = 1  # a job whose worker died is requeued this many times (BINSIGHT_JOB_RETRIES) before it fails
 
 class JobError(BinsightError, ValueError):
     """A job that cannot be submitted or changed; the message says why."""
@@ -40,6 +42,12 @@ class Job:
     error: str | None
     cancel_requested: bool
     user: str | None = None  # who launched it; None for jobs queued before this was recorded
+    attempts: int = 0  # how many times a worker started it (more than 1 after its worker died and it was requeued)
+    retries: int | None = None  # requeues allowed after a worker died; None: the current job_retries()
+
+    @property
+    def retries_allowed(self) -> int:
+        return job_retries() if self.retries is None else self.retries
 
     @property
     def active(self) -> bool:
@@ -82,6 +90,17 @@ def hostname() -> str:
     return socket.gethostname()
 
 
+def job_retries() -> int:
+    """How many times a job whose worker died is requeued before it fails: $BINSIGHT_JOB_RETRIES (0 = never)."""
+    value = os.environ.get("BINSIGHT_JOB_RETRIES", "").strip()
+    if not value:
+        return DEFAULT_RETRIES
+    try:
+        return max(0, int(value))
+    except ValueError:
+        raise JobError(f"BINSIGHT_JOB_RETRIES={value!r}: use a whole number (0 = never requeue)") from None
+
+
 # --- the queue ---------------------------------------------------------------------------------------------------
 
 def submit(kind: str, params: dict, user: str | None = None) -> Job:
@@ -96,8 +115,8 @@ def submit(kind: str, params: dict, user: str | None = None) -> Job:
     json.dumps(params)  # refuse what cannot be persisted before anything is written
     with db.transaction() as conn:
         job_id = conn.execute(
-            "INSERT INTO jobs (kind, params, device, created, user) VALUES (?, ?, ?, ?, ?)",
-            (kind, json.dumps(params), device, time.time(), (user or "").strip() or None),
+            "INSERT INTO jobs (kind, params, device, created, user, retries) VALUES (?, ?, ?, ?, ?, ?)",
+            (kind, json.dumps(params), device, time.time(), (user or "").strip() or None, job_retries()),
         ).lastrowid
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = None
@@ -188,8 +207,8 @@ def claim_next(slot: str, devices: list[str], worker_id: str, pid: int) -> Job |
             return None
         now = time.time()
         conn.execute(
-            "UPDATE jobs SET status = 'running', pid = ?, host = ?, worker = ?, slot = ?, started = ?, heartbeat = ? "
-            "WHERE id = ?", (pid, hostname(), worker_id, slot, now, now, row["id"]),
+            "UPDATE jobs SET status = 'running', pid = ?, host = ?, worker = ?, slot = ?, started = ?, heartbeat = ?, "
+            "attempts = attempts + 1 WHERE id = ?", (pid, hostname(), worker_id, slot, now, now, row["id"]),
         )
         conn.execute("UPDATE workers SET job_id = ? WHERE id = ?", (row["id"], worker_id))
     return get(row["id"])
@@ -210,6 +229,24 @@ def finish(job_id: int, status: str, error: str | None = None, only_if_running: 
         if only_if_running:
             sql += " AND status = 'running'"
         return conn.execute(sql, (status, error, time.time(), job_id)).rowcount > 0
+
+
+def requeue_or_fail(job: Job, failure: str) -> str | None:
+    """The worker running `job` (as read by the caller) died: queue it again when it has retries left, else fail it
+    with `failure`. Returns "requeued" or "failed", or None when the job had moved on meanwhile (finished, or already
+    requeued and claimed by another worker), so a job is only ever handled once whoever notices the death first."""
+    with db.transaction() as conn:
+        row = conn.execute("SELECT status, worker, attempts, retries FROM jobs WHERE id = ?", (job.id,)).fetchone()
+        if row is None or row["status"] != "running" or row["worker"] != job.worker:
+            return None
+        allowed = job_retries() if row["retries"] is None else row["retries"]
+        if row["attempts"] - 1 < allowed:  # the first start is not a retry
+            conn.execute("UPDATE jobs SET status = 'queued', pid = NULL, worker = NULL, slot = NULL, heartbeat = NULL "
+                         "WHERE id = ?", (job.id,))
+            return "requeued"
+        conn.execute("UPDATE jobs SET status = 'failed', error = ?, finished = ? WHERE id = ?",
+                     (failure, time.time(), job.id))
+        return "failed"
 
 
 def _jsonable(value):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
+from pathlib import Path
 
 from core.errors import Cancelled, describe_error
 from core.jobs import hpo
@@ -30,8 +31,16 @@ def run_training(ctx: JobContext) -> None:
         params.update(facts, queued_dataset_version=params.get("dataset_version"))
     train_config = TrainConfig.from_params(params, job.run_dir, ctx.device)
     progress = TrainingProgress(ctx)
+    if job.attempts > 1 and (Path(job.run_dir) / "checkpoint.pt").is_file():
+        # Requeued after its worker died: carry on from the last finished epoch, in the same run folder.
+        train_config.resume = True
+        progress.state["history"] = list(job.progress.get("history") or [])
+        ctx.log(f"attempt {job.attempts}: resuming {job.run_dir} from its checkpoint")
+    elif job.attempts > 1:
+        ctx.log(f"attempt {job.attempts}: no checkpoint was written before the worker died; starting over")
     started = time.time()
-    metrics = training.train(train_config, on_progress=progress, should_stop=ctx.should_stop)
+    metrics = training.train(train_config, on_progress=_epochs_saved_at_once(progress, ctx),
+                             should_stop=ctx.should_stop)
     device = progress.state.get("device") or ctx.device
     # The run records the input and balance it really used (a job may leave them to the mode's or dataset's default).
     params.update(image_size=train_config.input_height, aspect=train_config.input_aspect,
@@ -40,6 +49,16 @@ def run_training(ctx: JobContext) -> None:
         "speeds": progress.state["speeds"], "device": device, "on_gpu": str(device).startswith("cuda"),
         "duration_s": time.time() - started, "history": progress.state["history"],
     })
+
+
+def _epochs_saved_at_once(progress: TrainingProgress, ctx: JobContext):
+    """Training progress whose per-epoch history reaches the database as soon as an epoch ends (the epoch's
+    checkpoint is written just before), so a reaper that finds the worker dead knows which epoch resumes."""
+    def on_progress(update: dict) -> None:
+        progress(update)
+        if str(update.get("message", "")).endswith("done"):
+            ctx.report(progress.state, force=True)
+    return on_progress
 
 
 def run_sleep(ctx: JobContext) -> None:

@@ -1,5 +1,5 @@
 """The job worker: its own OS process per slot (a GPU, or the CPU) running queued jobs one at a time, and the reaper
-that marks a job failed as soon as the process running it is gone."""
+that requeues (or, out of retries, fails) a job as soon as the process running it is gone."""
 from __future__ import annotations
 
 import os
@@ -76,8 +76,47 @@ def pid_alive(pid: int | None) -> bool:
         return True
 
 
+def _where(job: jobs.Job) -> str:
+    """How far the job got, from its last progress: 'during epoch 3', 'during features', 'before it reported'."""
+    stage, epoch = job.progress.get("stage"), job.progress.get("epoch")
+    if stage == "train" and epoch:
+        return f"during epoch {epoch}"
+    return f"during {stage}" if stage else "before it reported any progress"
+
+
+def _checkpoint_epoch(job: jobs.Job) -> int | None:
+    """The epoch of the run's last checkpoint (the last epoch the job recorded as finished), or None without one."""
+    if job.kind != "train" or not job.run_dir or not (Path(job.run_dir) / "checkpoint.pt").is_file():
+        return None
+    finished = [point.get("epoch") for point in job.progress.get("history") or [] if point.get("epoch")]
+    return max(finished) if finished else None
+
+
+def handle_dead_job(job: jobs.Job) -> str | None:
+    """The worker running `job` is gone: requeue it when it has retries left (a training then resumes from its last
+    checkpoint), else fail it with the reason. Logs what happened; returns "requeued", "failed" or None (already
+    handled by someone else)."""
+    where = _where(job)
+    allowed = job.retries_allowed
+    failure = (f"The worker process running this job (pid {job.pid}) stopped unexpectedly {where}: it was killed "
+               "(for example SIGKILL, or out of memory) or crashed")
+    if allowed and job.attempts > 1:
+        failure += f", and it had already been requeued {job.attempts - 1} time(s) (BINSIGHT_JOB_RETRIES={allowed})"
+    failure += ". The log shows how far it got; launch the job again."
+    outcome = jobs.requeue_or_fail(job, failure)
+    if outcome == "requeued":
+        epoch = _checkpoint_epoch(job)
+        resume = (f"resuming from the checkpoint of epoch {epoch}" if epoch
+                  else "starting over (no checkpoint yet)" if job.kind == "train" else "starting over")
+        append_log(job.log_path, f"worker died {where} (pid {job.pid}); requeued "
+                                 f"(retry {job.attempts} of {allowed}), {resume}")
+    elif outcome == "failed":
+        append_log(job.log_path, "job failed: " + failure)
+    return outcome
+
+
 def reap_dead_jobs() -> list[int]:
-    """Mark failed every running job whose worker process is gone; returns their ids."""
+    """Requeue or fail every running job whose worker process is gone; returns their ids."""
     reaped = []
     here = jobs.hostname()
     for job in jobs.list_jobs(["running"]):
@@ -85,17 +124,21 @@ def reap_dead_jobs() -> list[int]:
             dead = not pid_alive(job.pid) or not (job.slot and slot_is_held(job.slot))
         else:
             dead = job.heartbeat is None or time.time() - job.heartbeat > STALE_S
-        if dead:
-            message = (f"The worker process running this job (pid {job.pid}) stopped unexpectedly: it was killed "
-                       "(for example SIGKILL, or out of memory) or crashed. The log shows how far it got; "
-                       "launch the job again.")
-            if jobs.finish(job.id, "failed", message):
-                append_log(job.log_path, "job failed: " + message)
-                reaped.append(job.id)
+        if dead and handle_dead_job(job):
+            reaped.append(job.id)
     for row in jobs.list_workers():
         if row["host"] == here and not pid_alive(row["pid"]):
             jobs.unregister_worker(row["id"])
     return reaped
+
+
+def jobs_view(statuses=None, kind: str | None = None, limit: int = 100, start_workers: bool = True) -> list[jobs.Job]:
+    """The job list as a person should see it: dead workers' jobs requeued or failed first (and, when one was
+    requeued, a worker started for it), then `queue.list_jobs`."""
+    reaped = reap_dead_jobs()
+    if start_workers and reaped and jobs.list_jobs(["queued"], limit=1):
+        ensure_workers()
+    return jobs.list_jobs(statuses, kind=kind, limit=limit)
 
 
 # --- starting workers --------------------------------------------------------------------------------------------
@@ -201,10 +244,7 @@ class Worker:
         """Jobs left 'running' on this slot by a worker that died: we own the slot now, so theirs is gone."""
         for job in jobs.list_jobs(["running"]):
             if job.slot == self.slot and job.host == jobs.hostname() and job.worker != self.id:
-                message = (f"The worker process running this job (pid {job.pid}) stopped unexpectedly "
-                           "(killed or crashed); launch the job again.")
-                if jobs.finish(job.id, "failed", message):
-                    append_log(job.log_path, "job failed: " + message)
+                handle_dead_job(job)
 
     def _run(self, job: jobs.Job) -> None:
         self.current_job = job.id

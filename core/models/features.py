@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from core import config
+from core import config, storage
 from core.files import atomic_write_bytes
 from core.models.preprocess import PhotoDataset, default_workers, eval_transform, preprocessing_key
 
@@ -56,6 +56,7 @@ class FeatureCache:
                 data = torch.load(shard, map_location="cpu", weights_only=True)
             except Exception:
                 continue  # a damaged shard only costs recomputing its photos
+            storage.touch(shard)  # used: the least recently used shards go first when the cache is over its cap
             vectors.update(zip(data["hashes"], data["features"]))
         return vectors
 
@@ -65,6 +66,7 @@ class FeatureCache:
         buffer = io.BytesIO()
         torch.save({"hashes": list(hashes), "features": features.detach().float().cpu().contiguous()}, buffer)
         atomic_write_bytes(self.folder / f"{time.time_ns()}-{uuid.uuid4().hex[:8]}.pt", buffer.getvalue())
+        storage.prune_after_write("features")
 
 
 @dataclass
