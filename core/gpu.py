@@ -21,8 +21,8 @@ def cuda_available() -> bool:
 
 
 def training_slots() -> list[str]:
-    """Where one training job at a time may run: each GPU, and the CPU."""
-    return [f"cuda:{i}" for i in range(cuda_device_count())] + ["cpu"]
+    """Where one training job at a time may run: each GPU, the CPU, and 'remote' (jobs running elsewhere, polled)."""
+    return [f"cuda:{i}" for i in range(cuda_device_count())] + ["cpu", "remote"]
 
 
 @functools.lru_cache(maxsize=1)

@@ -187,5 +187,5 @@ def test_device_facts_without_a_gpu():
         pytest.skip("this machine has a GPU")
     facts = gpu.describe()
     assert facts["cuda"] is False and facts["gpus"] == [] and facts["cpu_cores"] >= 1
-    assert gpu.training_slots() == ["cpu"] and gpu.stats_for_device("cpu") is None
+    assert gpu.training_slots() == ["cpu", "remote"] and gpu.stats_for_device("cpu") is None
     assert gpu.stats_for_device("cuda:0") is None

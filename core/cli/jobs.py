@@ -86,8 +86,21 @@ def _submit(args) -> int:
             problems = hpo.search_problems(params, facts["n_train"], gpu.cuda_available())
         if problems:
             raise UsageError("; ".join(problems))
+    kind = args.kind
+    if getattr(args, "target", "local") == "sagemaker":
+        if args.kind != "train":
+            raise UsageError("--target sagemaker runs a training (submit train), not a search or a check")
+        from core.jobs.sagemaker import SageMakerTarget
+
+        target = SageMakerTarget.from_params({
+            "image": args.sagemaker_image, "role": args.sagemaker_role, "instance_type": args.sagemaker_instance_type,
+            "instance_count": args.sagemaker_instance_count, "output_s3": args.sagemaker_output,
+            "input_s3": args.sagemaker_input or (args.data if str(args.data).startswith("s3://") else None),
+            "checkpoint_s3": args.sagemaker_checkpoint, "endpoint_url": args.sagemaker_endpoint_url,
+            "region": args.sagemaker_region})
+        kind, params = "sagemaker", params | {"sagemaker": target.to_params(), "device": "remote"}
     try:
-        job = jobs.submit(args.kind, params)
+        job = jobs.submit(kind, params)
     except jobs.JobError as exc:
         raise UsageError(str(exc)) from None
     print(f"job {job.id} queued ({job.kind})" + (f"; output in {job.run_dir}" if job.run_dir else "")
@@ -130,6 +143,19 @@ def register(subparsers) -> None:
     submit.add_argument("--full-epochs", type=int, default=None, help="hpo: epochs of the full training afterwards")
     submit.add_argument("--seconds", type=float, default=5, help="sleep: how long")
     submit.add_argument("--no-start", action="store_true", help="only queue; do not start a worker")
+    remote = submit.add_argument_group("SageMaker (submit train --target sagemaker; BINSIGHT_SAGEMAKER_* variables "
+                                       "give the image, role, endpoint and region too)")
+    remote.add_argument("--target", choices=["local", "sagemaker"], default="local",
+                        help="where the training runs: a local worker, or a SageMaker training job")
+    remote.add_argument("--sagemaker-image", default=None, help="ECR image holding this project")
+    remote.add_argument("--sagemaker-role", default=None, help="execution role ARN")
+    remote.add_argument("--sagemaker-instance-type", default="ml.g5.xlarge")
+    remote.add_argument("--sagemaker-instance-count", type=int, default=1)
+    remote.add_argument("--sagemaker-input", default=None, help="s3:// shard set (default: --data when it is s3://)")
+    remote.add_argument("--sagemaker-output", default=None, help="s3:// prefix for model.tar.gz")
+    remote.add_argument("--sagemaker-checkpoint", default=None, help="s3:// prefix for epoch checkpoints")
+    remote.add_argument("--sagemaker-endpoint-url", default=None, help="another SageMaker-compatible API")
+    remote.add_argument("--sagemaker-region", default=None)
     submit.set_defaults(handler=_submit)
 
     cancel = subparsers.add_parser("cancel", help="cancel a queued or running job")

@@ -11,10 +11,10 @@ from pathlib import Path
 from core import config, db
 from core.errors import BinsightError
 
-KINDS = ("train", "hpo", "sleep")  # sleep: waits, reporting progress; checks the queue without training
+KINDS = ("train", "hpo", "sleep", "sagemaker")  # sleep: waits, reporting progress; checks the queue without training
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
 ACTIVE = ("queued", "running")
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "remote")  # remote: the job runs elsewhere (SageMaker); its worker only polls
 DEFAULT_RETRIES = 1  # a job whose worker died is requeued this many times (BINSIGHT_JOB_RETRIES) before it fails
 
 class JobError(BinsightError, ValueError):
@@ -111,6 +111,8 @@ def submit(kind: str, params: dict, user: str | None = None) -> Job:
     device = str(params.get("device") or "auto")
     if device.split(":")[0] not in DEVICES:
         raise JobError(f"device {device!r}: use auto, cpu or cuda")
+    if (kind == "sagemaker") != (device == "remote"):
+        raise JobError("a SageMaker job runs on the device 'remote', and only it does")
     params = {**params, "device": device}
     json.dumps(params)  # refuse what cannot be persisted before anything is written
     with db.transaction() as conn:
@@ -120,7 +122,7 @@ def submit(kind: str, params: dict, user: str | None = None) -> Job:
         ).lastrowid
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = None
-        if kind == "train":
+        if kind in ("train", "sagemaker"):
             name = "-".join(str(p) for p in (stamp, params.get("backbone"), params.get("mode"), f"job{job_id}") if p)
             run_dir = config.runs_dir() / name
         elif kind == "hpo":
@@ -183,6 +185,8 @@ def cancel_requested(job_id: int) -> bool:
 def slot_accepts(slot: str, slots: list[str]) -> list[str]:
     """The job devices a worker on `slot` runs: 'auto' goes to a GPU when the machine has one, else the CPU."""
     has_gpu = any(s.startswith("cuda") for s in slots)
+    if slot == "remote":
+        return ["remote"]
     if slot == "cpu":
         return ["cpu"] if has_gpu else ["cpu", "auto"]
     return ["auto", "cuda", slot]

@@ -7,7 +7,7 @@ import traceback
 from pathlib import Path
 
 from core.errors import Cancelled, describe_error
-from core.jobs import hpo
+from core.jobs import hpo, sagemaker
 from core.jobs import queue as jobs
 from core.jobs.context import JobContext, TrainingProgress, check_dataset
 from core.jobs.params import describe_dataset
@@ -74,7 +74,7 @@ def run_sleep(ctx: JobContext) -> None:
     ctx.report({"stage": "done", "fraction": 1.0, "device": ctx.device}, force=True)
 
 
-RUNNERS = {"train": run_training, "hpo": hpo.run_search, "sleep": run_sleep}
+RUNNERS = {"train": run_training, "hpo": hpo.run_search, "sleep": run_sleep, "sagemaker": sagemaker.run_training_job}
 
 
 def run_job(job: jobs.Job, device: str, worker=None) -> str:
