@@ -119,6 +119,8 @@ class Session:
             await page.get_by_role("heading", name=title, exact=True).wait_for()
             await STEPS[title](self, page)
             await wait_idle(page)
+            # the page is shown when its photos are: leaving earlier would make Streamlit drop them mid-download (404)
+            await page.wait_for_function("Array.from(document.images).every(image => image.complete)")
             shown = await page.locator('[data-testid="stException"]').count()
             if shown:
                 self.errors.append(f"{title}: {await page.locator('[data-testid=stException]').first.inner_text()}")
