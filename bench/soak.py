@@ -74,6 +74,19 @@ def server_process() -> psutil.Process:
     raise RuntimeError("the streamlit server process was not found")
 
 
+def stop_workers() -> None:
+    """End the job workers of this soak's BINSIGHT_HOME (they would otherwise idle for minutes before leaving)."""
+    from core.jobs import queue as jobs
+
+    for registered in jobs.list_workers():
+        try:
+            process = psutil.Process(int(registered["pid"]))
+            if process.environ().get("BINSIGHT_HOME") == os.environ["BINSIGHT_HOME"]:
+                process.terminate()
+        except (psutil.Error, KeyError, TypeError, ValueError):
+            continue
+
+
 def saved_decisions(data: Path, annotators: set[str]) -> int:
     from core.data import annotations
     from core.data.loading import load_dataset
@@ -206,6 +219,7 @@ def soak(sessions: int = 10, seconds: float = 300, data: Path | None = None, pag
         rss_end = server.memory_info().rss
         job_status = jobs.get(job.id).status
         jobs.cancel(job.id)
+        stop_workers()
     times = [t for s in crowd for t in s.times]
     return {
         "sessions": sessions, "seconds": seconds, "pages": list(pages),
