@@ -11,7 +11,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import streamlit as st  # noqa: E402
 
-from app_pages.common import sidebar  # noqa: E402
+from app_pages.common import current_user, sidebar  # noqa: E402
 from core.jobs import worker  # noqa: E402
 
 st.set_page_config(page_title="Binsight", page_icon="📦", layout="wide")
@@ -36,6 +36,9 @@ if "workers_checked" not in st.session_state:
     # Jobs queued before an app restart start now, whichever page the user opens first.
     worker.ensure_workers()
     st.session_state.workers_checked = True
+
+if not current_user().can("spot_check"):  # a viewer would only see why they may not
+    del PAGES["Review"]
 
 page = st.navigation(PAGES)
 sidebar()

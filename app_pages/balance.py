@@ -7,7 +7,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from app_pages.common import current_dataset, reload_dataset
+from app_pages.common import checked_path, current_dataset, current_user, reload_dataset
 from core import config
 from core.data import balancing, pools, versions
 from core.data.dataset import DatasetError
@@ -68,7 +68,7 @@ with st.expander(f"Versions of this dataset ({len(saved)})", expanded=bool(saved
         st.caption("None yet: apply a strategy below to make one. The original dataset is never changed.")
     else:
         st.dataframe(pd.DataFrame([{
-            "version": v.name, "created": v.created, "strategy": v.strategy,
+            "version": v.name, "created": v.created, "made by": v.user, "strategy": v.strategy,
             "made from": v.info.get("parent") or "original",
             **{split: v.info.get("photos", {}).get(split, 0) for split in balancing.SPLIT_ORDER},
             "manifest": str(v.path),
@@ -77,11 +77,15 @@ with st.expander(f"Versions of this dataset ({len(saved)})", expanded=bool(saved
         current = dataset.split_info.get("version") if dataset.layout == "version" else "original"
         chosen = st.selectbox("Dataset to work and train on", options, index=options.index(current)
                               if current in options else 0, key="balance_use_version")
-        locked = bool(os.environ.get("BINSIGHT_DATA"))
-        if locked:
+        refused = current_user().why_not("change_dataset")
+        locked = bool(os.environ.get("BINSIGHT_DATA")) or refused is not None
+        if refused:
+            st.caption(refused)
+        elif locked:
             st.caption("The dataset is fixed by the BINSIGHT_DATA variable; to train on a version, pass its "
                        "manifest path as `--data` or set BINSIGHT_DATA to it.")
-        if chosen != current and st.button("Use it as the current dataset", key="balance_use", disabled=locked):
+        if chosen != current and st.button("Use it as the current dataset", key="balance_use", disabled=locked,
+                                           help=refused) and not locked:
             if chosen == "original":
                 original = dataset.split_info.get("base_source")
                 demo = str(config.demo_dir())
@@ -113,6 +117,9 @@ if strategy == "fetch":
     kind = st.radio("Candidate pool", ["bucket", "folder"], horizontal=True, key="balance_pool_kind",
                     format_func={"bucket": "S3 bucket (a photo list)", "folder": "Local folder"}.get)
     pool = None
+    folder_refused = current_user().why_not("open_folder")
+    if folder_refused:
+        st.caption(folder_refused)
     try:
         if kind == "bucket":
             settings = s3_settings()
@@ -127,7 +134,8 @@ if strategy == "fetch":
                 edited = replace(settings, bucket=bucket.strip() or settings.bucket,
                                  endpoint_url=endpoint.strip() or None, region=region.strip() or "us-east-1")
                 b1, b2 = st.columns(2)
-                if b1.button("Save connection", key="balance_s3_save"):
+                if b1.button("Save connection", key="balance_s3_save", disabled=folder_refused is not None,
+                             help=folder_refused) and not folder_refused:
                     problem = endpoint_problem(edited.endpoint_url)
                     if problem:
                         st.error(problem)
@@ -141,16 +149,28 @@ if strategy == "fetch":
                         st.error(f"**The S3 server cannot be used.** {exc}")
             lists = st.text_input("Photo list(s) naming bucket photos and their counts: file_list.json and/or "
                                   "counting lists, comma-separated",
-                                  config.load_settings().get("balance_pool_lists", ""), key="balance_lists")
+                                  config.load_settings().get("balance_pool_lists", ""), key="balance_lists",
+                                  disabled=folder_refused is not None, help=folder_refused)
+            if folder_refused:  # a disabled widget's value still comes from the browser: use the saved one
+                lists = config.load_settings().get("balance_pool_lists", "")
             paths = tuple(p.strip() for p in lists.split(",") if p.strip())
             if paths:
+                allowed = [checked_path(p) for p in paths]
+                if None in allowed:
+                    st.stop()
+                paths = tuple(str(p) for p in allowed)
                 pool = _pool("bucket", paths, _token(paths), astuple(settings))
                 if config.load_settings().get("balance_pool_lists") != lists:
                     config.save_settings(balance_pool_lists=lists)
         else:
             folder = st.text_input("Pool folder (ABID layout or ImageFolder) with photos not in the dataset",
-                                   config.load_settings().get("balance_pool_folder", ""), key="balance_pool_folder")
+                                   config.load_settings().get("balance_pool_folder", ""), key="balance_pool_folder",
+                                   disabled=folder_refused is not None, help=folder_refused)
+            if folder_refused:
+                folder = config.load_settings().get("balance_pool_folder", "")
             if folder.strip():
+                if checked_path(folder) is None:
+                    st.stop()
                 pool = _pool("folder", (folder.strip(),), _token([folder.strip()]), ())
                 if config.load_settings().get("balance_pool_folder") != folder:
                     config.save_settings(balance_pool_folder=folder)
@@ -218,14 +238,18 @@ name_key = f"balance_name_{strategy}"
 if name_key not in st.session_state:  # set once, so the suggested name does not change under the user
     st.session_state[name_key] = versions.default_name(strategy)
 name = st.text_input("Name of the new version", key=name_key)
-if st.button("Apply: save as a new version", type="primary", key="balance_apply"):
+refused = current_user().why_not("balance")
+if refused:
+    st.caption(refused)
+if st.button("Apply: save as a new version", type="primary", key="balance_apply", disabled=refused is not None,
+             help=refused) and not refused:
     problem = versions.check_name(versions.root_key(dataset), name.strip())
     if problem:
         st.error(problem)
         st.stop()
     progress = st.progress(0.0, text="Preparing…")
     try:
-        version = balancing.apply(dataset, strategy, params, name=name.strip(),
+        version = balancing.apply(dataset, strategy, params, name=name.strip(), user=current_user().name,
                                   on_progress=lambda f, text: progress.progress(min(float(f), 1.0), text=text))
     except S3Error as exc:
         progress.empty()

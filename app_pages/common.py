@@ -1,4 +1,4 @@
-"""UI pieces every page shares: the sidebar (dataset, class range) and the cached current dataset."""
+"""UI pieces every page shares: who is signed in, the sidebar (dataset, class range) and the cached current dataset."""
 from __future__ import annotations
 
 import os
@@ -6,8 +6,10 @@ from dataclasses import astuple
 from pathlib import Path
 
 import streamlit as st
+from streamlit.errors import StreamlitSecretNotFoundError
 
 from core import config
+from core.access import LOCAL_USER, PathRefused, User, allowed_path, role_for
 from core.data.classes import ClassRange
 from core.data.dataset import Dataset, DatasetError
 from core.data.images import ImageError, thumbnail
@@ -65,6 +67,40 @@ def cached_thumbnail(path: str, width: int = 240, height: int = 180) -> bytes | 
         return str(exc)
 
 
+def current_user() -> User:
+    """Who uses this session. With sign-in configured (st.login's [auth] secrets, or a proxy's trusted header) the
+    signed-in email with its role from the secrets' [roles] table; a signed-out visitor is asked to log in and the
+    page stops. Without sign-in: one local user who may do everything."""
+    info = st.user.to_dict()
+    proxied = bool(st.get_option("server.trustedUserHeaders"))
+    if "is_logged_in" not in info and not proxied:
+        return User(LOCAL_USER)
+    if info.get("is_logged_in") is False or not (info.get("email") or info.get("name") or info.get("sub")):
+        st.info("Log in to use Binsight: what you may do depends on your role.")
+        if not proxied:
+            st.button("Log in", on_click=st.login, type="primary", key="login_button")
+        st.stop()
+    email = info.get("email")
+    return User(str(email or info.get("name") or info.get("sub")), role_for(email, roles_table()))
+
+
+def roles_table() -> dict | None:
+    """The secrets' [roles] table (role → emails), None without one: every signed-in user is then a viewer."""
+    try:
+        return st.secrets.get("roles")
+    except StreamlitSecretNotFoundError:
+        return None
+
+
+def checked_path(typed: str) -> Path | None:
+    """The typed path when the app may open it, else None after showing why (nothing else should happen then)."""
+    try:
+        return allowed_path(typed)
+    except PathRefused as exc:
+        st.error(f"**This path cannot be used.** {exc}")
+        return None
+
+
 def class_range() -> ClassRange:
     return ClassRange.from_dict(config.load_settings().get("class_range"))
 
@@ -89,35 +125,56 @@ def reload_dataset() -> None:
     _cached_dataset.clear()
 
 
+def who_is_here(user: User) -> None:
+    if user.signed_in:
+        st.caption(f":material/person: **{user.name}** · role **{user.role}**")
+        st.button("Log out", on_click=st.logout, key="sidebar_logout")
+    else:
+        st.caption(":material/person: Single local user: sign-in is not configured — anyone who opens this app may "
+                   "do everything.")
+
+
 def sidebar() -> None:
-    """Dataset choice and class range, persisted in BINSIGHT_HOME/settings.json."""
+    """Who is signed in, the dataset choice and class range (persisted in BINSIGHT_HOME/settings.json)."""
+    user = current_user()
+    refused = user.why_not("change_dataset")
     with st.sidebar:
         st.markdown("### :material/inventory_2: Binsight")
-        locked = bool(os.environ.get("BINSIGHT_DATA"))
+        who_is_here(user)
+        locked = bool(os.environ.get("BINSIGHT_DATA")) or refused is not None
         source = current_source()
         st.caption("Dataset: " + (f"`{source}`" if source else "embedded demo set"))
         with st.expander("Change dataset", expanded=False):
-            if locked:
+            if refused:
+                st.caption(refused)
+            elif locked:
                 st.caption("Set by the BINSIGHT_DATA environment variable.")
             path = st.text_input(
-                "Folder (ABID layout, ImageFolder) or a .json list", value=source or "", disabled=locked,
+                "Folder (ABID layout, ImageFolder) or a .json list", value=source or "", disabled=locked, help=refused,
                 placeholder="e.g. /data/abid — empty for the demo set", key="sidebar_data_path",
             )
-            if st.button("Use this dataset", disabled=locked, key="sidebar_apply"):
+            if st.button("Use this dataset", disabled=locked, key="sidebar_apply", help=refused) and not locked:
                 chosen = path.strip()
-                if chosen and not Path(chosen).expanduser().exists():
+                allowed = checked_path(chosen) if chosen else None
+                if chosen and allowed is None:
+                    pass  # refused: checked_path said why
+                elif allowed is not None and not allowed.exists():
                     st.error(f"{chosen} does not exist.")
                 else:
-                    config.save_settings(data_dir=str(Path(chosen).expanduser()) if chosen else None)
+                    config.save_settings(data_dir=str(allowed) if allowed else None)
                     reload_dataset()
                     st.rerun()
         with st.expander("Class range", expanded=False):
             current = class_range()
-            lo, hi = st.slider("Counts that are classes", 0, 12, (current.lo, current.hi), key="sidebar_range")
+            if refused:
+                st.caption(refused)
+            lo, hi = st.slider("Counts that are classes", 0, 12, (current.lo, current.hi), key="sidebar_range",
+                               disabled=refused is not None, help=refused)
             bucket = st.checkbox(f"Put counts above {hi} into a “{hi}+” class", value=current.top_bucket,
-                                 key="sidebar_bucket")
+                                 key="sidebar_bucket", disabled=refused is not None, help=refused)
             chosen_range = ClassRange(lo, hi, bucket)
-            if chosen_range != current and st.button("Apply class range", key="sidebar_range_apply"):
+            if chosen_range != current and user.can("change_dataset") and st.button("Apply class range",
+                                                                                   key="sidebar_range_apply"):
                 config.save_settings(class_range=chosen_range.to_dict())
                 reload_dataset()
                 st.rerun()

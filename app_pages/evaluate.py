@@ -6,7 +6,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import cached_thumbnail, current_dataset, model_for
+from app_pages.common import cached_thumbnail, checked_path, current_dataset, current_user, model_for
 from core import config
 from core.data.browse import page_of
 from core.data.classes import ClassRange, model_class_range
@@ -69,12 +69,19 @@ def choose_photos(model_range: ClassRange):
     options = list(SPLITS) + [OTHER_FOLDER]
     choice = left.selectbox("Photos", options, format_func=lambda o: SPLITS.get(o, o), key="eval_split")
     if choice == OTHER_FOLDER:
+        refused = current_user().why_not("open_folder")
         folder = right.text_input("Labelled folder (ABID layout or <count>/*.jpg folders)", key="eval_folder",
-                                  placeholder="/data/abid_holdout").strip()
+                                  placeholder="/data/abid_holdout", disabled=refused is not None, help=refused).strip()
+        if refused:
+            st.info(refused)
+            st.stop()
         if not folder:
             st.info("Give the path of a labelled folder to evaluate on.")
             st.stop()
-        source, split = folder, "all"
+        allowed = checked_path(folder)
+        if allowed is None:
+            st.stop()
+        source, split = str(allowed), "all"
     else:
         current = current_dataset()
         if current is None:

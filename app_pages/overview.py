@@ -3,7 +3,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from app_pages.common import current_dataset, reload_dataset
+from app_pages.common import current_dataset, current_user, reload_dataset
 from core import storage
 from core.data import overview
 from core.data.splits import resplit
@@ -88,7 +88,9 @@ with st.expander("Split recipe"):
             valid_fraction = c2.number_input("Validation fraction", 0.05, 0.5,
                                              float(dataset.split_info.get("valid_fraction", 0.2)), step=0.05)
             seed = c3.number_input("Seed", 0, 1_000_000, int(dataset.split_info.get("seed", 0)))
-            if st.form_submit_button("Re-split the dataset"):
+            refused = current_user().why_not("change_dataset")
+            if st.form_submit_button("Re-split the dataset", disabled=refused is not None, help=refused) \
+                    and not refused:
                 resplit(dataset.frame, dataset.key, int(test_per_class), float(valid_fraction), int(seed))
                 reload_dataset()
                 st.rerun()

@@ -5,7 +5,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import cached_thumbnail, current_dataset
+from app_pages.common import cached_thumbnail, checked_path, current_dataset, current_user
 from core import config
 from core.data import uploads
 from core.data.browse import page_of
@@ -81,8 +81,10 @@ def no_model_yet() -> None:
     if problems:
         st.warning("The current dataset cannot train a model yet: " + " ".join(problems))
         return
-    if st.button("Train a quick model", type="primary", key="quick_train"):
-        job = jobs.submit("train", params)
+    refused = current_user().why_not("train")
+    if st.button("Train a quick model", type="primary", key="quick_train", disabled=refused is not None,
+                 help=refused) and not refused:
+        job = jobs.submit("train", params, user=current_user().name)
         worker.ensure_workers()
         st.session_state["quick_job"] = job.id
         st.rerun()
@@ -102,7 +104,9 @@ def choose_run(runs: list[dict]) -> dict:
         if abs(threshold - saved) > 1e-9:
             config.save_settings(low_confidence_threshold=threshold)
     if current is None or current.id != run_id:
-        if st.button("Make this the current model", key="make_current"):
+        refused = current_user().why_not("train")
+        if st.button("Make this the current model", key="make_current", disabled=refused is not None,
+                     help=refused) and not refused:
             try:
                 get_run(run_id)
             except jobs.JobError:
@@ -120,9 +124,14 @@ def gather_inputs() -> tuple[str, list[uploads.PhotoInput], list[str]] | None:
         files = st.file_uploader("Bin photos (JPEG, PNG, WebP, BMP)", type=["jpg", "jpeg", "png", "webp", "bmp"],
                                  accept_multiple_files=True, key="predict_files")
     elif origin == "Local folder":
-        folder = st.text_input("Folder of photos on this machine", key="predict_folder",
-                               placeholder="/data/new_bins").strip()
-        recursive = st.checkbox("Include subfolders", key="predict_recursive")
+        refused = current_user().why_not("open_folder")
+        if refused:
+            st.caption(refused)
+        folder = st.text_input("Folder of photos on this machine", key="predict_folder", disabled=refused is not None,
+                               placeholder="/data/new_bins", help=refused).strip()
+        recursive = st.checkbox("Include subfolders", key="predict_recursive", disabled=refused is not None)
+        if folder and (refused or checked_path(folder) is None):
+            return None  # refused: said why above
     else:
         uri = st.text_input("S3 URI of a photo or of a prefix", key="predict_s3",
                             placeholder="s3://aft-vbi-pds/bin-images/523.jpg").strip()

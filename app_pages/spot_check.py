@@ -6,7 +6,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from app_pages.common import current_dataset, model_for
+from app_pages.common import current_dataset, current_user, model_for
 from core.data import annotations
 from core.data.dataset import photo_items
 from core.data.images import ImageError, load_image
@@ -31,7 +31,15 @@ SHORTCUTS = ("Keys: **Y** confirm · **0**–**5** set the count · **M** more t
 
 
 def who_is_annotating() -> str:
-    """The signed-in user when the app has authentication, else a name asked once per browser session."""
+    """The signed-in user (when their role may spot-check) when the app has sign-in, else a name asked once per
+    browser session."""
+    signed_in = current_user()
+    if signed_in.signed_in:
+        refused = signed_in.why_not("spot_check")
+        if refused:
+            st.info(refused)
+            st.stop()
+        return signed_in.name
     user = st.user.to_dict()
     if user.get("is_logged_in") or ("is_logged_in" not in user and user.get("email")):
         return str(user.get("email") or user.get("name") or user.get("sub"))

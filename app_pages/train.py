@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from app_pages.common import current_dataset
+from app_pages.common import current_dataset, current_user
 from core import gpu
 from core.jobs import hpo, worker
 from core.jobs import queue as jobs
@@ -111,7 +111,15 @@ def training_form(dataset, facts: dict, on_gpu: bool) -> dict | None:
 
 
 def launch(kind: str, params: dict) -> None:
-    st.session_state["train_launched"] = worker.launch(kind, params).id
+    user = current_user()
+    user.require("train")  # the button is disabled too; this covers a forged click
+    st.session_state["train_launched"] = worker.launch(kind, params, user=user.name).id
+
+
+def refusal(action: str) -> dict:
+    """The disabled/help arguments of a button the current user may not use (empty when they may)."""
+    reason = current_user().why_not(action)
+    return {"disabled": True, "help": reason} if reason else {}
 
 
 # ---------------------------------------------------------------------------------------------- live jobs
@@ -169,13 +177,16 @@ def running_view(job: jobs.Job) -> None:
 def job_card(job: jobs.Job) -> None:
     with st.container(border=True):
         head, button = st.columns([5, 1])
-        if job.active and not job.cancel_requested and button.button("Cancel", key=f"train_cancel_{job.id}"):
+        if job.active and not job.cancel_requested and button.button("Cancel", key=f"train_cancel_{job.id}",
+                                                                      **refusal("cancel_job")) \
+                and current_user().can("cancel_job"):
             job = jobs.cancel(job.id)
         if job.status == "running" and job.cancel_requested:
             button.caption("Cancelling…")
         icon = {"queued": ":material/schedule:", "running": ":material/directions_run:", "done": ":material/check_circle:",
                 "failed": ":material/error:", "cancelled": ":material/block:"}[job.status]
-        head.markdown(f"{icon} **Job {job.id}** · {job.kind} · {job.status} · {params_summary(job.params)}")
+        head.markdown(f"{icon} **Job {job.id}** · {job.kind} · {job.status} · by {job.user or 'unknown'} · "
+                      f"{params_summary(job.params)}")
         if job.status == "queued":
             st.caption(f"Waiting: number {jobs.queue_position(job.id)} in the queue. A worker runs one training at a "
                        "time per GPU, and one on the CPU.")
@@ -212,6 +223,13 @@ def live_jobs() -> None:
 
 # ---------------------------------------------------------------------------------------------- runs
 
+def launched_by(job_id: int | None) -> str:
+    try:
+        return (jobs.get(job_id).user or "") if job_id is not None else ""
+    except jobs.JobError:
+        return ""
+
+
 def runs_section() -> None:
     runs = list_runs()
     current = current_run()
@@ -229,7 +247,7 @@ def runs_section() -> None:
             "balanced accuracy": final.get("balanced_accuracy"), "accuracy": final.get("accuracy"),
             "macro-F1": final.get("macro_f1"), "MAE": final.get("mae"), "off-by-one": final.get("off_by_one"),
             "duration": duration(run.extra.get("duration_s")) if run.extra.get("duration_s") else "",
-            "dataset version": run.params.get("dataset_version"),
+            "dataset version": run.params.get("dataset_version"), "launched by": launched_by(run.job_id),
         })
     table = pd.DataFrame(rows)
     scored = table.dropna(subset=["balanced accuracy"])
@@ -251,7 +269,8 @@ def runs_section() -> None:
     chosen = st.selectbox("Current model (used by Predict)", ids,
                           index=ids.index(current.id) if current and current.id in ids else 0, key="train_current")
     if current is None or chosen != current.id:
-        if st.button("Use this run as the current model", key="train_set_current"):
+        if st.button("Use this run as the current model", key="train_set_current", **refusal("train")) \
+                and current_user().can("train"):
             set_current_run(chosen)
             st.rerun()
     else:
@@ -280,7 +299,7 @@ def search_results(job: jobs.Job) -> None:
     best = hpo.best_params(job)
     if job.status == "done" and best is not None:
         if st.button(f"Train with the best parameters (lr {best['lr']:.5f}, batch {best['batch_size']}, "
-                     f"{best['epochs']} epochs)", key=f"train_best_{job.id}", type="primary"):
+                     f"{best['epochs']} epochs)", key=f"train_best_{job.id}", type="primary", **refusal("train")):
             launch("train", best)
             st.rerun(scope="app")
 
@@ -305,7 +324,7 @@ def search_form(base: dict | None, facts: dict, on_gpu: bool) -> None:
     if problems:
         st.error("**This search cannot run:**\n" + "\n".join(f"- {p}" for p in problems))
         return
-    if st.button("Launch the search", key="hpo_launch"):
+    if st.button("Launch the search", key="hpo_launch", **refusal("train")):
         launch("hpo", params)
         st.rerun()
 
@@ -333,7 +352,11 @@ if dataset is not None:
         st.warning("This dataset has no training photos in the chosen classes: pick another dataset or class range.")
     else:
         base_params = training_form(dataset, facts, on_gpu)
-        if st.button("Launch training", type="primary", disabled=base_params is None, key="train_launch"):
+        refused = current_user().why_not("train")
+        if refused:
+            st.caption(refused)
+        if st.button("Launch training", type="primary", disabled=base_params is None or refused is not None,
+                     key="train_launch", help=refused):
             launch("train", base_params)
             st.rerun()
 

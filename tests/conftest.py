@@ -18,6 +18,8 @@ def binsight_home(tmp_path_factory, monkeypatch) -> Path:
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("BINSIGHT_HOME", str(home))
     monkeypatch.delenv("BINSIGHT_DATA", raising=False)
+    # Pages refuse paths outside the data roots: tests type paths under their own temporary folders and ../shared/abid
+    monkeypatch.setenv("BINSIGHT_DATA_ROOTS", os.pathsep.join([str(tmp_path_factory.getbasetemp()), str(ABID)]))
     yield home
     stop_detached_workers(home)
 

@@ -20,9 +20,11 @@ def spot_source(tmp_path, monkeypatch) -> Path:
     return source
 
 
-def open_page(user: dict | None = None) -> AppTest:
+def open_page(user: dict | None = None, roles: dict | None = None) -> AppTest:
     at = AppTest.from_file(PAGE, default_timeout=120)
     at.user = user if user is not None else {}
+    if roles:
+        at.secrets["roles"] = roles
     return at.run()
 
 
@@ -86,7 +88,7 @@ def test_next_and_previous_walk_the_queue_without_saving(spot_source):
 
 
 def test_signed_in_user_is_the_annotator_and_login_is_offered_when_configured(spot_source):
-    at = open_page({"is_logged_in": True, "email": "ops@example.com", "name": "Ops"})
+    at = open_page({"is_logged_in": True, "email": "ops@example.com", "name": "Ops"}, {"annotator": ["*@example.com"]})
     assert "annotator_input" not in [t.key for t in at.text_input]
     photo = shown_bin(at)
     at.button(key="decide_confirm").click().run()

@@ -230,8 +230,9 @@ def _check_test_untouched(base: pd.DataFrame, frame: pd.DataFrame) -> None:
 
 
 def apply(dataset: Dataset, strategy: str, params: dict | None = None, name: str | None = None,
-          on_progress=None) -> versions.Version:
-    """Make the planned change a new version (the dataset itself is kept); fetching downloads or copies photos."""
+          on_progress=None, user: str | None = None) -> versions.Version:
+    """Make the planned change a new version (the dataset itself is kept), recording `user` as who made it;
+    fetching downloads or copies photos."""
     plan = preview(dataset, strategy, params)
     name = name or versions.default_name(strategy)
     base_key = versions.root_key(dataset)
@@ -244,7 +245,7 @@ def apply(dataset: Dataset, strategy: str, params: dict | None = None, name: str
         frame = _fetched_frame(plan, base_key, name, on_progress)
     try:
         return versions.create_version(dataset, frame, name, strategy, _json_params(plan.params), plan.weight_use,
-                                       plan.dropped)
+                                       plan.dropped, user=user)
     except BaseException:
         if fetched:
             shutil.rmtree(versions.photos_dir(base_key, name), ignore_errors=True)

@@ -40,6 +40,11 @@ class Version:
     def strategy(self) -> str:
         return self.info.get("strategy", "")
 
+    @property
+    def user(self) -> str:
+        """Who made it ("" for versions saved before this was recorded)."""
+        return self.info.get("user") or ""
+
 
 def versions_dir(base_key: str) -> Path:
     return config.home() / "datasets" / base_key / "versions"
@@ -85,8 +90,9 @@ def version_frame(dataset: Dataset) -> pd.DataFrame:
 
 
 def create_version(dataset: Dataset, frame: pd.DataFrame, name: str, strategy: str, params: dict,
-                   weight_use: str | None = None, dropped: list[str] | None = None) -> Version:
-    """Save `frame` (the dataset's rows after balancing) as a new version of the dataset's original."""
+                   weight_use: str | None = None, dropped: list[str] | None = None,
+                   user: str | None = None) -> Version:
+    """Save `frame` (the dataset's rows after balancing) as a new version of the dataset's original, made by `user`."""
     base_key = root_key(dataset)
     path = versions_dir(base_key) / f"{name}{MANIFEST_SUFFIX}"
     if not NAME_PATTERN.match(name or "") or path.exists():
@@ -100,6 +106,7 @@ def create_version(dataset: Dataset, frame: pd.DataFrame, name: str, strategy: s
         "name": name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "strategy": strategy,
+        "user": (user or "").strip() or None,
         "params": params,
         "parent": parent_info.get("version"),
         "base_key": base_key,
