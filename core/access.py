@@ -54,7 +54,8 @@ class User:
         if self.can(action):
             return None
         needed = ACTIONS[action]
-        return (f"Only a {needed} may {WHAT[action]}; you are signed in as {self.name} with the role {self.role}. "
+        article = "an" if needed[0] in "aeiou" else "a"
+        return (f"Only {article} {needed} may {WHAT[action]}; you are signed in as {self.name} with the role {self.role}. "
                 "Ask an administrator for another role.")
 
     def require(self, action: str) -> None:

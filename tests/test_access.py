@@ -27,7 +27,7 @@ def test_each_role_may_do_exactly_its_actions(role, allowed):
     user = User("someone@example.com", role)
     assert {a for a in access.ACTIONS if user.can(a)} == allowed
     for action in set(access.ACTIONS) - allowed:
-        assert "Only a" in user.why_not(action) and role in user.why_not(action)
+        assert user.why_not(action).startswith(("Only a ", "Only an ")) and role in user.why_not(action)
         with pytest.raises(AccessDenied):
             user.require(action)
 
