@@ -85,4 +85,9 @@ def test_evaluate_all_scores_every_readable_photo_and_lists_the_skipped(run):
     assert metrics["n"] == 40  # 8 real photos of each count 1–5
     assert {s["photo"] for s in metrics["skipped"]} == {"truncated.jpg", "garbage.jpg"}
     assert {"photo", "path", "truth", "predicted", "confidence", "prob_1"} <= set(predictions.columns)
-    assert 0 <= metrics["balanced_accuracy"] <= 1 and len(metrics["confusion_matrix"]) == 5
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix
+
+    truth, predicted = predictions["truth"].astype(int), predictions["predicted"].astype(int)
+    assert len(predictions) == 40
+    assert metrics["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(truth, predicted))
+    assert metrics["confusion_matrix"] == confusion_matrix(truth, predicted, labels=[1, 2, 3, 4, 5]).tolist()
