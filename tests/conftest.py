@@ -47,6 +47,22 @@ def stop_s3_server_at_the_end():
         sys.modules["tests.moto_s3"].stop_shared_world()
 
 
+@pytest.fixture
+def relay():
+    """Make tests.moto_s3.Relay's in front of the S3 server; every one made is stopped after the test, passed or not."""
+    from tests.moto_s3 import Relay
+
+    made = []
+
+    def make(*args, **kwargs) -> Relay:
+        made.append(Relay(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.stop()
+
+
 def stop_detached_workers(home: Path) -> None:
     """Kill the `python -m core worker` processes (detached, so pytest would leave them) serving `home`."""
     wanted = f"BINSIGHT_HOME={home}".encode()

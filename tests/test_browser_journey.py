@@ -51,7 +51,7 @@ WATCH_RUNS = """() => {
     }).observe(app, {attributes: true, attributeOldValue: true, attributeFilter: ["data-test-script-state"]});
 }"""
 RUN_ENDED = """() => window.binsightRunEnded &&
-    document.querySelector('[data-testid="stApp"]').dataset.testScriptState === "notRunning""""
+    document.querySelector('[data-testid="stApp"]').dataset.testScriptState === 'notRunning'"""
 
 
 def wait_idle(page) -> None:

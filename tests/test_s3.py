@@ -6,26 +6,12 @@ import pytest
 from core import config
 from core.cli import main as cli_main
 from core.data.s3 import S3Error, S3Source, s3_settings
-from tests.moto_s3 import PRIVATE_BUCKET, Relay, closed_port_url, shared_world
+from tests.moto_s3 import PRIVATE_BUCKET, closed_port_url, shared_world
 
 
 @pytest.fixture
 def world(tmp_path_factory):
     return shared_world(tmp_path_factory)
-
-
-@pytest.fixture
-def relay():
-    """Make Relays in front of the server; every one made is stopped after the test, passed or failed."""
-    made = []
-
-    def make(*args, **kwargs) -> Relay:
-        made.append(Relay(*args, **kwargs))
-        return made[-1]
-
-    yield make
-    for each in made:
-        each.stop()
 
 
 def assert_whole_files(world, paths: dict, keys: list[str]) -> None:
