@@ -1,4 +1,5 @@
-"""Shared fixtures: a private BINSIGHT_HOME, the demo set, small real ABID folders and a small trained run."""
+"""Shared fixtures: a private BINSIGHT_HOME per test, empty Streamlit caches, the demo set, small real ABID folders,
+small trained runs (each test gets its own copy of their home), S3 relays; servers and workers stopped after use."""
 from __future__ import annotations
 
 import os

@@ -35,7 +35,7 @@ def test_two_workers_on_one_queue_run_each_job_once_then_exit_when_idle():
     assert [jobs.get(j.id).status for j in queued] == ["done"] * len(queued)
     started = re.findall(r"job (\d+) \(sleep\) started", worker_log("cpu") + worker_log("cpu-b"))
     assert sorted(map(int, started)) == [j.id for j in queued]  # each claimed once, by one worker
-    assert {jobs.get(j.id).worker for j in queued} <= {w for w in _worker_ids("cpu") | _worker_ids("cpu-b")}
+    assert {jobs.get(j.id).worker for j in queued} <= _worker_ids("cpu") | _worker_ids("cpu-b")
     assert jobs.list_workers() == []  # both unregistered themselves
     assert not worker.slot_is_held("cpu") and not worker.slot_is_held("cpu-b")
 
