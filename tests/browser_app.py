@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,35 +17,26 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+URL_LINE = re.compile(r"URL: (http://127\.0\.0\.1:\d+)")
 
 
 @contextmanager
 def running_app(home: Path, env: dict | None = None, timeout: float = 90):
-    """Yield the URL of `streamlit run app.py` with BINSIGHT_HOME=home; stopped afterwards."""
-    port = free_port()
+    """Yield the URL of `streamlit run app.py` with BINSIGHT_HOME=home; stopped afterwards, also on failure.
+
+    The server picks a free port itself (port 0) and prints it; the URL is read from its output.
+    """
     environment = {**os.environ, "BINSIGHT_HOME": str(home), **(env or {})}
     environment.pop("BINSIGHT_DATA", None) if env is None or "BINSIGHT_DATA" not in env else None
-    log = open(home / f"streamlit-{port}.log", "w")
+    log_path = home / "streamlit.log"
+    log = open(log_path, "w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", "0",
          "--server.address", "127.0.0.1", "--server.headless", "true"],
         cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT,
     )
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + timeout
-        while True:
-            try:
-                urllib.request.urlopen(url + "/_stcore/health", timeout=2)
-                break
-            except OSError:
-                if process.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"streamlit did not start: {(home / f'streamlit-{port}.log').read_text()[-2000:]}")
-                time.sleep(0.5)
+        url = wait_until_serving(process, log_path, timeout)
         yield url
     finally:
         process.terminate()
@@ -53,4 +44,21 @@ def running_app(home: Path, env: dict | None = None, timeout: float = 90):
             process.wait(10)
         except subprocess.TimeoutExpired:
             process.kill()
+            process.wait()
         log.close()
+
+
+def wait_until_serving(process: subprocess.Popen, log_path: Path, timeout: float) -> str:
+    """The app's URL once its health endpoint answers; RuntimeError with its output if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = URL_LINE.search(log_path.read_text())
+        if found:
+            try:
+                urllib.request.urlopen(found[1] + "/_stcore/health", timeout=2)
+                return found[1]
+            except OSError:
+                pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"streamlit did not start: {log_path.read_text()[-2000:]}")
+        time.sleep(0.2)  # polling the condition above, not waiting a guessed time

@@ -1,9 +1,11 @@
-"""Shared fixtures: a private BINSIGHT_HOME, the demo set, small real ABID folders and a small trained run."""
+"""Shared fixtures: a private BINSIGHT_HOME per test, empty Streamlit caches, the demo set, small real ABID folders,
+small trained runs (each test gets its own copy of their home), S3 relays; servers and workers stopped after use."""
 from __future__ import annotations
 
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,46 @@ def binsight_home(tmp_path_factory, monkeypatch) -> Path:
     monkeypatch.setenv("BINSIGHT_DATA_ROOTS", os.pathsep.join([str(tmp_path_factory.getbasetemp()), str(ABID)]))
     yield home
     stop_detached_workers(home)
+
+
+@pytest.fixture(autouse=True)
+def fresh_streamlit_caches():
+    """Streamlit's st.cache_data / st.cache_resource live in this process: empty them around every test."""
+    clear_streamlit_caches()
+    yield
+    clear_streamlit_caches()
+
+
+def clear_streamlit_caches() -> None:
+    if "streamlit" in sys.modules:  # nothing can be cached before a page test imported streamlit
+        import streamlit as st
+
+        st.cache_data.clear()
+        st.cache_resource.clear()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stop_s3_server_at_the_end():
+    """The moto S3 server (tests/moto_s3.py), if a test started one, is stopped when the session ends."""
+    yield
+    if "tests.moto_s3" in sys.modules:
+        sys.modules["tests.moto_s3"].stop_shared_world()
+
+
+@pytest.fixture
+def relay():
+    """Make tests.moto_s3.Relay's in front of the S3 server; every one made is stopped after the test, passed or not."""
+    from tests.moto_s3 import Relay
+
+    made = []
+
+    def make(*args, **kwargs) -> Relay:
+        made.append(Relay(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.stop()
 
 
 def stop_detached_workers(home: Path) -> None:
@@ -113,11 +155,27 @@ def small_runs(tmp_path_factory) -> dict:
 
 
 @pytest.fixture
-def shared(small_runs, monkeypatch) -> dict:
-    """The shared runs, with BINSIGHT_HOME and the dataset pointing at them."""
-    monkeypatch.setenv("BINSIGHT_HOME", str(small_runs["home"]))
+def shared(small_runs, binsight_home, monkeypatch) -> dict:
+    """The shared runs in a copy of their BINSIGHT_HOME that is this test's own, with the dataset pointing at them.
+
+    What a test writes (caches, current model, splits, annotations) stays in its copy; the trained runs and the
+    dataset are the session's and are not changed.
+    {"home": this test's copy, "data": the session's photos, "runs": {"baseline": Path, "better": Path} in the copy}
+    """
+    home = binsight_home / "shared_home"
+    shutil.copytree(small_runs["home"], home, copy_function=link_or_copy)
+    monkeypatch.setenv("BINSIGHT_HOME", str(home))
     monkeypatch.setenv("BINSIGHT_DATA", str(small_runs["data"]))
-    return small_runs
+    return {"home": home, "data": small_runs["data"],
+            "runs": {name: home / path.relative_to(small_runs["home"]) for name, path in small_runs["runs"].items()}}
+
+
+def link_or_copy(source: str, target: str) -> None:
+    """Big model and feature files are hard-linked (the code replaces files, never rewrites them); the rest copied."""
+    if Path(source).suffix in {".pt", ".npy", ".npz"}:
+        os.link(source, target)
+    else:
+        shutil.copy2(source, target)
 
 
 @pytest.fixture

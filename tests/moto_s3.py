@@ -170,12 +170,17 @@ def held_subset(world: S3World, folder: Path, held: dict[int, int]) -> Path:
     return folder
 
 
+_CLOSED: socket.socket | None = None
+
+
 def closed_port_url() -> str:
-    """An http URL on 127.0.0.1 where nothing listens."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    """An http URL on 127.0.0.1 where nothing listens: a port this process holds bound (so no one else can take
+    it) without ever listening on it, so connections are refused."""
+    global _CLOSED
+    if _CLOSED is None:
+        _CLOSED = socket.socket()
+        _CLOSED.bind(("127.0.0.1", 0))
+    return f"http://127.0.0.1:{_CLOSED.getsockname()[1]}"
 
 
 _WORLD: S3World | None = None
@@ -187,3 +192,14 @@ def shared_world(tmp_path_factory) -> S3World:
     if _WORLD is None:
         _WORLD = start_world(tmp_path_factory.mktemp("s3_world"))
     return _WORLD
+
+
+def stop_shared_world() -> None:
+    """Stop the shared server and free the closed port (conftest calls this when the session ends)."""
+    global _WORLD, _CLOSED
+    if _WORLD is not None:
+        _WORLD.server.stop()
+        _WORLD = None
+    if _CLOSED is not None:
+        _CLOSED.close()
+        _CLOSED = None

@@ -1,9 +1,10 @@
 """Spot-check decisions: durable under SIGKILL, no lost update between processes, overrides, queues and CSV export."""
 import os
+import queue
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -18,23 +19,75 @@ from core.review.queue import QueueError, build_queue
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# A writer says "ready" once imported, waits for a line on stdin (the start signal), then saves and prints each id.
 WRITER = """
-import sys, time
-from pathlib import Path
+import sys
 from core.data.annotations import save_decision
-who, n, go = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
-while not go.exists():
-    time.sleep(0.005)
+who, n = sys.argv[1], int(sys.argv[2])
+print("ready", flush=True)
+sys.stdin.readline()
 for i in range(n):
     saved = save_decision("shared", f"bin{i % 5}.jpg", who, (i * 7 + len(who)) % 6, recorded_count=1, note=f"{who} {i}")
     print(saved.decision.id, flush=True)
 """
 
 
-def start_writer(who: str, n: int, go: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-c", WRITER, who, str(n), str(go)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+class Writer:
+    """A writer process whose output lines are read by a thread, so every read can time out."""
+
+    def __init__(self, who: str, n: int):
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.process = subprocess.Popen([sys.executable, "-c", WRITER, who, str(n)], cwd=ROOT, env=env,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.put(line.strip())
+        self.lines.put(None)  # end of output
+
+    def next_line(self, timeout: float = 60) -> str:
+        line = self.lines.get(timeout=timeout)
+        assert line is not None, f"the writer ended early: {self.process.stderr.read()}"
+        return line
+
+    def rest(self, timeout: float = 120) -> list[str]:
+        """Every line until the process ends."""
+        self.process.wait(timeout)
+        found = []
+        while (line := self.lines.get(timeout=timeout)) is not None:
+            found.append(line)
+        return found
+
+    def start(self) -> None:
+        self.process.stdin.write("go\n")
+        self.process.stdin.flush()
+
+
+@pytest.fixture
+def writers():
+    """Start Writers; every one still running after the test (passed or failed) is killed."""
+    started = []
+
+    def start(who: str, n: int) -> Writer:
+        started.append(Writer(who, n))
+        return started[-1]
+
+    yield start
+    for writer in started:
+        if writer.process.poll() is None:
+            writer.process.kill()
+        writer.process.wait()
+
+
+def start_together(group: list) -> None:
+    """Both writers are imported and waiting before either may begin, so their saves overlap."""
+    for writer in group:
+        assert writer.next_line() == "ready"
+    for writer in group:
+        writer.start()
 
 
 def assert_unbroken_chains(trail: pd.DataFrame, recorded: int) -> None:
@@ -46,15 +99,13 @@ def assert_unbroken_chains(trail: pd.DataFrame, recorded: int) -> None:
             expected = new
 
 
-def test_sigkill_between_saves_keeps_every_saved_annotation(tmp_path):
-    go = tmp_path / "go"
-    go.touch()
-    writer = start_writer("killed", 100_000, go)
-    acknowledged = [int(writer.stdout.readline()) for _ in range(40)]
-    os.kill(writer.pid, signal.SIGKILL)
-    out, _ = writer.communicate(timeout=30)
-    acknowledged += [int(line) for line in out.split()]
-    assert writer.returncode == -signal.SIGKILL
+def test_sigkill_between_saves_keeps_every_saved_annotation(writers):
+    writer = writers("killed", 100_000)
+    start_together([writer])
+    acknowledged = [int(writer.next_line()) for _ in range(40)]
+    os.kill(writer.process.pid, signal.SIGKILL)
+    acknowledged += [int(line) for line in writer.rest()]
+    assert writer.process.returncode == -signal.SIGKILL
     trail = annotations.history("shared")
     assert set(acknowledged) <= set(trail["id"])
     assert len(trail) in (len(acknowledged), len(acknowledged) + 1)  # at most the save in flight, whole
@@ -64,16 +115,14 @@ def test_sigkill_between_saves_keeps_every_saved_annotation(tmp_path):
     assert_unbroken_chains(trail, recorded=1)
 
 
-def test_two_concurrent_writers_lose_nothing_and_keep_one_history(tmp_path):
-    go, n = tmp_path / "go", 60
-    writers = {who: start_writer(who, n, go) for who in ("alice", "bob")}
-    time.sleep(0.5)
-    go.touch()
+def test_two_concurrent_writers_lose_nothing_and_keep_one_history(writers):
+    n = 60
+    started = {who: writers(who, n) for who in ("alice", "bob")}
+    start_together(list(started.values()))
     saved = {}
-    for who, writer in writers.items():
-        out, err = writer.communicate(timeout=120)
-        assert writer.returncode == 0, err
-        saved[who] = [int(line) for line in out.split()]
+    for who, writer in started.items():
+        saved[who] = [int(line) for line in writer.rest()]
+        assert writer.process.returncode == 0, writer.process.stderr.read()
     trail = annotations.history("shared")
     assert len(trail) == 2 * n
     for who, ids in saved.items():

@@ -8,7 +8,7 @@ from core.cli import main as cli_main
 from core.data import balancing, pools, versions
 from core.data.loading import load_dataset
 from core.data.s3 import S3Error, S3Source, s3_settings
-from tests.moto_s3 import Relay, held_subset, shared_world
+from tests.moto_s3 import held_subset, shared_world
 
 HELD = {1: 10, 2: 10, 3: 3, 4: 10, 5: 10}  # class 3 is scarce, as in ../shared/abid
 
@@ -128,9 +128,9 @@ def test_the_test_split_cannot_be_chosen_and_bad_parameters_are_explained(imbala
     assert versions.load_version(versions.list_versions(dataset)[0].path).split_info["weight_use"] == "sampler"
 
 
-def test_server_stopped_while_fetching_makes_no_version_and_no_partial_files(world, imbalanced, tmp_path):
+def test_server_stopped_while_fetching_makes_no_version_and_no_partial_files(world, imbalanced, relay, tmp_path):
     dataset = load_dataset(imbalanced)
-    relay = Relay(world.port, chunk=2048, delay_s=0.003)
+    relay = relay(world.port, chunk=2048, delay_s=0.003)
     pool = bucket_pool(world, tmp_path, url=relay.url, attempts=2)
 
     def stop_after_two(fraction, text):

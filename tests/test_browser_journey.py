@@ -1,4 +1,5 @@
 """The main journey in a real browser: headless Chromium drives `streamlit run app.py` on the demo set."""
+import os
 import re
 from pathlib import Path
 
@@ -13,6 +14,8 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "screenshots"
 @pytest.fixture
 def browser_page(binsight_home):
     if not Path(CHROMIUM).exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must run the browser test, but Debian's chromium is not installed")
         pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with running_app(binsight_home) as url, playwright.sync_playwright() as driver:
@@ -28,7 +31,7 @@ def browser_page(binsight_home):
 
 
 def shot(page, name: str) -> None:
-    page.wait_for_timeout(500)
+    wait_idle(page)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
@@ -37,18 +40,37 @@ def go_to(page, title: str) -> None:
     page.get_by_role("heading", name=title, exact=True).wait_for()
 
 
+APP = '[data-testid="stApp"]'
+
+# Streamlit marks its root with data-test-script-state: "running" while the script runs, "notRunning" after.
+WATCH_RUNS = """() => {
+    const app = document.querySelector('[data-testid="stApp"]');
+    window.binsightRunEnded = false;
+    new MutationObserver(records => {
+        if (records.some(r => r.oldValue === "running")) window.binsightRunEnded = true;
+    }).observe(app, {attributes: true, attributeOldValue: true, attributeFilter: ["data-test-script-state"]});
+}"""
+RUN_ENDED = """() => window.binsightRunEnded &&
+    document.querySelector('[data-testid="stApp"]').dataset.testScriptState === 'notRunning'"""
+
+
 def wait_idle(page) -> None:
-    """Until Streamlit has finished the current run (no 'Running…' status widget)."""
-    page.wait_for_timeout(300)
-    page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=120_000)
+    """Until no script run is in progress."""
+    page.locator(f'{APP}[data-test-script-state="notRunning"]').wait_for(timeout=120_000)
+
+
+def rerun_by(page, action) -> None:
+    """Do `action` (which makes Streamlit run the script) and wait until that run has ended."""
+    page.evaluate(WATCH_RUNS)
+    action()
+    page.wait_for_function(RUN_ENDED, timeout=120_000)
 
 
 def choose(page, label: str, option: str) -> None:
     box = page.locator('[data-testid="stSelectbox"]', has_text=label)
     box.locator("input").click()
     box.locator("input").fill(option)
-    page.keyboard.press("Enter")
-    wait_idle(page)
+    rerun_by(page, lambda: page.keyboard.press("Enter"))
 
 
 def test_main_journey(browser_page, tmp_path):

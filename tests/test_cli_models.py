@@ -40,7 +40,11 @@ def test_train_evaluate_predict(data, tmp_path, capsys):
                  "--csv", str(tmp_path / "pred.csv")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 + 1 + len(photos) and "p(5)" in lines[0]
-    assert lines[1].split()[0] == photos[0].name and int(lines[1].split()[1]) in range(1, 6)
+    from core.models.inference import predict_photos
+    from core.models.networks import load_model
+
+    expected = predict_photos(*load_model(run / "model.pt"), [photos[0]], num_workers=0).iloc[0]
+    assert lines[1].split()[:2] == [photos[0].name, str(int(expected["predicted"]))]
     assert len((tmp_path / "pred.csv").read_text().strip().splitlines()) == 1 + 1 + len(photos)
 
 

@@ -87,4 +87,10 @@ def test_evaluate_all_scores_every_readable_photo_and_lists_the_skipped(run):
     assert metrics["n"] == 40  # 8 real photos of each count 1–5
     assert {s["photo"] for s in result.skipped} == {"truncated.jpg", "garbage.jpg"}
     assert {"name", "path", "truth", "predicted", "confidence", "prob_1"} <= set(result.frame.columns)
-    assert 0 <= metrics["balanced_accuracy"] <= 1 and len(metrics["confusion_matrix"]) == 5
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix
+
+    scored = result.scored()
+    truth, predicted = scored["truth"].astype(int), scored["predicted"].astype(int)
+    assert len(scored) == 40
+    assert metrics["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(truth, predicted))
+    assert metrics["confusion_matrix"] == confusion_matrix(truth, predicted, labels=[1, 2, 3, 4, 5]).tolist()

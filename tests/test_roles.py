@@ -49,7 +49,7 @@ def texts(at: AppTest, *kinds) -> str:
 
 
 def refused_with_reason(widget, role_needed: str) -> bool:
-    return widget.disabled and f"Only a {role_needed} may" in (widget.help or "")
+    return widget.disabled and f"{role_needed} may" in (widget.help or "")
 
 
 # ------------------------------------------------------------------------------------------- sign-in, sidebar
@@ -153,7 +153,7 @@ def test_balance_apply_and_pool_folder_are_for_trainers_and_a_version_records_wh
 def test_spot_check_shows_viewers_the_reason_and_saves_annotators_decisions_under_their_name(dataset):
     viewer = open_page("spot_check", VIEWER)
     assert not viewer.exception
-    assert "Only a annotator may spot-check bins" in texts(viewer, "info") and "spot_queue" not in viewer.session_state
+    assert "Only an annotator may spot-check bins" in texts(viewer, "info") and "spot_queue" not in viewer.session_state
     annotator = open_page("spot_check", ANNOTATOR)
     assert not annotator.exception and "annotator_input" not in [t.key for t in annotator.text_input]
     annotator.button(key="decide_confirm").click().run()

@@ -106,9 +106,41 @@ def test_resume_continues_from_the_last_checkpoint(data, tmp_path):
         train(TrainConfig(data=str(data), out=str(tmp_path / "empty"), resume=True, **SMALL))
 
 
-def test_should_stop_cancels_cleanly(data, tmp_path):
+def assert_nothing_partial(run: Path) -> None:
+    """No temporary or half-written file; no metrics.json (the run did not finish); every file there is whole."""
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp")]
+    assert not (run / "metrics.json").exists()
+    json.loads((run / "config.json").read_text())
+    if (run / "model.pt").exists():
+        from core.models.networks import load_model
+
+        load_model(run / "model.pt")
+
+
+def test_should_stop_before_the_first_epoch_leaves_no_model(data, tmp_path):
+    run = tmp_path / "run"
     with pytest.raises(Cancelled):
-        train(TrainConfig(data=str(data), out=str(tmp_path / "run"), **SMALL), should_stop=lambda: True)
+        train(TrainConfig(data=str(data), out=str(run), **SMALL), should_stop=lambda: True)
+    assert_nothing_partial(run)
+    assert not (run / "model.pt").exists() and not (run / "checkpoint.pt").exists()
+
+
+def test_cancel_after_an_epoch_keeps_whole_files_and_the_run_resumes(data, tmp_path):
+    run, finished_epochs = tmp_path / "run", []
+
+    def count_epochs(state):
+        if state["message"].endswith(" done"):
+            finished_epochs.append(state["epoch"])
+
+    config = TrainConfig(data=str(data), out=str(run), **SMALL | {"epochs": 3})
+    with pytest.raises(Cancelled):
+        train(config, on_progress=count_epochs, should_stop=lambda: bool(finished_epochs))
+    assert finished_epochs == [1]
+    assert_nothing_partial(run)
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    result = train(TrainConfig(data=str(data), out=str(run), resume=True, **SMALL | {"epochs": 3}))
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
+    assert json.loads((run / "metrics.json").read_text())["history"] == result["history"]
 
 
 def test_finetune_one_epoch_with_count_aware_loss(data, tmp_path):
@@ -117,9 +149,24 @@ def test_finetune_one_epoch_with_count_aware_loss(data, tmp_path):
     result = train(config)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (saved["image_size"], saved["aspect"]) == (96, 1.37)  # fine-tuning keeps the bins' shape by default
+    from core.data.loading import load_dataset
+    from core.models.networks import load_model
+    from core.models.preprocess import input_size, photo_tensor
+
+    assert len(result["history"]) == 1 and result["history"][0]["epoch"] == 1
     assert result["history"][0]["images_per_s"] > 0
     assert 0 <= result["history"][0]["data_wait_fraction"] <= 1
-    assert result["test"]["n"] > 0
+    readable_test = [n for n in load_dataset(data).rows("test")["name"] if n not in {"truncated.jpg", "garbage.jpg"}]
+    assert result["test"]["n"] == len(readable_test)
+    assert sum(map(sum, result["test"]["confusion_matrix"])) == len(readable_test)
+    assert len(result["test"]["confusion_matrix"]) == 5
+    model, meta = load_model(tmp_path / "run" / "model.pt")
+    assert meta["classes"] == [1, 2, 3, 4, 5]
+    assert input_size(meta) == (96, round(96 * 1.37))
+    photo = photo_tensor(sorted((data / "bin-images").glob("*.jpg"))[0], meta)
+    assert photo.shape == (3, 96, round(96 * 1.37))
+    with torch.no_grad():
+        assert model.eval()(photo.unsqueeze(0)).shape == (1, 5)
     assert any(s["photo"] == "truncated.jpg" for s in result["skipped"] + result["dataset_problems"])
 
 

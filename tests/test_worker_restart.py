@@ -1,5 +1,6 @@
 """Restart safety with real processes: the app dies while a job runs, the worker is SIGKILLed, the app restarts
 with queued jobs."""
+import json
 import os
 import signal
 import subprocess
@@ -81,15 +82,17 @@ def test_a_job_keeps_running_when_the_app_is_stopped_and_the_restarted_page_show
         job = wait_for(lambda: next((j for j in jobs.list_jobs(["running"]) if j.progress.get("fraction")), None),
                        60, "the job to run")
     finally:
-        # Stop the app as a terminal does (Ctrl-C to its process group), then for good.
+        # Stop the app as a terminal does (Ctrl-C to its process group); if it does not end, for good.
         os.killpg(app.pid, signal.SIGINT)
-        time.sleep(0.3)
-        os.killpg(app.pid, signal.SIGKILL)
-        app.wait()
-    assert job.pid != app.pid and worker.pid_alive(job.pid)
-    time.sleep(1.0)
-    later = jobs.get(job.id)
-    assert later.status == "running" and later.progress["fraction"] > job.progress["fraction"]
+        try:
+            app.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(app.pid, signal.SIGKILL)
+            app.wait()
+    assert app.returncode is not None and job.pid != app.pid and worker.pid_alive(job.pid)
+    later = wait_for(lambda: (j := jobs.get(job.id)).progress["fraction"] > job.progress["fraction"] and j, 30,
+                     "the job to go on after the app stopped")
+    assert later.status == "running"
 
     at = page()  # the restarted app
     assert not at.exception
@@ -109,9 +112,7 @@ def test_a_sigkilled_worker_fails_its_job_within_seconds_with_its_log_and_the_qu
                        "the job to run")
     follower = jobs.submit("sleep", {"seconds": 0.5})
     os.kill(running.pid, signal.SIGKILL)
-    killed_at = time.monotonic()
-    wait_for(lambda: victim.id in worker.reap_dead_jobs(), 10, "the reaper")
-    assert time.monotonic() - killed_at < 5
+    wait_for(lambda: victim.id in worker.reap_dead_jobs(), 10, "the reaper to fail the job within seconds")
     failed = jobs.get(victim.id)
     assert failed.status == "failed" and "stopped unexpectedly" in failed.error
     log = failed.log_tail()
@@ -127,8 +128,8 @@ def test_jobs_queued_while_the_app_was_down_run_when_it_restarts(small_abid):
     facts = describe_dataset(load_dataset(small_abid))
     job = jobs.submit("train", {**facts, "backbone": "efficientnet_lite0", "mode": "frozen", "epochs": 2,
                                 "batch_size": 16, "lr": 0.01, "image_size": 96, "balance": "none"})
-    time.sleep(0.5)
-    assert jobs.get(job.id).status == "queued" and not worker.slot_is_held("cpu")  # nothing runs it yet
+    # nothing runs it yet: no worker process for this home, no slot held
+    assert worker_pids() == set() and not worker.slot_is_held("cpu") and jobs.get(job.id).status == "queued"
 
     page()  # the app restarts: its Train page starts a worker
     wait_for(lambda: jobs.get(job.id).status not in jobs.ACTIVE, 150, "the training to finish", every=0.5)
@@ -138,7 +139,9 @@ def test_jobs_queued_while_the_app_was_down_run_when_it_restarts(small_abid):
     assert done.progress["speeds"]["features"] > 0
     run = current_run()
     assert run is not None and run.job_id == job.id and run.model_path.is_file()
-    assert 0 <= final_metrics(run)["balanced_accuracy"] <= 1
+    saved = json.loads((run.model_path.parent / "metrics.json").read_text())["test"]
+    assert final_metrics(run)["balanced_accuracy"] == saved["balanced_accuracy"]
+    assert final_metrics(run)["confusion_matrix"] == saved["confusion_matrix"]
     assert run.params["dataset_version"] == facts["dataset_version"]
 
     at = page()
