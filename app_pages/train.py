@@ -18,6 +18,7 @@ from core.jobs.describe import duration, params_summary, progress_text, search_p
 from core.jobs.estimates import estimate_seconds
 from core.jobs.params import describe_dataset, training_problems
 from core.jobs.runs import current_run, final_metrics, list_runs, set_current_run
+from core.jobs.sagemaker import SageMakerError, SageMakerTarget
 from core.training import config as training
 
 REFRESH_S = 2.0
@@ -108,6 +109,29 @@ def training_form(dataset, facts: dict, on_gpu: bool) -> dict | None:
                + ("(from the images/s measured by earlier runs on this machine)." if measured else
                   "(a rough guess: the first run measures this machine's images/s and later estimates use it)."))
     return params
+
+
+def sagemaker_form(params: dict) -> dict | None:
+    """The SageMaker target chosen (image, role, instances, S3 locations); None, with the reason, when incomplete."""
+    left, right = st.columns(2)
+    data = str(params.get("data") or "")
+    values = {
+        "image": left.text_input("Training image (ECR)", key="sm_image",
+                                 placeholder="123456789012.dkr.ecr.us-east-1.amazonaws.com/binsight:latest"),
+        "role": right.text_input("Execution role ARN", key="sm_role"),
+        "instance_type": left.text_input("Instance type", "ml.g5.xlarge", key="sm_instance_type"),
+        "instance_count": int(right.number_input("Instances", 1, 64, 1, key="sm_instance_count")),
+        "input_s3": left.text_input("Shard set (s3://)", data if data.startswith("s3://") else "", key="sm_input",
+                                    help="python -m core shards --data … --out s3://… packs one"),
+        "output_s3": right.text_input("Model output (s3://)", key="sm_output"),
+        "checkpoint_s3": left.text_input("Checkpoints (s3://, optional)", key="sm_checkpoint") or None,
+    }
+    try:
+        target = SageMakerTarget.from_params(values)
+    except SageMakerError as exc:
+        st.info(str(exc))
+        return None
+    return params | {"sagemaker": target.to_params(), "device": "remote"}
 
 
 def launch(kind: str, params: dict) -> None:
@@ -352,12 +376,18 @@ if dataset is not None:
         st.warning("This dataset has no training photos in the chosen classes: pick another dataset or class range.")
     else:
         base_params = training_form(dataset, facts, on_gpu)
+        kind, launch_params = "train", base_params
+        where = st.radio("Where", ["This machine", "SageMaker"], horizontal=True, key="train_target",
+                         help="SageMaker: a training job on your AWS account's instances; this app's worker polls "
+                              "its progress and fetches the model when it is done.")
+        if where == "SageMaker" and base_params is not None:
+            kind, launch_params = "sagemaker", sagemaker_form(base_params)
         refused = current_user().why_not("train")
         if refused:
             st.caption(refused)
-        if st.button("Launch training", type="primary", disabled=base_params is None or refused is not None,
+        if st.button("Launch training", type="primary", disabled=launch_params is None or refused is not None,
                      key="train_launch", help=refused):
-            launch("train", base_params)
+            launch(kind, launch_params)
             st.rerun()
 
 if st.session_state.get("train_launched"):

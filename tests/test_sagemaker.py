@@ -159,3 +159,24 @@ def test_the_container_plan_reads_hosts_gpus_and_resumes():
     assert argv[:5] == ["train", "--data", "s3://my-shards/abid", "--out", "/tmp/none/checkpoints"]
     assert "--epochs" in argv and argv[argv.index("--epochs") + 1] == "3" and "--no-augment" in argv
     assert "--resume" not in argv
+
+
+def test_the_train_page_launches_a_sagemaker_job(small_abid, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from core.jobs import worker
+
+    monkeypatch.setenv("BINSIGHT_DATA", str(small_abid))
+    monkeypatch.setattr(worker, "ensure_workers", lambda *a, **k: [])  # queued only: nothing to run it here
+    at = AppTest.from_file(str(ROOT / "app_pages" / "train.py"), default_timeout=120).run()
+    at.radio(key="train_target").set_value("SageMaker").run()
+    assert at.button(key="train_launch").disabled and any("needs image, role" in i.value for i in at.info)
+    for key, value in {"sm_image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/binsight:latest",
+                       "sm_role": "arn:aws:iam::123456789012:role/BinsightTraining",
+                       "sm_input": "s3://my-shards/abid", "sm_output": "s3://sm-output/jobs"}.items():
+        at.text_input(key=key).set_value(value).run()
+    at.button(key="train_launch").click().run()
+    assert not at.exception
+    job = jobs.list_jobs(limit=1)[0]
+    assert job.kind == "sagemaker" and job.device == "remote" and job.status == "queued"
+    assert job.params["sagemaker"]["input_s3"] == "s3://my-shards/abid" and job.params["mode"] == "frozen"
