@@ -111,8 +111,9 @@ class TrainConfig:
                              label="Processes", what="the number of processes")
     nnodes: int = setting(1, "machines taking part (each starts the same command; needs --rdzv)", page=HIDDEN,
                           what="the number of machines")
+    # --rendezvous, not --rdzv: torchrun reads the command after it too, and would take --rdzv for its --rdzv-…
     rdzv: str | None = setting(None, "HOST:PORT where the machines of a several-machine run meet (c10d rendezvous)",
-                               page=HIDDEN, what="the rendezvous address")
+                               flag="--rendezvous", page=HIDDEN, what="the rendezvous address")
     on_bad_shard: str = setting("stop", "training from shards: stop at a damaged shard, or skip the rest of it",
                                 choices=("stop", "skip"), label="On a damaged shard", what="the bad-shard choice")
 
@@ -171,7 +172,7 @@ class TrainConfig:
         check(self.processes >= 1, f"processes must be at least 1 (got {self.processes})")
         check(self.nnodes >= 1, f"nnodes must be at least 1 (got {self.nnodes})")
         check(self.nnodes == 1 or bool(self.rdzv and ":" in str(self.rdzv)),
-              "several machines meet at a rendezvous address: give --rdzv HOST:PORT")
+              "several machines meet at a rendezvous address: give --rendezvous HOST:PORT")
         if self.processes * self.nnodes > 1:
             check(self.mode == "finetune", "frozen mode computes the features once and trains a small head in seconds: "
                   "train it with processes 1 (several processes help fine-tuning only)")

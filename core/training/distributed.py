@@ -23,6 +23,7 @@ STOP_FILE = "STOP"  # the launcher creates it to cancel; rank 0 sees it and ever
 LAUNCH_LOG = "torchrun.log"  # what the ranks and torchrun print, kept in the run folder
 TEST_DUMP_ENV = "BINSIGHT_TEST_RANK_DUMP"  # test-only: a folder where each rank writes what it trained on
 TEST_KILL_ENV = "BINSIGHT_TEST_KILL_RANK"  # test-only: this rank kills itself at its first training step
+TEST_NO_DROPOUT_ENV = "BINSIGHT_TEST_NO_DROPOUT"  # test-only: dropout off, so one and two processes compare exactly
 
 
 def in_torchrun() -> bool:
@@ -150,6 +151,14 @@ def test_hooks(world: World, step: int, run) -> None:
         os.kill(os.getpid(), 9)
 
 
+def prepare_for_tests(model: torch.nn.Module) -> None:
+    """Test-only: turn dropout off (its masks differ between one process and several) when TEST_NO_DROPOUT_ENV is set."""
+    if os.environ.get(TEST_NO_DROPOUT_ENV):
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+
+
 def dump_for_tests(world: World, model: torch.nn.Module, seen: list[str]) -> None:
     """Test-only: write this rank's weight hash and the photos it trained on (when TEST_DUMP_ENV names a folder)."""
     folder = os.environ.get(TEST_DUMP_ENV)
@@ -209,8 +218,10 @@ def launch(config: TrainConfig, on_progress=None, should_stop=None, poll_s: floa
         (out / stale).unlink(missing_ok=True)
     log_path = out / LAUNCH_LOG
     with open(log_path, "ab") as log:
+        # The cores are shared out between the processes (torchrun would leave each one thread).
+        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // config.processes))
         process = subprocess.Popen(torchrun_command(config), stdout=log, stderr=subprocess.STDOUT,
-                                   env=os.environ | {"PYTHONUNBUFFERED": "1"})
+                                   env=os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads})
         offset, stopping = 0, False
         while True:
             finished = process.poll() is not None

@@ -35,8 +35,13 @@ class Split:
 
 
 def _split_rows(ds, split: str) -> Split:
-    # A balanced dataset version repeats oversampled training photos; other splits are read once.
-    rows = training_rows(ds, split) if split == "train" else ds.rows(split)
+    # A balanced dataset version repeats oversampled training photos; other splits are read once. Packed photos
+    # have no file (path None), so a shard set's rows are its labelled photos of the split.
+    if ds.layout == "shards":
+        rows = ds.labelled()
+        rows = rows[rows["split"] == split]
+    else:
+        rows = training_rows(ds, split) if split == "train" else ds.rows(split)
     index = {c: i for i, c in enumerate(ds.classes)}
     labels = np.array([index[int(c)] for c in rows["cls"]], dtype=np.int64)
     if ds.layout == "shards":

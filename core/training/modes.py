@@ -153,6 +153,7 @@ class FinetuneRun(BaseRun):
         # channels_last speeds up GPU training; on CPU its backward pass measured slower, so only there.
         self.memory_format = torch.channels_last if cuda else torch.contiguous_format
         self.model.to(self.device).to(memory_format=self.memory_format)
+        distributed.prepare_for_tests(self.model)
         self.net = self.model
         if self.world.distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -275,7 +276,7 @@ class FinetuneRun(BaseRun):
         Ranks may hold one batch more or less, so no collective (a stop check) is made per batch."""
         self.net.eval()
         with torch.inference_mode():
-            for images, labels, ids, errors in loader or []:
+            for images, labels, ids, errors in (loader if loader is not None else []):
                 if not self.world.distributed:
                     self.check_stop()
                 images, labels, _ = self._batch(images, labels, errors, ids, names)
