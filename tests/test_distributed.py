@@ -165,3 +165,18 @@ def test_frozen_mode_from_shards_says_why_not(small_abid, tmp_path):
     with pytest.raises(TrainingError, match="frozen mode caches features by photo file"):
         train(TrainConfig(data=str(tmp_path / "shards"), out=str(tmp_path / "run"), mode="frozen", image_size=64,
                           epochs=1, num_workers=0, device="cpu"))
+
+
+def test_a_job_of_two_processes_runs_under_torchrun_and_follows_rank_0s_progress(small_abid):
+    from core.data.loading import load_dataset
+    from core.jobs import queue as jobs
+    from core.jobs import runners
+    from core.jobs.params import describe_dataset
+
+    params = describe_dataset(load_dataset(small_abid)) | TrainConfig(**SMALL, processes=2).to_params()
+    job = jobs.submit("train", params | {"data": str(small_abid)})
+    claimed = jobs.claim_next("cpu", ["cpu", "auto"], "w1", 4242)
+    assert runners.run_job(claimed, "cpu") == "done"
+    finished = jobs.get(job.id)
+    assert finished.progress["stage"] == "done" and finished.progress["fraction"] == 1.0
+    assert json.loads((Path(finished.run_dir) / "config.json").read_text())["world_size"] == 2
