@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # process measured 3-4x slower than one (11.8 vs 40.8 img/s), which would flatter N = 2 with a super-linear figure.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from bench.train_speed import subset  # noqa: E402
-from core.training.config import TrainConfig  # noqa: E402
-from core.training.loop import train  # noqa: E402
+from bench.train_speed import subset
+from core.training.config import TrainConfig
+from core.training.loop import train
 
 
 def main() -> None:

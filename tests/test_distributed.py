@@ -21,8 +21,9 @@ from core.training.loop import train
 
 # Small and fast: a scratch CNN on 64-px photos, no augmentation (so one process and two see the same pixels),
 # plain cross-entropy without class weights (a weighted mean per rank is not the global weighted mean).
-SMALL = dict(mode="finetune", backbone="simple_cnn", image_size=64, aspect=1.0, epochs=1, batch_size=8,
-             num_workers=0, device="cpu", augment=False, balance="none", loss="ce", tta="none", patience=0)
+SMALL = {"mode": "finetune", "backbone": "simple_cnn", "image_size": 64, "aspect": 1.0, "epochs": 1, "batch_size": 8,
+         "num_workers": 0, "device": "cpu", "augment": False, "balance": "none", "loss": "ce", "tta": "none",
+         "patience": 0}
 
 
 @pytest.fixture(autouse=True)

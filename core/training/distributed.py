@@ -17,7 +17,7 @@ import torch.distributed as dist
 from core.errors import Cancelled
 from core.training.config import TrainConfig, TrainingError, settings
 
-TIMEOUT_S = float(os.environ.get("BINSIGHT_DIST_TIMEOUT_S", 120))  # a lost rank fails collectives instead of hanging
+TIMEOUT_S = float(os.environ.get("BINSIGHT_DIST_TIMEOUT_S", "120"))  # a lost rank fails collectives instead of hanging
 PROGRESS_FILE = "progress.jsonl"  # rank 0 appends one JSON progress state a line; the launcher follows it
 STOP_FILE = "STOP"  # the launcher creates it to cancel; rank 0 sees it and every rank stops at the same step
 LAUNCH_LOG = "torchrun.log"  # what the ranks and torchrun print, kept in the run folder

@@ -17,8 +17,8 @@ from core.evaluation.metrics import compute_metrics
 from core.files import atomic_write_bytes
 from core.models import networks as models
 from core.models.inference import tempered_probabilities
-from core.training.config import TrainConfig
 from core.training import distributed
+from core.training.config import TrainConfig
 from core.training.distributed import World
 from core.training.losses import CountLoss, class_weights
 

@@ -127,7 +127,7 @@ def _train(config, ds, splits, out, resume_state, world, on_progress, should_sto
         # Rank 0 reports to the run folder (the launcher or the app follows it) and hears the STOP file.
         on_progress = distributed.ProgressFile(out, on_progress) if world.is_main else None
         asked = should_stop
-        should_stop = lambda: distributed.stop_requested(out, asked)  # noqa: E731
+        should_stop = lambda: distributed.stop_requested(out, asked)
     log = RunLog(out) if world.is_main else _rank_log(world.rank)
     progress = Progress(on_progress, str(device), config.n_epochs)
     generator = seed_everything(config.seed)
