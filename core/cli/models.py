@@ -1,6 +1,7 @@
 """CLI for models: `train`, `evaluate` and `predict`."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,11 +47,19 @@ def _train(args) -> int:
     config = config_from_args(args)
     if not Path(args.data).expanduser().exists():
         raise UsageError(f"{args.data}: no such dataset folder")
-    printer = _ProgressPrinter()
+    # With --processes/--nnodes, train() re-executes this command under torchrun and follows rank 0's progress;
+    # inside torchrun (RANK set) only rank 0 prints.
+    rank = int(os.environ.get("RANK", "0"))
+    printer = _ProgressPrinter() if rank == 0 else None
     try:
         result = train(config, on_progress=printer)
     finally:
-        printer.close()
+        if printer:
+            printer.close()
+    if rank != 0 or not result:
+        if not result:
+            print(f"this machine's processes finished; rank 0 writes the run in {config.out}")
+        return 0
     from core.evaluation.metrics import format_table
 
     print(f"test split ({result['mode']} {result['backbone']}, best epoch {result['best_epoch']}):")

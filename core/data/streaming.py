@@ -96,6 +96,17 @@ def decode_sample(sample: dict, transform, class_index: dict[int, int]):
         return torch.zeros(_tensor_shape(transform)), class_index[sample["count"]], sample["key"], str(exc)
 
 
+def eval_stream(source, transform, class_index: dict[int, int], split: str, on_bad_shard: str = "stop",
+                index: dict | None = None):
+    """(tensor, label, key, error) of a split's photos read once: its shards dealt to ranks and DataLoader workers,
+    photos whose count is outside `class_index` left out."""
+    import webdataset as wds
+
+    stream = photo_stream(source, split, on_bad_shard, index=index)
+    return wds.DataPipeline(stream, wds.select(lambda s: s["count"] in class_index),
+                            wds.map(lambda s: decode_sample(s, transform, class_index)))
+
+
 def training_stream(source, transform, class_index: dict[int, int], batch_size: int, workers: int,
                     split: str = "train", on_bad_shard: str = "stop", index: dict | None = None):
     """(tensor, label, key, error) of the train shards, dealt to ranks and DataLoader workers.

@@ -24,6 +24,7 @@ HEARTBEAT_S = 1.0
 POLL_S = 0.5
 IDLE_EXIT_S = 600.0
 LOCK_WAIT_S = 5.0
+GPU_SLOT_WAIT_S = IDLE_EXIT_S + 60.0  # a multi-GPU job waits this long for the other GPUs' idle workers to exit
 STALE_S = 30.0  # a job on another host counts as dead when its heartbeat is older than this
 
 
@@ -250,13 +251,47 @@ class Worker:
         self.current_job = job.id
         print(f"job {job.id} ({job.kind}) started", flush=True)
         saved = self._redirect(job.log_path) if self.redirect_output else None
+        extra = self._take_gpu_slots(job)
         try:
-            status = run_job(job, self.slot, self)
+            status = run_job(job, self.slot, self) if extra is not None else "failed"
         finally:
+            for lock in extra or []:
+                lock.release()
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None) if extra else None
             if saved:
                 self._restore(saved)
             self.current_job = None
         print(f"job {job.id} {status}", flush=True)
+
+    def _take_gpu_slots(self, job: jobs.Job) -> list[SlotLock] | None:
+        """A job of N processes on GPUs holds N GPU slots: this one and N − 1 more, waited for (their idle workers
+        exit) up to GPU_SLOT_WAIT_S; its processes see those GPUs only (CUDA_VISIBLE_DEVICES). On the CPU the
+        single cpu slot runs all processes. [] when nothing more is needed; None (the job failed) when the GPUs
+        cannot be had."""
+        processes = int(job.params.get("processes") or 1)
+        if processes <= 1 or not self.slot.startswith("cuda"):
+            return []
+        others = [s for s in gpu.training_slots() if s.startswith("cuda") and s != self.slot]
+        taken, deadline = [], time.monotonic() + GPU_SLOT_WAIT_S
+        while len(taken) < processes - 1 and time.monotonic() < deadline and len(others) >= processes - 1:
+            for slot in others:
+                lock = SlotLock(slot)
+                if len(taken) < processes - 1 and slot not in [t.slot for t in taken] and lock.acquire():
+                    taken.append(lock)
+            if len(taken) < processes - 1:
+                time.sleep(POLL_S)
+        if len(taken) < processes - 1:
+            for lock in taken:
+                lock.release()
+            message = (f"this job asks for {processes} GPU processes; {len(others) + 1} GPUs exist and "
+                       f"{len(taken) + 1} were free within {GPU_SLOT_WAIT_S:.0f} s: lower processes or launch it later")
+            jobs.finish(job.id, "failed", message)
+            append_log(job.log_path, "job failed: " + message)
+            return None
+        slots = [self.slot] + [lock.slot for lock in taken]
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(slot.split(":")[1] for slot in slots)
+        append_log(job.log_path, f"holding GPU slots {', '.join(slots)} for {processes} processes")
+        return taken
 
     @staticmethod
     def _redirect(log_path: str) -> tuple[int, int]:

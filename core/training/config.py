@@ -106,6 +106,16 @@ class TrainConfig:
     patience: int = setting(8, "early stopping: epochs without a better valid loss before stopping (0: off)",
                             label="Early-stopping patience (epochs)")
     num_workers: int | None = setting(None, "DataLoader workers (default: cores − 1)", flag="--workers", page=HIDDEN)
+    processes: int = setting(1, "training processes per machine (DistributedDataParallel under torchrun; one per GPU "
+                             "on GPUs); the batch size is per process and the learning rate scales with the total",
+                             label="Processes", what="the number of processes")
+    nnodes: int = setting(1, "machines taking part (each starts the same command; needs --rdzv)", page=HIDDEN,
+                          what="the number of machines")
+    # --rendezvous, not --rdzv: torchrun reads the command after it too, and would take --rdzv for its --rdzv-…
+    rdzv: str | None = setting(None, "HOST:PORT where the machines of a several-machine run meet (c10d rendezvous)",
+                               flag="--rendezvous", page=HIDDEN, what="the rendezvous address")
+    on_bad_shard: str = setting("stop", "training from shards: stop at a damaged shard, or skip the rest of it",
+                                choices=("stop", "skip"), label="On a damaged shard", what="the bad-shard choice")
 
     @property
     def n_epochs(self) -> int:
@@ -159,6 +169,15 @@ class TrainConfig:
         if device.startswith("cuda") and not (gpu.cuda_available() if cuda_available is None else cuda_available):
             problems.append("CUDA was asked for but this machine has no usable GPU: choose auto or cpu")
         check(bool(self.out), "an output folder for the run is needed")
+        check(self.processes >= 1, f"processes must be at least 1 (got {self.processes})")
+        check(self.nnodes >= 1, f"nnodes must be at least 1 (got {self.nnodes})")
+        check(self.nnodes == 1 or bool(self.rdzv and ":" in str(self.rdzv)),
+              "several machines meet at a rendezvous address: give --rendezvous HOST:PORT")
+        if self.processes * self.nnodes > 1:
+            check(self.mode == "finetune", "frozen mode computes the features once and trains a small head in seconds: "
+                  "train it with processes 1 (several processes help fine-tuning only)")
+            check(self.balance != "sampler", "the balanced sampler is not supported with several processes: "
+                  "use --balance weights")
         if n_train is not None:
             check(n_train > 0, "the training split holds no labelled photos")
             check(n_train == 0 or self.batch_size <= n_train,

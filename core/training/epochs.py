@@ -17,7 +17,9 @@ from core.evaluation.metrics import compute_metrics
 from core.files import atomic_write_bytes
 from core.models import networks as models
 from core.models.inference import tempered_probabilities
+from core.training import distributed
 from core.training.config import TrainConfig
+from core.training.distributed import World
 from core.training.losses import CountLoss, class_weights
 
 PROGRESS_EVERY_S = 0.5
@@ -62,8 +64,10 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def make_optimizer(config: TrainConfig, model: models.CountingModel, frozen: bool) -> torch.optim.Optimizer:
-    lr = config.learning_rate
+def make_optimizer(config: TrainConfig, model: models.CountingModel, frozen: bool,
+                   lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """lr_scale: the linear scaling of the learning rate with the global batch (the number of processes)."""
+    lr = config.learning_rate * lr_scale
     if frozen:
         groups = [{"params": model.head.parameters(), "lr": lr}]
     else:
@@ -91,22 +95,28 @@ class BaseRun:
 
     After the epochs, the best model's temperature is fitted on the valid split's per-view logits
     (`split_logits`, given by each mode) and both splits are scored with it.
+    With several processes (`world`), every rank runs this loop in step; only rank 0 writes files.
     """
 
     frozen = False
 
-    def __init__(self, config, model, meta, device, out, log, progress, should_stop, generator):
+    def __init__(self, config, model, meta, device, out, log, progress, should_stop, generator, world=None):
         self.config, self.model, self.meta, self.device = config, model, meta, device
         self.out, self.log, self.progress, self.should_stop, self.generator = out, log, progress, should_stop, generator
+        self.world = world or World()
+        self.best_state: dict | None = None
         self.skipped: dict[str, str] = {}
         self.history: list[dict] = []
         self.best_loss, self.best_epoch, self.bad_epochs = math.inf, 0, 0
         self.temperature = 1.0
         self.logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def check_stop(self):
-        if self.should_stop and self.should_stop():
-            self.log("stopped on request")
+    def check_stop(self, step: str = ""):
+        """Raise Cancelled when stopping was asked for. With several processes this is a collective (rank 0's
+        request is broadcast), so every rank must call it at the same points, and all stop there together."""
+        asked = bool(self.world.is_main and self.should_stop and self.should_stop())
+        if self.world.main_says(asked):
+            self.log(f"stopped on request{' at ' + step if step else ''}")
             raise Cancelled("training was stopped")
 
     def fit(self, train_split, valid_split, test_split, resume_state) -> dict:
@@ -118,7 +128,7 @@ class BaseRun:
                                    self.config.label_smoothing).to(self.device)
         # Early stopping watches the class-balanced valid loss when balancing, matching what training optimises.
         self.eval_criterion = CountLoss(self.config.loss, weight if self.config.balance != "none" else None).to(self.device)
-        self.optimizer = make_optimizer(self.config, self.model, self.frozen)
+        self.optimizer = make_optimizer(self.config, self.model, self.frozen, self.world.size)
         self.scheduler = make_scheduler(self.config, self.optimizer, self.steps_per_epoch())
         first = 1
         if resume_state:
@@ -135,10 +145,14 @@ class BaseRun:
             if improved:
                 self.best_loss = record["valid_loss"] if record["valid_loss"] is not None else math.inf
                 self.best_epoch, self.bad_epochs = epoch, 0
-                models.save_model(self.out / "model.pt", self.model, self.meta | {"epoch": epoch})
+                # Every rank keeps the best weights (they agree on the valid loss); rank 0 writes them.
+                self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                if self.world.is_main:
+                    models.save_model(self.out / "model.pt", self.model, self.meta | {"epoch": epoch})
             else:
                 self.bad_epochs += 1
-            self.save_checkpoint(epoch)
+            if self.world.is_main:
+                self.save_checkpoint(epoch)
             self.log(_epoch_line(record, epochs) + ("  *" if improved else ""))
             self.progress(force=True, **{k: record[k] for k in ("train_loss", "valid_loss", "train_acc", "valid_acc",
                                                                   "images_per_s", "data_wait_fraction")},
@@ -146,8 +160,14 @@ class BaseRun:
             if self.config.patience and self.bad_epochs >= self.config.patience:
                 self.log(f"early stop: valid loss has not improved for {self.bad_epochs} epochs")
                 break
-        best, best_meta = models.load_model(self.out / "model.pt")
-        self.model.load_state_dict(best.state_dict())
+        distributed.dump_for_tests(self.world, self.model, getattr(self, "seen", []))
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+            best_meta = self.meta | {"epoch": self.best_epoch}
+        else:  # resumed, and no epoch since beat the saved best
+            best, best_meta = models.load_model(self.out / "model.pt")
+            self.model.load_state_dict(best.state_dict())
+        self.world.barrier()
         self.temperature = self.calibrate(valid_split, best_meta)
         self.progress(force=True, stage="evaluate", fraction=0.97, message="Scoring the test split")
         valid_metrics = self.score("valid", valid_split)
@@ -174,7 +194,8 @@ class BaseRun:
         else:
             temperature = 1.0
             self.log("calibration: no valid photos, so temperature 1 (confidence left uncalibrated)")
-        models.save_model(self.out / "model.pt", self.model, best_meta | {"temperature": temperature})
+        if self.world.is_main:
+            models.save_model(self.out / "model.pt", self.model, best_meta | {"temperature": temperature})
         return temperature
 
     def score(self, name: str, split) -> dict:

@@ -1,8 +1,9 @@
 """Training a counting model end to end: read the dataset and its split, pick the mode, run it, write the run folder."""
 from __future__ import annotations
 
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from core.models import networks as models
 from core.models.preprocess import (
     preprocessing,
 )
+from core.training import distributed
 from core.training.config import TrainConfig, TrainingError
 from core.training.epochs import Progress, RunLog, seed_everything
 from core.training.modes import FinetuneRun, FrozenRun
@@ -23,15 +25,28 @@ from core.training.modes import FinetuneRun, FrozenRun
 
 @dataclass
 class Split:
+    """A split's photos: file paths, or (from a shard set) photo names with the set's location in `shards`."""
+
     paths: list
     labels: np.ndarray
+    name: str = ""
+    shards: str | None = None
+    class_index: dict = field(default_factory=dict)  # photo count → label, for streamed photos
 
 
 def _split_rows(ds, split: str) -> Split:
-    # A balanced dataset version repeats oversampled training photos; other splits are read once.
-    rows = training_rows(ds, split) if split == "train" else ds.rows(split)
+    # A balanced dataset version repeats oversampled training photos; other splits are read once. Packed photos
+    # have no file (path None), so a shard set's rows are its labelled photos of the split.
+    if ds.layout == "shards":
+        rows = ds.labelled()
+        rows = rows[rows["split"] == split]
+    else:
+        rows = training_rows(ds, split) if split == "train" else ds.rows(split)
     index = {c: i for i, c in enumerate(ds.classes)}
-    return Split(list(rows["path"]), np.array([index[int(c)] for c in rows["cls"]], dtype=np.int64))
+    labels = np.array([index[int(c)] for c in rows["cls"]], dtype=np.int64)
+    if ds.layout == "shards":
+        return Split(list(rows["name"]), labels, split, str(ds.source), index)
+    return Split(list(rows["path"]), labels, split)
 
 
 def _build_meta(config: TrainConfig, ds, backbone_info: dict) -> dict:
@@ -67,6 +82,8 @@ def train(config: TrainConfig, on_progress=None, should_stop=None) -> dict:
     """
     from core.data.loading import load_dataset
 
+    if distributed.wants_launch(config):
+        return distributed.launch(config, on_progress, should_stop)
     out = Path(config.out).expanduser() if config.out else None
     resume_state = None
     if config.resume and out is not None:
@@ -84,28 +101,61 @@ def train(config: TrainConfig, on_progress=None, should_stop=None) -> dict:
     problems = config.validate(len(train_split.paths))
     if problems:
         raise TrainingError("; ".join(problems))
-    out.mkdir(parents=True, exist_ok=True)
-    if resume_state is None:
-        for stale in ("checkpoint.pt", "log.txt", "metrics.json"):
-            (out / stale).unlink(missing_ok=True)
-    device = models.resolve_device(config.device)
-    log = RunLog(out)
+    world = distributed.start(models.resolve_device(config.device))
+    try:
+        if world.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            for stale in ("checkpoint.pt", "log.txt", "metrics.json") if resume_state is None else ():
+                (out / stale).unlink(missing_ok=True)
+        world.barrier()
+        return _train(config, ds, (train_split, valid_split, test_split), out, resume_state, world, on_progress,
+                      should_stop)
+    finally:
+        distributed.finish(world)
+
+
+def _rank_log(rank: int):
+    def log(line: str):
+        print(f"[rank {rank}] {line}", file=sys.stderr, flush=True)
+    return log
+
+
+def _train(config, ds, splits, out, resume_state, world, on_progress, should_stop) -> dict:
+    train_split, valid_split, test_split = splits
+    device = world.device(models.resolve_device(config.device))
+    if world.distributed:
+        # Rank 0 reports to the run folder (the launcher or the app follows it) and hears the STOP file.
+        on_progress = distributed.ProgressFile(out, on_progress) if world.is_main else None
+        asked = should_stop
+        should_stop = lambda: distributed.stop_requested(out, asked)
+    log = RunLog(out) if world.is_main else _rank_log(world.rank)
     progress = Progress(on_progress, str(device), config.n_epochs)
     generator = seed_everything(config.seed)
     backbone, info = models.build_backbone(config.backbone, config.weights)
     meta = resume_state["meta"] if resume_state else _build_meta(config, ds, info)
-    atomic_write_json(out / "config.json", config.to_dict() | {"dataset": str(ds.source), "dataset_key": ds.key})
+    scaling = {"world_size": world.size, "global_batch_size": config.batch_size * world.size,
+               "lr_scaling": {"rule": "linear" if world.distributed else "none", "base_lr": config.learning_rate,
+                              "factor": world.size, "lr": config.learning_rate * world.size}}
+    if world.is_main:
+        atomic_write_json(out / "config.json", config.to_dict() | scaling | {"dataset": str(ds.source),
+                                                                              "dataset_key": ds.key})
+    if world.distributed:
+        log(f"{world.size} processes, global batch {scaling['global_batch_size']}, learning rate scaled linearly "
+            f"× {world.size} to {scaling['lr_scaling']['lr']:g}")
     log(f"{'resuming' if resume_state else 'training'} {config.backbone} ({config.mode}) on {ds.source}: "
         f"{len(train_split.paths)} train, {len(valid_split.paths)} valid, {len(test_split.paths)} test photos, "
         f"classes {ds.classes}, device {device}")
     started = time.perf_counter()
     model = models.CountingModel(backbone, models.make_head(config.head, info["feature_dim"], len(ds.classes), config.backbone))
     runner = FrozenRun if config.mode == "frozen" else FinetuneRun
-    run = runner(config, model, meta, device, out, log, progress, should_stop, generator)
+    run = runner(config, model, meta, device, out, log, progress, should_stop, generator, world)
     result = run.fit(train_split, valid_split, test_split, resume_state)
     result |= {"backbone": config.backbone, "mode": config.mode, "device": str(device), "classes": meta["classes"],
                "dataset": str(ds.source), "seconds": round(time.perf_counter() - started, 2),
-               "config": config.to_dict(), "dataset_problems": [{"photo": n, "reason": r} for n, r in ds.problems]}
+               "config": config.to_dict() | scaling,
+               "dataset_problems": [{"photo": n, "reason": r} for n, r in ds.problems]}
+    if not world.is_main:
+        return result
     atomic_write_json(out / "metrics.json", result)
     test = result.get("test") or {}
     log("test: " + format_table(test).replace("\n", "\n    ") if test.get("n") else "test: no test photos")

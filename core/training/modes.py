@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import torch
@@ -15,6 +16,8 @@ from core.models.preprocess import (
     train_transform,
     tta_views,
 )
+from core.training import distributed
+from core.training.config import TrainingError
 from core.training.epochs import BaseRun, batch_correct
 from core.training.losses import balanced_sampler
 
@@ -28,6 +31,9 @@ class FrozenRun(BaseRun):
     def prepare(self, train_split, valid_split, test_split):
         from core.models.features import extract_features
 
+        if train_split.shards:
+            raise TrainingError("frozen mode caches features by photo file, and a shard set has none: train from "
+                                "shards with --mode finetune, or from the photo folder in frozen mode")
         self.splits = {"train": train_split, "valid": valid_split, "test": test_split}
         paths = train_split.paths + valid_split.paths + test_split.paths
         views = TTA_VIEWS[self.config.test_views]
@@ -135,32 +141,77 @@ class FrozenRun(BaseRun):
 
 
 class FinetuneRun(BaseRun):
-    """The whole network trains on augmented photos; the backbone at a lower learning rate."""
+    """The whole network trains on augmented photos; the backbone at a lower learning rate.
+
+    With several processes the model is wrapped in DistributedDataParallel: each rank trains on its share of the
+    photos (a seeded DistributedSampler, or its shards), gradients are averaged, and each rank scores a disjoint
+    slice of the valid and test photos, gathered so that every photo counts once.
+    """
 
     def prepare(self, train_split, valid_split, test_split):
         cuda = self.device.type == "cuda"
         # channels_last speeds up GPU training; on CPU its backward pass measured slower, so only there.
         self.memory_format = torch.channels_last if cuda else torch.contiguous_format
         self.model.to(self.device).to(memory_format=self.memory_format)
+        distributed.prepare_for_tests(self.model)
+        self.net = self.model
+        if self.world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(self.model, device_ids=[self.device.index] if cuda else None)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cuda)
         workers = default_workers() if self.config.num_workers is None else self.config.num_workers
         self.workers = workers
         transform = train_transform(self.meta) if self.config.augment else eval_transform(self.meta)
-        train_set = PhotoDataset(train_split.paths, train_split.labels, transform)
-        sampler = balanced_sampler(train_split.labels, self.generator) if self.config.balance == "sampler" else None
-        self.train_loader = torch.utils.data.DataLoader(
-            train_set, batch_size=self.config.batch_size, shuffle=sampler is None, sampler=sampler,
-            num_workers=workers, persistent_workers=workers > 0, pin_memory=cuda, generator=self.generator,
-            drop_last=len(train_set) % self.config.batch_size == 1)  # BatchNorm cannot train on a batch of one
         self.train_split, self.valid_split = train_split, valid_split
+        self.sampler = None
+        self.seen: list[str] = []
+        self.record_seen = bool(os.environ.get(distributed.TEST_DUMP_ENV))
+        batch = self.config.batch_size
+        if train_split.shards:
+            from core.data.streaming import training_stream
+
+            stream = training_stream(train_split.shards, transform, train_split.class_index, batch, workers,
+                                     on_bad_shard=self.config.on_bad_shard)
+            self.train_loader = torch.utils.data.DataLoader(stream, batch_size=batch, num_workers=workers,
+                                                            persistent_workers=workers > 0, pin_memory=cuda)
+            self.train_names = None  # streamed batches carry their photos' keys
+        else:
+            train_set = PhotoDataset(train_split.paths, train_split.labels, transform)
+            if self.config.balance == "sampler":  # validate() keeps it to one process
+                self.sampler = balanced_sampler(train_split.labels, self.generator)
+                per_rank = len(train_set)
+            else:
+                # One seeded order per epoch, each rank taking every world-size-th photo of it: one process with
+                # batch B sees the same photos per step as N processes with batch B / N each.
+                self.sampler = torch.utils.data.DistributedSampler(
+                    train_set, num_replicas=self.world.size, rank=self.world.rank, shuffle=True, seed=self.config.seed)
+                per_rank = self.sampler.num_samples
+            self.train_loader = torch.utils.data.DataLoader(
+                train_set, batch_size=batch, sampler=self.sampler, num_workers=workers,
+                persistent_workers=workers > 0, pin_memory=cuda, generator=self.generator,
+                drop_last=per_rank % batch == 1)  # BatchNorm cannot train on a batch of one
+            self.train_names = train_split.paths
         self.valid_loader = self._eval_loader(valid_split, workers)
 
     def _eval_loader(self, split, workers):
+        """(loader, names) over this rank's share of a split: names maps a batch's indices to photos (None: the
+        batch carries the streamed photos' keys); (None, None) when the split is empty."""
         if not split.paths:
-            return None
-        return torch.utils.data.DataLoader(PhotoDataset(split.paths, split.labels, eval_transform(self.meta)),
-                                           batch_size=self.config.batch_size, num_workers=workers,
-                                           pin_memory=self.device.type == "cuda")
+            return None, None
+        cuda = self.device.type == "cuda"
+        if split.shards:
+            from core.data.streaming import eval_stream
+
+            stream = eval_stream(split.shards, eval_transform(self.meta), split.class_index, split.name,
+                                 self.config.on_bad_shard)
+            return torch.utils.data.DataLoader(stream, batch_size=self.config.batch_size, num_workers=workers,
+                                               pin_memory=cuda), None
+        share = self.world.eval_slice(len(split.paths))
+        names = split.paths[share.start:share.stop]
+        photos = PhotoDataset(names, split.labels[share.start:share.stop], eval_transform(self.meta))
+        return torch.utils.data.DataLoader(photos, batch_size=self.config.batch_size, num_workers=workers,
+                                           pin_memory=cuda), names
 
     def train_labels(self):
         return self.train_split.labels
@@ -168,29 +219,34 @@ class FinetuneRun(BaseRun):
     def steps_per_epoch(self):
         return max(1, len(self.train_loader))
 
-    def _batch(self, images, labels, errors, paths):
+    def _batch(self, images, labels, errors, ids, names):
         """Move a batch to the device, dropping (and recording) photos that could not be read."""
+        photos = list(ids) if names is None else [names[i] for i in ids.tolist()]
         ok = torch.tensor([not e for e in errors], dtype=torch.bool)
-        for index, error in zip(range(len(errors)), errors):
+        for photo, error in zip(photos, errors):
             if error:
-                self.skipped[paths[index]] = error
+                self.skipped[photo] = error
         images, labels = images[ok], labels[ok]
         images = images.to(self.device, non_blocking=True).to(memory_format=self.memory_format)
-        return images, labels.to(self.device, non_blocking=True)
+        return images, labels.to(self.device, non_blocking=True), [p for p, good in zip(photos, ok) if good]
 
     def train_epoch(self, epoch):
-        self.model.train()
+        self.net.train()
+        if isinstance(self.sampler, torch.utils.data.DistributedSampler):
+            self.sampler.set_epoch(epoch)
         total_loss, correct, seen, wait = 0.0, 0, 0, 0.0
         started = tick = time.perf_counter()
         steps = len(self.train_loader)
         cuda = self.device.type == "cuda"
-        for step, (images, labels, index, errors) in enumerate(self.train_loader, 1):
+        for step, (images, labels, ids, errors) in enumerate(self.train_loader, 1):
             wait += time.perf_counter() - tick
-            self.check_stop()
-            images, labels = self._batch(images, labels, errors, [self.train_split.paths[i] for i in index.tolist()])
-            if len(labels) > 1:
+            self.check_stop(f"epoch {epoch} step {step}")
+            distributed.test_hooks(self.world, step, self)
+            images, labels, photos = self._batch(images, labels, errors, ids, self.train_names)
+            # Every rank must take the step together (DDP averages gradients in backward).
+            if self.world.all_agree(len(labels) > 1):
                 with torch.autocast("cuda", enabled=cuda):
-                    logits = self.model(images)
+                    logits = self.net(images)
                     loss = self.criterion(logits, labels)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
@@ -199,51 +255,59 @@ class FinetuneRun(BaseRun):
                 total_loss += loss.item() * len(labels)
                 correct += batch_correct(logits, labels)
                 seen += len(labels)
+                if self.record_seen:
+                    self.seen += [str(p) for p in photos]
             self.scheduler.step()
             elapsed = time.perf_counter() - started
             self.progress(fraction=0.95 * self.fraction(epoch, step / steps), train_loss=total_loss / max(seen, 1),
-                          train_acc=correct / max(seen, 1), images_per_s=seen / max(elapsed, 1e-9),
+                          train_acc=correct / max(seen, 1), images_per_s=self.world.size * seen / max(elapsed, 1e-9),
                           data_wait_fraction=wait / max(elapsed, 1e-9),
                           message=f"Epoch {epoch}/{self.config.n_epochs}, batch {step}/{steps}")
             tick = time.perf_counter()
         elapsed = time.perf_counter() - started
+        self.world.average_buffers(self.model)
+        total_loss, correct, seen = self.world.sums(total_loss, correct, seen)
         return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1),
                 "images_per_s": seen / max(elapsed, 1e-9), "data_wait_fraction": wait / max(elapsed, 1e-9),
                 "seconds": elapsed}
 
-    def validate_epoch(self):
-        if self.valid_loader is None:
-            return {"valid_loss": None, "valid_acc": None}
-        self.model.eval()
-        total_loss, correct, seen = 0.0, 0, 0
+    def _eval_batches(self, loader, names):
+        """This rank's readable (images, labels) of an evaluation loader, in eval mode and without gradients.
+        Ranks may hold one batch more or less, so no collective (a stop check) is made per batch."""
+        self.net.eval()
         with torch.inference_mode():
-            for images, labels, index, errors in self.valid_loader:
-                self.check_stop()
-                images, labels = self._batch(images, labels, errors, [self.valid_split.paths[i] for i in index.tolist()])
-                if not len(labels):
-                    continue
-                with torch.autocast("cuda", enabled=self.device.type == "cuda"):
-                    logits = self.model(images)
-                total_loss += float(self.eval_criterion(logits.float(), labels)) * len(labels)
-                correct += batch_correct(logits, labels)
-                seen += len(labels)
+            for images, labels, ids, errors in (loader if loader is not None else []):
+                if not self.world.distributed:
+                    self.check_stop()
+                images, labels, _ = self._batch(images, labels, errors, ids, names)
+                if len(labels):
+                    yield images, labels
+
+    def validate_epoch(self):
+        loader, names = self.valid_loader
+        if loader is None:
+            return {"valid_loss": None, "valid_acc": None}
+        total_loss, correct, seen = 0.0, 0, 0
+        for images, labels in self._eval_batches(loader, names):
+            with torch.autocast("cuda", enabled=self.device.type == "cuda"):
+                logits = self.model(images)
+            total_loss += float(self.eval_criterion(logits.float(), labels)) * len(labels)
+            correct += batch_correct(logits, labels)
+            seen += len(labels)
+        total_loss, correct, seen = self.world.sums(total_loss, correct, seen)
         return {"valid_loss": total_loss / max(seen, 1), "valid_acc": correct / max(seen, 1)}
 
     def compute_logits(self, name, split):
-        """Per-view logits of a split's photos (the model's test-time views), unreadable photos left out."""
-        loader = self.valid_loader if name == "valid" else self._eval_loader(split, self.workers)
+        """Per-view logits of a split's photos (the model's test-time views), unreadable photos left out; with
+        several processes each rank scores its share and all receive the whole split, in split order."""
+        loader, names = self.valid_loader if name == "valid" else self._eval_loader(split, self.workers)
         views = tta_views(self.meta)
         n_classes = len(self.meta["classes"])
         logits, labels = [torch.zeros(0, len(views), n_classes)], [torch.zeros(0, dtype=torch.long)]
-        self.model.eval()
-        with torch.inference_mode():
-            for images, batch_labels, index, errors in loader or []:
-                self.check_stop()
-                images, batch_labels = self._batch(images, batch_labels, errors, [split.paths[i] for i in index.tolist()])
-                if not len(batch_labels):
-                    continue
-                with torch.autocast("cuda", enabled=self.device.type == "cuda"):
-                    logits.append(view_logits(self.model, images, views).cpu())
-                labels.append(batch_labels.cpu())
-                self.progress(message=f"Scoring the {name} split {sum(map(len, labels))}/{len(split.paths)}")
-        return torch.cat(logits), torch.cat(labels)
+        for images, batch_labels in self._eval_batches(loader, names):
+            with torch.autocast("cuda", enabled=self.device.type == "cuda"):
+                logits.append(view_logits(self.model, images, views).float().cpu())
+            labels.append(batch_labels.cpu())
+            self.progress(message=f"Scoring the {name} split {sum(map(len, labels))}/{len(split.paths)}")
+        shares = self.world.gather((torch.cat(logits), torch.cat(labels)))
+        return torch.cat([s[0] for s in shares]), torch.cat([s[1] for s in shares])
