@@ -153,6 +153,9 @@ def test_the_container_plan_reads_hosts_gpus_and_resumes():
     plan = container_plan(env)
     assert plan["data"] == "s3://my-shards/abid" and plan["node_rank"] == 1 and plan["processes"] == 4
     assert plan["rdzv"] == "algo-1:29400"
+    two_nodes = train_argv(plan)
+    assert two_nodes[two_nodes.index("--processes") + 1] == "4" and two_nodes[two_nodes.index("--nnodes") + 1] == "2"
+    assert two_nodes[two_nodes.index("--rendezvous") + 1] == "algo-1:29400"
     plan["hosts"] = ["algo-1"]
     plan["processes"] = 1
     argv = train_argv(plan)

@@ -71,9 +71,9 @@ def train_argv(plan: dict) -> list[str]:
     if world > 1:
         if "processes" not in by_name:
             raise UsageError(f"this image cannot train on {world} processes: distributed training is not built in")
-        argv += ["--processes", str(plan["processes"])]
+        argv += [by_name["processes"].flag, str(plan["processes"])]
         if len(plan["hosts"]) > 1:
-            argv += ["--nnodes", str(len(plan["hosts"])), "--rdzv", plan["rdzv"]]
+            argv += [by_name["nnodes"].flag, str(len(plan["hosts"])), by_name["rdzv"].flag, plan["rdzv"]]
     return argv
 
 

@@ -109,7 +109,7 @@ class TrainConfig:
     processes: int = setting(1, "training processes per machine (DistributedDataParallel under torchrun; one per GPU "
                              "on GPUs); the batch size is per process and the learning rate scales with the total",
                              label="Processes", what="the number of processes")
-    nnodes: int = setting(1, "machines taking part (each starts the same command; needs --rdzv)", page=HIDDEN,
+    nnodes: int = setting(1, "machines taking part (each starts the same command; needs --rendezvous)", page=HIDDEN,
                           what="the number of machines")
     # --rendezvous, not --rdzv: torchrun reads the command after it too, and would take --rdzv for its --rdzv-…
     rdzv: str | None = setting(None, "HOST:PORT where the machines of a several-machine run meet (c10d rendezvous)",
