@@ -183,3 +183,29 @@ def test_the_train_page_launches_a_sagemaker_job(small_abid, monkeypatch):
     job = jobs.list_jobs(limit=1)[0]
     assert job.kind == "sagemaker" and job.device == "remote" and job.status == "queued"
     assert job.params["sagemaker"]["input_s3"] == "s3://my-shards/abid" and job.params["mode"] == "frozen"
+
+
+def test_the_container_trains_on_two_processes_from_shards_on_the_local_s3_server(aws, small_abid, tmp_path):
+    """As SageMaker would run it with torch_distributed: torchrun, 2 processes, the shard channel read from S3."""
+    from core.data.loading import load_dataset
+    from core.data.shards import pack_shards
+
+    world, s3 = aws
+    if "my-shards" not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
+        s3.create_bucket(Bucket="my-shards")
+    data = f"s3://my-shards/container-{tmp_path.name}"
+    pack_shards(load_dataset(small_abid), data, shard_size="2MB")
+    opt = tmp_path / "opt" / "ml"
+    hps = {"data": data, "processes": 2, "mode": "finetune", "backbone": "simple_cnn", "image_size": 64,
+           "epochs": 1, "batch_size": 8, "num_workers": 0}
+    env = {**os.environ, "SM_HPS": json.dumps({k: json.dumps(v) for k, v in hps.items()}),
+           "SM_MODEL_DIR": str(opt / "model"), "BINSIGHT_CHECKPOINT_DIR": str(opt / "checkpoints"),
+           "SM_HOSTS": '["algo-1"]', "SM_CURRENT_HOST": "algo-1", "SM_NUM_GPUS": "0",
+           "BINSIGHT_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "core", "container-train"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout[-1500:], done.stderr[-1500:])
+    assert "--processes 2" in done.stdout
+    config = json.loads((opt / "model" / "config.json").read_text())
+    assert config["world_size"] == 2 and config["dataset"].startswith("s3://my-shards/")
+    assert (opt / "model" / "model.pt").is_file()

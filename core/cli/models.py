@@ -45,7 +45,7 @@ def _train(args) -> int:
     from core.training.loop import train
 
     config = config_from_args(args)
-    if not Path(args.data).expanduser().exists():
+    if not str(args.data).startswith("s3://") and not Path(args.data).expanduser().exists():
         raise UsageError(f"{args.data}: no such dataset folder")
     # With --processes/--nnodes, train() re-executes this command under torchrun and follows rank 0's progress;
     # inside torchrun (RANK set) only rank 0 prints.

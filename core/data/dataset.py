@@ -46,6 +46,13 @@ class Dataset:
         return self.class_range.classes
 
     @property
+    def location(self) -> str:
+        """Where the dataset is, as the user wrote it: a shard set on S3 stays an s3:// URI (a Path would not)."""
+        if self.layout == "shards" and self.split_info.get("shards"):
+            return str(self.split_info["shards"])
+        return str(self.source)
+
+    @property
     def problems(self) -> list[tuple[str, str]]:
         bad = self.frame[self.frame["problem"].notna()]
         return list(zip(bad["name"], bad["problem"]))

@@ -45,7 +45,7 @@ def _split_rows(ds, split: str) -> Split:
     index = {c: i for i, c in enumerate(ds.classes)}
     labels = np.array([index[int(c)] for c in rows["cls"]], dtype=np.int64)
     if ds.layout == "shards":
-        return Split(list(rows["name"]), labels, split, str(ds.source), index)
+        return Split(list(rows["name"]), labels, split, ds.location, index)
     return Split(list(rows["path"]), labels, split)
 
 
@@ -137,12 +137,12 @@ def _train(config, ds, splits, out, resume_state, world, on_progress, should_sto
                "lr_scaling": {"rule": "linear" if world.distributed else "none", "base_lr": config.learning_rate,
                               "factor": world.size, "lr": config.learning_rate * world.size}}
     if world.is_main:
-        atomic_write_json(out / "config.json", config.to_dict() | scaling | {"dataset": str(ds.source),
+        atomic_write_json(out / "config.json", config.to_dict() | scaling | {"dataset": ds.location,
                                                                               "dataset_key": ds.key})
     if world.distributed:
         log(f"{world.size} processes, global batch {scaling['global_batch_size']}, learning rate scaled linearly "
             f"× {world.size} to {scaling['lr_scaling']['lr']:g}")
-    log(f"{'resuming' if resume_state else 'training'} {config.backbone} ({config.mode}) on {ds.source}: "
+    log(f"{'resuming' if resume_state else 'training'} {config.backbone} ({config.mode}) on {ds.location}: "
         f"{len(train_split.paths)} train, {len(valid_split.paths)} valid, {len(test_split.paths)} test photos, "
         f"classes {ds.classes}, device {device}")
     started = time.perf_counter()
@@ -151,7 +151,7 @@ def _train(config, ds, splits, out, resume_state, world, on_progress, should_sto
     run = runner(config, model, meta, device, out, log, progress, should_stop, generator, world)
     result = run.fit(train_split, valid_split, test_split, resume_state)
     result |= {"backbone": config.backbone, "mode": config.mode, "device": str(device), "classes": meta["classes"],
-               "dataset": str(ds.source), "seconds": round(time.perf_counter() - started, 2),
+               "dataset": ds.location, "seconds": round(time.perf_counter() - started, 2),
                "config": config.to_dict() | scaling,
                "dataset_problems": [{"photo": n, "reason": r} for n, r in ds.problems]}
     if not world.is_main:
