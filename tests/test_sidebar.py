@@ -66,6 +66,6 @@ def test_evaluate_keeps_the_models_class_range_when_the_sidebar_has_another(shar
     run_id = at.selectbox(key="eval_run").value
     assert f"Evaluated with the model's class range {ClassRange(1, 5).describe()} " \
            f"(the sidebar's is {ClassRange(1, 3).describe()})." in [i.value for i in at.info]
-    expected, _ = evaluate(shared["runs"][run_id] / "model.pt", shared["data"], split="test")
+    expected = evaluate(shared["runs"][run_id] / "model.pt", shared["data"], split="test").metrics()
     assert metrics(at)["Photos scored"] == str(expected["n"])  # all five classes' test photos, as trained
     assert metrics(at)["Accuracy"] == f"{expected['accuracy']:.1%}"
