@@ -13,6 +13,8 @@ from core.data import balancing, pools, versions
 from core.data.dataset import DatasetError
 from core.data.overview import SPLIT_COLOURS
 from core.data.s3 import S3Error, S3Settings, S3Source, endpoint_problem, s3_settings, save_s3_settings
+from core.jobs import queue as jobs
+from core.jobs import worker
 
 
 @st.cache_resource(show_spinner="Reading the candidate pool…", max_entries=4)
@@ -94,6 +96,38 @@ with st.expander(f"Versions of this dataset ({len(saved)})", expanded=bool(saved
                 config.save_settings(data_dir=str(next(v.path for v in saved if v.name == chosen)))
             reload_dataset()
             st.rerun()
+
+# -- shards ---------------------------------------------------------------------------------------------
+@st.fragment(run_every=2)
+def packing_progress(job_id: int) -> None:
+    job = jobs.get(job_id)
+    progress = job.progress or {}
+    if job.active:
+        st.progress(min(max(float(progress.get("fraction") or 0.0), 0.0), 1.0),
+                    text=f"Packing job {job.id}: {progress.get('message') or 'waiting for a worker…'}")
+    elif job.status == "done":
+        st.success(f"Packed: {progress.get('message', '')}. Train from it with `python -m core train --data "
+                   f"{job.params['dest']}`, or send it to SageMaker from the Train page.")
+    else:
+        st.error(f"Packing job {job.id} {job.status}: {job.error}. Packing again resumes after the finished shards.")
+
+
+with st.expander("Pack as WebDataset shards (to train at bucket scale, here or on SageMaker)"):
+    st.caption("Each photo's original bytes, its metadata and its count go into tar shards per split (train-000000.tar, "
+               "valid-…, test-…) with a shards.json index; the split is kept. A stopped packing resumes.")
+    c1, c2 = st.columns([3, 1])
+    dest = c1.text_input("Destination: a folder on this server, or s3://bucket/prefix", key="shards_dest").strip()
+    size = c2.selectbox("Shard size", ["50MB", "200MB", "1GB"], index=1, key="shards_size")
+    pack_refused = current_user().why_not("balance")
+    if st.button("Pack in the background", key="shards_pack", disabled=not dest or pack_refused is not None,
+                 help=pack_refused) and not pack_refused:
+        target = dest if dest.startswith("s3://") else checked_path(dest)
+        if target is not None:
+            job = worker.launch("shards", {"data": dataset.location, "dest": str(target), "shard_size": size,
+                                           "seed": 0, "device": "cpu"}, user=current_user().name)
+            st.session_state["shards_job"] = job.id
+    if st.session_state.get("shards_job"):
+        packing_progress(st.session_state["shards_job"])
 
 # -- current distribution ---------------------------------------------------------------------------------
 before = balancing.current_distribution(dataset)

@@ -276,3 +276,28 @@ def test_training_stream_gives_every_rank_equal_whole_batches(packed, monkeypatc
     assert len({len(b) for b in batches.values()}) == 1 and len(batches[0]) > 0
     seen = {k for b in batches.values() for _, _, keys, _ in b for k in keys}
     assert seen == train_keys  # no gaps: readers with fewer photos go round their shards again to fill whole batches
+
+
+def test_packing_from_the_balance_page_runs_as_a_background_job_with_progress(small_abid, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from core.jobs import queue as jobs
+    from core.jobs import worker
+    from core.jobs.runners import run_job
+
+    monkeypatch.setenv("BINSIGHT_DATA", str(small_abid))
+    monkeypatch.setattr(worker, "ensure_workers", lambda *a, **k: [])  # the job is run below, in this process
+    page = Path(__file__).resolve().parents[1] / "app_pages" / "balance.py"
+    at = AppTest.from_file(str(page), default_timeout=120).run()
+    dest = tmp_path / "packed"
+    at.text_input(key="shards_dest").set_value(str(dest)).run()
+    at.button(key="shards_pack").click().run()
+    assert not at.exception
+    job = jobs.list_jobs(limit=1)[0]
+    assert job.kind == "shards" and job.params["dest"] == str(dest.resolve())
+    claimed = jobs.claim_next("cpu", ["cpu", "auto"], "test-worker", os.getpid())
+    assert run_job(claimed, "cpu") == "done", jobs.get(job.id).error
+    done = jobs.get(job.id)
+    assert done.progress["fraction"] == 1.0 and "shards at" in done.progress["message"]
+    packed = load_dataset(dest)
+    assert packed.layout == "shards" and len(packed.frame) == len(load_dataset(small_abid).rows())

@@ -21,12 +21,35 @@ def parse_class_range(text: str | None) -> ClassRange | None:
 def _index(args) -> int:
     from core.data.loading import load_dataset
 
-    ds = load_dataset(args.data, parse_class_range(args.classes))
+    source = args.source or args.data
+    if str(source or "").startswith("s3://"):
+        _index_bucket(source, args.workers)
+    ds = load_dataset(source, parse_class_range(args.classes))
     summary = ds.summary()
     summary["per_split"] = ds.labelled().groupby(["split", "cls"]).size().unstack(fill_value=0).to_dict("index")
     summary["notes"] = ds.notes
     print(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def _index_bucket(uri: str, in_flight: int) -> None:
+    """Index a bucket's metadata JSONs (resumable) with a progress bar; a shard set needs nothing here."""
+    import sys
+
+    from tqdm import tqdm
+
+    from core.data.bucket_index import build_bucket_index
+    from core.data.shard_store import open_store
+
+    if open_store(uri).read_index() is not None:
+        return
+    with tqdm(unit="object", desc=f"indexing {uri}", file=sys.stderr) as bar:
+        def progress(done: int, total: int, text: str) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        frame = build_bucket_index(uri, in_flight=in_flight, on_progress=progress)
+    print(f"{len(frame):,} metadata objects indexed from {uri}", file=sys.stderr)
 
 
 def _split(args) -> int:
@@ -49,8 +72,11 @@ def _demo(args) -> int:
 
 
 def register(subparsers) -> None:
-    index = subparsers.add_parser("index", help="index a dataset and print its summary")
+    index = subparsers.add_parser("index", help="index a dataset (a folder, a list, a shard set, or a whole bucket "
+                                                "s3://bucket/prefix from its metadata) and print its summary")
+    index.add_argument("source", nargs="?", default=None, help="what to index (same as --data)")
     index.add_argument("--data", default=None, help="dataset folder (default: configured, else the demo)")
+    index.add_argument("--workers", type=int, default=32, help="s3://: metadata requests in flight at once")
     add_class_range(index)
     index.set_defaults(handler=_index)
     split = subparsers.add_parser("split", help="make a new stratified split (replaces the saved one)")

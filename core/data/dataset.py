@@ -48,8 +48,9 @@ class Dataset:
     @property
     def location(self) -> str:
         """Where the dataset is, as the user wrote it: a shard set on S3 stays an s3:// URI (a Path would not)."""
-        if self.layout == "shards" and self.split_info.get("shards"):
-            return str(self.split_info["shards"])
+        for layout in ("shards", "bucket"):
+            if self.layout == layout and self.split_info.get(layout):
+                return str(self.split_info[layout])
         return str(self.source)
 
     @property
@@ -164,7 +165,7 @@ def cached_index(source: Path, layout: str, key: str, on_progress=None) -> pd.Da
     stamp = _fingerprint(source, layout)
     try:
         if json.loads(stamp_file.read_text()).get("fingerprint") == stamp:
-            return _finish(pd.read_parquet(cache))
+            return finish_index(pd.read_parquet(cache))
     except (OSError, ValueError):
         pass
     frame = build_index(source, layout, on_progress)
@@ -180,20 +181,20 @@ def build_index(source: Path, layout: str, on_progress=None) -> pd.DataFrame:
         mirror = _list_mirror(source)  # photos held locally need no download; one listing, not a stat per name
         held = set(os.listdir(mirror)) if mirror.is_dir() else set()
         frame["path"] = [os.path.join(mirror, n) if n in held else None for n in frame["name"]]
-        return _read_sizes(_finish(frame), on_progress)
+        return _read_sizes(finish_index(frame), on_progress)
     if layout == "file_list":
         labels = abid.read_file_list(source)
         frame = pd.DataFrame({"name": list(labels), "count": pd.array(list(labels.values()), dtype="Int64")})
         frame["label_source"] = "file_list"
         folder = source.parent / "bin-images"
         frame["path"] = [str(folder / n) if (folder / n).is_file() else None for n in frame["name"]]
-        return _finish(frame)
+        return finish_index(frame)
     if layout == "imagefolder":
         rows = [
             {"name": str(p.relative_to(source)), "path": str(p), "count": c, "label_source": "folder", "folder_split": s}
             for p, c, s in _imagefolder_files(source)
         ]
-        frame = _finish(pd.DataFrame(rows))
+        frame = finish_index(pd.DataFrame(rows))
         return _read_sizes(frame, on_progress)
     return _index_abid(source, on_progress)
 
@@ -231,15 +232,16 @@ def _index_abid(source: Path, on_progress=None) -> pd.DataFrame:
             problems.pop(name, None)  # another source labelled it
         row["problem"] = problems.get(name)
         rows.append(row)
-    frame = _finish(pd.DataFrame(rows))
+    frame = finish_index(pd.DataFrame(rows))
     orphans = [n for n in problems if n not in set(frame["name"])]
     if orphans:
         extra = pd.DataFrame({"name": orphans, "problem": [problems[n] for n in orphans]})
-        frame = _finish(pd.concat([frame, extra], ignore_index=True))
+        frame = finish_index(pd.concat([frame, extra], ignore_index=True))
     return _read_sizes(frame, on_progress)
 
 
-def _finish(frame: pd.DataFrame) -> pd.DataFrame:
+def finish_index(frame: pd.DataFrame) -> pd.DataFrame:
+    """Every index column present, with its type: the one shape every layout's index has."""
     for column in COLUMNS + ["items_json"]:
         if column not in frame:
             frame[column] = None

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from core import config
 from core.data import splits
+from core.data.bucket_index import load_bucket_dataset
 from core.data.classes import ClassRange
 from core.data.dataset import (
     Dataset,
@@ -16,7 +17,7 @@ from core.data.dataset import (
     index_notes,
 )
 from core.data.demo import ensure_demo
-from core.data.shard_store import is_shard_source
+from core.data.shard_store import is_shard_source, open_store
 from core.data.shards import load_shards_dataset
 from core.data.versions import load_version
 
@@ -30,6 +31,9 @@ def load_dataset(source: str | Path | None = None, class_range: ClassRange | Non
         source = ensure_demo(on_progress=on_progress)
     if class_range is None:
         class_range = ClassRange.from_dict(config.load_settings().get("class_range"))
+    if str(source).startswith("s3://") and open_store(str(source)).read_index() is None:
+        # a bucket (or prefix) of photos and metadata JSONs, not a shard set: index it from its metadata
+        return load_bucket_dataset(str(source), class_range, on_progress)
     if is_shard_source(source):  # a packed shard set (core.data.shards): its index lists the photos
         return load_shards_dataset(source, class_range)
     source = Path(source).expanduser()

@@ -257,13 +257,13 @@ def load_shards_dataset(source: str | Path, class_range=None) -> Dataset:
     import pandas as pd
 
     from core.data.classes import ClassRange
-    from core.data.dataset import _finish
+    from core.data.dataset import finish_index
 
     store = open_store(source)
     index = read_complete_index(store)
     rows = [{"name": name, "count": count, "split": shard["split"], "shard": shard["name"], "key": key,
              "label_source": "shards"} for shard in index["shards"] for key, name, count in shard["photos"]]
-    frame = _finish(pd.DataFrame(rows, columns=["name", "count", "split", "shard", "key", "label_source"]))
+    frame = finish_index(pd.DataFrame(rows, columns=["name", "count", "split", "shard", "key", "label_source"]))
     stored = ClassRange.from_dict(index.get("class_range"))
     frame["cls"] = stored.assign(frame["count"])
     frame["split"] = frame["split"].astype(object).where(frame["cls"].notna(), None)

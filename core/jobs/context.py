@@ -127,6 +127,6 @@ def check_dataset(params: dict) -> None:
     data = params.get("data")
     if not data:
         raise jobs.JobError("the job names no dataset (params['data'] is empty)")
-    if not Path(data).exists():
+    if not str(data).startswith("s3://") and not Path(data).exists():
         raise jobs.JobError(f"The dataset {data} is gone: it was deleted or moved after the job was queued. "
                             "Choose a dataset in the sidebar and launch again.")

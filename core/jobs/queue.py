@@ -11,7 +11,7 @@ from pathlib import Path
 from core import config, db
 from core.errors import BinsightError
 
-KINDS = ("train", "hpo", "sleep", "sagemaker")  # sleep: waits, reporting progress; checks the queue without training
+KINDS = ("train", "hpo", "sleep", "sagemaker", "shards")  # sleep: waits, reporting progress; checks the queue without training
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
 ACTIVE = ("queued", "running")
 DEVICES = ("auto", "cpu", "cuda", "remote")  # remote: the job runs elsewhere (SageMaker); its worker only polls

@@ -74,7 +74,28 @@ def run_sleep(ctx: JobContext) -> None:
     ctx.report({"stage": "done", "fraction": 1.0, "device": ctx.device}, force=True)
 
 
-RUNNERS = {"train": run_training, "hpo": hpo.run_search, "sleep": run_sleep, "sagemaker": sagemaker.run_training_job}
+def run_shards(ctx: JobContext) -> None:
+    """Packs a dataset into WebDataset shards (core.data.shards), reporting each photo; a stopped packing resumes."""
+    from core.data.loading import load_dataset
+    from core.data.shards import pack_shards
+
+    params = ctx.job.params
+    check_dataset(params)
+
+    def progress(fraction: float, text: str) -> None:
+        if ctx.should_stop():
+            raise Cancelled("packing stopped: the finished shards are kept and packing again resumes after them")
+        ctx.report({"stage": "shards", "fraction": float(fraction), "message": text, "device": ctx.device})
+
+    index = pack_shards(load_dataset(params["data"]), params["dest"], params.get("shard_size") or "200MB",
+                        int(params.get("seed") or 0), on_progress=progress)
+    summary = f"{sum(s['samples'] for s in index['shards']):,} photos in {len(index['shards'])} shards at {params['dest']}"
+    ctx.report({"stage": "done", "fraction": 1.0, "message": summary, "device": ctx.device}, force=True)
+    ctx.log(summary)
+
+
+RUNNERS = {"train": run_training, "hpo": hpo.run_search, "sleep": run_sleep, "sagemaker": sagemaker.run_training_job,
+           "shards": run_shards}
 
 
 def run_job(job: jobs.Job, device: str, worker=None) -> str:
