@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
 
+from filelock import FileLock
+
 from core.config import home
 from core.errors import BinsightError
 
@@ -97,9 +99,13 @@ def db_path() -> Path:
 def _open(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=30000")
+    if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        # Switching to WAL needs the database to itself and SQLite does not wait for that ("database is locked"),
+        # so processes opening a new database take turns; once set, WAL is a property of the file.
+        with FileLock(f"{path}.lock", timeout=60):
+            conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
     return conn
 
 
