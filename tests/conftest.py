@@ -6,12 +6,24 @@ import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ABID = (ROOT / ".." / "shared" / "abid").resolve()
+
+
+def wait_for(condition, timeout: float, what: str, every: float = 0.1):
+    """The condition's first truthy value, polled until `timeout` seconds; a clear failure naming `what` after that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture(autouse=True)
@@ -182,3 +194,31 @@ def link_or_copy(source: str, target: str) -> None:
 def runs(small_runs) -> dict:
     """The shared runs, used from this test's own (empty) BINSIGHT_HOME: nothing cached yet."""
     return small_runs
+
+
+@pytest.fixture
+def served_files(monkeypatch):
+    """read(download_button) -> the bytes the button really serves, from AppTest's in-memory media store."""
+    import streamlit.testing.v1.app_test as app_test
+    from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+
+    stores = []
+
+    class Recording(MemoryMediaFileStorage):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            stores.append(self)
+
+    monkeypatch.setattr(app_test, "MemoryMediaFileStorage", Recording)
+
+    def read(button) -> bytes:
+        file_id = button.proto.url.rsplit("/", 1)[-1].split(".")[0]
+        for store in reversed(stores):
+            try:
+                return store.get_file(file_id).content
+            except Exception:  # not in this run's store
+                continue
+        raise AssertionError(f"no file served at {button.proto.url}")
+
+    return read
+

@@ -165,3 +165,15 @@ def test_skipped_photos_are_reported_as_the_cli_reports_them(shared, tmp_path, c
     cli_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("skipped "))
     assert broken.name in cli_line
     assert cli_line in [c.value for c in at.caption]
+
+
+def test_a_click_on_the_confusion_chart_opens_that_cell(shared):
+    at = run_page()
+    at.selectbox(key="eval_split").set_value("all").run()
+    # What the browser sends when a cell's marker is clicked: its customdata is [true, predicted].
+    at.session_state["cm_chart"] = {"selection": {"points": [{"x": "2", "y": "4", "customdata": [4, 2]}],
+                                                  "point_indices": [17], "box": [], "lasso": []}}
+    at.run()
+    assert not at.exception
+    assert at.selectbox(key="cm_true").value == 4 and at.selectbox(key="cm_pred").value == 2
+    assert any("with true count **4** predicted as **2**" in m.value for m in at.markdown)

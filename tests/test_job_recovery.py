@@ -5,26 +5,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from core.data.loading import load_dataset
 from core.jobs import queue as jobs
 from core.jobs import worker
 from core.jobs.params import describe_dataset
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 6
 
-
-def wait_for(condition, timeout: float, what: str, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def kill_worker_of(job: jobs.Job) -> None:

@@ -1,4 +1,5 @@
 """The Predict page through AppTest on a real small run: uploads with bad files, folders, S3, the quick training."""
+import io
 from pathlib import Path
 
 import pandas as pd
@@ -185,3 +186,28 @@ def test_prediction_sees_the_training_tensor_for_the_same_photo(runs):
     predict_inputs(Recorder(model, "predict"), meta, staged)
     assert seen["train"][0].shape == seen["predict"][0].shape == (1, 3, 96, 96)
     assert torch.equal(seen["train"][0], seen["predict"][0])
+
+
+def test_a_folder_with_subfolders_pages_through_and_serves_the_shown_table(shared, tmp_path, served_files):
+    import shutil
+
+    folder = tmp_path / "bins"
+    (folder / "aisle-2").mkdir(parents=True)
+    chosen = photos(shared, 14)
+    for i, path in enumerate(chosen):
+        shutil.copy(path, folder / ("aisle-2" if i % 2 else "") / path.name)
+    at = run_page()
+    at.radio(key="predict_origin").set_value("Local folder").run()
+    at.text_input(key="predict_folder").set_value(str(folder)).run()
+    assert shown_metrics(at)["Photos predicted"] == "7"  # the top folder only
+    at.checkbox(key="predict_recursive").check().run()
+    assert not at.exception and shown_metrics(at)["Photos predicted"] == "14"
+    table = batch_table(at)
+    assert sorted(table["name"]) == sorted((f"aisle-2/{p.name}" if i % 2 else p.name) for i, p in enumerate(chosen))
+    assert len(at.image) == 12 and at.number_input(key="predict_page").max == 2  # 12 photos a page
+    at.number_input(key="predict_page").set_value(2).run()
+    assert len(at.image) == 2
+    [button] = at.get("download_button")
+    served = pd.read_csv(io.BytesIO(served_files(button)))
+    assert list(served["name"]) == list(table["name"])
+    assert list(served["predicted"]) == [int(p) for p in table["predicted"]]

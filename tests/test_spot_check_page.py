@@ -1,4 +1,5 @@
 """Spot-check page through AppTest on real photos: confirm, correct, unclear, next/previous, identity, vanished."""
+import io
 from pathlib import Path
 
 import pandas as pd
@@ -147,3 +148,28 @@ def test_with_a_current_model_its_prediction_shows_and_the_confidence_queue_is_o
     queue = at.session_state["spot_queue"]
     assert sorted(queue) == sorted(scores.index)
     assert scores.loc[queue, "confidence"].is_monotonic_increasing
+
+
+def test_queue_filters_and_the_exported_csv_are_exactly_the_decisions(spot_source, served_files):
+    import pandas as pd
+
+    from core.data.loading import load_dataset
+
+    frame = load_dataset(spot_source).frame
+    at = sign_in(open_page())
+    at.multiselect(key="spot_counts").set_value([3]).run()
+    queue = at.session_state["spot_queue"]
+    assert sorted(queue) == sorted(frame[frame["count"] == 3]["name"])
+    at.multiselect(key="spot_splits").set_value(["train"]).run()
+    queue = at.session_state["spot_queue"]
+    assert sorted(queue) == sorted(frame[(frame["count"] == 3) & (frame["split"] == "train")]["name"])
+    at.multiselect(key="spot_counts").set_value([]).run()
+    at.multiselect(key="spot_splits").set_value([]).run()
+    at.button(key="decide_confirm").click().run()
+    at.button(key="decide_2").click().run()
+    export = next(b for b in at.get("download_button") if b.proto.id and "export_csv" in b.proto.id)
+    served = pd.read_csv(io.BytesIO(served_files(export)))
+    key = load_dataset(spot_source).key
+    assert served_files(export) == annotations.export_csv(key).encode()
+    assert len(served) == 2 and list(served["annotator"]) == ["alice", "alice"]
+

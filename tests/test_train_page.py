@@ -169,3 +169,17 @@ def test_a_search_shows_its_trials_best_first_and_launches_the_full_training(sta
     assert full.params["lr"] == pytest.approx(table.iloc[0]["lr"])
     assert full.params["batch_size"] == table.iloc[0]["batch_size"] and full.params["epochs"] == 7
     assert "n_trials" not in full.params and full.params["data"] == str(dataset)
+
+
+def test_a_search_launched_from_the_page_can_be_cancelled_there(started):
+    at = page()
+    at.number_input(key="hpo_trials").set_value(3).run()
+    at.button(key="hpo_launch").click().run()
+    assert not at.exception
+    [search] = jobs.list_jobs(kind="hpo")
+    assert search.status == "queued" and search.params["n_trials"] == 3 and started  # a worker was asked for
+    at.button(key=f"train_cancel_{search.id}").click().run()
+    assert not at.exception
+    cancelled = jobs.get(search.id)
+    assert cancelled.status == "cancelled" and cancelled.error == "cancelled before it started"
+    assert hpo.best_params(cancelled) is None  # no trial, so nothing to train with

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from core.jobs import queue as jobs
 from core.jobs import worker
 from core.jobs.params import describe_dataset
 from core.jobs.runs import current_run, final_metrics
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "app_pages" / "train.py"
@@ -54,15 +54,6 @@ def data_and_cleanup(small_abid, monkeypatch):
     for pid in worker_pids():
         os.kill(pid, signal.SIGKILL)
 
-
-def wait_for(condition, timeout: float, what: str, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def page() -> AppTest:

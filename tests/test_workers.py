@@ -4,20 +4,12 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 
 from core.jobs import queue as jobs
 from core.jobs import worker
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_for
 
 ACCEPTS = ["cpu", "auto"]
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.1)  # polling the condition
 
 
 def worker_log(slot: str) -> str:

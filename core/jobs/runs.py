@@ -102,11 +102,8 @@ def current_run() -> Run | None:
 
 
 def final_test_metrics(metrics: dict) -> dict:
-    """The final test metrics inside a metrics.json (or the dict itself when it is already flat)."""
-    for key in ("test", "final", "test_metrics"):
-        if isinstance(metrics.get(key), dict):
-            return metrics[key]
-    return metrics
+    """The final test metrics of a metrics.json (its "test" entry; a flat dict of metrics is taken as it is)."""
+    return metrics["test"] if isinstance(metrics.get("test"), dict) else metrics
 
 
 def final_metrics(run: Run) -> dict:
