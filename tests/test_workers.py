@@ -50,3 +50,33 @@ def test_a_second_worker_for_a_held_slot_is_refused(binsight_home):
     finally:
         holder.kill()
         holder.wait()
+
+
+HOLDER = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # like a training's loader workers
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_the_reaper_stops_what_a_dead_worker_left_running():
+    """A killed worker's children (a training's DataLoader workers) outlive it and would hold its slot: the reaper
+    stops the dead worker's process group (a worker is started as a session leader)."""
+    import os
+    import signal
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    child = int(holder.stdout.readline())
+    try:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+        assert worker.pid_alive(child)  # the orphan lives on…
+        worker.stop_orphans(holder.pid)
+        assert not worker.pid_alive(child)  # …until the reaper stops the dead worker's group
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

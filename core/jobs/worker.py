@@ -93,11 +93,31 @@ def _checkpoint_epoch(job: jobs.Job) -> int | None:
     return max(finished) if finished else None
 
 
+def stop_orphans(worker_pid: int | None, wait_s: float = 5.0) -> None:
+    """Stop what a dead worker left running: its process group (a worker starts its own session, so the group's id
+    is its pid), such as a training's DataLoader workers, which outlive it for seconds and hold its slot meanwhile."""
+    if not worker_pid:
+        return
+    try:
+        os.killpg(worker_pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:  # the slot frees once the last of them is gone
+        try:
+            os.killpg(worker_pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+
+
 def handle_dead_job(job: jobs.Job) -> str | None:
     """The worker running `job` is gone: requeue it when it has retries left (a training then resumes from its last
     checkpoint), else fail it with the reason. Logs what happened; returns "requeued", "failed" or None (already
     handled by someone else)."""
     where = _where(job)
+    if job.host == jobs.hostname():
+        stop_orphans(job.pid)
     allowed = job.retries_allowed
     failure = (f"The worker process running this job (pid {job.pid}) stopped unexpectedly {where}: it was killed "
                "(for example SIGKILL, or out of memory) or crashed")
