@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 import pandas as pd
 
 from core import config
 from core.data import abid
-from core.data.dataset import Dataset, DatasetError, apply_overrides, finish_index
+from core.data.dataset import DatasetError, finish_index
 from core.data.s3 import S3Error, S3Source, s3_settings
 from core.errors import Cancelled
 from core.files import atomic_write_bytes, atomic_write_json
@@ -66,8 +65,6 @@ def build_bucket_index(uri: str, source: S3Source | None = None, in_flight: int 
     total = len(keys)
     if on_progress:
         on_progress(len(done), total, f"{len(done):,} of {total:,} metadata objects already indexed")
-    lock = threading.Lock()
-
     def read(key: str) -> dict:
         try:
             body = source.client.get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -83,8 +80,7 @@ def build_bucket_index(uri: str, source: S3Source | None = None, in_flight: int 
                 raise Cancelled(f"indexing stopped; {len(done):,} of {total:,} are saved and the next run resumes")
             rows = list(pool.map(read, todo[start:start + chunk]))  # map keeps at most `in_flight` requests going
             frame = pd.DataFrame(rows)
-            with lock:
-                atomic_write_bytes(folder / f"part-{len(done_frames):06d}.parquet", frame.to_parquet(index=False))
+            atomic_write_bytes(folder / f"part-{len(done_frames):06d}.parquet", frame.to_parquet(index=False))
             done_frames.append(frame)
             done |= set(frame["key"])
             if on_progress:
@@ -96,25 +92,19 @@ def build_bucket_index(uri: str, source: S3Source | None = None, in_flight: int 
     return frame
 
 
-def load_bucket_dataset(uri: str, class_range, on_progress=None) -> Dataset:
-    """The bucket as a dataset: its index (built once, then read back), classes and the saved split."""
-    from core.data import splits
-
-    key = index_key(uri)
-    folder = config.home() / "index" / key
+def bucket_frame(uri: str, on_progress=None) -> pd.DataFrame:
+    """The bucket's index: read back when complete, else built (resuming); `on_progress(fraction, text)`."""
+    folder = config.home() / "index" / index_key(uri)
     try:
         if (folder / "done.json").is_file():
-            frame = finish_index(pd.concat([pd.read_parquet(p) for p in sorted(folder.glob("part-*.parquet"))],
-                                           ignore_index=True).drop(columns=["key"]))
-        else:
-            frame = build_bucket_index(uri, on_progress=(lambda d, t, text: on_progress(d / max(t, 1), text))
-                                       if on_progress else None)
+            return finish_index(pd.concat([pd.read_parquet(p) for p in sorted(folder.glob("part-*.parquet"))],
+                                          ignore_index=True).drop(columns=["key"]))
+        return build_bucket_index(uri, on_progress=(lambda d, t, text: on_progress(d / max(t, 1), text))
+                                  if on_progress else None)
     except S3Error as exc:
         raise DatasetError(f"{uri}: {exc}") from None
-    notes = [f"{len(frame):,} photos listed by the bucket's metadata; each photo is fetched on demand "
-             "(pack them into shards to train at bucket scale: python -m core shards)."]
-    frame = apply_overrides(frame, key)
-    frame["cls"] = class_range.assign(frame["count"])
-    frame, split_info = splits.attach_split(frame, key, class_range)
-    frame["split"] = frame["split"].astype(object).where(frame["split"].notna(), None)
-    return Dataset(Path(uri), "bucket", key, frame, class_range, notes, split_info | {"bucket": uri})
+
+
+def bucket_notes(frame: pd.DataFrame) -> list[str]:
+    return [f"{len(frame):,} photos listed by the bucket's metadata; each photo is fetched on demand "
+            "(pack them into shards to train at bucket scale: python -m core shards)."]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from core import config
 from core.data import splits
-from core.data.bucket_index import load_bucket_dataset
+from core.data.bucket_index import bucket_frame, bucket_notes, index_key
 from core.data.classes import ClassRange
 from core.data.dataset import (
     Dataset,
@@ -33,7 +33,10 @@ def load_dataset(source: str | Path | None = None, class_range: ClassRange | Non
         class_range = ClassRange.from_dict(config.load_settings().get("class_range"))
     if str(source).startswith("s3://") and open_store(str(source)).read_index() is None:
         # a bucket (or prefix) of photos and metadata JSONs, not a shard set: index it from its metadata
-        return load_bucket_dataset(str(source), class_range, on_progress)
+        uri = str(source)
+        frame = bucket_frame(uri, on_progress)
+        return labelled_dataset(Path(uri), "bucket", index_key(uri), frame, class_range, bucket_notes(frame),
+                                {"bucket": uri})
     if is_shard_source(source):  # a packed shard set (core.data.shards): its index lists the photos
         return load_shards_dataset(source, class_range)
     source = Path(source).expanduser()
@@ -44,9 +47,14 @@ def load_dataset(source: str | Path | None = None, class_range: ClassRange | Non
     layout = detect_layout(source)
     key = dataset_key(source)
     frame = cached_index(source, layout, key, on_progress)
-    notes = index_notes(frame, layout)
+    return labelled_dataset(source, layout, key, frame, class_range, index_notes(frame, layout))
+
+
+def labelled_dataset(source: Path, layout: str, key: str, frame, class_range: ClassRange, notes: list[str],
+                     info: dict | None = None) -> Dataset:
+    """An index made a dataset: counts corrected by annotators, the classes, and the saved split."""
     frame = apply_overrides(frame, key)
     frame["cls"] = class_range.assign(frame["count"])
     frame, split_info = splits.attach_split(frame, key, class_range)
     frame["split"] = frame["split"].astype(object).where(frame["split"].notna(), None)
-    return Dataset(source, layout, key, frame, class_range, notes, split_info)
+    return Dataset(source, layout, key, frame, class_range, notes, split_info | (info or {}))
