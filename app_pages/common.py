@@ -52,10 +52,26 @@ def _cached_model(model_path: str, stamp: str):
     return load_model(model_path)
 
 
+def _version(model_path: str | Path) -> str:
+    stat = Path(model_path).stat()
+    return f"{stat.st_mtime_ns}:{stat.st_size}"
+
+
 def model_for(model_path: str | Path):
     """(model, meta) for a model.pt, loaded once per version of the file and shared by every page."""
-    stat = Path(model_path).stat()
-    return _cached_model(str(model_path), f"{stat.st_mtime_ns}:{stat.st_size}")
+    return _cached_model(str(model_path), _version(model_path))
+
+
+@st.cache_resource(show_spinner="Preparing the model for fast prediction…", max_entries=4)
+def _cached_predictor(model_path: str, stamp: str):
+    from core.models.export import load_predictor
+
+    return load_predictor(model_path)  # ONNX Runtime on a CPU (exported once, cached beside model.pt), else PyTorch
+
+
+def predictor_for(model_path: str | Path):
+    """(predictor, meta) for prediction only: the fastest engine for this model file, loaded once per version."""
+    return _cached_predictor(str(model_path), _version(model_path))
 
 
 @st.cache_data(show_spinner=False, max_entries=2000)

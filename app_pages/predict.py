@@ -5,7 +5,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import cached_thumbnail, checked_path, current_dataset, current_user
+from app_pages.common import cached_thumbnail, checked_path, current_dataset, current_user, predictor_for
 from core import config
 from core.data import uploads
 from core.data.browse import page_of
@@ -14,7 +14,6 @@ from core.jobs import queue as jobs
 from core.jobs import worker
 from core.jobs.params import describe_dataset, training_problems
 from core.jobs.runs import available_runs, current_run, get_run, register_run, run_label, set_current_run
-from core.models.export import load_predictor
 from core.models.inference import predict_inputs
 from core.models.networks import WeightsError
 
@@ -170,17 +169,6 @@ def gather_inputs() -> tuple[str, list[uploads.PhotoInput], list[str]] | None:
     return None
 
 
-@st.cache_resource(show_spinner="Preparing the model for fast prediction…", max_entries=4)
-def _fast_model(model_path: str, version: str):
-    return load_predictor(model_path)  # ONNX Runtime on a CPU (exported once, cached beside model.pt), else PyTorch
-
-
-def model_for(model_path: Path):
-    """(model, meta), loaded once per version of the model file."""
-    stat = model_path.stat()
-    return _fast_model(str(model_path), f"{stat.st_mtime_ns}:{stat.st_size}")
-
-
 def serve_hint(run: dict) -> None:
     """The command that serves this model over HTTP, and a curl line to ask it for a photo's count."""
     with st.expander("Predict over HTTP"):
@@ -197,7 +185,7 @@ def predictions_for(run: dict, signature: str, inputs: list[uploads.PhotoInput])
     if saved and saved[0] == key:
         return saved[1]
     try:
-        model, meta = model_for(Path(run["path"]) / "model.pt")
+        model, meta = predictor_for(Path(run["path"]) / "model.pt")
     except (OSError, WeightsError) as exc:
         st.error(f"**The model of run `{run['id']}` cannot be loaded.** {exc}")
         st.stop()
