@@ -18,6 +18,19 @@ from core.jobs.runs import get_run
 from tests.moto_s3 import shared_world
 
 ROOT = Path(__file__).resolve().parents[1]
+def model_archive(run_dir: Path) -> bytes:
+    """model.tar.gz of a run folder, as SageMaker packs /opt/ml/model (SageMaker's side, played by the test)."""
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name in sagemaker.RUN_FILES:
+            if (run_dir / name).is_file():
+                archive.add(run_dir / name, arcname=name)
+    return buffer.getvalue()
+
+
 TRAINING = {"mode": "frozen", "epochs": 1, "image_size": 96, "batch_size": 16, "num_workers": 0}
 
 
@@ -86,7 +99,7 @@ def test_a_sagemaker_job_is_polled_into_the_job_table_and_its_model_registered(a
     job = jobs.submit("sagemaker", params)
     assert job.device == "remote" and jobs.slot_accepts("remote", ["cpu", "remote"]) == ["remote"]
     # SageMaker's container would upload the model here; moto completes jobs at once without running them.
-    archive = sagemaker.model_archive(small_runs["runs"]["baseline"])
+    archive = model_archive(small_runs["runs"]["baseline"])
     s3.put_object(Bucket="sm-output", Key="jobs/binsight-test-polled/output/model.tar.gz", Body=archive)
     claimed = jobs.claim_next("remote", ["remote"], "test-worker", os.getpid())
     assert run_job(claimed, "remote") == "done", jobs.get(job.id).error

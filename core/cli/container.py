@@ -7,8 +7,7 @@ import shutil
 from pathlib import Path
 
 from core.errors import UsageError
-
-RUN_FILES = ("model.pt", "metrics.json", "config.json", "log.txt")
+from core.jobs.sagemaker import RUN_FILES  # what SageMaker packs from SM_MODEL_DIR
 
 
 def _decoded(value):

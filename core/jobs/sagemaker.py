@@ -1,7 +1,6 @@
 """SageMaker as a place to train: the CreateTrainingJob request, its status and metrics polled into a job, its model fetched."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -183,15 +182,6 @@ def fetch_model(description: dict, run_dir: str | Path, source: S3Source | None 
         raise SageMakerError(f"the model artefact {uri} holds no model.pt (found: {', '.join(found) or 'nothing'})")
     return run_dir / "model.pt"
 
-
-def model_archive(run_dir: str | Path) -> bytes:
-    """model.tar.gz of a run folder, as SageMaker packs /opt/ml/model (used by tests standing in for SageMaker)."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        for name in RUN_FILES:
-            if (Path(run_dir) / name).is_file():
-                archive.add(Path(run_dir) / name, arcname=name)
-    return buffer.getvalue()
 
 
 def _new_log_lines(logs, name: str, seen: dict) -> list[str]:
