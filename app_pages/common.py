@@ -64,9 +64,9 @@ def model_for(model_path: str | Path):
 
 @st.cache_resource(show_spinner="Preparing the model for fast prediction…", max_entries=4)
 def _cached_predictor(model_path: str, stamp: str):
-    from core.models.export import load_predictor
+    from core.models.engines import load_predictor
 
-    return load_predictor(model_path)  # ONNX Runtime on a CPU (exported once, cached beside model.pt), else PyTorch
+    return load_predictor(model_path)  # OpenVINO or ONNX Runtime on a CPU (exported once, checked), else PyTorch
 
 
 def predictor_for(model_path: str | Path):

@@ -70,7 +70,7 @@ def main():
     os.environ.setdefault("BINSIGHT_HOME", tempfile.mkdtemp(prefix="binsight-bench-"))
     import torch
 
-    from core.models.export import load_fast_model
+    from core.models.engines import load_fast_model
     from core.models.networks import load_model
     from core.models.preprocess import input_size, tta_views
 

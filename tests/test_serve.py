@@ -71,7 +71,8 @@ def test_ping_model_description_and_docs(client, server):
     described = client.get("/model").json()
     assert described["backbone"] == "simple_cnn" and described["classes"] == [1, 2, 3, 4, 5]
     assert described["tta_views"] == ["plain", "hflip", "vflip", "hvflip"] and described["temperature"] == 1.5
-    assert described["engine"] == "onnxruntime" and described["model"] == server.service.model_id
+    assert described["engine"] == "openvino" and described["precision"] == "fp32"
+    assert described["engine_check"]["max_difference"] <= 1e-4 and described["model"] == server.service.model_id
     assert client.get("/docs").status_code == 200
     assert "/invocations" in client.get("/openapi.json").json()["paths"]
 
@@ -153,12 +154,15 @@ def test_concurrent_requests_share_forward_passes_with_unchanged_results(client,
         assert max(abs(one[k] - shared[k]) for k in one) <= 1e-5
 
 
-def test_the_onnx_export_of_an_efficientnet_equals_pytorch_on_real_photos(tmp_path, photos):
-    from core.models.export import OnnxModel, ensure_onnx, load_fast_model
+@pytest.mark.parametrize("engine, runtime", [("openvino", "OpenVinoModel"), ("onnx", "OnnxRuntimeModel")])
+def test_the_exported_efficientnet_equals_pytorch_on_real_photos(tmp_path, photos, engine, runtime):
+    from core.models import engines
+    from core.models.export import ensure_onnx
 
     path = small_model(tmp_path, "efficientnet_lite0", size=96, aspect=1.37, tta="hflip")
-    fast, meta = load_fast_model(path)
-    assert isinstance(fast, OnnxModel) and (tmp_path / "model.onnx").is_file()
+    fast, meta = engines.load_fast_model(path, engine=engine)
+    assert isinstance(fast, getattr(engines, runtime)) and (tmp_path / "model.onnx").is_file()
+    assert fast.check["max_difference"] <= 1e-4 and fast.check["same_counts"]
     model, _ = load_model(path)
     slow = predict_photos(model, meta, photos, batch_size=4, device="cpu", num_workers=0)
     quick = predict_photos(fast, meta, photos, batch_size=4, device="cpu", num_workers=0)
@@ -167,6 +171,34 @@ def test_the_onnx_export_of_an_efficientnet_equals_pytorch_on_real_photos(tmp_pa
     assert np.abs(quick[columns].to_numpy() - slow[columns].to_numpy()).max() <= 1e-4
     stamp = (tmp_path / "model.onnx").stat().st_mtime_ns
     assert ensure_onnx(path) == tmp_path / "model.onnx" and (tmp_path / "model.onnx").stat().st_mtime_ns == stamp
+
+
+def test_an_engine_that_disagrees_with_pytorch_is_not_used(tmp_path, monkeypatch):
+    from core.models import engines
+    from core.models.export import ExportError
+
+    path = small_model(tmp_path)
+    monkeypatch.setitem(engines.TOLERANCE, "fp32", 0.0)  # no engine but PyTorch itself can be that exact
+    monkeypatch.setattr(engines, "compare_with_torch", lambda *a: {"max_difference": 1e-6, "photos": 8,
+                                                                  "same_counts": True})
+    fast, _ = engines.load_fast_model(path)
+    assert isinstance(fast, engines.TorchModel)
+    with pytest.raises(ExportError, match="differs from PyTorch by 1e-06 on 8 photos"):
+        engines.load_fast_model(path, engine="onnx")
+
+
+def test_bfloat16_keeps_every_count_within_its_tolerance(tmp_path, photos):
+    import openvino as ov
+
+    from core.models import engines
+
+    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        pytest.skip("this CPU has no native bfloat16")
+    path = small_model(tmp_path, "efficientnet_lite0", size=96, aspect=1.37, tta="flips")
+    fast, meta = engines.load_fast_model(path, engine="openvino", precision="bf16")
+    assert fast.precision == "bf16" and fast.check["same_counts"] and fast.check["max_difference"] <= 0.02
+    with pytest.raises(engines.ExportError, match="OpenVINO"):
+        engines.load_fast_model(path, engine="onnx", precision="bf16")
 
 
 def test_cli_serve_defaults_to_the_current_model(tmp_path):

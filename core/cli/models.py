@@ -152,8 +152,19 @@ def photo_paths(items: list[str]) -> list[Path]:
     return found
 
 
+def add_engine_arguments(parser) -> None:
+    """--engine and --precision, shared by `predict` and `serve`."""
+    from core.models.engines import ENGINES, PRECISIONS
+
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="auto: OpenVINO, else ONNX Runtime on a CPU (each checked against PyTorch), else PyTorch")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="bf16: about twice as fast on CPUs with native bfloat16 (OpenVINO), probabilities "
+                             "within 0.02 of float32 instead of 1e-4")
+
+
 def _predict(args) -> int:
-    from core.models.export import load_predictor
+    from core.models.engines import load_predictor
 
     model_path = _model_path(args.model)
     remote = [p for p in args.photos if p.startswith("s3://")]
@@ -162,7 +173,7 @@ def _predict(args) -> int:
     if len(remote) > 1:
         raise UsageError("give one s3:// prefix (or photo) at a time")
     paths = None if remote else photo_paths(args.photos)
-    model, meta = load_predictor(model_path)
+    model, meta = load_predictor(model_path, engine=args.engine, precision=args.precision)
     if remote:
         frame = _predict_s3(model, meta, remote[0], args.batch_size, args.limit)
     else:
@@ -272,4 +283,5 @@ def register(subparsers) -> None:
     predict.add_argument("--limit", type=int, default=None, help="at most this many photos under an s3:// prefix")
     predict.add_argument("--csv", default=None, help="write the predictions to this CSV file")
     predict.add_argument("--batch-size", type=int, default=32)
+    add_engine_arguments(predict)
     predict.set_defaults(handler=_predict)

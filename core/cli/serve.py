@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from core.cli.models import add_engine_arguments
 from core.errors import UsageError
 
 
@@ -15,7 +16,7 @@ def _serve(args) -> int:
         raise UsageError("no current model yet: pass --model RUN_DIR/model.pt (or train one)")
     if not model.exists():
         raise UsageError(f"{model}: no such model file")
-    serve(model, host=args.host, port=args.port, engine=args.engine, max_batch=args.max_batch,
+    serve(model, host=args.host, port=args.port, engine=args.engine, precision=args.precision, max_batch=args.max_batch,
           window_ms=args.batch_window_ms, max_body_bytes=int(args.max_body_mb * 1024 * 1024))
     return 0
 
@@ -25,8 +26,7 @@ def register(subparsers) -> None:
     serve.add_argument("--model", default=None, help="RUN_DIR/model.pt (default: the current model)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--engine", choices=["auto", "onnx", "torch"], default="auto",
-                       help="auto: ONNX Runtime on a CPU when installed, else PyTorch")
+    add_engine_arguments(serve)
     serve.add_argument("--max-batch", type=int, default=16, help="most photos in one forward pass")
     serve.add_argument("--batch-window-ms", type=float, default=5.0,
                        help="how long a photo waits for others to share its forward pass")

@@ -50,13 +50,14 @@ def _finite(value):
 class Service:
     """A loaded model, its batcher, and how to turn photos into answers."""
 
-    def __init__(self, model_path: str | Path, engine: str = "auto", max_batch: int = 16, window_ms: float = 5.0):
-        from core.models.export import load_fast_model
+    def __init__(self, model_path: str | Path, engine: str = "auto", max_batch: int = 16, window_ms: float = 5.0,
+                 precision: str = "fp32"):
+        from core.models.engines import load_fast_model
 
         self.model_path = Path(model_path).expanduser()
         if self.model_path.is_dir():
             self.model_path = self.model_path / "model.pt"
-        self.model, self.meta = load_fast_model(self.model_path, engine=engine)
+        self.model, self.meta = load_fast_model(self.model_path, engine=engine, precision=precision)
         self.classes = [int(c) for c in self.meta["classes"]]
         self.model_id = f"{self.model_path.parent.name}@{file_digest(self.model_path)}"
         self.reader = PhotoReader(self.meta)
@@ -84,7 +85,8 @@ class Service:
         described = {"model": self.model_id, "path": str(self.model_path), "backbone": self.meta.get("backbone"),
                      "head": self.meta.get("head"), "classes": self.classes,
                      "input_size": list(input_size(self.meta)), "tta_views": list(tta_views(self.meta)),
-                     "engine": self.model.engine, "low_confidence_threshold": self.threshold,
+                     "engine": self.model.engine, "precision": self.model.precision,
+                     "engine_check": getattr(self.model, "check", None), "low_confidence_threshold": self.threshold,
                      "metrics": final_test_metrics(read_run_metrics(self.model_path.parent)),
                      "batching": self.batcher.stats()}
         if "temperature" in self.meta:
@@ -110,14 +112,14 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def create_app(model_path: str | Path, engine: str = "auto", max_batch: int = 16, window_ms: float = 5.0,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, precision: str = "fp32") -> FastAPI:
     """The service for one model file; the model is loaded (and exported to ONNX) before the first request."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.service = await run_in_threadpool(Service, model_path, engine, max_batch, window_ms)
-        log.info("serving %s with %s (batches of up to %d photos, %.0f ms window)", app.state.service.model_id,
-                 app.state.service.model.engine, max_batch, window_ms)
+        app.state.service = await run_in_threadpool(Service, model_path, engine, max_batch, window_ms, precision)
+        log.info("serving %s with %s %s (batches of up to %d photos, %.0f ms window)", app.state.service.model_id,
+                 app.state.service.model.engine, app.state.service.model.precision, max_batch, window_ms)
         try:
             yield
         finally:

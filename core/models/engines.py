@@ -1,0 +1,226 @@
+"""The engines that run a counting model for prediction — OpenVINO, ONNX Runtime, PyTorch — checked on real photos."""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from core.files import atomic_write_bytes
+from core.models.export import (
+    ExportError,
+    ViewAveragedModel,
+    cache_key,
+    ensure_onnx,
+    model_file,
+)
+from core.models.networks import load_model, resolve_device
+from core.models.preprocess import photo_tensor, tta_views
+
+log = logging.getLogger(__name__)
+ENGINES = ("auto", "openvino", "onnx", "torch")  # "onnx" is ONNX Runtime
+PRECISIONS = ("fp32", "bf16")
+# Largest probability difference from PyTorch accepted, and whether every check photo must keep its count.
+TOLERANCE = {"fp32": 1e-4, "bf16": 0.02}
+CHECK_PHOTOS = 8
+# One forward pass sees at most this many pixels (four 288×395 views): on a CPU, larger batches spill the
+# caches and run slower per photo (measured with bench/predict_speed.py), so big batches are cut up.
+PIXELS_PER_PASS = 4 * 288 * 395
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _passes(images: np.ndarray, meta: dict):
+    """Consecutive slices of a batch, each within PIXELS_PER_PASS over all its views (at least one photo)."""
+    per_photo = images.shape[2] * images.shape[3] * len(tta_views(meta))
+    step = max(1, PIXELS_PER_PASS // max(1, per_photo))
+    for start in range(0, len(images), step):
+        yield images[start:start + step]
+
+
+class OnnxRuntimeModel:
+    """An ONNX Runtime session standing in for the PyTorch model: batch of photos → averaged probabilities."""
+
+    engine, precision = "onnxruntime", "fp32"
+
+    def __init__(self, source: str | Path | bytes, meta: dict, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or cpu_cores()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle threads sleep instead of spinning: on cores shared with other work, spinning threads steal
+        # the time the busy ones need (the same effect as OMP_WAIT_POLICY=PASSIVE for PyTorch).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Batches vary in size; an arena would keep the largest one's activations for the life of the process.
+        options.enable_cpu_mem_arena = False
+        self.session = ort.InferenceSession(source if isinstance(source, bytes) else str(source), options,
+                                            providers=["CPUExecutionProvider"])
+        self.meta = meta
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        parts = _passes(images, self.meta)
+        return np.concatenate([self.session.run(["probabilities"], {"images": part})[0] for part in parts])
+
+
+class OpenVinoModel:
+    """The exported model compiled by OpenVINO for this CPU (float32, or bfloat16 where the CPU has it natively)."""
+
+    engine = "openvino"
+
+    def __init__(self, source: str | Path, meta: dict, precision: str = "fp32", threads: int | None = None):
+        import openvino as ov
+
+        core = ov.Core()
+        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            raise ExportError("this CPU has no native bfloat16 (AVX512-BF16 or AMX): use --precision fp32")
+        self.compiled = core.compile_model(str(source), "CPU", {
+            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads or cpu_cores()})
+        self.request = self.compiled.create_infer_request()
+        self.lock = threading.Lock()  # one infer request; Streamlit sessions may share a cached model
+        self.output = self.compiled.output(0)
+        self.meta, self.precision = meta, precision
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        with self.lock:
+            parts = _passes(images, self.meta)
+            return np.concatenate([self.request.infer({0: part})[self.output].copy() for part in parts])
+
+
+class TorchModel:
+    """The PyTorch model behind the same interface (the fallback, and the GPU path)."""
+
+    engine, precision = "torch", "fp32"
+
+    def __init__(self, model: nn.Module, meta: dict, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = ViewAveragedModel(model.to(self.device).eval(), tta_views(meta),
+                                       float(meta.get("temperature", 1.0))).eval()
+        self.meta = meta
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            batch = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
+            return self.model(batch).cpu().numpy()
+
+
+def engine_available(engine: str) -> bool:
+    module = {"openvino": "openvino", "onnx": "onnxruntime"}.get(engine)
+    if module is None:
+        return engine == "torch"
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def check_photos(model_path: Path, n: int = CHECK_PHOTOS) -> list[Path]:
+    """Real photos to check an engine with: the model's own dataset's first photos, else the demo set's."""
+    try:
+        data = json.loads((model_path.parent / "config.json").read_text()).get("data")
+    except (OSError, ValueError):
+        data = None
+    for folder in ([Path(data) / "bin-images", Path(data)] if data and not str(data).startswith("s3://") else []):
+        if folder.is_dir():
+            found = list(itertools.islice((Path(e.path) for e in os.scandir(folder)
+                                           if e.name.lower().endswith((".jpg", ".jpeg", ".png"))), n))
+            if found:
+                return sorted(found)
+    from core.data.demo import ensure_demo
+
+    return sorted((ensure_demo() / "bin-images").glob("*.jpg"))[:n]
+
+
+def compare_with_torch(model: nn.Module, meta: dict, runtime, photos: list[Path]) -> dict:
+    """How far `runtime`'s probabilities are from PyTorch's on these photos, and whether every count agrees."""
+    images = torch.stack([photo_tensor(p, meta) for p in photos])
+    expected = TorchModel(model, meta).probabilities(images.numpy())
+    got = runtime.probabilities(images.numpy())
+    return {"max_difference": float(np.abs(got - expected).max()), "photos": len(photos),
+            "same_counts": bool((got.argmax(1) == expected.argmax(1)).all())}
+
+
+def _checks_path(onnx_path: Path) -> Path:
+    return onnx_path.with_suffix(".onnx.checks.json")
+
+
+def checked(model_path: Path, onnx_path: Path, name: str, runtime) -> dict:
+    """The comparison of this engine with PyTorch for this exact model file (cached beside model.onnx)."""
+    from importlib.metadata import version
+
+    key = f"{cache_key(model_path)}:{name}:{version('openvino' if runtime.engine == 'openvino' else 'onnxruntime')}"
+    path = _checks_path(onnx_path)
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if key not in cached:
+        model, meta = load_model(model_path)
+        cached[key] = compare_with_torch(model, meta, runtime, check_photos(model_path))
+        try:
+            atomic_write_bytes(path, json.dumps(cached, indent=1).encode())
+        except OSError:
+            pass  # a read-only folder only costs checking again next time
+    return cached[key]
+
+
+def _runtime(engine: str, onnx_path: Path, meta: dict, precision: str):
+    if engine == "openvino":
+        return OpenVinoModel(onnx_path, meta, precision)
+    if precision != "fp32":
+        raise ExportError(f"{precision} runs on OpenVINO only (pip install openvino)")
+    return OnnxRuntimeModel(onnx_path, meta)
+
+
+def load_fast_model(model_path: str | Path, engine: str = "auto", device: str | None = None,
+                    precision: str = "fp32"):
+    """(runtime, meta): on a CPU the first of OpenVINO and ONNX Runtime that is installed and agrees with PyTorch
+    on real photos (within TOLERANCE[precision], every count the same), else PyTorch itself; on a GPU, PyTorch."""
+    if engine not in ENGINES or precision not in PRECISIONS:
+        raise ExportError(f"engine must be one of {ENGINES} and precision one of {PRECISIONS}")
+    model_path = model_file(model_path)
+    target = resolve_device(device or "auto")
+    candidates = [engine] if engine != "auto" else [e for e in ("openvino", "onnx") if engine_available(e)]
+    if target.type == "cpu" or engine in ("openvino", "onnx"):
+        for name in (c for c in candidates if c != "torch"):
+            try:
+                _, meta = load_model(model_path)
+                onnx_path = ensure_onnx(model_path)
+                runtime = _runtime(name, onnx_path, meta, precision)
+                check = checked(model_path, onnx_path, f"{name}/{precision}", runtime)
+                if check["max_difference"] > TOLERANCE[precision] or not check["same_counts"]:
+                    raise ExportError(f"differs from PyTorch by {check['max_difference']:.2g} on {check['photos']} "
+                                      f"photos (at most {TOLERANCE[precision]:g} accepted"
+                                      f"{'' if check['same_counts'] else ', and a count changed'})")
+                runtime.check = check
+                return runtime, meta
+            except Exception as exc:  # noqa: BLE001 — any engine failure falls back, unless that engine was asked for
+                if engine != "auto":
+                    raise ExportError(f"{model_path.name}: cannot run with {name} ({exc})") from exc
+                log.warning("%s cannot run %s (%s); trying the next engine", name, model_path, exc)
+    if precision != "fp32":
+        raise ExportError(f"{model_path.name}: {precision} needs OpenVINO on a CPU")
+    model, meta = load_model(model_path)
+    return TorchModel(model, meta, target), meta
+
+
+def load_predictor(model_path: str | Path, device: str | None = None, engine: str = "auto", precision: str = "fp32"):
+    """(model, meta) for core.models.inference: an exported runtime on a CPU when one can be had, else the
+    PyTorch module itself (so a GPU keeps its mixed-precision path)."""
+    fast, meta = load_fast_model(model_path, engine, device, precision)
+    if isinstance(fast, TorchModel):
+        return fast.model.model, meta
+    return fast, meta
