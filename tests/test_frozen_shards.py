@@ -42,14 +42,18 @@ def test_frozen_from_shards_matches_the_folder_and_shares_its_feature_cache(pack
     sources = {"folder": small_abid, "shards": shards}
     second = "shards" if first == "folder" else "folder"
     settings = frozen_settings(dataset)
-    results = {name: train(TrainConfig(data=str(sources[name]), out=str(tmp_path / name), **settings))
-               for name in (first, second)}
+    states = {"folder": [], "shards": []}
+    results = {name: train(TrainConfig(data=str(sources[name]), out=str(tmp_path / name), **settings),
+                           on_progress=states[name].append) for name in (first, second)}
 
     photos = len(dataset.rows())
     assert results[first]["features_computed"] == photos and results[first]["feature_cache_hits"] == 0
     # The second run finds every photo's features under its content hash, whichever way the first one read it.
     assert results[second]["feature_cache_hits"] == photos and results[second]["features_computed"] == 0
     assert "0 computed" in (tmp_path / second / "log.txt").read_text()
+    if first == "shards":  # the streamed pass reports its speed like the folder's
+        assert any(s["stage"] == "features" and s["images_per_s"] and "Computed features" in s["message"]
+                   for s in states["shards"])
 
     folder, streamed = results["folder"], results["shards"]
     for split in ("valid", "test"):
@@ -120,3 +124,36 @@ def test_frozen_from_shards_on_s3(s3_world, small_abid, tmp_path):  # noqa: F811
     assert result["features_computed"] == len(dataset.rows()) and result["dataset"] == url
     assert result["test"]["n"] == len(dataset.rows("test")) > 0
     assert json.loads((tmp_path / "run" / "config.json").read_text())["dataset"] == url
+
+
+def test_stream_features_decode_once_for_every_view_and_a_stop_keeps_what_was_computed(packed):
+    from core.data.streaming import photo_stream
+    from core.errors import Cancelled
+    from core.models.features import extract_stream_features
+    from core.models.networks import build_backbone
+    from core.models.preprocess import photo_tensor, preprocessing
+
+    dataset, shards, _ = packed
+    backbone, info = build_backbone("efficientnet_lite0")
+    meta = info | preprocessing(info, 64)
+    views = ("plain", "hflip", "vflip")
+    checks = []
+
+    def stop_at_the_second_check():
+        checks.append(1)
+        return len(checks) >= 2
+
+    with pytest.raises(Cancelled):  # the first batch of 4 is computed before the second check stops the pass
+        extract_stream_features(backbone, meta, photo_stream(shards, "train"), views, batch_size=4, num_workers=1,
+                                should_stop=stop_at_the_second_check)
+
+    samples = list(photo_stream(shards, "train"))  # a plain iterable is read in this thread
+    result = extract_stream_features(backbone, meta, samples, views, batch_size=4, num_workers=0)
+    assert (result.hits, result.computed) == (4, len(samples) - 4) and not result.errors
+    assert result.names == [s["name"] for s in samples] and result.counts == [s["count"] for s in samples]
+    paths = dict(zip(dataset.rows()["name"], dataset.rows()["path"]))
+    photos = torch.stack([photo_tensor(paths[name], meta) for name in result.names[-2:]])
+    with torch.no_grad():
+        for view, dims in (("plain", ()), ("hflip", (-1,)), ("vflip", (-2,))):
+            expected = backbone.eval()(photos.flip(dims) if dims else photos)
+            assert torch.allclose(result.features[view][-2:], expected, atol=1e-4), view

@@ -257,10 +257,10 @@ def extract_stream_features(backbone: torch.nn.Module, meta: dict, samples, view
                 if time.perf_counter() - last_write > SHARD_EVERY_S:
                     save_new()
                     last_write = time.perf_counter()
-                elapsed = time.perf_counter() - started
+                elapsed = max(time.perf_counter() - started, 1e-9)
                 if on_progress:
-                    on_progress({"done": done, "total": max(total or 0, done), "images_per_s": done / max(elapsed, 1e-9),
-                                 "data_wait_fraction": wait / max(elapsed, 1e-9)})
+                    on_progress({"done": done, "total": max(total or 0, done), "images_per_s": done / elapsed,
+                                 "data_wait_fraction": wait / elapsed})
             tick = time.perf_counter()
         if batch:
             compute()

@@ -119,8 +119,9 @@ class FrozenRun(BaseRun):
                                              batch_size=self._feature_batch(), num_workers=self.config.num_workers,
                                              total=len(split.paths), on_progress=report,
                                              should_stop=self.should_stop)
+            speed = f" ({result.computed / result.seconds:.1f} img/s)" if result.computed else ""
             self.log(f"features of the {name} split{named}: {result.hits} from the cache, {result.computed} computed "
-                     f"in {result.seconds:.1f} s" + (f" ({result.computed / result.seconds:.1f} img/s)" if result.computed else ""))
+                     f"in {result.seconds:.1f} s{speed}")
             self.skipped.update(result.errors)
             unread = len(split.paths) - len(result.names) - len(result.errors)
             if unread > 0:
@@ -128,8 +129,8 @@ class FrozenRun(BaseRun):
             # Streamed photos arrive in the order the workers deliver them: put them in the split's order.
             position = {photo: i for i, photo in enumerate(split.paths)}
             order = sorted(range(len(result.names)), key=lambda row: position.get(result.names[row], len(position)))
-            tensors[name] = (torch.stack([result.features[v][order] for v in views], 1),
-                             torch.tensor([wanted[result.counts[row]] for row in order], dtype=torch.long)) if order else empty
+            labels = torch.tensor([wanted[result.counts[row]] for row in order], dtype=torch.long)
+            tensors[name] = (torch.stack([result.features[v][order] for v in views], 1), labels) if order else empty
             self.cache_hits += result.hits
             self.computed += result.computed
             before += len(split.paths)
