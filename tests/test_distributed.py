@@ -158,16 +158,6 @@ def test_training_from_shards_matches_training_from_the_folder(small_abid, tmp_p
         assert torch.allclose(a.float(), b.float(), atol=1e-4), name
 
 
-def test_frozen_mode_from_shards_says_why_not(small_abid, tmp_path):
-    from core.data.loading import load_dataset
-    from core.data.shards import pack_shards
-
-    pack_shards(load_dataset(small_abid), tmp_path / "shards", shard_size="100kB")
-    with pytest.raises(TrainingError, match="frozen mode caches features by photo file"):
-        train(TrainConfig(data=str(tmp_path / "shards"), out=str(tmp_path / "run"), mode="frozen", image_size=64,
-                          epochs=1, num_workers=0, device="cpu"))
-
-
 def test_a_job_of_two_processes_runs_under_torchrun_and_follows_rank_0s_progress(small_abid):
     from core.data.loading import load_dataset
     from core.jobs import queue as jobs

@@ -17,7 +17,6 @@ from core.models.preprocess import (
     tta_views,
 )
 from core.training import distributed
-from core.training.config import TrainingError
 from core.training.epochs import BaseRun, batch_correct
 from core.training.losses import balanced_sampler
 
@@ -29,16 +28,26 @@ class FrozenRun(BaseRun):
     FEATURES_SHARE = 0.85  # of the progress bar, when features must be computed
 
     def prepare(self, train_split, valid_split, test_split):
+        self.splits = {"train": train_split, "valid": valid_split, "test": test_split}
+        views = TTA_VIEWS[self.config.test_views]
+        distributed.prepare_for_tests(self.model)
+        started = time.perf_counter()
+        if train_split.shards:
+            self.tensors = self._streamed_tensors(views, started)
+        else:
+            self.tensors = self._folder_tensors(views, started)
+        self.model.backbone.to(self.device).eval()
+        self.model.head.to(self.device)
+
+    def _feature_batch(self) -> int:
+        return 128 if self.device.type == "cuda" else 32
+
+    def _folder_tensors(self, views, started) -> dict:
+        """Per split (features n × views × dim, labels) of its photo files, one feature pass per view."""
         from core.models.features import extract_features
 
-        if train_split.shards:
-            raise TrainingError("frozen mode caches features by photo file, and a shard set has none: train from "
-                                "shards with --mode finetune, or from the photo folder in frozen mode")
-        self.splits = {"train": train_split, "valid": valid_split, "test": test_split}
-        paths = train_split.paths + valid_split.paths + test_split.paths
-        views = TTA_VIEWS[self.config.test_views]
+        paths = [p for split in self.splits.values() for p in split.paths]
         self.features = {}
-        started = time.perf_counter()
         for n, view in enumerate(views):
             named = "" if view == "plain" else f" ({view})"
 
@@ -50,9 +59,8 @@ class FrozenRun(BaseRun):
 
             self.progress(force=True, stage="features", message="Reading cached features")
             result = extract_features(self.model.backbone, self.meta, paths, device=self.device,
-                                      batch_size=128 if self.device.type == "cuda" else 32,
-                                      num_workers=self.config.num_workers, view=view,
-                                      on_progress=report, should_stop=self.should_stop)
+                                      batch_size=self._feature_batch(), num_workers=self.config.num_workers,
+                                      view=view, on_progress=report, should_stop=self.should_stop)
             if result.computed:
                 # Throttled reports can all fall inside one interval on a small set: always report the final speed.
                 self.progress(force=True, stage="features", fraction=self.FEATURES_SHARE * (n + 1) / len(views),
@@ -65,18 +73,73 @@ class FrozenRun(BaseRun):
             self.features[view] = result.features
             self.feature_seconds = time.perf_counter() - started
             self.cache_hits, self.computed = result.hits, result.computed
-        self.model.backbone.to(self.device).eval()
-        self.model.head.to(self.device)
         # Split the feature rows back per split, dropping unreadable photos.
-        self.tensors = {}
+        tensors = {}
         offset = 0
         for name, split in self.splits.items():
             rows = range(offset, offset + len(split.paths))
             keep = [i for i in rows if paths[i] not in self.skipped]
-            self.tensors[name] = (torch.stack([self.features[v][keep] for v in views], 1) if keep
-                                  else torch.zeros(0, len(views), self.meta["feature_dim"]),
-                                  torch.as_tensor(split.labels[[i - offset for i in keep]], dtype=torch.long))
+            tensors[name] = (torch.stack([self.features[v][keep] for v in views], 1) if keep
+                             else torch.zeros(0, len(views), self.meta["feature_dim"]),
+                             torch.as_tensor(split.labels[[i - offset for i in keep]], dtype=torch.long))
             offset += len(split.paths)
+        return tensors
+
+    def _streamed_tensors(self, views, started) -> dict:
+        """Per split (features n × views × dim, labels) of a shard set: each split's shards read once for all views,
+        rows in the split's photo order; photos whose count has no class left out, unreadable ones skipped."""
+        import webdataset as wds
+
+        from core.data.shard_store import open_store, read_complete_index
+        from core.data.streaming import photo_stream
+        from core.models.features import extract_stream_features
+
+        store = open_store(self.splits["train"].shards)
+        index = read_complete_index(store)
+        total = sum(len(split.paths) for split in self.splits.values())
+        named = "" if views == ("plain",) else f" ({', '.join(views)})"
+        tensors, before = {}, 0
+        self.cache_hits = self.computed = 0
+        self.progress(force=True, stage="features", message="Reading cached features")
+        for name, split in self.splits.items():
+            empty = (torch.zeros(0, len(views), self.meta["feature_dim"]), torch.zeros(0, dtype=torch.long))
+            if not split.paths:
+                tensors[name] = empty
+                continue
+
+            def report(state, before=before, name=name):
+                self.progress(stage="features", fraction=self.FEATURES_SHARE * (before + state["done"]) / total,
+                              images_per_s=state["images_per_s"], data_wait_fraction=state["data_wait_fraction"],
+                              message=f"Features of the {name} split {state['done']}/{state['total']}{named}")
+
+            wanted = split.class_index
+            stream = wds.DataPipeline(photo_stream(store, name, self.config.on_bad_shard, index=index),
+                                      wds.select(lambda sample, wanted=wanted: sample["count"] in wanted))
+            result = extract_stream_features(self.model.backbone, self.meta, stream, views, device=self.device,
+                                             batch_size=self._feature_batch(), num_workers=self.config.num_workers,
+                                             total=len(split.paths), on_progress=report,
+                                             should_stop=self.should_stop)
+            speed = f" ({result.computed / result.seconds:.1f} img/s)" if result.computed else ""
+            self.log(f"features of the {name} split{named}: {result.hits} from the cache, {result.computed} computed "
+                     f"in {result.seconds:.1f} s{speed}")
+            self.skipped.update(result.errors)
+            unread = len(split.paths) - len(result.names) - len(result.errors)
+            if unread > 0:
+                self.log(f"{name} split: {unread} photos not read (in damaged shards that were skipped)")
+            # Streamed photos arrive in the order the workers deliver them: put them in the split's order.
+            position = {photo: i for i, photo in enumerate(split.paths)}
+            order = sorted(range(len(result.names)), key=lambda row: position.get(result.names[row], len(position)))
+            labels = torch.tensor([wanted[result.counts[row]] for row in order], dtype=torch.long)
+            tensors[name] = (torch.stack([result.features[v][order] for v in views], 1), labels) if order else empty
+            self.cache_hits += result.hits
+            self.computed += result.computed
+            before += len(split.paths)
+        self.feature_seconds = time.perf_counter() - started
+        if self.computed:
+            self.progress(force=True, stage="features", fraction=self.FEATURES_SHARE,
+                          images_per_s=self.computed / max(self.feature_seconds, 1e-9),
+                          message=f"Computed features of {self.computed} photos")
+        return tensors
 
     def train_labels(self):
         return self.tensors["train"][1].numpy()
