@@ -1,6 +1,7 @@
 """Benchmark: Predict's CPU speed with PyTorch and with ONNX Runtime, one photo at a time and in batches.
 
-    python bench/predict_speed.py [--run RUN_DIR] [--photos 64] [--engines torch,onnx] [--batch-size 32]
+    python bench/predict_speed.py [--run RUN_DIR] [--photos 64] [--engines torch,onnx,openvino,openvino-bf16]
+                                  [--batch-size 32]
 
 Two models are measured: the fine-tune default (288×395 input, four test-time views; --run's model.pt when
 given, else an EfficientNet-Lite0 with an untrained head, since speed does not depend on what the head
@@ -64,7 +65,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", help="a fine-tune run folder (model.pt); default: an untrained-head Lite0")
     parser.add_argument("--photos", type=int, default=64)
-    parser.add_argument("--engines", default="torch,onnx")
+    parser.add_argument("--engines", default="torch,onnx,openvino,openvino-bf16",
+                        help="torch, onnx (ONNX Runtime), openvino, openvino-bf16")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
     os.environ.setdefault("BINSIGHT_HOME", tempfile.mkdtemp(prefix="binsight-bench-"))
@@ -79,6 +81,8 @@ def main():
     if args.run:
         finetune.mkdir()
         shutil.copy(Path(args.run).expanduser() / "model.pt", finetune / "model.pt")
+        if (Path(args.run).expanduser() / "config.json").is_file():  # the engines are checked on its dataset's photos
+            shutil.copy(Path(args.run).expanduser() / "config.json", finetune / "config.json")
     else:
         untrained_model(finetune, 288, 1.37, "flips")
     small = work / "one_view_224"
@@ -89,10 +93,13 @@ def main():
     try:
         for folder in (finetune, small):
             for engine in args.engines.split(","):
-                if engine == "onnx":
+                if engine != "torch":
                     started = time.perf_counter()
-                    model, meta = load_fast_model(folder / "model.pt", engine="onnx")
-                    print(f"  (ONNX export and check: {time.perf_counter() - started:.1f} s)")
+                    name, _, precision = engine.partition("-")
+                    model, meta = load_fast_model(folder / "model.pt", engine=name, precision=precision or "fp32")
+                    print(f"  ({engine}: export and check {time.perf_counter() - started:.1f} s, max probability "
+                          f"difference from PyTorch {model.check['max_difference']:.1g} on "
+                          f"{model.check['photos']} real photos)")
                 else:
                     model, meta = load_model(folder / "model.pt")
                 label = f"{'×'.join(map(str, input_size(meta)))}, {len(tta_views(meta))} view(s), {engine}"

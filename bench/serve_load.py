@@ -1,11 +1,14 @@
 """Load run against `python -m core serve`: concurrent clients posting real photos (and some bad bodies).
 
     python bench/serve_load.py [--model RUN_DIR/model.pt] [--seconds 60] [--clients 8] [--bad 0.05]
+                               [--precision fp32|bf16]
 
 Starts the service on 127.0.0.1 on a free port, sends photos from ../shared/abid (or the demo set) from
 `--clients` threads for `--seconds` (at most `--max-requests` in all), a `--bad` share of them broken bodies
 that must get 400, then prints throughput, latency percentiles, answers by status, how the batcher grouped
-requests and the server's memory (RSS) before and after. Without --model: the current model, else an
+requests and the server's memory (RSS) before and after. "Before" is taken after a warm-up round (one photo from
+each client at once), so that the first burst's one-off allocations (threads, allocator pools) are not counted
+as growth. Without --model: the current model, else an
 EfficientNet-Lite0 of the fine-tune shape (288×395, four views) with an untrained head.
 """
 import argparse
@@ -91,6 +94,7 @@ def main():
     parser.add_argument("--bad", type=float, default=0.05, help="share of requests with a broken body")
     parser.add_argument("--photos", type=int, default=200)
     parser.add_argument("--max-requests", type=int, default=100_000)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     args = parser.parse_args()
     os.environ.setdefault("BINSIGHT_HOME", tempfile.mkdtemp(prefix="binsight-load-"))
     model = args.model
@@ -104,10 +108,16 @@ def main():
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "core", "serve", "--model", str(model), "--host", "127.0.0.1",
-                               "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--port", str(port), "--precision", args.precision], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until_up(url, server)
-        httpx.post(f"{url}/invocations", content=bodies[0], headers={"content-type": "image/jpeg"}, timeout=60)
+        warm_up = [threading.Thread(target=httpx.post, args=(f"{url}/invocations",),
+                                    kwargs={"content": bodies[i % len(bodies)], "timeout": 120,
+                                            "headers": {"content-type": "image/jpeg"}}) for i in range(args.clients)]
+        for thread in warm_up:
+            thread.start()
+        for thread in warm_up:
+            thread.join(180)
         rss_before = rss_mb(server.pid)
         records: list = []
         until = time.monotonic() + args.seconds
@@ -132,7 +142,7 @@ def main():
     good = [ms for broken, status, ms in records if not broken and status == 200]
     statuses = Counter(f"{'bad' if broken else 'good'} body → {status}" for broken, status, _ in records)
     wrong = sum(1 for broken, status, _ in records if status != (400 if broken else 200))
-    print(f"model {described['model']} ({described['engine']}, input {described['input_size']}, "
+    print(f"model {described['model']} ({described['engine']} {described['precision']}, input {described['input_size']}, "
           f"{len(described['tta_views'])} views); {args.clients} clients for {elapsed:.1f} s; "
           f"load average {os.getloadavg()[0]:.1f} (shared machine: figures move with the neighbours' load)")
     print(f"requests {len(records):,}: {len(records) / elapsed:.1f} requests/s, {len(good) / elapsed:.1f} photos/s")
