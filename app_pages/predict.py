@@ -215,6 +215,18 @@ def probability_chart(row: pd.Series, classes: list[int], threshold: float) -> g
     return figure
 
 
+def engine_note(run: dict) -> str:
+    """Which engine counted, and how closely it agrees with PyTorch."""
+    from core.models.engines import ENGINE_NAMES
+
+    model, _ = predictor_for(Path(run["path"]) / "model.pt")
+    check = getattr(model, "check", None)
+    if check is None:
+        return "Counted with PyTorch."
+    return (f"Counted with {ENGINE_NAMES[model.engine]} ({model.precision}): within {check['max_difference']:.0e} "
+            f"of PyTorch's probabilities on {check['photos']} real photos.")
+
+
 def show_results(frame: pd.DataFrame, run: dict, notes: list[str]) -> None:
     threshold = run["threshold"]
     classes = [int(c.split("_", 1)[1]) for c in probability_columns(frame)]
@@ -269,4 +281,4 @@ if given is None:
     st.stop()
 signature, inputs, notes = given
 results = predictions_for(run, signature, inputs)
-show_results(results, run, notes)
+show_results(results, run, notes + [engine_note(run)])

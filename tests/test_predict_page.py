@@ -130,6 +130,8 @@ def test_a_local_folder_with_a_photo_damaged_inside(shared, tmp_path):
     assert shown_metrics(at)["Photos predicted"] == "3" and shown_metrics(at)["Could not be read"] == "1"
     assert any(e.value.startswith("zz_cut.jpg: the image is damaged or truncated") for e in at.error)
     assert any("1 files without a photo extension" in c.value for c in at.caption)
+    engine = next(c.value for c in at.caption if c.value.startswith("Counted with"))
+    assert engine.startswith(("Counted with OpenVINO (fp32): within", "Counted with PyTorch")), engine
     at.text_input(key="predict_folder").input(str(tmp_path / "nowhere")).run()
     assert "does not exist" in at.error[0].value
 

@@ -26,6 +26,7 @@ from core.models.preprocess import photo_tensor, tta_views
 log = logging.getLogger(__name__)
 ENGINES = ("auto", "openvino", "onnx", "torch")  # "onnx" is ONNX Runtime
 PRECISIONS = ("fp32", "bf16")
+ENGINE_NAMES = {"openvino": "OpenVINO", "onnxruntime": "ONNX Runtime", "torch": "PyTorch"}
 # Largest probability difference from PyTorch accepted. In float32 every check photo must also keep its count;
 # bfloat16 keeps about 8 bits of mantissa, so a photo whose two likeliest counts are that close may swap them
 # (measured on 500 real test photos: differences up to 0.02, 9 counts changed, the same balanced accuracy).
