@@ -1,8 +1,8 @@
 """Metadata objects/s of the bucket-scale index (python -m core index s3://…) against a local S3 server.
 
 Seeds N copies of the real metadata JSONs into moto's server on 127.0.0.1 (in a process of its own), then indexes
-them with 1, 8 and 32 requests in flight. Loopback requests cost far less than AWS's tens of milliseconds, so the gain from keeping many
-requests in flight is larger against the real bucket than here.
+them with 1, 8 and 32 requests in flight. Loopback requests cost far less than AWS's tens of milliseconds, so the
+gain from keeping many requests in flight is larger against the real bucket than here.
 
     python bench/bucket_index_speed.py --objects 2000
 """
