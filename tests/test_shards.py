@@ -214,6 +214,17 @@ def test_pack_to_s3_and_read_back(s3_world, small_abid, tmp_path):
     assert not list((Path(os.environ["BINSIGHT_HOME"]) / "shards-staging").rglob("*.tar*"))
 
 
+
+def test_a_shard_download_cut_off_midway_is_named(s3_world, small_abid, tmp_path, relay, monkeypatch):
+    world, _admin = s3_world
+    url = f"s3://my-shards/sets/{tmp_path.name}"
+    index = pack_shards(load_dataset(small_abid), url, shard_size=SHARD_SIZE)
+    # the first connection (the first train shard: the index is given) breaks off after 60 kB of its ~140 kB
+    cutting = relay(world.port, delay_s=0, cut_after=60_000, cuts=1)
+    monkeypatch.setenv("BINSIGHT_S3_ENDPOINT_URL", cutting.url)
+    with pytest.raises(ShardError, match=r"shard train-000000\.tar in s3://.* breaks off after \d+ of"):
+        read_split(url, "train", index=index)
+
 def test_a_counting_list_packs_its_mirror_and_the_bucket(s3_world, tmp_path):
     world, admin = s3_world
     names = sorted(world.labels)[:12]

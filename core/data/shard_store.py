@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -12,6 +13,9 @@ from core.files import atomic_write_bytes
 
 INDEX_NAME = "shards.json"
 INDEX_FORMAT = "binsight-shards/1"
+# tarfile reads a stream 10 KB at a time; through one large buffer a shard costs a few big reads instead
+# (from a bucket each small read of the HTTP body is a round through urllib3 — bench/shards_speed.py measures it)
+READ_BUFFER = 4 * 1024 * 1024
 
 
 class ShardError(DatasetError):
@@ -79,7 +83,7 @@ class LocalStore(ShardStore):
 
     def open(self, name):
         try:
-            return open(self.folder / name, "rb")
+            return open(self.folder / name, "rb", buffering=READ_BUFFER)
         except OSError as exc:
             raise ShardError(f"shard {name} cannot be opened in {self.folder} ({exc})") from None
 
@@ -146,10 +150,11 @@ class S3Store(ShardStore):
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self.key(name))["Body"]
+            body = self.client.get_object(Bucket=self.bucket, Key=self.key(name))["Body"]
         except (BotoCoreError, ClientError) as exc:
             raise ShardError(f"shard {name} cannot be opened in {self.location}: "
                              f"{self.source._explain(exc, name)}") from None
+        return io.BufferedReader(body, buffer_size=READ_BUFFER)
 
     def staging_dir(self):
         folder = config.home() / "shards-staging" / hashlib.sha1(self.location.encode()).hexdigest()[:12]

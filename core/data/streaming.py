@@ -9,14 +9,39 @@ IMAGE_EXTS = ("jpg", "png", "webp", "bmp")
 BAD_SHARD_CHOICES = ("stop", "skip")
 
 
+def tar_samples(stream):
+    """The samples of a tar stream read once, as {"__key__": key, extension: bytes, ...}.
+
+    The files of one sample lie next to each other (as webdataset's TarWriter writes them). This is webdataset's
+    tar_file_expander + group_by_keys without their per-file regular expressions and wrapping dicts, which cost
+    as much per photo as reading it; a name given twice in one sample is a damaged shard, as there.
+    """
+    import tarfile
+
+    sample: dict = {}
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            if not member.isreg():
+                continue
+            key, _, ext = member.name.partition(".")
+            if key != sample.get("__key__"):
+                if sample:
+                    yield sample
+                sample = {"__key__": key}
+            if ext.lower() in sample:
+                raise ValueError(f"{member.name} appears twice in one sample")
+            sample[ext.lower()] = tar.extractfile(member).read()
+            tar.members = []  # read once: keep no list of the members passed
+    if sample:
+        yield sample
+
+
 def shard_samples(store: ShardStore, shard: dict, on_bad_shard: str = "stop"):
     """The photos of one shard as dicts (key, name, count, image bytes, metadata bytes or None, shard).
 
     A shard that breaks off or holds fewer samples than its index entry raises ShardError naming it
     ("stop"), or is left with a warning after the photos read before the damage ("skip").
     """
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
     if on_bad_shard not in BAD_SHARD_CHOICES:
         raise ShardError(f"on_bad_shard must be one of {BAD_SHARD_CHOICES}, not {on_bad_shard!r}")
     names = {key: (name, count) for key, name, count in shard["photos"]}
@@ -24,8 +49,7 @@ def shard_samples(store: ShardStore, shard: dict, on_bad_shard: str = "stop"):
     problem = None
     stream = store.open(shard["name"])
     try:
-        files = tar_file_expander([{"url": shard["name"], "stream": stream}])
-        for sample in group_by_keys(files):
+        for sample in tar_samples(stream):
             image_ext = next((ext for ext in IMAGE_EXTS if ext in sample), None)
             if sample["__key__"] not in names or image_ext is None:
                 problem = f"holds an unexpected sample {sample['__key__']!r}"
