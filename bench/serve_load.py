@@ -124,11 +124,21 @@ def main():
         budget = max(1, args.max_requests // args.clients)
         threads = [threading.Thread(target=client_loop, args=(url, bodies, bad, args.bad, until, budget, i, records))
                    for i in range(args.clients)]
+        samples: list[float] = []
+        stop_sampling = threading.Event()
+
+        def sample_rss():
+            while not stop_sampling.wait(10):
+                samples.append(rss_mb(server.pid))
+
+        sampler = threading.Thread(target=sample_rss, daemon=True)
         started = time.perf_counter()
+        sampler.start()
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(args.seconds + 120)
+        stop_sampling.set()
         elapsed = time.perf_counter() - started
         rss_after = rss_mb(server.pid)
         described = httpx.get(f"{url}/model", timeout=30).json()
@@ -154,7 +164,8 @@ def main():
     batching = described["batching"]
     print(f"batcher: {batching['forward_passes']:,} forward passes for {batching['requests_served']:,} requests "
           f"({batching['shared_passes']:,} shared), largest batch {batching['largest_batch']}")
-    print(f"server RSS: {rss_before:.0f} MB before, {rss_after:.0f} MB after")
+    print(f"server RSS: {rss_before:.0f} MB before, {rss_after:.0f} MB after "
+          f"({(rss_after / rss_before - 1):+.1%}); every 10 s: {', '.join(f'{mb:.0f}' for mb in samples)}")
 
 
 if __name__ == "__main__":

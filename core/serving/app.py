@@ -7,6 +7,7 @@ import math
 import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -16,9 +17,17 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from core import config
+from core.models.engines import cpu_cores
 from core.models.networks import file_digest
 from core.serving.batcher import DynamicBatcher, QueueFull
-from core.serving.inputs import IMAGE_TYPES, JSON_TYPE, BadInput, PhotoReader, fetch_s3, uri_list
+from core.serving.inputs import (
+    IMAGE_TYPES,
+    JSON_TYPE,
+    BadInput,
+    PhotoReader,
+    fetch_s3,
+    uri_list,
+)
 
 log = logging.getLogger("binsight.serve")
 MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -63,6 +72,13 @@ class Service:
         self.reader = PhotoReader(self.meta)
         self.threshold = float(config.load_settings().get("low_confidence_threshold", DEFAULT_THRESHOLD))
         self.batcher = DynamicBatcher(self.model.probabilities, max_batch=max_batch, window_ms=window_ms)
+        # Photos are decoded on a few threads of our own, not on the server's pool of forty: every thread that
+        # allocates photo-sized arrays gets its own malloc arena, and the server's memory grew with each one.
+        self.decoders = ThreadPoolExecutor(max_workers=cpu_cores(), thread_name_prefix="binsight-decode")
+
+    async def decode(self, data: bytes, name: str) -> np.ndarray:
+        """A photo's bytes as the model's input array (BadInput when they are not a usable photo)."""
+        return await asyncio.get_running_loop().run_in_executor(self.decoders, self.reader.array, data, name)
 
     def answer(self, probs: np.ndarray) -> dict:
         best = int(np.argmax(probs))
@@ -95,6 +111,7 @@ class Service:
 
     def close(self) -> None:
         self.batcher.close()
+        self.decoders.shutdown(wait=False, cancel_futures=True)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -184,7 +201,7 @@ def create_app(model_path: str | Path, engine: str = "auto", max_batch: int = 16
         try:
             if kind == JSON_TYPE:
                 return await _predict_uris(served, request, uri_list(body))
-            array = await run_in_threadpool(served.reader.array, body, "photo")
+            array = await served.decode(body, "photo")
         except BadInput as exc:
             raise ServeError(400, str(exc)) from None
         result = served.answer((await served.probabilities([array]))[0])
@@ -205,7 +222,7 @@ async def _predict_uris(served: Service, request: Request, uris: list[str]) -> d
             continue
         try:
             data = await run_in_threadpool(Path(where).read_bytes)
-            arrays.append(await run_in_threadpool(served.reader.array, data, Path(where).name))
+            arrays.append(await served.decode(data, Path(where).name))
             rows.append(row)
         except BadInput as exc:
             results[row]["error"] = str(exc)
