@@ -187,6 +187,24 @@ def test_an_engine_that_disagrees_with_pytorch_is_not_used(tmp_path, monkeypatch
         engines.load_fast_model(path, engine="onnx")
 
 
+def test_engines_are_checked_on_the_models_own_photos_passing_over_damaged_ones(tmp_path, photos):
+    import json
+
+    from core.models import engines
+
+    data = tmp_path / "data" / "bin-images"
+    data.mkdir(parents=True)
+    (data / "0000-cut.jpg").write_bytes(photos[0].read_bytes()[:1500])
+    for photo in photos[:3]:
+        (data / photo.name).write_bytes(photo.read_bytes())
+    run = tmp_path / "run"
+    path = small_model(run)
+    (run / "config.json").write_text(json.dumps({"data": str(data.parent)}))
+    fast, _ = engines.load_fast_model(path, engine="onnx")
+    assert fast.check == json.loads((run / "model.onnx.checks.json").read_text()).popitem()[1]
+    assert fast.check["photos"] == 3 and fast.check["max_difference"] <= 1e-4
+
+
 def test_bfloat16_stays_within_its_tolerance_and_needs_openvino(tmp_path, photos):
     import openvino as ov
 

@@ -132,7 +132,8 @@ def engine_available(engine: str) -> bool:
 
 
 def check_photos(model_path: Path, n: int = CHECK_PHOTOS) -> list[Path]:
-    """Real photos to check an engine with: the model's own dataset's first photos, else the demo set's."""
+    """Real photos to check an engine with (twice as many as needed, in case some are damaged): the model's own
+    dataset's first photos, else the demo set's."""
     try:
         data = json.loads((model_path.parent / "config.json").read_text()).get("data")
     except (OSError, ValueError):
@@ -140,7 +141,7 @@ def check_photos(model_path: Path, n: int = CHECK_PHOTOS) -> list[Path]:
     for folder in ([Path(data) / "bin-images", Path(data)] if data and not str(data).startswith("s3://") else []):
         if folder.is_dir():
             found = list(itertools.islice((Path(e.path) for e in os.scandir(folder)
-                                           if e.name.lower().endswith((".jpg", ".jpeg", ".png"))), n))
+                                           if e.name.lower().endswith((".jpg", ".jpeg", ".png"))), 2 * n))
             if found:
                 return sorted(found)
     from core.data.demo import ensure_demo
@@ -148,12 +149,30 @@ def check_photos(model_path: Path, n: int = CHECK_PHOTOS) -> list[Path]:
     return sorted((ensure_demo() / "bin-images").glob("*.jpg"))[:n]
 
 
+def readable_tensors(photos: list[Path], meta: dict, n: int = CHECK_PHOTOS) -> list[torch.Tensor]:
+    """The model inputs of the first n photos that can be read (a damaged photo in the dataset is passed over)."""
+    tensors = []
+    for photo in photos:
+        try:
+            tensors.append(photo_tensor(photo, meta))
+        except Exception:  # noqa: BLE001 — any photo that will not decode is simply not used for the check
+            continue
+        if len(tensors) == n:
+            break
+    return tensors
+
+
 def compare_with_torch(model: nn.Module, meta: dict, runtime, photos: list[Path]) -> dict:
     """How far `runtime`'s probabilities are from PyTorch's on these photos, and whether every count agrees."""
-    images = torch.stack([photo_tensor(p, meta) for p in photos])
+    tensors = readable_tensors(photos, meta)
+    if not tensors:
+        from core.data.demo import ensure_demo
+
+        tensors = readable_tensors(sorted((ensure_demo() / "bin-images").glob("*.jpg")), meta)
+    images = torch.stack(tensors)
     expected = TorchModel(model, meta).probabilities(images.numpy())
     got = runtime.probabilities(images.numpy())
-    return {"max_difference": float(np.abs(got - expected).max()), "photos": len(photos),
+    return {"max_difference": float(np.abs(got - expected).max()), "photos": len(tensors),
             "same_counts": bool((got.argmax(1) == expected.argmax(1)).all())}
 
 
