@@ -133,6 +133,7 @@ def journey(page, errors, tmp_path):
     page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files([str(demo_photo), str(broken)])
     page.get_by_text(re.compile(r"→ \d+ objects")).first.wait_for(timeout=120_000)
     page.locator('[data-testid="stAlertContentError"]', has_text=re.compile(r"^broken\.jpg: .*not a photo")).wait_for()
+    page.get_by_text(re.compile(r"Counted with (OpenVINO|ONNX Runtime) \(fp32\): within")).wait_for()
     wait_idle(page)
     shot(page, "05-predict")
 
