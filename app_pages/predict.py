@@ -224,7 +224,7 @@ def engine_note(run: dict) -> str:
     if check is None:
         return "Counted with PyTorch."
     return (f"Counted with {ENGINE_NAMES[model.engine]} ({model.precision}): within {check['max_difference']:.0e} "
-            f"of PyTorch's probabilities on {check['photos']} photos of its dataset.")
+            f"of PyTorch's probabilities on {check['photos']} photos ({check.get('photos_from', 'its dataset')}).")
 
 
 def show_results(frame: pd.DataFrame, run: dict, notes: list[str]) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from core import config
 from core.files import atomic_write_bytes
 from core.models.export import (
     ExportError,
@@ -144,9 +145,13 @@ def check_photos(model_path: Path, n: int = CHECK_PHOTOS) -> list[Path]:
                                            if e.name.lower().endswith((".jpg", ".jpeg", ".png"))), 2 * n))
             if found:
                 return sorted(found)
+    return demo_photos(n)
+
+
+def demo_photos(n: int) -> list[Path]:
     from core.data.demo import ensure_demo
 
-    return sorted((ensure_demo() / "bin-images").glob("*.jpg"))[:n]
+    return sorted((ensure_demo() / "bin-images").glob("*.jpg"))[:2 * n]
 
 
 def readable_tensors(photos: list[Path], meta: dict, n: int = CHECK_PHOTOS) -> list[torch.Tensor]:
@@ -166,13 +171,14 @@ def compare_with_torch(model: nn.Module, meta: dict, runtime, photos: list[Path]
     """How far `runtime`'s probabilities are from PyTorch's on these photos, and whether every count agrees."""
     tensors = readable_tensors(photos, meta)
     if not tensors:
-        from core.data.demo import ensure_demo
-
-        tensors = readable_tensors(sorted((ensure_demo() / "bin-images").glob("*.jpg")), meta)
+        photos = demo_photos(CHECK_PHOTOS)
+        tensors = readable_tensors(photos, meta)
     images = torch.stack(tensors)
     expected = TorchModel(model, meta).probabilities(images.numpy())
     got = runtime.probabilities(images.numpy())
+    demo = Path(photos[0]).resolve().is_relative_to(config.demo_dir().resolve())
     return {"max_difference": float(np.abs(got - expected).max()), "photos": len(tensors),
+            "photos_from": "the demo set" if demo else str(Path(photos[0]).parent),
             "same_counts": bool((got.argmax(1) == expected.argmax(1)).all())}
 
 
