@@ -210,7 +210,7 @@ def _runtime(engine: str, onnx_path: Path, meta: dict, precision: str):
     if engine == "openvino":
         return OpenVinoModel(onnx_path, meta, precision)
     if precision != "fp32":
-        raise ExportError(f"{precision} runs on OpenVINO only (pip install openvino)")
+        raise ExportError(f"{precision} runs on OpenVINO only: use --engine openvino (or auto)")
     return OnnxRuntimeModel(onnx_path, meta)
 
 
