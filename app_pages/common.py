@@ -63,15 +63,16 @@ def model_for(model_path: str | Path):
 
 
 @st.cache_resource(show_spinner="Preparing the model for fast prediction…", max_entries=4)
-def _cached_predictor(model_path: str, stamp: str):
+def _cached_predictor(model_path: str, stamp: str, precision: str):
     from core.models.engines import load_predictor
 
-    return load_predictor(model_path)  # OpenVINO or ONNX Runtime on a CPU (exported once, checked), else PyTorch
+    # OpenVINO or ONNX Runtime on a CPU (exported once, checked against PyTorch), else PyTorch
+    return load_predictor(model_path, precision=precision)
 
 
-def predictor_for(model_path: str | Path):
+def predictor_for(model_path: str | Path, precision: str = "fp32"):
     """(predictor, meta) for prediction only: the fastest engine for this model file, loaded once per version."""
-    return _cached_predictor(str(model_path), _version(model_path))
+    return _cached_predictor(str(model_path), _version(model_path), precision)
 
 
 @st.cache_data(show_spinner=False, max_entries=2000)

@@ -136,6 +136,26 @@ def test_a_local_folder_with_a_photo_damaged_inside(shared, tmp_path):
     assert "does not exist" in at.error[0].value
 
 
+def test_the_bfloat16_toggle_counts_with_openvino_in_bf16(shared, tmp_path):
+    from core.models.engines import bf16_supported
+
+    if not bf16_supported():
+        pytest.skip("this CPU has no native bfloat16 (or OpenVINO is missing): the toggle is not offered")
+    folder = tmp_path / "bins"
+    folder.mkdir()
+    for p in photos(shared, 3):
+        (folder / p.name).write_bytes(p.read_bytes())
+    at = run_page()
+    at.radio(key="predict_origin").set_value("Local folder").run()
+    at.text_input(key="predict_folder").input(str(folder)).run()
+    assert any(c.value.startswith("Counted with OpenVINO (fp32)") for c in at.caption)
+    at.toggle(key="predict_bf16").set_value(True).run()
+    assert not at.exception
+    assert shown_metrics(at)["Photos predicted"] == "3"
+    assert any(c.value.startswith("Counted with OpenVINO (bf16)") for c in at.caption)
+    assert "--precision bf16" in at.code[0].value
+
+
 def test_an_s3_prefix_and_a_missing_key(shared, tmp_path_factory, monkeypatch):
     world = shared_world(tmp_path_factory)  # a real S3 server (moto) holding an aft-vbi-pds lookalike
     monkeypatch.setenv("BINSIGHT_S3_ENDPOINT_URL", world.url)

@@ -1,6 +1,7 @@
 """The engines that run a counting model for prediction (OpenVINO, ONNX Runtime, PyTorch), checked on real photos."""
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -87,7 +88,7 @@ class OpenVinoModel:
         import openvino as ov
 
         core = ov.Core()
-        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        if precision == "bf16" and not bf16_supported():
             raise ExportError("this CPU has no native bfloat16 (AVX512-BF16 or AMX): use --precision fp32")
         self.compiled = core.compile_model(str(source), "CPU", {
             "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
@@ -130,6 +131,16 @@ def engine_available(engine: str) -> bool:
     except ImportError:
         return False
     return True
+
+
+@functools.cache
+def bf16_supported() -> bool:
+    """Whether OpenVINO is installed and this CPU computes in bfloat16 natively (AVX512-BF16 or AMX)."""
+    if not engine_available("openvino"):
+        return False
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def check_photos(model_path: Path, n: int = CHECK_PHOTOS) -> list[Path]:
