@@ -1,8 +1,13 @@
-"""Device facts: whether CUDA is usable, and each GPU's utilisation and memory (nvidia-ml-py) when it is."""
+"""Device facts: the CPU cores this process may use, whether CUDA is usable, and each GPU's utilisation and memory."""
 from __future__ import annotations
 
 import functools
 import os
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity, which containers and taskset narrow), at least 1."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @functools.lru_cache(maxsize=1)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import threading
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ import pandas as pd
 
 from core.errors import Cancelled, describe_error
 from core.files import atomic_write_json
+from core.gpu import cpu_cores
 from core.jobs import queue as jobs
 from core.jobs.params import training_problems
 from core.training import config as training_config
@@ -80,7 +80,7 @@ def parallel_trials(requested: int, device: str, cores: int | None = None) -> tu
     """How many trials run at once: several per GPU, on the CPU one per 4 cores (trials share the cores)."""
     requested = max(1, int(requested))
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = cpu_cores()
     if str(device).startswith("cuda"):
         allowed, why = min(requested, 4), "at most 4 trials share one GPU"
     else:

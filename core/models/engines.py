@@ -15,6 +15,7 @@ from torch import nn
 
 from core import config
 from core.files import atomic_write_bytes
+from core.gpu import cpu_cores
 from core.models.export import (
     ExportError,
     ViewAveragedModel,
@@ -38,10 +39,6 @@ CHECK_PHOTOS = 8
 # One forward pass sees at most this many pixels (four 288×395 views): on a CPU, larger batches spill the
 # caches and run slower per photo (measured with bench/predict_speed.py), so big batches are cut up.
 PIXELS_PER_PASS = 4 * 288 * 395
-
-
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _passes(images: np.ndarray, meta: dict):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -10,6 +9,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from core.data.images import ImageError, load_image
+from core.gpu import cpu_cores
 from core.models.catalog import TTA_VIEWS, VIEW_DIMS
 
 PREPROCESS_VERSION = 1
@@ -85,8 +85,7 @@ def photo_tensor(photo: str | Path | Image.Image, meta: dict) -> torch.Tensor:
 
 def default_workers() -> int:
     """DataLoader workers for this machine: one core is left to the main process (which runs the model)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores - 1))
+    return max(0, min(8, cpu_cores() - 1))
 
 
 class PhotoDataset(torch.utils.data.Dataset):

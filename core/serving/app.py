@@ -17,17 +17,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from core import config
-from core.models.engines import cpu_cores
+from core.gpu import cpu_cores
 from core.models.networks import file_digest
 from core.serving.batcher import DynamicBatcher, QueueFull
-from core.serving.inputs import (
-    IMAGE_TYPES,
-    JSON_TYPE,
-    BadInput,
-    PhotoReader,
-    fetch_s3,
-    uri_list,
-)
+from core.serving.inputs import IMAGE_TYPES, JSON_TYPE, BadInput, PhotoReader, fetch_s3, uri_list
 
 log = logging.getLogger("binsight.serve")
 MAX_BODY_BYTES = 10 * 1024 * 1024
