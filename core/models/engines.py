@@ -16,14 +16,8 @@ from torch import nn
 from core import config
 from core.files import atomic_write_bytes
 from core.gpu import cpu_cores
-from core.models.export import (
-    ExportError,
-    ViewAveragedModel,
-    cache_key,
-    ensure_onnx,
-    model_file,
-)
-from core.models.networks import load_model, resolve_device
+from core.models.export import ExportError, ViewAveragedModel, cache_key, ensure_onnx
+from core.models.networks import load_model, model_file, resolve_device
 from core.models.preprocess import photo_tensor, tta_views
 
 log = logging.getLogger(__name__)
@@ -109,8 +103,7 @@ class TorchModel:
 
     def __init__(self, model: nn.Module, meta: dict, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
-        self.model = ViewAveragedModel(model.to(self.device).eval(), tta_views(meta),
-                                       float(meta.get("temperature", 1.0))).eval()
+        self.model = ViewAveragedModel.of(model.to(self.device), meta)
         self.meta = meta
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
@@ -194,8 +187,9 @@ def _checks_path(onnx_path: Path) -> Path:
     return onnx_path.with_suffix(".onnx.checks.json")
 
 
-def checked(model_path: Path, onnx_path: Path, name: str, runtime) -> dict:
-    """The comparison of this engine with PyTorch for this exact model file (cached beside model.onnx)."""
+def checked(model_path: Path, model: nn.Module, onnx_path: Path, name: str, runtime) -> dict:
+    """The comparison of this engine with PyTorch for this exact model file (cached beside model.onnx);
+    `model` is that file loaded."""
     from importlib.metadata import version
 
     key = f"{cache_key(model_path)}:{name}:{version('openvino' if runtime.engine == 'openvino' else 'onnxruntime')}"
@@ -205,8 +199,7 @@ def checked(model_path: Path, onnx_path: Path, name: str, runtime) -> dict:
     except (OSError, ValueError):
         cached = {}
     if key not in cached:
-        model, meta = load_model(model_path)
-        cached[key] = compare_with_torch(model, meta, runtime, check_photos(model_path))
+        cached[key] = compare_with_torch(model, runtime.meta, runtime, check_photos(model_path))
         try:
             atomic_write_bytes(path, json.dumps(cached, indent=1).encode())
         except OSError:
@@ -229,15 +222,15 @@ def load_fast_model(model_path: str | Path, engine: str = "auto", device: str | 
     if engine not in ENGINES or precision not in PRECISIONS:
         raise ExportError(f"engine must be one of {ENGINES} and precision one of {PRECISIONS}")
     model_path = model_file(model_path)
+    model, meta = load_model(model_path)
     target = resolve_device(device or "auto")
     candidates = [engine] if engine != "auto" else [e for e in ("openvino", "onnx") if engine_available(e)]
     if target.type == "cpu" or engine in ("openvino", "onnx"):
         for name in (c for c in candidates if c != "torch"):
             try:
-                _, meta = load_model(model_path)
                 onnx_path = ensure_onnx(model_path)
                 runtime = _runtime(name, onnx_path, meta, precision)
-                check = checked(model_path, onnx_path, f"{name}/{precision}", runtime)
+                check = checked(model_path, model, onnx_path, f"{name}/{precision}", runtime)
                 changed = SAME_COUNTS[precision] and not check["same_counts"]
                 if check["max_difference"] > TOLERANCE[precision] or changed:
                     raise ExportError(f"differs from PyTorch by {check['max_difference']:.2g} on {check['photos']} "
@@ -251,7 +244,6 @@ def load_fast_model(model_path: str | Path, engine: str = "auto", device: str | 
                 log.warning("%s cannot run %s (%s); trying the next engine", name, model_path, exc)
     if precision != "fp32":
         raise ExportError(f"{model_path.name}: {precision} needs OpenVINO on a CPU")
-    model, meta = load_model(model_path)
     return TorchModel(model, meta, target), meta
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from core import config
 from core.files import atomic_write_bytes
 from core.models.catalog import VIEW_DIMS
-from core.models.networks import ModelError, file_digest, load_model
+from core.models.networks import ModelError, file_digest, load_model, model_file
 from core.models.preprocess import input_size, tta_views
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,11 @@ class ViewAveragedModel(nn.Module):
         self.views = tuple(views)
         self.temperature = float(temperature)  # the calibration fitted after training (core.evaluation.calibration)
 
+    @classmethod
+    def of(cls, model: nn.Module, meta: dict) -> "ViewAveragedModel":
+        """The model with the views and temperature its meta names, in eval mode."""
+        return cls(model.eval(), tta_views(meta), float(meta.get("temperature", 1.0))).eval()
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         seen = [images.flip(VIEW_DIMS[v]) if VIEW_DIMS[v] else images for v in self.views]
         batch = torch.cat(seen, 0) if len(seen) > 1 else seen[0]  # every view in one pass: fewer, larger kernels
@@ -44,7 +49,7 @@ class ViewAveragedModel(nn.Module):
 def onnx_bytes(model: nn.Module, meta: dict) -> bytes:
     """The model with its views as ONNX: input `images` (batch × 3 × H × W), output `probabilities`."""
     height, width = input_size(meta)
-    wrapped = ViewAveragedModel(model.cpu().eval(), tta_views(meta), float(meta.get("temperature", 1.0))).eval()
+    wrapped = ViewAveragedModel.of(model.cpu(), meta)
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice; it needs no onnxscript
@@ -88,9 +93,3 @@ def ensure_onnx(model_path: str | Path) -> Path:
     atomic_write_bytes(_key_path(target), key.encode())
     log.info("exported %s to %s", model_path, target)
     return target
-
-
-def model_file(model_path: str | Path) -> Path:
-    """model.pt itself, given the file or its run folder."""
-    model_path = Path(model_path).expanduser()
-    return model_path / "model.pt" if model_path.is_dir() else model_path

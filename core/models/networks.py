@@ -233,11 +233,15 @@ def save_model(path: str | Path, model: nn.Module, meta: dict) -> Path:
     return atomic_write_bytes(path, model_bytes(model, meta))
 
 
+def model_file(path: str | Path) -> Path:
+    """model.pt itself, given the file or its run folder."""
+    path = Path(path).expanduser()
+    return path / "model.pt" if path.is_dir() else path
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """(model in eval mode, meta) from a model.pt written by save_model; needs no other file."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        path = path / "model.pt"
+    path = model_file(path)
     if not path.is_file():
         raise ModelFileMissing(f"{path}: no such model file (expected RUN_DIR/model.pt)")
     try:

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 
 from core import config
 from core.gpu import cpu_cores
-from core.models.networks import file_digest
+from core.models.networks import file_digest, model_file
 from core.serving.batcher import DynamicBatcher, QueueFull
 from core.serving.inputs import IMAGE_TYPES, JSON_TYPE, BadInput, PhotoReader, fetch_s3, uri_list
 
@@ -56,9 +56,7 @@ class Service:
                  precision: str = "fp32"):
         from core.models.engines import load_fast_model
 
-        self.model_path = Path(model_path).expanduser()
-        if self.model_path.is_dir():
-            self.model_path = self.model_path / "model.pt"
+        self.model_path = model_file(model_path)
         self.model, self.meta = load_fast_model(self.model_path, engine=engine, precision=precision)
         self.classes = [int(c) for c in self.meta["classes"]]
         self.model_id = f"{self.model_path.parent.name}@{file_digest(self.model_path)}"
