@@ -23,6 +23,11 @@ SHARD_EVERY_S = 30.0
 _hash_memo: dict[tuple, str] = {}
 
 
+def content_hash(data: bytes) -> str:
+    """The key of a photo in the feature cache: sha1 of its bytes, wherever they were read from (file or shard)."""
+    return hashlib.sha1(data).hexdigest()
+
+
 def photo_hash(path: str | Path) -> str | None:
     """sha1 of the photo's bytes (remembered per path, size and mtime), or None when it cannot be read."""
     try:
@@ -32,7 +37,7 @@ def photo_hash(path: str | Path) -> str | None:
     memo_key = (str(path), stat.st_size, stat.st_mtime_ns)
     if memo_key not in _hash_memo:
         try:
-            _hash_memo[memo_key] = hashlib.sha1(Path(path).read_bytes()).hexdigest()
+            _hash_memo[memo_key] = content_hash(Path(path).read_bytes())
         except OSError:
             return None
     return _hash_memo[memo_key]
@@ -180,8 +185,8 @@ def extract_stream_features(backbone: torch.nn.Module, meta: dict, samples, view
     """Backbone features of streamed photos (dicts with key, name, count and image bytes, as core.data.streaming
     yields them) in each of `views`, reading the stream once.
 
-    A photo is keyed by the sha1 of its bytes, as photo_hash keys a file, so photos packed into shards share the
-    cache with the same photos read from their folder. Cached vectors are read back; the other photos are decoded
+    A photo is keyed by content_hash of its bytes, as photo_hash keys a file, so photos packed into shards share
+    the cache with the same photos read from their folder. Cached vectors are read back; the other photos are decoded
     once (by DataLoader workers when `samples` is a torch IterableDataset such as photo_stream's pipeline) and each
     missing view is computed from the mirrored tensor. on_progress(dict(done, total, images_per_s,
     data_wait_fraction)) is called after each batch (done counts photos read, `total` the photos expected);
@@ -274,7 +279,7 @@ def extract_stream_features(backbone: torch.nn.Module, meta: dict, samples, view
 def _prepared(sample: dict, transform, fully_cached: set) -> dict:
     """A streamed photo hashed and, unless every view of it is cached, decoded; an unreadable photo has an error."""
     item = {"key": sample["key"], "name": sample["name"], "count": sample["count"],
-            "digest": hashlib.sha1(sample["image"]).hexdigest(), "tensor": None, "error": ""}
+            "digest": content_hash(sample["image"]), "tensor": None, "error": ""}
     if item["digest"] not in fully_cached:
         try:
             item["tensor"] = transform(load_image(sample["image"], sample["name"]))
