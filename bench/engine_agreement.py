@@ -15,6 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 
 def main() -> int:
@@ -29,7 +30,8 @@ def main() -> int:
     from sklearn.metrics import balanced_accuracy_score
 
     from core.data.loading import load_dataset
-    from core.models.engines import load_fast_model
+    from predict_speed import load_engine
+
     from core.models.inference import predict_photos
     from core.models.networks import load_model
 
@@ -48,8 +50,7 @@ def main() -> int:
 
     results = [scored("torch fp32", model)]
     for engine in args.engines.split(","):
-        name, _, precision = engine.partition("-")
-        fast, _ = load_fast_model(model_path, engine=name, precision=precision or "fp32")
+        fast, _ = load_engine(model_path, engine)
         results.append(scored(f"{fast.engine} {fast.precision}", fast))
     reference = results[0][1]
     print(f"\n{len(paths)} photos of {args.data} ({args.split} split), model {model_path}\n")

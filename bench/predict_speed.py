@@ -1,4 +1,4 @@
-"""Benchmark: Predict's CPU speed with PyTorch and with ONNX Runtime, one photo at a time and in batches.
+"""Benchmark: Predict's CPU speed with each engine (PyTorch, ONNX Runtime, OpenVINO), one photo and in batches.
 
     python bench/predict_speed.py [--run RUN_DIR] [--photos 64] [--engines torch,onnx,openvino,openvino-bf16]
                                   [--batch-size 32]
@@ -43,6 +43,14 @@ def untrained_model(folder: Path, image_size: int, aspect: float, tta: str) -> P
     return models.save_model(folder / "model.pt", model, meta)
 
 
+def load_engine(model_path: Path, label: str):
+    """(runtime, meta) for an engine label of --engines: onnx, openvino or openvino-bf16."""
+    from core.models.engines import load_fast_model
+
+    name, _, precision = label.partition("-")
+    return load_fast_model(model_path, engine=name, precision=precision or "fp32")
+
+
 def measure(label: str, model, meta, photos: list[str], batch_size: int) -> None:
     from core.models.inference import predict_photos
 
@@ -72,7 +80,6 @@ def main():
     os.environ.setdefault("BINSIGHT_HOME", tempfile.mkdtemp(prefix="binsight-bench-"))
     import torch
 
-    from core.models.engines import load_fast_model
     from core.models.networks import load_model
     from core.models.preprocess import input_size, tta_views
 
@@ -95,8 +102,7 @@ def main():
             for engine in args.engines.split(","):
                 if engine != "torch":
                     started = time.perf_counter()
-                    name, _, precision = engine.partition("-")
-                    model, meta = load_fast_model(folder / "model.pt", engine=name, precision=precision or "fp32")
+                    model, meta = load_engine(folder / "model.pt", engine)
                     print(f"  ({engine}: export and check {time.perf_counter() - started:.1f} s, max probability "
                           f"difference from PyTorch {model.check['max_difference']:.1g} on "
                           f"{model.check['photos']} real photos)")

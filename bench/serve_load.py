@@ -6,10 +6,10 @@
 Starts the service on 127.0.0.1 on a free port, sends photos from ../shared/abid (or the demo set) from
 `--clients` threads for `--seconds` (at most `--max-requests` in all), a `--bad` share of them broken bodies
 that must get 400, then prints throughput, latency percentiles, answers by status, how the batcher grouped
-requests and the server's memory (RSS) before and after. "Before" is taken after a warm-up round (one photo from
-each client at once), so that the first burst's one-off allocations (threads, allocator pools) are not counted
-as growth. Without --model: the current model, else an
-EfficientNet-Lite0 of the fine-tune shape (288×395, four views) with an untrained head.
+requests and the server's memory (RSS) before, every 10 s and after. "Before" is taken after a warm-up round (one
+photo from each client at once), so that the first burst's one-off allocations (threads, allocator pools) are not
+counted as growth. Without --model: the current model, else an EfficientNet-Lite0 of the fine-tune shape (288×395,
+four views) with an untrained head.
 """
 import argparse
 import os
@@ -108,7 +108,8 @@ def main():
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "core", "serve", "--model", str(model), "--host", "127.0.0.1",
-                               "--port", str(port), "--precision", args.precision], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--port", str(port), "--precision", args.precision], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until_up(url, server)
         warm_up = [threading.Thread(target=httpx.post, args=(f"{url}/invocations",),
@@ -152,8 +153,8 @@ def main():
     good = [ms for broken, status, ms in records if not broken and status == 200]
     statuses = Counter(f"{'bad' if broken else 'good'} body → {status}" for broken, status, _ in records)
     wrong = sum(1 for broken, status, _ in records if status != (400 if broken else 200))
-    print(f"model {described['model']} ({described['engine']} {described['precision']}, input {described['input_size']}, "
-          f"{len(described['tta_views'])} views); {args.clients} clients for {elapsed:.1f} s; "
+    print(f"model {described['model']} ({described['engine']} {described['precision']}, "
+          f"input {described['input_size']}, {len(described['tta_views'])} views); {args.clients} clients for {elapsed:.1f} s; "
           f"load average {os.getloadavg()[0]:.1f} (shared machine: figures move with the neighbours' load)")
     print(f"requests {len(records):,}: {len(records) / elapsed:.1f} requests/s, {len(good) / elapsed:.1f} photos/s")
     if good:
