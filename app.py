@@ -20,6 +20,7 @@ PAGES = {
     "Data": [
         st.Page("app_pages/overview.py", title="Overview", icon=":material/bar_chart:", default=True),
         st.Page("app_pages/browse.py", title="Browse", icon=":material/photo_library:"),
+        st.Page("app_pages/health.py", title="Data health", icon=":material/health_and_safety:"),
         st.Page("app_pages/balance.py", title="Balance", icon=":material/balance:"),
     ],
     "Model": [

@@ -10,8 +10,10 @@ from app_pages.common import current_dataset, current_user, model_for
 from core.data import annotations
 from core.data.dataset import photo_items
 from core.data.images import ImageError, load_image
+from core.evaluation.label_issues import cached_label_issues
 from core.jobs.runs import current_model_path
 from core.review.queue import (
+    ISSUE_QUEUES,
     MODEL_QUEUES,
     QUEUES,
     QueueError,
@@ -122,6 +124,25 @@ def model_prediction(model_path: Path | None, row: pd.Series) -> None:
               delta_color="normal" if agreed else "inverse", help=f"Confidence {confidence:.0%}")
 
 
+def label_issue_hint(dataset, name: str) -> None:
+    """What the data health check suggests for this bin (heads that never saw it), when it has run."""
+    found = cached_label_issues(dataset)
+    if found is None:
+        return
+    row = found.frame[found.frame["name"] == name]
+    if row.empty:
+        return
+    row = row.iloc[0]
+    probs = {c: float(row[f"prob_{c}"]) for c in found.classes}
+    top = sorted(probs.items(), key=lambda kv: -kv[1])[:2]
+    verdict = "likely wrong" if row["flagged"] else "not flagged"
+    st.markdown(f"🩺 Data health suggests **{row['suggested']}** · {verdict} (score {row['score']:.1f}: expected "
+                f"objects off)", help="From heads that never saw this photo (cross-fitted on the other photos): "
+                "the score is the expected distance in objects between the recorded count and the true one.")
+    st.caption("Likely: " + " · ".join(f"{c}: {p:.0%}" for c, p in top) + " — all: " +
+               ", ".join(f"{c} {p:.0%}" for c, p in probs.items()))
+
+
 def photo_figure(path: str):
     image = np.asarray(load_image(path))
     figure = px.imshow(image)
@@ -183,8 +204,9 @@ def readable(trail: pd.DataFrame) -> pd.DataFrame:
     return shown.rename(columns={"created_at": "time", "old_count": "from", "new_count": "to"})
 
 
-def choose_queue(frame: pd.DataFrame, key: str, model_path: Path | None, checked: set[str]) -> list[str]:
+def choose_queue(dataset, model_path: Path | None, checked: set[str]) -> list[str]:
     """The queue controls; the queue is rebuilt only when they change, so it stays put while you work."""
+    frame, key = dataset.frame, dataset.key
     c1, c2, c3, c4 = st.columns([3, 2, 2, 1])
     kind = c1.radio("Queue", list(QUEUES), format_func=QUEUES.get, horizontal=True, key="spot_kind")
     counts = c2.multiselect("Current count", COUNT_FILTERS, format_func=annotations.count_label,
@@ -208,12 +230,21 @@ def choose_queue(frame: pd.DataFrame, key: str, model_path: Path | None, checked
                 bar.empty()
                 st.rerun()
         scores = model_scores(model_path, pool)
+    issues = None
+    if kind in ISSUE_QUEUES:
+        found = cached_label_issues(dataset)
+        if found is None:
+            st.info("This queue is ordered by the data health check, which has not run on the labels as they are now "
+                    "(or a correction changed them since).")
+            st.page_link("app_pages/health.py", label="Open Data health and run the check", icon="🩺")
+            st.stop()
+        issues = found.frame
     seed = st.session_state.get("spot_seed", 0)
     # Scoring more photos changes a model queue; the other queues must not move while the current bin is scored.
     settings = (key, kind, tuple(counts), tuple(splits), size, seed, len(scores) if kind in MODEL_QUEUES else None)
     if st.session_state.get("spot_settings") != settings:
         try:
-            queue = build_queue(frame, kind, checked, scores, counts, splits, size, seed)
+            queue = build_queue(frame, kind, checked, scores, counts, splits, size, seed, issues=issues)
         except QueueError as exc:
             st.info(str(exc))
             st.stop()
@@ -254,6 +285,7 @@ def show_bin(dataset, name: str, who: str, queue: list[str], model_path: Path | 
         if last is not None:
             st.caption(f"Last decision: {last['status']} by {last['annotator']} at {last['created_at'][:19]} UTC")
         model_prediction(model_path, row)
+        label_issue_hint(dataset, name)
         st.text_input("Note (optional)", key=f"spot_note_{name}", placeholder="e.g. items hidden under the flap")
         context = dict(key=dataset.key, name=name, path=path, current=current,
                        seen_id=None if last is None else int(last["id"]), who=who, length=len(queue))
@@ -298,7 +330,7 @@ with check_tab:
         getattr(st, kind)(text)
     model_path = current_model_path()
     checked = set(annotations.latest_decisions(dataset.key)["photo"])
-    queue = choose_queue(dataset.frame, dataset.key, model_path, checked)
+    queue = choose_queue(dataset, model_path, checked)
     if not queue:
         st.info("No bin left in this queue: every matching bin is checked, or none matches the filters.")
         st.stop()

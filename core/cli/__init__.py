@@ -8,7 +8,7 @@ import sys
 from core.errors import BinsightError
 
 COMMAND_MODULES = ["core.cli.data", "core.cli.models", "core.cli.jobs", "core.cli.sources", "core.cli.annotations",
-                   "core.cli.shards", "core.cli.serve", "core.cli.container"]
+                   "core.cli.shards", "core.cli.serve", "core.cli.container", "core.cli.health"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,15 @@ from torch import nn
 
 from core.errors import BinsightError
 from core.files import atomic_write_bytes
-from core.models.catalog import BACKBONES, CHECKPOINT_FORMAT, HEADS, BackboneSpec
+from core.models.catalog import (
+    BACKBONES,
+    CHECKPOINT_FORMAT,
+    FEATURE_SETS,
+    HEADS,
+    STAGE_CHANNELS,
+    BackboneSpec,
+    FeatureSet,
+)
 
 
 class ModelError(BinsightError, ValueError):
@@ -24,9 +32,6 @@ class ModelFileMissing(ModelError, FileNotFoundError):
 
 class WeightsError(ModelError):
     """Pretrained weights are missing or do not fit; the message says how to provide them."""
-
-
-
 
 
 def backbone_spec(name: str) -> BackboneSpec:
@@ -80,6 +85,97 @@ class CountingModel(nn.Module):
 
     def forward(self, x):
         return self.head(self.backbone(x))
+
+
+def grid_means(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Each channel's mean over an n×n grid of cells (adaptive_avg_pool2d's cells, flattened channel by channel),
+    written as slices so that the ONNX export works at any input size."""
+    height, width = x.shape[-2:]
+    cells = []
+    for i in range(n):
+        for j in range(n):
+            rows = slice(i * height // n, -(-(i + 1) * height // n))
+            cols = slice(j * width // n, -(-(j + 1) * width // n))
+            cells.append(x[..., rows, cols].mean((-2, -1)))
+    return torch.stack(cells, -1).flatten(1)
+
+
+POOLINGS = {"mean": lambda x: x.mean((-2, -1)), "grid2": lambda x: grid_means(x, 2)}
+
+
+# Per backbone family: the modules that run after the stem, in order, and the stage each of some of them ends.
+STAGE_ENDS = {"timm": {"blocks.2": "stride8", "blocks.4": "stride16", "blocks.6": "stride32"},
+              "torchvision": {"layer2": "stride8", "layer3": "stride16", "layer4": "stride32"}}
+
+
+class MultiLevelBackbone(nn.Module):
+    """A backbone read at several stages (e.g. stride 16 and 32), each pooled (mean, 2×2 grid) and concatenated:
+    photo → one feature vector, as a plain backbone gives, so heads, the feature cache and the export are unchanged.
+    The layers after the deepest tapped stage are dropped (they would never get a gradient)."""
+
+    def __init__(self, net: nn.Module, family: str, feature_set: FeatureSet):
+        super().__init__()
+        self.family = family
+        self.taps = feature_set.taps
+        ends = STAGE_ENDS[family]
+        wanted = {stage for stage, _ in self.taps}
+        steps = [f"blocks.{i}" for i in range(len(net.blocks))] if family == "timm" else \
+            ["layer1", "layer2", "layer3", "layer4"]
+        deepest = max(i for i, step in enumerate(steps) if ends.get(step) in wanted)
+        self.steps = [(step, ends.get(step)) for step in steps[:deepest + 1]]
+        if family == "timm":
+            net.blocks = net.blocks[:deepest + 1]
+            net.conv_head, net.bn2 = nn.Identity(), nn.Identity()
+        else:
+            for step in steps[deepest + 1:]:
+                setattr(net, step, nn.Identity())
+        self.net = net
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        if self.family == "timm":
+            return net.bn1(net.conv_stem(x))
+        return net.maxpool(net.relu(net.bn1(net.conv1(x))))
+
+    def stages(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The feature maps of the tapped stages."""
+        found = {}
+        x = self.stem(x)
+        for step, stage in self.steps:
+            x = self.net.get_submodule(step)(x)
+            if stage is not None:
+                found[stage] = x
+        return found
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = self.stages(x)
+        return torch.cat([POOLINGS[pool](maps[stage]) for stage, pools in self.taps for pool in pools], 1)
+
+
+def feature_set(name: str | None) -> FeatureSet:
+    try:
+        return FEATURE_SETS[name or "pooled"]
+    except KeyError:
+        raise ModelError(f"unknown feature set {name!r}: choose one of {', '.join(FEATURE_SETS)}") from None
+
+
+def feature_dim(spec: BackboneSpec, features: str | None) -> int:
+    """The length of the feature vector the backbone gives with this feature set."""
+    chosen = feature_set(features)
+    if not chosen.taps:
+        return spec.feature_dim
+    if spec.arch not in STAGE_CHANNELS:
+        raise ModelError(f"{spec.name} has no intermediate stages to read: use the pooled features with it")
+    return chosen.dim(STAGE_CHANNELS[spec.arch])
+
+
+def with_features(net: nn.Module, spec: BackboneSpec, features: str | None) -> nn.Module:
+    """The backbone as the feature set reads it: itself for the pooled last layer, else a MultiLevelBackbone."""
+    chosen = feature_set(features)
+    if not chosen.taps:
+        return net
+    feature_dim(spec, features)  # refuses backbones without stages
+    return MultiLevelBackbone(net, spec.family, chosen)
 
 
 def _build_architecture(spec: BackboneSpec) -> nn.Module:
@@ -182,28 +278,34 @@ def weights_file(name: str, weights: str | Path | None = None) -> Path | None:
     return found
 
 
-def build_backbone(name: str, weights: str | Path | None = None) -> tuple[nn.Module, dict]:
-    """The backbone with its pretrained weights loaded, and a description (weights id, mean/std, feature size)."""
+def build_backbone(name: str, weights: str | Path | None = None, features: str | None = None) -> tuple[nn.Module, dict]:
+    """The backbone with its pretrained weights loaded, read as `features` says (default: its pooled last layer),
+    and a description (weights id, mean/std, feature set and size)."""
     spec = backbone_spec(name)
+    dim = feature_dim(spec, features)
     model = _build_architecture(spec)
     path = weights_file(name, weights)
     weights_id = "scratch"
     if path is not None:
         model.load_state_dict(_fit_state_dict(model, _read_state_dict(path), spec, path.name))
         weights_id = f"{path.name}:{file_digest(path)}"
-    info = {"backbone": name, "arch": spec.arch, "feature_dim": spec.feature_dim, "weights": weights_id,
+    info = {"backbone": name, "arch": spec.arch, "feature_dim": dim, "weights": weights_id,
             "mean": list(spec.mean), "std": list(spec.std), "pretrained": path is not None}
-    return model, info
+    if feature_set(features).taps:  # models saved before feature sets have no entry, and read the pooled layer
+        info["features"] = features
+    return with_features(model, spec, features), info
 
 
 def build_model(meta: dict, weights: str | Path | None = None, pretrained: bool = True) -> nn.Module:
     """A CountingModel for `meta` (backbone, head, classes); pretrained=False skips loading backbone weights."""
     name = meta["backbone"]
+    features = meta.get("features")
+    spec = backbone_spec(name)
     if pretrained:
-        backbone, _ = build_backbone(name, weights)
+        backbone, _ = build_backbone(name, weights, features)
     else:
-        backbone = _build_architecture(backbone_spec(name))
-    head = make_head(meta.get("head", "linear"), backbone_spec(name).feature_dim, len(meta["classes"]), name)
+        backbone = with_features(_build_architecture(spec), spec, features)
+    head = make_head(meta.get("head", "linear"), feature_dim(spec, features), len(meta["classes"]), name)
     return CountingModel(backbone, head)
 
 

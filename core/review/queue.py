@@ -16,8 +16,11 @@ QUEUES = {
     "random": "Random sample",
     "low_confidence": "Lowest model confidence",
     "disagreement": "Model disagrees with the label",
+    "likely_wrong": "Likely wrong count",
 }
 MODEL_QUEUES = ("low_confidence", "disagreement")
+# Ordered by the label-issue score (core.evaluation.label_issues): heads that never saw the photo, not the model.
+ISSUE_QUEUES = ("likely_wrong",)
 SCORE_COLUMNS = ["name", "predicted", "confidence", "error"]
 
 
@@ -44,11 +47,21 @@ def candidates(frame: pd.DataFrame, counts=(), splits=()) -> pd.DataFrame:
 
 
 def build_queue(frame: pd.DataFrame, kind: str, checked: set[str] | None = None, scores: pd.DataFrame | None = None,
-                counts=(), splits=(), size: int = 50, seed: int = 0) -> list[str]:
-    """Up to `size` photo names to check, in order. Model queues need `scores` (name, predicted, confidence)."""
+                counts=(), splits=(), size: int = 50, seed: int = 0, issues: pd.DataFrame | None = None) -> list[str]:
+    """Up to `size` photo names to check, in order. Model queues need `scores` (name, predicted, confidence); the
+    likely-wrong queue needs `issues` (name, flagged, score: LabelIssues.frame) and holds the unchecked flagged
+    photos, the most likely wrong first."""
     if kind not in QUEUES:
         raise QueueError(f"unknown queue {kind!r}: choose one of {', '.join(QUEUES)}")
     rows = candidates(frame, counts, splits)
+    if kind in ISSUE_QUEUES:
+        if issues is None:
+            raise QueueError(f"“{QUEUES[kind]}” needs the data health check: run it on the Data health page (or "
+                             "`python -m core health`) first.")
+        flagged = issues[issues["flagged"] & ~issues["name"].isin(checked or set())]
+        ranked = flagged[flagged["name"].isin(rows["name"])].sort_values(["score", "name"], ascending=[False, True],
+                                                                         kind="stable")
+        return ranked["name"].head(size).tolist()
     shuffled = rows.sample(frac=1.0, random_state=np.random.RandomState(seed)) if len(rows) else rows
     if kind == "random":
         return shuffled["name"].head(size).tolist()

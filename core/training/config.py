@@ -7,7 +7,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from core import gpu
 from core.errors import BinsightError
-from core.models.catalog import BACKBONES, HEADS, TTA_VIEWS
+from core.models.catalog import BACKBONES, FEATURE_SETS, HEADS, TTA_VIEWS
 
 MODES = ("frozen", "finetune")
 BALANCE = ("none", "weights", "sampler")
@@ -22,6 +22,8 @@ DEFAULT_LR = {"frozen": 1e-4, "finetune": 1e-3}
 DEFAULT_INPUT = {"frozen": (224, 1.0), "finetune": (288, 1.37)}
 # Test-time views: the four mirror images help fine-tuned models; for frozen features they cost 4× the extraction.
 DEFAULT_TTA = {"frozen": "none", "finetune": "flips"}
+# Which stages of the backbone the head reads (core.models.catalog.FEATURE_SETS).
+DEFAULT_FEATURES = {"frozen": "multilevel", "finetune": "pooled"}
 # Without a dataset version's own recommendation, the loss is weighted by inverse class frequency.
 FALLBACK_BALANCE = "weights"
 
@@ -92,6 +94,13 @@ class TrainConfig:
     label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy, in [0, 1)",
                                      label="Label smoothing", step=0.05)
     head: str = setting("mlp", "the classifier on the backbone's features", choices=HEADS, label="Head")
+    features: str | None = setting(None, "what the head reads: multilevel (the backbone's middle and last stages, "
+                                   "averaged over the photo and over a 2×2 grid, so it sees where things are) or pooled "
+                                   "(the last layer averaged over the photo; default: " + _modes(DEFAULT_FEATURES) + ")",
+                                   choices=FEATURE_SETS, label="Features", page=MAIN, what="the feature set")
+    exclude_suspects: bool = setting(False, "leave the photos flagged as likely wrong counts (Data health page, "
+                                     "`python -m core health`) out of the training split; valid and test keep them",
+                                     label="Leave out likely wrong counts", page=MAIN)
     augment: bool = setting(True, "augment training photos (crop, left-right and top-bottom flips, colour jitter)",
                             label="Augment training photos")
     tta: str | None = setting(None, "test-time augmentation: average each photo's prediction over its mirror images "
@@ -126,6 +135,12 @@ class TrainConfig:
         return self.tta if self.tta is not None else DEFAULT_TTA.get(self.mode, "none")
 
     @property
+    def feature_set(self) -> str:
+        if self.features is not None:
+            return self.features
+        return "pooled" if self.backbone == "simple_cnn" else DEFAULT_FEATURES.get(self.mode, "pooled")
+
+    @property
     def input_height(self) -> int:
         default_height, _ = DEFAULT_INPUT.get(self.mode, DEFAULT_INPUT["frozen"])
         return self.image_size if self.image_size is not None else default_height
@@ -154,6 +169,8 @@ class TrainConfig:
                 check(value in item.choices, f"unknown {item.what} {value!r} (choose {_one_of(item.choices)})")
         check(not (self.mode == "frozen" and self.backbone == "simple_cnn"),
               "simple_cnn has no pretrained weights to freeze: train it with --mode finetune")
+        check(not (self.backbone == "simple_cnn" and self.feature_set != "pooled"),
+              "simple_cnn has no stages to read: use --features pooled with it")
         check(self.n_epochs >= 1, f"epochs must be at least 1 (got {self.n_epochs})")
         check(self.learning_rate > 0, f"the learning rate must be positive (got {self.learning_rate})")
         check(0 < self.backbone_lr_factor <= 1, "the backbone learning-rate factor must be in (0, 1]")
@@ -192,7 +209,8 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self) | {"epochs": self.n_epochs, "lr": self.learning_rate,
-                                "image_size": self.input_height, "aspect": self.input_aspect, "tta": self.test_views}
+                                "image_size": self.input_height, "aspect": self.input_aspect, "tta": self.test_views,
+                                "features": self.feature_set}
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:

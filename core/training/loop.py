@@ -98,6 +98,9 @@ def train(config: TrainConfig, on_progress=None, should_stop=None) -> dict:
     ds = load_dataset(config.data)
     config = config.for_dataset(ds)  # balance left to the dataset: its version's recommendation, recorded resolved
     train_split, valid_split, test_split = (_split_rows(ds, s) for s in ("train", "valid", "test"))
+    suspects = 0
+    if config.exclude_suspects:
+        train_split, suspects = _without_suspects(ds, train_split, on_progress, should_stop)
     problems = config.validate(len(train_split.paths))
     if problems:
         raise TrainingError("; ".join(problems))
@@ -109,7 +112,7 @@ def train(config: TrainConfig, on_progress=None, should_stop=None) -> dict:
                 (out / stale).unlink(missing_ok=True)
         world.barrier()
         return _train(config, ds, (train_split, valid_split, test_split), out, resume_state, world, on_progress,
-                      should_stop)
+                      should_stop, suspects)
     finally:
         distributed.finish(world)
 
@@ -120,7 +123,31 @@ def _rank_log(rank: int):
     return log
 
 
-def _train(config, ds, splits, out, resume_state, world, on_progress, should_stop) -> dict:
+def _without_suspects(ds, split: Split, on_progress, should_stop) -> tuple[Split, int]:
+    """The training split without the photos flagged as likely wrong counts (core.evaluation.label_issues), and how
+    many were left out. Computing them (once per labels) shows as the features stage of the progress."""
+    from core.evaluation.label_issues import LabelIssuesError, find_label_issues
+
+    if ds.layout == "shards":
+        raise TrainingError("--exclude-suspects needs the photos as files: train from the dataset folder the shards "
+                            "were packed from")
+
+    def report(fraction, text):
+        if on_progress:
+            on_progress({"stage": "features", "fraction": 0.0, "message": f"Finding likely wrong counts: {text}"})
+
+    try:
+        issues = find_label_issues(ds, on_progress=report, should_stop=should_stop)
+    except LabelIssuesError as exc:
+        raise TrainingError(f"likely wrong counts cannot be found: {exc}") from None
+    flagged = set(issues.frame.loc[issues.frame["flagged"] & (issues.frame["split"] == "train"), "name"])
+    names = [Path(p).name for p in split.paths]
+    keep = [i for i, name in enumerate(names) if name not in flagged]
+    return Split([split.paths[i] for i in keep], split.labels[keep], split.name, split.shards,
+                 split.class_index), len(split.paths) - len(keep)
+
+
+def _train(config, ds, splits, out, resume_state, world, on_progress, should_stop, suspects: int = 0) -> dict:
     train_split, valid_split, test_split = splits
     device = world.device(models.resolve_device(config.device))
     if world.distributed:
@@ -131,17 +158,19 @@ def _train(config, ds, splits, out, resume_state, world, on_progress, should_sto
     log = RunLog(out) if world.is_main else _rank_log(world.rank)
     progress = Progress(on_progress, str(device), config.n_epochs)
     generator = seed_everything(config.seed)
-    backbone, info = models.build_backbone(config.backbone, config.weights)
+    backbone, info = models.build_backbone(config.backbone, config.weights, config.feature_set)
     meta = resume_state["meta"] if resume_state else _build_meta(config, ds, info)
     scaling = {"world_size": world.size, "global_batch_size": config.batch_size * world.size,
                "lr_scaling": {"rule": "linear" if world.distributed else "none", "base_lr": config.learning_rate,
                               "factor": world.size, "lr": config.learning_rate * world.size}}
     if world.is_main:
-        atomic_write_json(out / "config.json", config.to_dict() | scaling | {"dataset": ds.location,
-                                                                              "dataset_key": ds.key})
+        atomic_write_json(out / "config.json", config.to_dict() | scaling | {
+            "dataset": ds.location, "dataset_key": ds.key, "suspects_excluded": suspects})
     if world.distributed:
         log(f"{world.size} processes, global batch {scaling['global_batch_size']}, learning rate scaled linearly "
             f"× {world.size} to {scaling['lr_scaling']['lr']:g}")
+    if config.exclude_suspects:
+        log(f"left out {suspects} training photos flagged as likely wrong counts")
     log(f"{'resuming' if resume_state else 'training'} {config.backbone} ({config.mode}) on {ds.location}: "
         f"{len(train_split.paths)} train, {len(valid_split.paths)} valid, {len(test_split.paths)} test photos, "
         f"classes {ds.classes}, device {device}")
@@ -152,7 +181,7 @@ def _train(config, ds, splits, out, resume_state, world, on_progress, should_sto
     result = run.fit(train_split, valid_split, test_split, resume_state)
     result |= {"backbone": config.backbone, "mode": config.mode, "device": str(device), "classes": meta["classes"],
                "dataset": ds.location, "seconds": round(time.perf_counter() - started, 2),
-               "config": config.to_dict() | scaling,
+               "config": config.to_dict() | scaling | {"suspects_excluded": suspects},
                "dataset_problems": [{"photo": n, "reason": r} for n, r in ds.problems]}
     if not world.is_main:
         return result

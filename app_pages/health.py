@@ -1,0 +1,176 @@
+"""Data health page: likely wrong counts (out-of-fold, count-aware), the estimated noise matrix, duplicate and
+look-alike photos across splits or with other counts, unreadable, dark and blurred photos; CSV of every finding."""
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from app_pages.common import cached_thumbnail, current_dataset, current_user
+from core.data.photo_checks import has_cached_checks
+from core.evaluation.label_issues import MIN_FLAGGED_SCORE, cached_label_issues
+from core.review.health import HealthReport, health_report
+
+CONTACT_SHEET = 12
+PAIRS_SHOWN = 8
+
+
+def run_report(dataset, label_issues: bool) -> HealthReport:
+    bar = st.progress(0.0, text="Starting the health check…")
+    try:
+        return health_report(dataset, label_issues=label_issues,
+                             on_progress=lambda f, text: bar.progress(min(max(f, 0.0), 1.0), text=text))
+    finally:
+        bar.empty()
+
+
+def current_report(dataset) -> HealthReport | None:
+    """The report from the caches when both parts are there (instant), else None."""
+    if not has_cached_checks(dataset.key) or cached_label_issues(dataset) is None:
+        return None
+    return health_report(dataset)
+
+
+def show_photo(path, caption: str) -> None:
+    picture = cached_thumbnail(path) if isinstance(path, str) else "not on disk"
+    if isinstance(picture, bytes):
+        st.image(picture, width="stretch")
+    else:
+        st.warning(picture)
+    st.caption(caption)
+
+
+def tiles(report: HealthReport) -> None:
+    summary = report.summary()
+    shown = [("Likely wrong counts", "likely wrong counts",
+              "Photos whose count looks like another one to heads that never saw them, by two objects or more on "
+              f"average (expected error ≥ {MIN_FLAGGED_SCORE:g}) and doubted by confident learning (cleanlab)."),
+             ("Look-alike pairs", "look-alike pairs", "The same bin from the same angle: re-shot, shifted, or before "
+                                                      "and after a pick (perceptual hashes)."),
+             ("Pairs across splits", "pairs across splits (leakage)",
+              "Look-alike or identical photos in different splits: a test photo the model has in effect seen."),
+             ("Look-alikes, other counts", "look-alikes with other counts",
+              "Often the same bin before and after a pick; sometimes a wrong count."),
+             ("Exact duplicates", "exact duplicates", "Byte-identical files."),
+             ("Unreadable", "unreadable", "Files that are not readable photos."),
+             ("Very dark", "very dark", "Too dark to count by eye."),
+             ("Blurred", "blurred", "Edges smeared: motion or focus.")]
+    columns = st.columns(len(shown))
+    for column, (label, key, help_text) in zip(columns, shown):
+        value = summary[key]
+        column.metric(label, "—" if value is None else f"{value:,}", help=help_text)
+
+
+def label_issues_section(report: HealthReport, dataset) -> None:
+    st.subheader("Likely wrong counts")
+    issues = report.label_issues
+    if issues is None:
+        st.info(f"Likely wrong counts were not looked for: {report.label_issues_problem}")
+        return
+    st.caption(f"Every labelled photo was scored by {issues.info['folds']} heads on frozen EfficientNet-Lite0 "
+               "features, each photo by a head that never saw it (test photos by heads trained without any test "
+               f"photo). {issues.info['flagged']:,} of {issues.info['photos']:,} photos are flagged.")
+    left, right = st.columns(2)
+    with left:
+        per_class = issues.per_class()
+        figure = px.bar(per_class, x="label", y="share flagged", text="flagged",
+                        labels={"label": "recorded count", "share flagged": "share flagged"},
+                        title="Flagged photos per recorded count")
+        figure.update_yaxes(tickformat=".0%", rangemode="tozero")
+        figure.update_xaxes(type="category")
+        figure.update_layout(height=340, margin=dict(t=40, b=10))
+        st.plotly_chart(figure, width="stretch", key="health_per_class")
+    with right:
+        noise = issues.noise_frame()
+        figure = px.imshow(noise, text_auto=".0%", color_continuous_scale="Oranges", zmin=0, zmax=1,
+                           labels={"x": "likely true count", "y": "recorded count", "color": "share"},
+                           title="Of the photos recorded with a count, the share that look like each count")
+        figure.update_layout(height=340, margin=dict(t=40, b=10), coloraxis_showscale=False)
+        st.plotly_chart(figure, width="stretch", key="health_noise")
+    flagged = issues.flagged()
+    if flagged.empty:
+        st.success("No photo is flagged: the recorded counts agree with what the photos look like.")
+        return
+    paths = dataset.frame.set_index("name")["path"]
+    st.markdown(f"**The {min(CONTACT_SHEET, len(flagged))} most likely wrong counts** (most likely first)")
+    columns = st.columns(6)
+    for i, row in enumerate(flagged.head(CONTACT_SHEET).itertuples(index=False)):
+        with columns[i % 6]:
+            show_photo(paths.get(row.name), f"{row.name} · recorded **{row.label}**, looks like **{row.suggested}** "
+                                            f"(±{row.score:.1f})")
+    if current_user().can("spot_check"):
+        if st.button(f"Check the {len(flagged):,} flagged bins in Spot-check", type="primary",
+                     key="health_to_spot_check"):
+            st.session_state["spot_kind"] = "likely_wrong"
+            st.switch_page("app_pages/spot_check.py")
+
+
+def duplicates_section(report: HealthReport, dataset) -> None:
+    st.subheader("Duplicates and look-alikes")
+    pairs = report.duplicates
+    if pairs.empty:
+        st.success("No duplicate or look-alike photos.")
+        return
+    ordered = pairs.sort_values(["leakage", "conflicting_counts", "bits_256"], ascending=[False, False, True])
+    paths = dataset.frame.set_index("name")["path"]
+    st.caption("Pairs across splits first (leakage), then pairs with other counts. Look-alikes need a look: ABID's "
+               "bins share elastic bands and labels, so a neighbouring bin can pass for the same one.")
+    for row in ordered.head(PAIRS_SHOWN).itertuples(index=False):
+        left, middle, right = st.columns([2, 2, 3])
+        with left:
+            show_photo(paths.get(row.photo), f"{row.photo} · count {_count(row.count)} · {row.split or 'no split'}")
+        with middle:
+            show_photo(paths.get(row.other_photo),
+                       f"{row.other_photo} · count {_count(row.other_count)} · {row.other_split or 'no split'}")
+        with right:
+            flags = [("exact duplicate" if row.kind == "exact" else "look-alike")]
+            if row.leakage:
+                flags.append(f"**across splits** ({row.split} / {row.other_split})")
+            if row.conflicting_counts:
+                flags.append("**other counts**")
+            st.markdown(" · ".join(flags))
+            st.caption(f"Hash distances: {row.bits_64} of 64 bits, {row.bits_256} of 256.")
+    with st.expander(f"All {len(pairs):,} pairs"):
+        st.dataframe(ordered, hide_index=True, width="stretch")
+
+
+def _count(value) -> str:
+    return "—" if pd.isna(value) else str(int(value))
+
+
+def quality_section(report: HealthReport, dataset) -> None:
+    st.subheader("Unreadable, dark or blurred photos")
+    quality = report.quality
+    if quality.empty:
+        st.success("Every photo is readable, bright enough and sharp enough to count.")
+        return
+    paths = dataset.frame.set_index("name")["path"]
+    columns = st.columns(6)
+    for i, row in enumerate(quality.head(12).itertuples(index=False)):
+        with columns[i % 6]:
+            show_photo(paths.get(row.photo), f"{row.photo} · {row.problem}: {row.detail}")
+    if len(quality) > 12:
+        st.dataframe(quality, hide_index=True, width="stretch")
+
+
+st.title("Data health")
+dataset = current_dataset()
+if dataset is None:
+    st.stop()
+st.caption("Inventory records are not visual truth: some recorded counts are wrong, some photos are duplicated across "
+           "splits, some cannot be counted by eye. This page finds them; Spot-check is where they get fixed.")
+report = current_report(dataset)
+if report is None:
+    stale = has_cached_checks(dataset.key)
+    st.info(("The labels changed since the last check (a spot-check decision, a new photo or split): run it again "
+             "to see the current findings." if stale else "The data has not been checked yet.")
+            + " The first run computes frozen features of every labelled photo (a few minutes on a CPU for 3,000 "
+              "photos); later runs reuse them and take seconds.")
+    if st.button("Check the data", type="primary", key="health_run"):
+        report = run_report(dataset, label_issues=True)
+    else:
+        st.stop()
+tiles(report)
+st.download_button("⬇️ Every finding (CSV)", report.csv(), f"data-health-{dataset.key}.csv", "text/csv",
+                   key="health_csv")
+label_issues_section(report, dataset)
+duplicates_section(report, dataset)
+quality_section(report, dataset)

@@ -1,0 +1,108 @@
+"""The data health report of a dataset: likely wrong counts, look-alike and duplicate photos (across splits, with
+conflicting counts), unreadable, very dark or blurred photos; one tidy CSV of every finding."""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import pandas as pd
+
+from core.data.photo_checks import check_photos, duplicate_findings, near_duplicate_pairs, quality_findings
+from core.evaluation.label_issues import LabelIssues, LabelIssuesError, find_label_issues
+
+CSV_COLUMNS = ["photo", "finding", "detail", "count", "suggested_count", "score", "split", "other_photo"]
+
+
+@dataclass
+class HealthReport:
+    """What is wrong with a dataset's photos and labels; each part is a table a page can show or filter."""
+
+    dataset_key: str
+    photos: int
+    label_issues: LabelIssues | None
+    label_issues_problem: str
+    duplicates: pd.DataFrame
+    quality: pd.DataFrame
+
+    def summary(self) -> dict:
+        """Counts of each finding, for tiles and the command line."""
+        dup = self.duplicates
+        return {
+            "photos": self.photos,
+            "likely wrong counts": int(self.label_issues.frame["flagged"].sum()) if self.label_issues else None,
+            "exact duplicates": int((dup["kind"] == "exact").sum()),
+            "look-alike pairs": int((dup["kind"] == "near").sum()),
+            "pairs across splits (leakage)": int(dup["leakage"].sum()),
+            "look-alikes with other counts": int(dup["conflicting_counts"].sum()),
+            "unreadable": int((self.quality["problem"] == "unreadable").sum()),
+            "very dark": int((self.quality["problem"] == "very dark").sum()),
+            "blurred": int((self.quality["problem"] == "blurred").sum()),
+        }
+
+    def findings(self) -> pd.DataFrame:
+        """Every finding, one row each (photo, finding, detail, count, suggested_count, score, split, other_photo)."""
+        parts = []
+        if self.label_issues is not None:
+            flagged = self.label_issues.flagged()
+            parts.append(pd.DataFrame({
+                "photo": flagged["name"], "finding": "likely wrong count",
+                "detail": [f"recorded {int(a)}, looks like {int(b)} (expected error {s:.1f} objects)"
+                           for a, b, s in zip(flagged["label"], flagged["suggested"], flagged["score"])],
+                "count": flagged["label"], "suggested_count": flagged["suggested"], "score": flagged["score"],
+                "split": flagged["split"]}))
+        dup = self.duplicates
+        if not dup.empty:
+            kinds = []
+            for row in dup.itertuples(index=False):
+                what = "exact duplicate" if row.kind == "exact" else "look-alike"
+                if row.leakage:
+                    what += f" across splits ({row.split} / {row.other_split})"
+                elif row.conflicting_counts:
+                    what += " with another count"
+                kinds.append(what)
+            parts.append(pd.DataFrame({
+                "photo": dup["photo"], "finding": kinds,
+                "detail": [f"counts {_count(a)} / {_count(b)}; hash distance {d} of 256 bits"
+                           for a, b, d in zip(dup["count"], dup["other_count"], dup["bits_256"])],
+                "count": dup["count"], "split": dup["split"], "other_photo": dup["other_photo"]}))
+        if not self.quality.empty:
+            parts.append(pd.DataFrame({"photo": self.quality["photo"], "finding": self.quality["problem"],
+                                       "detail": self.quality["detail"]}))
+        if not parts:
+            return pd.DataFrame(columns=CSV_COLUMNS)
+        return pd.concat(parts, ignore_index=True).reindex(columns=CSV_COLUMNS)
+
+    def csv(self) -> bytes:
+        buffer = io.StringIO()
+        self.findings().to_csv(buffer, index=False)
+        return buffer.getvalue().encode()
+
+
+def _count(value) -> str:
+    return "—" if pd.isna(value) else str(int(value))
+
+
+def health_report(dataset, label_issues: bool = True, on_progress=None, should_stop=None) -> HealthReport:
+    """The report of `dataset` (every photo on disk for the photo checks; the labelled ones in the class range for
+    label issues). on_progress(fraction, text) covers both parts; label issues are skipped with a reason when they
+    cannot be found (too few photos of a count), the rest of the report is still made."""
+    def part(start, share):
+        return (lambda f, text: on_progress(start + share * f, text)) if on_progress else None
+
+    frame = dataset.frame
+    checks = check_photos(dataset.key, frame, on_progress=part(0.0, 0.3), should_stop=should_stop)
+    duplicates = duplicate_findings(near_duplicate_pairs(checks.frame), frame)
+    issues, problem = None, ""
+    if label_issues:
+        try:
+            issues = find_label_issues(dataset, on_progress=part(0.3, 0.7), should_stop=should_stop)
+        except LabelIssuesError as exc:
+            problem = str(exc)
+    quality = quality_findings(checks.frame)
+    listed = frame[frame["path"].isna() & frame["problem"].notna()]  # unusable labels or photos the index found
+    if len(listed):
+        quality = pd.concat([quality, pd.DataFrame({"photo": listed["name"], "problem": "unreadable",
+                                                    "detail": listed["problem"]})], ignore_index=True)
+    if on_progress:
+        on_progress(1.0, "Report ready")
+    return HealthReport(dataset.key, len(frame), issues, problem, duplicates, quality)
