@@ -81,6 +81,40 @@ def test_saved_model_loads_alone_and_gives_identical_outputs(tmp_path):
         models.load_model(tmp_path / "missing.pt")
 
 
+def test_a_multilevel_model_keeps_its_stages_even_when_the_named_set_changes(tmp_path, monkeypatch):
+    from core.models import catalog
+    from core.models.features import cache_key
+
+    _, info = models.build_backbone("efficientnet_lite0", features="multilevel")
+    assert info["feature_taps"] == catalog.FEATURE_SETS["multilevel"].taps_list()
+    meta = info | preprocessing(info, 96) | {"classes": [1, 2, 3, 4, 5], "head": "linear"}
+    model = models.build_model(meta).eval()
+    x = torch.randn(2, 3, 96, 128)
+    assert model.backbone(x).shape == (2, info["feature_dim"])
+    models.save_model(tmp_path / "model.pt", model, meta)
+    pooled_key = cache_key({**meta, "features": None, "feature_taps": None})
+    before = cache_key(meta)
+    # A later release redefines "multilevel": the saved model still reads the stages it was trained on, and the
+    # feature cache no longer hands out the old vectors under the new definition.
+    changed = catalog.FeatureSet("multilevel", "another", (("stride16", ("mean",)),))
+    monkeypatch.setitem(catalog.FEATURE_SETS, "multilevel", changed)
+    loaded, loaded_meta = models.load_model(tmp_path / "model.pt")
+    with torch.inference_mode():
+        assert torch.equal(model(x), loaded(x))
+    _, new_info = models.build_backbone("efficientnet_lite0", features="multilevel")
+    assert cache_key(meta | new_info) not in (before, pooled_key) and before != pooled_key
+
+
+def test_a_model_saved_before_feature_sets_loads_as_pooled(tmp_path):
+    _, info = models.build_backbone("efficientnet_lite0")
+    assert "features" not in info and "feature_taps" not in info
+    meta = info | preprocessing(info, 96) | {"classes": [1, 2, 3, 4, 5], "head": "mlp"}
+    models.save_model(tmp_path / "model.pt", models.build_model(meta), meta)
+    loaded, loaded_meta = models.load_model(tmp_path / "model.pt")
+    assert loaded(torch.randn(1, 3, 96, 96)).shape == (1, 5)
+    assert not isinstance(loaded.backbone, models.MultiLevelBackbone)
+
+
 def test_preprocessing_is_shared_and_keeps_the_whole_photo(tmp_path):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (350, 480, 3), dtype=np.uint8))
     image.save(tmp_path / "bin.png")

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from core.data.uploads import photo_problem
+from core.models.catalog import FEATURE_SETS
 from core.models.inference import predict_photos
 from core.models.networks import backbone_spec, build_model, load_model, save_model
 from core.models.preprocess import preprocessing
@@ -22,10 +23,13 @@ from tests.moto_s3 import PUBLIC_BUCKET, shared_world
 MAX_BODY = 2 * 1024 * 1024
 
 
-def small_model(path: Path, backbone: str = "simple_cnn", size: int = 64, aspect: float = 1.0, tta="flips") -> Path:
+def small_model(path: Path, backbone: str = "simple_cnn", size: int = 64, aspect: float = 1.0, tta="flips",
+                features: str | None = None) -> Path:
     spec = backbone_spec(backbone)
     meta = {"backbone": backbone, "head": "mlp", "classes": [1, 2, 3, 4, 5], "tta": tta, "temperature": 1.5,
             **preprocessing({"mean": spec.mean, "std": spec.std}, size, aspect)}
+    if features:
+        meta |= {"features": features, "feature_taps": FEATURE_SETS[features].taps_list()}
     torch.manual_seed(0)
     model = build_model(meta, pretrained=False).eval()
     return save_model(path / "model.pt", model, meta)
@@ -154,12 +158,14 @@ def test_concurrent_requests_share_forward_passes_with_unchanged_results(client,
         assert max(abs(one[k] - shared[k]) for k in one) <= 1e-5
 
 
-@pytest.mark.parametrize("engine, runtime", [("openvino", "OpenVinoModel"), ("onnx", "OnnxRuntimeModel")])
-def test_the_exported_efficientnet_equals_pytorch_on_real_photos(tmp_path, photos, engine, runtime):
+@pytest.mark.parametrize("engine, runtime, features", [("openvino", "OpenVinoModel", None),
+                                                       ("onnx", "OnnxRuntimeModel", None),
+                                                       ("onnx", "OnnxRuntimeModel", "multilevel")])
+def test_the_exported_efficientnet_equals_pytorch_on_real_photos(tmp_path, photos, engine, runtime, features):
     from core.models import engines
     from core.models.export import ensure_onnx
 
-    path = small_model(tmp_path, "efficientnet_lite0", size=96, aspect=1.37, tta="hflip")
+    path = small_model(tmp_path, "efficientnet_lite0", size=96, aspect=1.37, tta="hflip", features=features)
     fast, meta = engines.load_fast_model(path, engine=engine)
     assert isinstance(fast, getattr(engines, runtime)) and (tmp_path / "model.onnx").is_file()
     assert fast.check["max_difference"] <= 1e-4 and fast.check["same_counts"]

@@ -312,3 +312,31 @@ def test_packing_from_the_balance_page_runs_as_a_background_job_with_progress(sm
     assert done.progress["fraction"] == 1.0 and "shards at" in done.progress["message"]
     packed = load_dataset(dest)
     assert packed.layout == "shards" and len(packed.frame) == len(load_dataset(small_abid).rows())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_training_stream_is_reshuffled_every_epoch_and_sees_every_photo_once(packed, workers):
+    import torch
+    from torchvision.transforms import v2
+
+    from core.data.streaming import training_stream
+
+    dataset, out, index = packed
+    transform = v2.Compose([v2.ToImage(), v2.Resize((8, 8), antialias=True), v2.ToDtype(torch.float32, scale=True)])
+    class_index = {c: i for i, c in enumerate(dataset.classes)}
+    train_keys = sorted(p[0] for s in index["shards"] if s["split"] == "train" for p in s["photos"])
+
+    def epochs(seed: int, n: int = 2) -> list[list[str]]:
+        stream = training_stream(out, transform, class_index, batch_size=1, workers=workers, seed=seed)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
+                                             persistent_workers=workers > 0)
+        return [[key for _, _, key, _ in loader] for _ in range(n)]
+
+    first, second = epochs(seed=0)
+    if workers == 0:  # one reader: exactly every photo once a pass (several readers pad to equal lengths)
+        assert sorted(first) == sorted(second) == train_keys
+    else:
+        assert set(first) == set(second) == set(train_keys)
+    assert first != second, "the second epoch repeated the first one's order"
+    assert epochs(seed=0) == [first, second], "the same seed must give the same orders"
+    assert epochs(seed=1)[0] != first

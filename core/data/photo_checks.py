@@ -17,7 +17,7 @@ from core.data.images import ImageError, load_image
 from core.errors import Cancelled
 from core.files import atomic_write_bytes
 
-CHECKS_VERSION = 2
+CHECKS_VERSION = 3
 # Two photos look alike (the same bin from the same angle: re-shot, shifted, or before and after a pick) when their
 # 64-bit perceptual hashes differ in at most 4 bits or their 256-bit ones in at most 50. ABID's bins all look much
 # alike (the same elastic bands and labels): on its photos, random pairs differ by 18+ and 96+ bits, and a bin shot
@@ -27,7 +27,7 @@ NEAR_BITS_256 = 50
 # Mean brightness (0–255) under which a bin cannot be counted by eye; ABID's photos are mostly 60–170.
 DARK_BELOW = 35.0
 # Variance of the Laplacian of the 256-px grey photo under which edges are smeared (motion blur, out of focus).
-BLURRED_BELOW = 15.0
+BLURRED_BELOW = 10.0
 ANALYSIS_SIDE = 256
 COLUMNS = ["name", "sha1", "phash", "phash256", "brightness", "sharpness", "error"]
 
@@ -65,7 +65,7 @@ def analyse_photo(path: str) -> dict:
     pixels = np.asarray(grey, dtype=np.float32)
     row["brightness"] = float(pixels.mean())
     edges = np.asarray(grey.filter(ImageFilter.Kernel((3, 3), (0, 1, 0, 1, -4, 1, 0, 1, 0), 1, 128)), np.float32)
-    row["sharpness"] = float((edges - 128.0).var())
+    row["sharpness"] = float((edges[1:-1, 1:-1] - 128.0).var())  # PIL copies the border pixels unfiltered
     return row
 
 
@@ -163,7 +163,7 @@ def near_duplicate_pairs(checks: pd.DataFrame) -> pd.DataFrame:
 
 def duplicate_findings(pairs: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
     """The duplicate pairs with each photo's count and split, and what is wrong with the pair: 'leakage' (the two
-    in different splits, one of them valid or test), 'conflicting counts', or just 'duplicate'."""
+    in different splits), 'conflicting counts', or just 'duplicate'."""
     info = frame.set_index("name")[["count", "split"]]
     out = pairs.copy()
     for side, column in (("", "photo"), ("other_", "other_photo")):
@@ -179,7 +179,7 @@ def quality_findings(checks: pd.DataFrame) -> pd.DataFrame:
     """Photos that cannot be read, are very dark or blurred: name, problem, value."""
     rows = []
     for record in checks.itertuples(index=False):
-        if record.error:
+        if isinstance(record.error, str):  # a column of None and strings comes back from parquet with NaN for None
             rows.append((record.name, "unreadable", np.nan, record.error))
         elif record.brightness < DARK_BELOW:
             rows.append((record.name, "very dark", record.brightness,

@@ -1,12 +1,16 @@
 """Reading a shard set as a stream of photos with webdataset: shards split across ranks and DataLoader workers."""
 from __future__ import annotations
 
+import random
 import warnings
+from itertools import chain, islice
 
 from core.data.shard_store import ShardError, ShardStore, open_store, read_complete_index
 
 IMAGE_EXTS = ("jpg", "png", "webp", "bmp")
 BAD_SHARD_CHOICES = ("stop", "skip")
+# Photos (encoded, ~50 KB each) a training reader mixes before yielding: shards hold photos in packing order.
+SHUFFLE_BUFFER = 500
 
 
 def tar_samples(stream):
@@ -131,16 +135,33 @@ def eval_stream(source, transform, class_index: dict[int, int], split: str, on_b
                             wds.map(lambda s: decode_sample(s, transform, class_index)))
 
 
+class EpochShardList:
+    """A pipeline's first stage: the shard names, each tagged with the pass it belongs to; every call is the next epoch.
+
+    DataLoader workers (persistent or not) and ranks each iterate their own copy once per epoch, so they all agree
+    on the epoch number without being told; `first_epoch` is where a resumed run starts counting.
+    """
+
+    def __init__(self, names: list[str], first_epoch: int = 0):
+        self.names, self.epoch = list(names), first_epoch - 1
+
+    def __call__(self):
+        self.epoch += 1
+        for name in self.names:
+            yield {"url": name, "epoch": self.epoch}
+
+
 def training_stream(source, transform, class_index: dict[int, int], batch_size: int, workers: int,
-                    split: str = "train", on_bad_shard: str = "stop", index: dict | None = None):
-    """(tensor, label, key, error) of the train shards, dealt to ranks and DataLoader workers.
+                    split: str = "train", on_bad_shard: str = "stop", index: dict | None = None, seed: int = 0,
+                    first_epoch: int = 0, shuffle_buffer: int = SHUFFLE_BUFFER):
+    """(tensor, label, key, error) of the train shards, dealt to ranks and DataLoader workers, reshuffled every pass.
 
     Every rank yields the same number of whole batches (as DDP needs) and every photo at least once a pass:
-    each worker delivers as many photos as the fullest one, going round its shards again for the rest.
-    `class_index` maps a count to its label; `workers` is the DataLoader's num_workers.
+    each worker delivers as many photos as the fullest one, going round its shards again for the rest. Each pass
+    (epoch) every reader takes its shards in another order and mixes their photos in a shuffle buffer, both seeded
+    by (seed, epoch, reader): runs repeat, epochs differ. `class_index` maps a count to its label; `workers` is the
+    DataLoader's num_workers.
     """
-    from itertools import islice
-
     import webdataset as wds
     from webdataset.utils import pytorch_worker_info
 
@@ -159,17 +180,30 @@ def training_stream(source, transform, class_index: dict[int, int], batch_size: 
     totals = [sum(sum(1 for p in shards[n]["photos"] if p[2] in class_index) for n in names[r::world][w::max(1, workers)])
               for r in range(world) for w in range(max(1, workers))]
     per_worker = -(-max(totals) // batch_size) * batch_size
+    def reader_random(epoch: int, what: str) -> random.Random:
+        rank, _world, worker, _workers = pytorch_worker_info()[:4]
+        return random.Random(f"{seed}:{epoch}:{rank}:{worker}:{what}")  # a string seed is hashed the same everywhere
+
     def round_robin(urls):
         urls = list(urls)
+        if urls:
+            reader_random(urls[0]["epoch"], "shards").shuffle(urls)
         while urls:
             yield from urls
 
     def expand(urls):
-        samples = (s for item in urls for s in shard_samples(store, shards[item["url"]], on_bad_shard))
+        urls = iter(urls)
+        first = next(urls, None)
+        if first is None:
+            return
+        items = chain([first], urls)
+        samples = (s for item in items for s in shard_samples(store, shards[item["url"]], on_bad_shard))
         known = (s for s in samples if s["count"] in class_index)
-        yield from islice(known, per_worker)
+        # Cut the pass first (every photo of the reader, then the padding), then mix: nothing is cut out by mixing.
+        yield from wds.filters.shuffle(shuffle_buffer, min(shuffle_buffer, 100),
+                                       rng=reader_random(first["epoch"], "photos"))(islice(known, per_worker))
 
-    pipeline = wds.DataPipeline(wds.SimpleShardList(list(shards)), wds.split_by_node, wds.split_by_worker,
+    pipeline = wds.DataPipeline(EpochShardList(list(shards), first_epoch), wds.split_by_node, wds.split_by_worker,
                                 round_robin, expand, wds.map(lambda s: decode_sample(s, transform, class_index)))
     with warnings.catch_warnings():  # webdataset warns that a length does not bound the epoch; here it is exact
         warnings.simplefilter("ignore", UserWarning)

@@ -46,6 +46,15 @@ class FeatureSet:
         """The feature vector's length, given each stage's channels."""
         return sum(channels[stage] * POOLING_SIZES[pool] for stage, pools in self.taps for pool in pools)
 
+    def taps_list(self) -> list:
+        """The taps as JSON (stored in model.pt and in feature cache keys, so a later change of a named set never
+        reads old vectors or weights as new ones)."""
+        return [[stage, list(pools)] for stage, pools in self.taps]
+
+    @classmethod
+    def from_taps(cls, name: str, taps: list) -> FeatureSet:
+        return cls(name, "as saved", tuple((stage, tuple(pools)) for stage, pools in taps))
+
 
 # A pooling's output size per channel: the mean over the photo, or over each cell of a 2×2 grid.
 POOLING_SIZES = {"mean": 1, "grid2": 4}

@@ -48,7 +48,7 @@ def cache_key(meta: dict, variant: str = "plain") -> str:
     parts = {"backbone": meta["backbone"], "arch": meta.get("arch"), "weights": meta["weights"],
              "preprocessing": preprocessing_key(meta), "variant": variant}
     if meta.get("features"):  # the pooled last layer (no entry) keeps the keys caches were written under
-        parts["features"] = meta["features"]
+        parts["features"] = meta.get("feature_taps") or meta["features"]
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 

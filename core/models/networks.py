@@ -89,13 +89,14 @@ class CountingModel(nn.Module):
 
 def grid_means(x: torch.Tensor, n: int) -> torch.Tensor:
     """Each channel's mean over an n×n grid of cells (adaptive_avg_pool2d's cells, flattened channel by channel),
-    written as slices so that the ONNX export works at any input size."""
+    written as slices so that the ONNX export works at any input size. Ceilings are written (a + n − 1) // n: in an
+    export a traced // rounds toward zero, so the usual −(−a // n) would floor."""
     height, width = x.shape[-2:]
     cells = []
     for i in range(n):
         for j in range(n):
-            rows = slice(i * height // n, -(-(i + 1) * height // n))
-            cols = slice(j * width // n, -(-(j + 1) * width // n))
+            rows = slice(i * height // n, ((i + 1) * height + n - 1) // n)
+            cols = slice(j * width // n, ((j + 1) * width + n - 1) // n)
             cells.append(x[..., rows, cols].mean((-2, -1)))
     return torch.stack(cells, -1).flatten(1)
 
@@ -152,7 +153,9 @@ class MultiLevelBackbone(nn.Module):
         return torch.cat([POOLINGS[pool](maps[stage]) for stage, pools in self.taps for pool in pools], 1)
 
 
-def feature_set(name: str | None) -> FeatureSet:
+def feature_set(name: str | FeatureSet | None) -> FeatureSet:
+    if isinstance(name, FeatureSet):
+        return name
     try:
         return FEATURE_SETS[name or "pooled"]
     except KeyError:
@@ -278,7 +281,8 @@ def weights_file(name: str, weights: str | Path | None = None) -> Path | None:
     return found
 
 
-def build_backbone(name: str, weights: str | Path | None = None, features: str | None = None) -> tuple[nn.Module, dict]:
+def build_backbone(name: str, weights: str | Path | None = None,
+                   features: str | FeatureSet | None = None) -> tuple[nn.Module, dict]:
     """The backbone with its pretrained weights loaded, read as `features` says (default: its pooled last layer),
     and a description (weights id, mean/std, feature set and size)."""
     spec = backbone_spec(name)
@@ -291,8 +295,9 @@ def build_backbone(name: str, weights: str | Path | None = None, features: str |
         weights_id = f"{path.name}:{file_digest(path)}"
     info = {"backbone": name, "arch": spec.arch, "feature_dim": dim, "weights": weights_id,
             "mean": list(spec.mean), "std": list(spec.std), "pretrained": path is not None}
-    if feature_set(features).taps:  # models saved before feature sets have no entry, and read the pooled layer
-        info["features"] = features
+    chosen = feature_set(features)
+    if chosen.taps:  # models saved before feature sets have no entry, and read the pooled layer
+        info |= {"features": chosen.name, "feature_taps": chosen.taps_list()}
     return with_features(model, spec, features), info
 
 
@@ -300,6 +305,8 @@ def build_model(meta: dict, weights: str | Path | None = None, pretrained: bool 
     """A CountingModel for `meta` (backbone, head, classes); pretrained=False skips loading backbone weights."""
     name = meta["backbone"]
     features = meta.get("features")
+    if meta.get("feature_taps"):  # the stages the model was trained on, even if the named set changed since
+        features = FeatureSet.from_taps(features, meta["feature_taps"])
     spec = backbone_spec(name)
     if pretrained:
         backbone, _ = build_backbone(name, weights, features)

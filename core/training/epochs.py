@@ -120,6 +120,7 @@ class BaseRun:
             raise Cancelled("training was stopped")
 
     def fit(self, train_split, valid_split, test_split, resume_state) -> dict:
+        self.first_epoch = resume_state["epoch"] + 1 if resume_state else 1  # streamed shards reshuffle by epoch
         self.prepare(train_split, valid_split, test_split)
         n_classes = len(self.meta["classes"])
         labels = self.train_labels()

@@ -235,7 +235,8 @@ class FinetuneRun(BaseRun):
             from core.data.streaming import training_stream
 
             stream = training_stream(train_split.shards, transform, train_split.class_index, batch, workers,
-                                     on_bad_shard=self.config.on_bad_shard)
+                                     on_bad_shard=self.config.on_bad_shard, seed=self.config.seed,
+                                     first_epoch=self.first_epoch)
             self.train_loader = torch.utils.data.DataLoader(stream, batch_size=batch, num_workers=workers,
                                                             persistent_workers=workers > 0, pin_memory=cuda)
             self.train_names = None  # streamed batches carry their photos' keys
