@@ -41,8 +41,8 @@ def show_photo(path, caption: str) -> None:
 def tiles(report: HealthReport) -> None:
     summary = report.summary()
     shown = [("Likely wrong counts", "likely wrong counts",
-              "Photos whose count looks like another one to heads that never saw them, by two objects or more on "
-              f"average (expected error ≥ {MIN_FLAGGED_SCORE:g}) and doubted by confident learning (cleanlab)."),
+              "Photos whose count looks like another one to heads that never saw them: doubted by confident "
+              f"learning (cleanlab) and off by at least {MIN_FLAGGED_SCORE:g} object on average."),
              ("Look-alike pairs", "look-alike pairs", "The same bin from the same angle: re-shot, shifted, or before "
                                                       "and after a pick (perceptual hashes)."),
              ("Pairs across splits", "pairs across splits (leakage)",

@@ -31,7 +31,7 @@ BACKBONES = {
     "resnet18": BackboneSpec("resnet18", "torchvision", "resnet18", 512, IMAGENET_MEAN, IMAGENET_STD, True),
     "simple_cnn": BackboneSpec("simple_cnn", "scratch", "simple_cnn", 1024, IMAGENET_MEAN, IMAGENET_STD, False),
 }
-HEADS = ("linear", "mlp")
+HEADS = ("linear", "normlinear", "mlp")
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,9 @@ class SimpleCNN(nn.Module):
 
 
 def make_head(kind: str, in_features: int, n_classes: int, backbone: str = "") -> nn.Module:
-    """linear, or the study's 2-layer MLP; the scratch CNN always gets its own 4 fully connected layers."""
+    """linear, normlinear (features standardised by batch norm, then linear: a logistic regression that copes with
+    the very different scales of multi-level features), or the study's 2-layer MLP; the scratch CNN always gets its
+    own 4 fully connected layers."""
     if backbone == "simple_cnn":
         return nn.Sequential(
             nn.Linear(in_features, 512), nn.ReLU(inplace=True), nn.Dropout(0.5),
@@ -69,6 +71,8 @@ def make_head(kind: str, in_features: int, n_classes: int, backbone: str = "") -
         )
     if kind == "linear":
         return nn.Sequential(nn.Dropout(0.2), nn.Linear(in_features, n_classes))
+    if kind == "normlinear":
+        return nn.Sequential(nn.BatchNorm1d(in_features), nn.Dropout(0.2), nn.Linear(in_features, n_classes))
     if kind == "mlp":
         return nn.Sequential(nn.Linear(in_features, 512), nn.ReLU(inplace=True), nn.Dropout(0.5),
                              nn.Linear(512, n_classes))

@@ -158,6 +158,8 @@ class FrozenRun(BaseRun):
         total_loss, correct, started = 0.0, 0, time.perf_counter()
         for start in range(0, n, self.config.batch_size):
             batch = order[start:start + self.config.batch_size]
+            if len(batch) == 1 and n > 1:
+                continue  # a batch-norm head cannot train on one photo; it is in another batch next epoch
             x = features[batch]
             # With mirrored views cached, each photo is seen in one of its views at random.
             pick = torch.randint(0, x.shape[1], (len(batch),), generator=self.generator) if self.config.augment else torch.zeros(len(batch), dtype=torch.long)
