@@ -42,7 +42,7 @@ def tiles(report: HealthReport) -> None:
     summary = report.summary()
     shown = [("Likely wrong counts", "likely wrong counts",
               "Photos whose count looks like another one to heads that never saw them: doubted by confident "
-              f"learning (cleanlab) and off by at least {MIN_FLAGGED_SCORE:g} object on average."),
+              f"learning (cleanlab) and off by at least {MIN_FLAGGED_SCORE:g} objects on average."),
              ("Look-alike pairs", "look-alike pairs", "The same bin from the same angle: re-shot, shifted, or before "
                                                       "and after a pick (perceptual hashes)."),
              ("Pairs across splits", "pairs across splits (leakage)",

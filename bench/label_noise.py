@@ -4,7 +4,8 @@ two or more), find label issues as the app does, and print how well the flips ar
 For each noise rate and seed: AUROC of the ranking score for far flips (±2 or more) against unflipped train photos and
 for ±1 flips against them (0.5 is chance), and the precision and recall of the flagged photos. Scores compared: the
 app's count-aware score (expected absolute count error), cleanlab's self-confidence (1 − label quality) and the
-probability the model gives the label (1 − p[label]). Example:
+probability the model gives the label (1 − p[label]); and the issue's baseline: 1 − p[label] from heads on the
+stride-16 2×2 grid and stride-32 mean alone (the probe that found far flips with AUROC ≈ 0.81, ±1 flips ≈ 0.54). Example:
 
     python bench/label_noise.py --data ../shared/abid --rates 0.05,0.1 --seeds 0,1
 """
@@ -20,7 +21,24 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.data.loading import load_dataset  # noqa: E402
-from core.evaluation.label_issues import cross_fit, photo_features, rank_issues  # noqa: E402
+from core.evaluation.label_issues import RECIPE, cross_fit, photo_features, rank_issues  # noqa: E402
+from core.models.catalog import FEATURE_SETS, POOLING_SIZES, STAGE_CHANNELS  # noqa: E402
+from core.models.networks import backbone_spec  # noqa: E402
+
+BASELINE_PARTS = {("stride16", "grid2"), ("stride32", "mean")}
+
+
+def baseline_columns() -> np.ndarray:
+    """The columns of the recipe's multi-level vector that the issue's baseline probe used."""
+    channels = STAGE_CHANNELS[backbone_spec(RECIPE["backbone"]).arch]
+    columns, start = [], 0
+    for stage, pools in FEATURE_SETS[RECIPE["features"]].taps:
+        for pool in pools:
+            width = channels[stage] * POOLING_SIZES[pool]
+            if (stage, pool) in BASELINE_PARTS:
+                columns.extend(range(start, start + width))
+            start += width
+    return np.asarray(columns)
 
 
 def inject(labels: np.ndarray, candidates: np.ndarray, rate: float, n_classes: int, seed: int):
@@ -64,7 +82,7 @@ def main() -> int:
     split = rows["split"].to_numpy()
     train = np.flatnonzero(split == "train")
     fit_on = split != "test"
-    print(f"{'rate':>5} {'seed':>4} | {'score':<26} {'AUROC far':>9} {'AUROC ±1':>8} | {'flagged':>7} "
+    print(f"{'rate':>5} {'seed':>4} | {'score':<28} {'AUROC far':>9} {'AUROC ±1':>8} | {'flagged':>7} "
           f"{'precision':>9} {'recall far':>10} {'recall ±1':>9} {'s':>5}")
     for rate in (float(r) for r in args.rates.split(",")):
         for seed in (int(s) for s in args.seeds.split(",")):
@@ -73,9 +91,12 @@ def main() -> int:
             probs = cross_fit(features, noisy, fit_on, args.folds, seed, n_classes=len(classes))
             per_photo, _ = rank_issues(probs, noisy, classes)
             seconds = time.perf_counter() - tick
+            baseline = cross_fit(features[..., baseline_columns()], noisy, fit_on, args.folds, seed,
+                                 n_classes=len(classes))
             scores = {"count-aware (the app's)": per_photo["score"].to_numpy(),
                       "cleanlab self-confidence": 1 - per_photo["quality"].to_numpy(),
-                      "1 − p(label)": 1 - probs[np.arange(len(noisy)), noisy]}
+                      "1 − p(label)": 1 - probs[np.arange(len(noisy)), noisy],
+                      "baseline probe 1 − p(label)": 1 - baseline[np.arange(len(noisy)), noisy]}
             flagged = per_photo["flagged"].to_numpy()[train]
             far, near, clean = distance[train] >= 2, distance[train] == 1, distance[train] == 0
             for name, score in scores.items():
@@ -87,7 +108,7 @@ def main() -> int:
                     precision = (flagged & ~clean).sum() / max(flagged.sum(), 1)
                     tail = (f"{int(flagged.sum()):>7} {precision:>9.1%} {(flagged & far).sum() / max(far.sum(), 1):>10.1%} "
                             f"{(flagged & near).sum() / max(near.sum(), 1):>9.1%} {seconds:>5.0f}")
-                print(f"{rate:>5.0%} {seed:>4} | {name:<26} {far_auc:>9.3f} {near_auc:>8.3f} | {tail}", flush=True)
+                print(f"{rate:>5.0%} {seed:>4} | {name:<28} {far_auc:>9.3f} {near_auc:>8.3f} | {tail}", flush=True)
     return 0
 
 

@@ -36,6 +36,13 @@ def _health(args) -> int:
             print(top[["name", "split", "label", "suggested", "score"]].rename(
                 columns={"label": "recorded", "suggested": "looks like", "score": "expected error"}).to_string(
                 index=False, float_format=lambda v: f"{v:.2f}"))
+    if args.sheet and issues is not None:
+        from core.review.health import contact_sheet
+
+        paths = dict(zip(dataset.frame["name"], dataset.frame["path"]))
+        atomic_write_bytes(args.sheet, contact_sheet(issues, paths, photos=args.sheet_photos))
+        print(f"\nContact sheet of the {min(args.sheet_photos, len(issues.frame))} most likely wrong counts written to "
+              f"{args.sheet}")
     if args.csv:
         atomic_write_bytes(args.csv, report.csv())
         print(f"\nEvery finding ({len(report.findings()):,} rows) written to {args.csv}")
@@ -48,6 +55,8 @@ def register(subparsers) -> None:
                                                   "very dark or blurred photos")
     health.add_argument("--data", default=None, help="dataset folder (default: configured, else the demo)")
     health.add_argument("--csv", default=None, help="write every finding to this CSV file")
+    health.add_argument("--sheet", default=None, help="write a contact sheet (PNG) of the most likely wrong counts")
+    health.add_argument("--sheet-photos", type=int, default=24, help="photos on the contact sheet")
     health.add_argument("--top", type=int, default=15, help="how many likely wrong counts to print")
     health.add_argument("--no-label-issues", action="store_true",
                         help="only the photo checks (no features, so seconds instead of minutes)")

@@ -78,6 +78,36 @@ class HealthReport:
         return buffer.getvalue().encode()
 
 
+def contact_sheet(issues: LabelIssues, paths: dict, photos: int = 24, columns: int = 6, tile: int = 240) -> bytes:
+    """A PNG of the `photos` most likely wrong counts, most likely first, each captioned with its name, recorded
+    count, suggested count and score; a photo that cannot be read shows as a grey tile saying so."""
+    from PIL import Image, ImageDraw, ImageOps
+
+    from core.data.images import ImageError, load_image
+
+    shown = issues.flagged().head(photos)
+    if shown.empty:
+        shown = issues.ranked().head(photos)
+    rows = max(1, -(-len(shown) // columns))
+    photo_height, caption = round(tile * 0.73), 34
+    sheet = Image.new("RGB", (columns * tile, rows * (photo_height + caption)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, row in enumerate(shown.itertuples(index=False)):
+        x, y = (i % columns) * tile, (i // columns) * (photo_height + caption)
+        try:
+            picture = ImageOps.pad(load_image(paths[row.name]), (tile - 4, photo_height - 4), color="white")
+            sheet.paste(picture, (x + 2, y + 2))
+        except (KeyError, TypeError, OSError, ImageError):
+            draw.rectangle((x + 2, y + 2, x + tile - 2, y + photo_height - 2), fill="#dddddd")
+            draw.text((x + 10, y + photo_height // 2), "photo not readable", fill="black")
+        draw.text((x + 4, y + photo_height + 2), f"#{i + 1} {row.name}", fill="#444444")
+        draw.text((x + 4, y + photo_height + 17), f"recorded {row.label} -> looks like {row.suggested}  "
+                                                  f"(off by {row.score:.1f})", fill="#b00020")
+    buffer = io.BytesIO()
+    sheet.save(buffer, "PNG", optimize=True)
+    return buffer.getvalue()
+
+
 def _count(value) -> str:
     return "—" if pd.isna(value) else str(int(value))
 
