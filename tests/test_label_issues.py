@@ -236,3 +236,42 @@ def test_health_cli_on_a_folder_of_broken_photos_lists_them(tmp_path, binsight_h
     assert "likely wrong counts were not looked for" in done.stdout
     table = pd.read_csv(out)
     assert (table["finding"] == "unreadable").sum() == 3
+
+
+def test_training_can_leave_out_the_likely_wrong_counts_of_the_train_split_only(planted, small_recipe, monkeypatch,
+                                                                               tmp_path):
+    from core.training.config import TrainConfig
+    from core.training.loop import train
+
+    folder, flipped = planted
+    dataset = load_dataset(str(folder))
+    issues = find_label_issues(dataset)
+    flagged = issues.frame[issues.frame["flagged"]]
+    in_train = int((flagged["split"] == "train").sum())
+    assert in_train >= 1
+    out = tmp_path / "run"
+    result = train(TrainConfig(data=str(folder), out=str(out), mode="frozen", epochs=1, image_size=96, batch_size=16,
+                               device="cpu", num_workers=0, exclude_suspects=True))
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["exclude_suspects"] is True and recorded["suspects_excluded"] == in_train
+    assert result["config"]["suspects_excluded"] == in_train
+    log = (out / "log.txt").read_text()
+    assert f"left out {in_train} training photos" in log
+    total = len(dataset.rows("train"))
+    assert f"{total - in_train} train, {len(dataset.rows('valid'))} valid, {len(dataset.rows('test'))} test" in log
+
+
+def test_the_train_page_offers_to_leave_out_likely_wrong_counts(small_abid, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from core.jobs import queue as jobs
+    from core.jobs import worker
+
+    monkeypatch.setenv("BINSIGHT_DATA", str(small_abid))
+    monkeypatch.setattr(worker, "ensure_workers", lambda *a, **k: [])
+    at = AppTest.from_file(str(ROOT / "app_pages" / "train.py"), default_timeout=120).run()
+    at.checkbox(key="train_exclude_suspects").check().run()
+    at.button(key="train_launch").click().run()
+    assert not at.exception
+    [job] = jobs.list_jobs()
+    assert job.params["exclude_suspects"] is True

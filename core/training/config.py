@@ -97,10 +97,10 @@ class TrainConfig:
     features: str | None = setting(None, "what the head reads: multilevel (the backbone's middle and last stages, "
                                    "averaged over the photo and over a 2×2 grid, so it sees where things are) or pooled "
                                    "(the last layer averaged over the photo; default: " + _modes(DEFAULT_FEATURES) + ")",
-                                   choices=FEATURE_SETS, label="Features", page=MAIN, what="the feature set")
+                                   choices=FEATURE_SETS, label="Features", what="the feature set")
     exclude_suspects: bool = setting(False, "leave the photos flagged as likely wrong counts (Data health page, "
                                      "`python -m core health`) out of the training split; valid and test keep them",
-                                     label="Leave out likely wrong counts", page=MAIN)
+                                     label="Leave out likely wrong counts")
     augment: bool = setting(True, "augment training photos (crop, left-right and top-bottom flips, colour jitter)",
                             label="Augment training photos")
     tta: str | None = setting(None, "test-time augmentation: average each photo's prediction over its mirror images "
