@@ -245,13 +245,17 @@ def test_training_can_leave_out_the_likely_wrong_counts_of_the_train_split_only(
 
     folder, flipped = planted
     dataset = load_dataset(str(folder))
-    issues = find_label_issues(dataset)
+    from core.cli.models import _ProgressPrinter
+
+    out = tmp_path / "run"
+    printer = _ProgressPrinter()  # what `core train --exclude-suspects` shows while it finds them
+    result = train(TrainConfig(data=str(folder), out=str(out), mode="frozen", epochs=1, image_size=96, batch_size=16,
+                               device="cpu", num_workers=0, exclude_suspects=True), on_progress=printer)
+    printer.close()
+    issues = cached_label_issues(dataset)  # found by the training, on its way
     flagged = issues.frame[issues.frame["flagged"]]
     in_train = int((flagged["split"] == "train").sum())
     assert in_train >= 1
-    out = tmp_path / "run"
-    result = train(TrainConfig(data=str(folder), out=str(out), mode="frozen", epochs=1, image_size=96, batch_size=16,
-                               device="cpu", num_workers=0, exclude_suspects=True))
     recorded = json.loads((out / "config.json").read_text())
     assert recorded["exclude_suspects"] is True and recorded["suspects_excluded"] == in_train
     assert result["config"]["suspects_excluded"] == in_train

@@ -233,7 +233,7 @@ def find_label_issues(dataset, folds: int = DEFAULT_FOLDS, seed: int = 0, on_pro
         if should_stop and should_stop():
             raise Cancelled("finding label issues was stopped (the features computed are kept)")
         if on_progress:
-            on_progress(0.9 + 0.1 * fold / total, f"Cross-fitting heads: fold {fold} of {total} done")
+            on_progress(0.9 + 0.1 * fold / total, f"Cross-fitting heads (fold {fold} of {total})")
 
     probs = cross_fit(features, labels, fit_on, folds, seed, n_classes=len(classes), on_fold=fold_done)
     per_photo, noise = rank_issues(probs, labels, classes)

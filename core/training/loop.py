@@ -100,7 +100,7 @@ def train(config: TrainConfig, on_progress=None, should_stop=None) -> dict:
     train_split, valid_split, test_split = (_split_rows(ds, s) for s in ("train", "valid", "test"))
     suspects = 0
     if config.exclude_suspects:
-        train_split, suspects = _without_suspects(ds, train_split, on_progress, should_stop)
+        train_split, suspects = _without_suspects(ds, train_split, config.n_epochs, on_progress, should_stop)
     problems = config.validate(len(train_split.paths))
     if problems:
         raise TrainingError("; ".join(problems))
@@ -123,7 +123,7 @@ def _rank_log(rank: int):
     return log
 
 
-def _without_suspects(ds, split: Split, on_progress, should_stop) -> tuple[Split, int]:
+def _without_suspects(ds, split: Split, epochs: int, on_progress, should_stop) -> tuple[Split, int]:
     """The training split without the photos flagged as likely wrong counts (core.evaluation.label_issues), and how
     many were left out. Computing them (once per labels) shows as the features stage of the progress."""
     from core.evaluation.label_issues import LabelIssuesError, find_label_issues
@@ -134,7 +134,8 @@ def _without_suspects(ds, split: Split, on_progress, should_stop) -> tuple[Split
 
     def report(fraction, text):
         if on_progress:
-            on_progress({"stage": "features", "fraction": 0.0, "message": f"Finding likely wrong counts: {text}"})
+            on_progress({"stage": "features", "epoch": 0, "epochs": epochs, "fraction": 0.0,
+                         "message": f"Finding likely wrong counts: {text}"})
 
     try:
         issues = find_label_issues(ds, on_progress=report, should_stop=should_stop)
