@@ -17,7 +17,8 @@ from core.files import atomic_write_bytes, atomic_write_json
 
 ISSUES_VERSION = 1
 DEFAULT_FOLDS = 5
-# The frozen default's backbone, features and input (core.training.config): a photo trained on once is not recomputed.
+# Frozen Lite0 read at its stride-16 and stride-32 stages (where counting lives), at the bins' shape, photo and mirror:
+# a frozen training with these settings (--features multilevel --image-size 288 --aspect 1.37 --tta hflip) reuses them.
 RECIPE = {"backbone": "efficientnet_lite0", "features": "multilevel", "image_size": 288, "aspect": 1.37,
           "views": ["plain", "hflip"], "C": 0.003}
 # A photo is flagged when cleanlab finds its label unlikely AND the probabilities put the count at least this far from
