@@ -258,8 +258,9 @@ def done_summary(job: jobs.Job) -> None:
                    f"mean error **{test['mae']:.2f}** objects.")
     st.success(f"**Done in {duration(job.elapsed_s)}**{' · ' + epochs if epochs else ''}.{figures}")
     line = st.container(horizontal=True, vertical_alignment="center")
-    line.page_link("app_pages/evaluate.py", label="See it on Evaluate: confusion matrix and photos",
-                   icon=":material/target:")
+    if line.button("See it on Evaluate: confusion matrix and photos", icon=":material/target:",
+                   key=f"train_to_evaluate_{job.id}", type="primary"):
+        st.switch_page("app_pages/evaluate.py")
     line.caption(f"Output: `{job.run_dir}`")
 
 
