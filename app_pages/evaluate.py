@@ -248,12 +248,13 @@ def cell_photos(cell: pd.DataFrame, true: int, predicted: int) -> None:
     page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="cm_page") if pages > 1 else 1
     shown, _ = page_of(cell, int(page), PHOTOS_PER_PAGE)
     send_to_spot_check(cell)
-    columns = st.columns(4)
+    columns = st.columns(3)
     for i, (_, row) in enumerate(shown.iterrows()):
-        with columns[i % 4].container(border=True):
+        with columns[i % 3].container(border=True):
             show_photo(row["path"])
-            if st.button(f"🔍 {row['name']} · {row['confidence']:.0%} sure", key=f"cm_open_{row['name']}",
-                         width="stretch", help="Open the photo large, and correct its count if the label is wrong"):
+            if st.button(f"{row['name']} · {row['confidence']:.0%} sure", key=f"cm_open_{row['name']}",
+                         icon=":material/zoom_in:", width="stretch",
+                         help="Open the photo large, and correct its count if the label is wrong"):
                 open_cell_photo(row, true, predicted)
     probs = probability_columns(cell)
     table = cell[["name", "truth", "predicted", "confidence"] + probs
@@ -290,10 +291,18 @@ def open_cell_photo(row: pd.Series, true: int, predicted: int) -> None:
     if "cm_flash" in st.session_state:
         kind, text = st.session_state.pop("cm_flash")
         getattr(st, kind)(text)
-    st.image(row["path"], width="content")  # its own pixels at most: a 499 px photo is not blown up
+    photo, side = st.columns([3, 2])
+    photo.image(row["path"], width="content")  # its own pixels at most: a 499 px photo is not blown up
     probs = {int(c.split("_", 1)[1]): float(row[c]) for c in probability_columns(row.to_frame().T)}
-    st.markdown(f"**{row['name']}** · label **{true}** · model **{predicted}** ({row['confidence']:.0%} sure) · "
-                + " · ".join(f"{c}: {p:.0%}" for c, p in probs.items()))
+    with side:
+        st.markdown(f"#### {row['name']}")
+        st.markdown(f"Label **{true}** · model **{predicted}** ({row['confidence']:.0%} sure)")
+        st.caption("Model's probabilities: " + " · ".join(f"{c}: {p:.0%}" for c, p in probs.items()))
+        correction_buttons(row, true, predicted)
+
+
+def correction_buttons(row: pd.Series, true: int, predicted: int) -> None:
+    """Set the count an annotator sees; saved as a Spot-check decision, with its history."""
     who = annotator_name()
     if who is None and current_user().signed_in:
         st.caption("Your role may not correct counts.")
@@ -307,7 +316,7 @@ def open_cell_photo(row: pd.Series, true: int, predicted: int) -> None:
     st.caption(f"Is the label wrong? Set the count you see (saved as **{who}**, with its history):")
     buttons = st.container(horizontal=True)
     for n in range(6):
-        buttons.button(str(n), key=f"cm_set_{n}", type="primary" if n == predicted else "secondary",
+        buttons.button(str(n), key=f"cm_set_{n}", type="primary" if n == true else "secondary",
                        on_click=correct_count, args=(row["name"], row["path"], true, n, who))
     buttons.button("More than 5", key="cm_set_more", on_click=correct_count,
                    args=(row["name"], row["path"], true, annotations.MORE_THAN_FIVE, who))

@@ -303,6 +303,11 @@ def launched_by(job_id: int | None) -> str:
         return ""
 
 
+# What fits 1400 px without scrolling sideways; the run folder, lr and balance show in the chart's hover and the log.
+RUN_COLUMNS = ["name", "current", "accuracy", "off-by-one", "MAE", "balanced accuracy", "backbone", "mode", "size",
+               "epochs", "duration", "launched by"]
+
+
 def runs_section() -> None:
     runs = list_runs()
     current = current_run()
@@ -326,7 +331,7 @@ def runs_section() -> None:
     scored = table.dropna(subset=["accuracy"])
     if not scored.empty:
         figure = px.bar(scored.iloc[::-1], x="accuracy", y="name", orientation="h",
-                        color="mode", hover_data=["off-by-one", "MAE", "balanced accuracy", "backbone", "epochs", "lr"],
+                        color="mode", hover_data=["run", "off-by-one", "MAE", "backbone", "epochs", "lr", "balance"],
                         title="Test accuracy per run", labels={"name": ""})
         figure.update_xaxes(tickformat=".0%", range=[0, 1])
         figure.update_layout(height=120 + 28 * len(scored), margin={"t": 40, "b": 10, "l": 10, "r": 10})
@@ -338,7 +343,7 @@ def runs_section() -> None:
     locked = [c for c in shown.columns if c != "name"]
     edited = st.data_editor(
         shown, hide_index=True, width="stretch", disabled=locked if current_user().can("train") else True,
-        key="train_runs_table",
+        key="train_runs_table", column_order=RUN_COLUMNS,
         column_config={c: percent for c in ("balanced accuracy", "accuracy", "macro-F1", "off-by-one")}
         | {"name": st.column_config.TextColumn("name ✎", help="Click to rename the run (as Evaluate and Predict show "
                                                               "it)", max_chars=32, pinned=True),
