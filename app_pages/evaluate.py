@@ -262,7 +262,11 @@ def cell_photos(cell: pd.DataFrame, true: int, predicted: int) -> None:
     column_config = {p: st.column_config.ProgressColumn(f"P({p.split('_', 1)[1]})", min_value=0.0, max_value=1.0,
                                                          format="%.2f") for p in probs}
     column_config["confidence"] = st.column_config.NumberColumn("confidence", format="%.3f")
-    column_config["item_names"] = st.column_config.TextColumn("items (metadata)", width="large")
+    column_config["item_names"] = st.column_config.TextColumn("items (metadata)", width="medium")
+    column_config["n_items"] = st.column_config.NumberColumn("items", width="small")
+    for small in ["truth", "predicted"] + probs:
+        column_config.setdefault(small, st.column_config.NumberColumn(small, width="small"))
+        column_config[small]["width"] = "small"
     st.dataframe(table, hide_index=True, width="stretch", column_config=column_config, key="cm_cell_table")
 
 

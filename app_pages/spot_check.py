@@ -323,8 +323,11 @@ def show_bin(dataset, name: str, who: str, queue: list[str], model_path: Path | 
                        kwargs=dict(choice="unclear", **context))
         st.caption(SHORTCUTS)
         items = photo_items(dataset, name)
-        if items:
-            st.dataframe(pd.DataFrame(items).rename(columns={"asin": "ASIN"}), hide_index=True, width="stretch")
+        if items:  # what counting needs: the item and how many; the dimensions are in Browse
+            st.dataframe(pd.DataFrame(items).rename(columns={"asin": "ASIN"}), hide_index=True, width="stretch",
+                         column_order=["quantity", "name"],
+                         column_config={"quantity": st.column_config.NumberColumn("qty", width="small"),
+                                        "name": st.column_config.TextColumn("item", width="large")})
         else:
             st.caption("No item metadata for this photo.")
     with st.expander(f"History of this bin ({len(history)} decision{'s' if len(history) != 1 else ''})"):

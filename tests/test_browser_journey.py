@@ -82,7 +82,8 @@ CUT_TEXT = """(selector) => [...document.querySelectorAll(selector)].flatMap(til
 # A table wider than its container scrolls sideways: its scroller holds more than it shows.
 WIDE_TABLES = """() => [...document.querySelectorAll('[data-testid="stDataFrame"]')].map(table => {
     const scroller = table.querySelector('.dvn-scroller');
-    return scroller && scroller.scrollWidth > scroller.clientWidth + 2 ? table.innerText.slice(0, 80) : null;
+    if (!scroller) return 'a table without its scroller: this check needs updating';
+    return scroller.scrollWidth > scroller.clientWidth + 2 ? table.innerText.slice(0, 80) : null;
 }).filter(Boolean)"""
 
 
@@ -204,6 +205,7 @@ def analyst_journey(page, source: Path, tmp_path: Path) -> None:
     thumbnail = page.locator('[data-testid="stImage"] img').first  # the cell's photos are the page's only ones
     thumbnail.scroll_into_view_if_needed()
     assert thumbnail.bounding_box()["width"] >= 260  # twice the old 130 px stamps
+    nothing_cut(page)
     shot(page, "04-evaluate-cell")
     opened = page.get_by_role("button", name=re.compile(r"\.jpg · \d+% sure")).first
     name = re.search(r"(\S+\.jpg)", opened.inner_text())[1]
@@ -231,6 +233,7 @@ def analyst_journey(page, source: Path, tmp_path: Path) -> None:
     photo.wait_for()
     wait_idle(page)
     assert in_view(photo) and in_view(page.locator(".st-key-decide_confirm"))
+    nothing_cut(page)
     shot(page, "06-spot-check")
 
     # The model queues hold only bins whose count the model knows; the others have their own queue
