@@ -211,6 +211,7 @@ def training_progress(job_id: int) -> None:
     text = progress.get("message") or ("Waiting for a worker…" if job.status == "queued" else "Training…")
     if job.user == DEMO_USER:
         st.info("**A small demo model is training** on the demo set (about a minute): this page shows its "
-                "results as soon as it is done. Train your own on the **Train** page.", icon=":material/model_training:")
+                "results as soon as it is done. Train your own on the **Train** page.",
+                icon=":material/model_training:")
     st.progress(fraction, text=f"Training job {job.id}: {text}")
     st.caption("It runs in the background: you can leave this page and come back.")

@@ -1,8 +1,8 @@
 """The analyst's first hour in a real browser: headless Chromium at 1400×1000 drives `streamlit run app.py`.
 
-Two walks: on real ABID photos (Overview → Browse → Train → Evaluate → Spot-check → Predict), asserting what a new
-user tripped over (issue 25, points 1–7); and a first start on the demo set, where a small model trains by itself so
-Evaluate and Predict have something to show (point 8).
+Two walks: on real ABID photos (Overview → Browse → Train → Evaluate → Spot-check → Predict), asserting what a
+new user tripped over (issue 25, points 1–7); and a first start on the demo set, where a small model trains by
+itself so Evaluate and Predict have something to show (point 8).
 """
 import os
 import re
@@ -81,6 +81,7 @@ CUT_TEXT = """(selector) => [...document.querySelectorAll(selector)].flatMap(til
     [tile, ...tile.querySelectorAll('*')].filter(e => e.scrollWidth > e.clientWidth + 1).map(() => tile.innerText))"""
 # A table wider than its container scrolls sideways: its scroller holds more than it shows.
 WIDE_TABLES = """() => [...document.querySelectorAll('[data-testid="stDataFrame"]')].map(table => {
+    if (!table.checkVisibility()) return null;  // in a tab not shown
     const scroller = table.querySelector('.dvn-scroller');
     if (!scroller) return 'a table without its scroller: this check needs updating';
     return scroller.scrollWidth > scroller.clientWidth + 2 ? table.innerText.slice(0, 80) : null;
