@@ -295,7 +295,7 @@ def open_cell_photo(row: pd.Series, true: int, predicted: int) -> None:
     if "cm_flash" in st.session_state:
         kind, text = st.session_state.pop("cm_flash")
         getattr(st, kind)(text)
-    photo, side = st.columns([3, 2])
+    photo, side = st.columns([2, 3])
     photo.image(row["path"], width="content")  # its own pixels at most: a 499 px photo is not blown up
     probs = {int(c.split("_", 1)[1]): float(row[c]) for c in probability_columns(row.to_frame().T)}
     with side:
@@ -324,7 +324,7 @@ def correction_buttons(row: pd.Series, true: int, predicted: int) -> None:
                        on_click=correct_count, args=(row["name"], row["path"], true, n, who))
     buttons.button("More than 5", key="cm_set_more", on_click=correct_count,
                    args=(row["name"], row["path"], true, annotations.MORE_THAN_FIVE, who))
-    buttons.button("❓ Unclear", key="cm_set_unclear", on_click=correct_count,
+    buttons.button("Unclear", icon=":material/help:", key="cm_set_unclear", on_click=correct_count,
                    args=(row["name"], row["path"], true, annotations.UNCLEAR, who))
 
 
