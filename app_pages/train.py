@@ -305,7 +305,7 @@ def launched_by(job_id: int | None) -> str:
 
 # What fits 1400 px without scrolling sideways; the run folder, lr and balance show in the chart's hover and the log.
 RUN_COLUMNS = ["name", "current", "accuracy", "off-by-one", "MAE", "balanced accuracy", "backbone", "mode", "size",
-               "epochs", "duration", "launched by"]
+               "epochs", "launched by"]
 
 
 def runs_section() -> None:
@@ -321,8 +321,8 @@ def runs_section() -> None:
             "name": run_name(run), "current": "⭐" if current and current.id == run.id else "",
             "accuracy": final.get("accuracy"), "off-by-one": final.get("off_by_one"), "MAE": final.get("mae"),
             "balanced accuracy": final.get("balanced_accuracy"), "macro-F1": final.get("macro_f1"),
-            "backbone": run.params.get("backbone"), "mode": run.params.get("mode"),
-            "size": run.params.get("image_size"), "epochs": run.params.get("epochs"),
+            "backbone": str(run.params.get("backbone") or "").replace("efficientnet_", ""),
+            "mode": run.params.get("mode"), "size": run.params.get("image_size"), "epochs": run.params.get("epochs"),
             "lr": run.params.get("lr"), "balance": run.params.get("balance"),
             "duration": duration(run.extra.get("duration_s")) if run.extra.get("duration_s") else "",
             "launched by": launched_by(run.job_id), "run": run.id,
@@ -331,7 +331,7 @@ def runs_section() -> None:
     scored = table.dropna(subset=["accuracy"])
     if not scored.empty:
         figure = px.bar(scored.iloc[::-1], x="accuracy", y="name", orientation="h",
-                        color="mode", hover_data=["run", "off-by-one", "MAE", "backbone", "epochs", "lr", "balance"],
+                        color="mode", hover_data=["run", "off-by-one", "MAE", "epochs", "lr", "balance", "duration"],
                         title="Test accuracy per run", labels={"name": ""})
         figure.update_xaxes(tickformat=".0%", range=[0, 1])
         figure.update_layout(height=120 + 28 * len(scored), margin={"t": 40, "b": 10, "l": 10, "r": 10})
@@ -353,6 +353,11 @@ def runs_section() -> None:
            "off-by-one": st.column_config.NumberColumn(format="%.1f%%", width="small",
                                                        help="Share of test bins counted within one object"),
            "size": st.column_config.NumberColumn("px", width="small"),
+           "balanced accuracy": st.column_config.NumberColumn("balanced", format="%.1f%%", width="small",
+                                                              help="Balanced accuracy: the mean of each count's "
+                                                                   "accuracy"),
+           "backbone": st.column_config.TextColumn(width="small"),
+           "mode": st.column_config.TextColumn(width="small"),
            "epochs": st.column_config.NumberColumn(width="small"),
            "lr": st.column_config.NumberColumn(format="%.0e", width="small"),
            "run": st.column_config.TextColumn("run folder")})

@@ -81,10 +81,12 @@ CUT_TEXT = """(selector) => [...document.querySelectorAll(selector)].flatMap(til
     [tile, ...tile.querySelectorAll('*')].filter(e => e.scrollWidth > e.clientWidth + 1).map(() => tile.innerText))"""
 # A table wider than its container scrolls sideways: its scroller holds more than it shows.
 WIDE_TABLES = """() => [...document.querySelectorAll('[data-testid="stDataFrame"]')].map(table => {
-    if (!table.checkVisibility()) return null;  // in a tab not shown
+    if (table.offsetParent === null) return null;  // in a tab not shown
     const scroller = table.querySelector('.dvn-scroller');
     if (!scroller) return 'a table without its scroller: this check needs updating';
-    return scroller.scrollWidth > scroller.clientWidth + 2 ? table.innerText.slice(0, 80) : null;
+    const where = table.closest('[class*="st-key-"]');
+    return scroller.scrollWidth > scroller.clientWidth + 2
+        ? `${where ? where.className : 'a table'}: ${scroller.scrollWidth} px in ${scroller.clientWidth}` : null;
 }).filter(Boolean)"""
 
 
