@@ -257,14 +257,14 @@ def cell_photos(cell: pd.DataFrame, true: int, predicted: int) -> None:
                          help="Open the photo large, and correct its count if the label is wrong"):
                 open_cell_photo(row, true, predicted)
     probs = probability_columns(cell)
-    table = cell[["name", "truth", "predicted", "confidence"] + probs
+    table = cell[["name", "confidence"] + probs  # truth and prediction are the cell's, the same on every row
                  + [c for c in ["n_items", "item_names"] if c in cell]]
     column_config = {p: st.column_config.ProgressColumn(f"P({p.split('_', 1)[1]})", min_value=0.0, max_value=1.0,
                                                          format="%.2f") for p in probs}
     column_config["confidence"] = st.column_config.NumberColumn("confidence", format="%.3f")
     column_config["item_names"] = st.column_config.TextColumn("items (metadata)", width="medium")
     column_config["n_items"] = st.column_config.NumberColumn("items", width="small")
-    for small in ["truth", "predicted"] + probs:
+    for small in probs:
         column_config.setdefault(small, st.column_config.NumberColumn(small, width="small"))
         column_config[small]["width"] = "small"
     st.dataframe(table, hide_index=True, width="stretch", column_config=column_config, key="cm_cell_table")

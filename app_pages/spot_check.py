@@ -327,7 +327,7 @@ def show_bin(dataset, name: str, who: str, queue: list[str], model_path: Path | 
             st.dataframe(pd.DataFrame(items).rename(columns={"asin": "ASIN"}), hide_index=True, width="stretch",
                          column_order=["quantity", "name"],
                          column_config={"quantity": st.column_config.NumberColumn("qty", width="small"),
-                                        "name": st.column_config.TextColumn("item", width="large")})
+                                        "name": st.column_config.TextColumn("item", width="medium")})
         else:
             st.caption("No item metadata for this photo.")
     with st.expander(f"History of this bin ({len(history)} decision{'s' if len(history) != 1 else ''})"):
