@@ -309,7 +309,13 @@ def show_results(frame: pd.DataFrame, run: dict, notes: list[str]) -> None:
     probs = probability_columns(table)
     config_columns = {p: st.column_config.ProgressColumn(f"P({p.split('_', 1)[1]})", min_value=0.0, max_value=1.0,
                                                          format="%.2f") for p in probs}
-    config_columns["confidence"] = st.column_config.NumberColumn("confidence", format="%.3f")
+    config_columns["confidence"] = st.column_config.NumberColumn("confidence", format="%.3f", width="small")
+    config_columns["predicted"] = st.column_config.NumberColumn("count", width="small")
+    config_columns["low_confidence"] = st.column_config.CheckboxColumn("flagged", width="small",
+                                                                       help="Less confident than the threshold")
+    config_columns["error"] = st.column_config.TextColumn("error", width="medium")
+    for p in probs:  # five probability bars fit beside the rest at 1400 px
+        config_columns[p]["width"] = "small"
     shown_columns = ["name", "predicted", "confidence", "low_confidence"] + probs + ["error"]
     st.dataframe(table[shown_columns], hide_index=True, width="stretch", column_config=config_columns,
                  key="predict_table")

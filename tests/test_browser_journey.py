@@ -158,6 +158,8 @@ def analyst_journey(page, source: Path, tmp_path: Path) -> None:
     # Browse: starts on the model's classes, the number under a photo is a count, the photo is not blown up
     go_to(page, "Browse")
     page.locator('[data-testid="stImage"]').nth(5).wait_for()
+    wait_idle(page)
+    page.locator(".st-key-browse_counts").get_by_text("5", exact=True).wait_for()
     chips = page.locator(".st-key-browse_counts").inner_text()
     assert re.findall(r"\d+", chips) == ["1", "2", "3", "4", "5"], chips
     buttons = page.get_by_role("button", name=re.compile(r"\.jpg · count \d+$"))
@@ -168,6 +170,7 @@ def analyst_journey(page, source: Path, tmp_path: Path) -> None:
     image.wait_for()
     dialog.locator('[data-testid="stDataFrame"]').wait_for()
     assert page.evaluate("(img) => img.complete && img.naturalWidth >= img.clientWidth", image.element_handle())
+    nothing_cut(page)
     shot(page, "02-browse-photo")
     page.keyboard.press("Escape")
     dialog.wait_for(state="hidden")
@@ -264,6 +267,8 @@ def analyst_journey(page, source: Path, tmp_path: Path) -> None:
     serve = page.locator('[data-testid="stCode"] pre').first
     assert page.evaluate("(e) => e.scrollWidth <= e.clientWidth + 1", serve.element_handle())
     shot(page, "07-predict")
+    page.get_by_role("heading", name="Batch table").scroll_into_view_if_needed()
+    nothing_cut(page)
 
 
 def test_a_first_start_on_the_demo_set_trains_a_model_by_itself(binsight_home):

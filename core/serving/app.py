@@ -16,7 +16,6 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from core import config
 from core.evaluation.calibration import chosen_threshold
 from core.gpu import cpu_cores
 from core.models.networks import file_digest, model_file
