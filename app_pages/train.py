@@ -340,13 +340,10 @@ def runs_section() -> None:
     shown = table.copy()
     for column in ("balanced accuracy", "accuracy", "macro-F1", "off-by-one"):
         shown[column] = shown[column].astype(float) * 100
-    locked = [c for c in shown.columns if c != "name"]
-    edited = st.data_editor(
-        shown, hide_index=True, width="stretch", disabled=locked if current_user().can("train") else True,
-        key="train_runs_table", column_order=RUN_COLUMNS,
+    st.dataframe(
+        shown, hide_index=True, width="stretch", key="train_runs_table", column_order=RUN_COLUMNS,
         column_config={c: percent for c in ("balanced accuracy", "accuracy", "macro-F1", "off-by-one")}
-        | {"name": st.column_config.TextColumn("name ✎", help="Click to rename the run (as Evaluate and Predict show "
-                                                              "it)", max_chars=32, pinned=True),
+        | {"name": st.column_config.TextColumn("name", help="Rename a run below (Evaluate and Predict show it)"),
            "current": st.column_config.TextColumn("⭐", width="small", help="The current model (used by Predict)"),
            "MAE": st.column_config.NumberColumn(format="%.2f", width="small",
                                                 help="Mean absolute error: objects off, on average"),
@@ -358,15 +355,8 @@ def runs_section() -> None:
                                                                    "accuracy"),
            "backbone": st.column_config.TextColumn(width="small"),
            "mode": st.column_config.TextColumn(width="small"),
-           "epochs": st.column_config.NumberColumn(width="small"),
-           "lr": st.column_config.NumberColumn(format="%.0e", width="small"),
-           "run": st.column_config.TextColumn("run folder")})
-    renamed = [(run_id, after) for run_id, before, after in zip(table["run"], table["name"], edited["name"])
-               if after != before]
-    if renamed and current_user().can("train"):
-        for run_id, after in renamed:
-            rename_run(run_id, str(after or ""))
-        st.rerun()
+           "epochs": st.column_config.NumberColumn(width="small")})
+    rename_form(runs)
     ids = [run.id for run in runs]
     names = {run.id: run_name(run) for run in runs}
     chosen = st.selectbox("Current model (used by Predict)", ids, format_func=names.get,
@@ -378,6 +368,20 @@ def runs_section() -> None:
             st.rerun()
     else:
         st.caption(f"**{names[chosen]}** is the current model.")
+
+
+def rename_form(runs) -> None:
+    """Give a run a short, readable name: the tables, charts and run choosers show it instead of its folder."""
+    if not current_user().can("train"):
+        return
+    with st.popover("Rename a run", icon=":material/edit:"):
+        names = {run.id: run_name(run) for run in runs}
+        run_id = st.selectbox("Run", list(names), format_func=lambda i: f"{names[i]} ({i})", key="train_rename_run")
+        typed = st.text_input("New name (empty: back to the default)", value=names[run_id], max_chars=32,
+                              key=f"train_rename_{run_id}")
+        if st.button("Rename", key="train_rename_apply", type="primary") and typed != names[run_id]:
+            rename_run(run_id, typed)
+            st.rerun()
 
 
 # ---------------------------------------------------------------------------------------------- search

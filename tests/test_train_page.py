@@ -148,9 +148,11 @@ def test_choosing_the_current_model(started):
     # a run renamed keeps its folder; the pages show the new name
     from core.jobs.runs import available_runs, rename_run, run_label
 
-    rename_run("run-new", "  lite0   frozen, more epochs ")
-    at = page()
+    at.selectbox(key="train_rename_run").set_value("run-new").run()
+    at.text_input(key="train_rename_run-new").input("  lite0   frozen, more epochs ")
+    at.button(key="train_rename_apply").click().run()
     assert "**lite0 frozen, more epochs** is the current model." in text_of(at, "caption")
+    assert "lite0 frozen, more epochs" in at.dataframe[0].value["name"].tolist()
     entry = next(r for r in available_runs() if r["id"] == "run-new")
     assert run_label(entry).startswith("lite0 frozen, more epochs")
     rename_run("run-new", "")
