@@ -11,8 +11,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import streamlit as st  # noqa: E402
 
-from app_pages.common import current_user, sidebar  # noqa: E402
-from core.jobs import worker  # noqa: E402
+from app_pages.common import current_dataset, current_user, sidebar  # noqa: E402
+from core.jobs import demo, worker  # noqa: E402
 
 st.set_page_config(page_title="Binsight", page_icon="📦", layout="wide")
 
@@ -37,6 +37,10 @@ if "workers_checked" not in st.session_state:
     # Jobs queued before an app restart start now, whichever page the user opens first.
     worker.ensure_workers()
     st.session_state.workers_checked = True
+    if demo.wanted():  # a first start on the demo set trains a small model, so Evaluate and Predict show something
+        demo_set = current_dataset()
+        if demo_set is not None:
+            demo.start_demo_training(demo_set)
 
 if not current_user().can("spot_check"):  # a viewer would only see why they may not
     del PAGES["Review"]

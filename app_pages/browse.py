@@ -20,7 +20,11 @@ def choose_filters() -> dict:
     """The user's filters, as a dict."""
     c1, c2, c3 = st.columns([2, 2, 3])
     counts = sorted(int(c) for c in frame["count"].dropna().unique())
-    chosen_counts = c1.multiselect("Object count", counts, default=[], placeholder="all counts")
+    classes = [c for c in dataset.class_range.classes if c in counts]  # the model's classes first: what it counts
+    chosen_counts = c1.multiselect("Object count", counts, default=classes, placeholder="all counts",
+                                   key="browse_counts",
+                                   help=f"Starts on the classes ({dataset.class_range.describe()}); add 0 or 6+ "
+                                        "to see the bins left out of training")
     chosen_splits = c2.multiselect("Split", ["train", "valid", "test", "none"], default=[], placeholder="all splits")
     text = c3.text_input("Item name contains", placeholder="e.g. cable, bottle")
     c4, c5, c6 = st.columns([2, 2, 3])
@@ -34,7 +38,7 @@ def choose_filters() -> dict:
 @st.dialog("Bin photo", width="large")
 def show_photo(row: pd.Series) -> None:
     if row["path"] and not row["problem"]:
-        st.image(row["path"], width="stretch")
+        st.image(row["path"], width="content")  # its own pixels at most: a 499 px photo is not blown up
     else:
         st.warning(row["problem"] or "This photo is not on disk (listed only).")
     split = row["split"] or "not in a split"
@@ -72,5 +76,6 @@ for i, (_, row) in enumerate(shown.iterrows()):
             st.image(picture, width="stretch")
         else:
             st.warning(picture or row["problem"] or "not on disk")
-        if st.button(f"{row['name']} · {row['count']}", key=f"open_{row['name']}", width="stretch"):
+        if st.button(f"{row['name']} · count {row['count']}", key=f"open_{row['name']}", width="stretch",
+                     help="Open the photo with its items"):
             show_photo(row)

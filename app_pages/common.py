@@ -195,3 +195,23 @@ def sidebar() -> None:
                 config.save_settings(class_range=chosen_range.to_dict())
                 reload_dataset()
                 st.rerun()
+
+
+@st.fragment(run_every=2)
+def training_progress(job_id: int) -> None:
+    """A background training's progress bar, refreshed; the page is drawn again when it ends."""
+    from core.jobs import queue as jobs
+    from core.jobs.demo import DEMO_USER
+
+    job = jobs.get(job_id)
+    if not job.active:
+        st.rerun(scope="app")  # finished: draw the page again, with the new model or the failure
+    progress = job.progress or {}
+    fraction = min(max(float(progress.get("fraction") or 0.0), 0.0), 1.0)
+    text = progress.get("message") or ("Waiting for a worker…" if job.status == "queued" else "Training…")
+    if job.user == DEMO_USER:
+        st.info("**A small demo model is training** on the demo set (about a minute): this page shows its "
+                "results as soon as it is done. Train your own on the **Train** page.",
+                icon=":material/model_training:")
+    st.progress(fraction, text=f"Training job {job.id}: {text}")
+    st.caption("It runs in the background: you can leave this page and come back.")

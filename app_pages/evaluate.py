@@ -6,15 +6,24 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import cached_thumbnail, checked_path, current_dataset, current_user, model_for
-from core import config
+from app_pages.common import (
+    cached_thumbnail,
+    checked_path,
+    current_dataset,
+    current_user,
+    model_for,
+    training_progress,
+)
+from core.data import annotations
 from core.data.browse import page_of
 from core.data.classes import ClassRange, model_class_range
 from core.data.dataset import DatasetError
 from core.data.loading import load_dataset
 from core.evaluation import reports
+from core.evaluation.calibration import LEGACY_THRESHOLD, chosen_threshold
 from core.evaluation.predictions import PredictionStore, probability_columns
 from core.evaluation.results import EvaluationResult, score, skipped_summary
+from core.jobs import queue as jobs
 from core.jobs.runs import available_runs, current_run, run_label
 from core.models.networks import WeightsError
 
@@ -30,7 +39,7 @@ PHOTOS_PER_PAGE = 12
 
 
 def show_photo(path: str) -> None:
-    picture = cached_thumbnail(path)
+    picture = cached_thumbnail(path, 480, 360)
     if isinstance(picture, bytes):
         st.image(picture, width="stretch")
     else:
@@ -95,6 +104,7 @@ def choose_photos(model_range: ClassRange):
     except DatasetError as exc:
         st.error(f"**This folder cannot be used.** {exc}")
         st.stop()
+    st.session_state["eval_dataset_key"] = dataset.key  # where a correction made from a confusion cell is saved
     rows = dataset.rows(split)
     description = SPLITS[split].lower() if choice != OTHER_FOLDER else f"labelled photos of `{dataset.source}`"
     for note in dataset.notes:
@@ -144,9 +154,8 @@ def per_class_section(result: EvaluationResult) -> None:
         st.plotly_chart(figure, width="stretch")
 
 
-def calibration_section(result) -> None:
+def calibration_section(result, threshold: float = LEGACY_THRESHOLD) -> None:
     """Reliability diagram, ECE, and what the Predict page's low-confidence threshold flags on these photos."""
-    threshold = float(config.load_settings().get("low_confidence_threshold", 0.6))
     calibration = result.calibration(threshold)
     table, flags = calibration["table"], calibration["flags"]
     filled = table[table["count"] > 0]
@@ -168,7 +177,9 @@ def calibration_section(result) -> None:
     left, right = st.columns([3, 2])
     left.plotly_chart(figure, width="stretch", key="reliability_chart")
     right.metric("Expected calibration error", f"{calibration['ece']:.3f}",
-                 help="Photo-weighted gap between confidence and accuracy over 15 confidence bins (0 is perfect).")
+                 help="ECE: how far the model's confidence is from how often it is right, averaged over 15 "
+                      "confidence bins and weighted by their photos (0 is perfect: 70 % sure means right 70 % of "
+                      "the time).")
     right.metric(f"Flagged below {threshold:.0%} confidence", f"{flags['share_flagged']:.1%}")
 
     def accuracy(value):
@@ -236,19 +247,95 @@ def cell_photos(cell: pd.DataFrame, true: int, predicted: int) -> None:
     _, pages = page_of(cell, 1, PHOTOS_PER_PAGE)
     page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="cm_page") if pages > 1 else 1
     shown, _ = page_of(cell, int(page), PHOTOS_PER_PAGE)
-    columns = st.columns(6)
+    send_to_spot_check(cell)
+    columns = st.columns(3)
     for i, (_, row) in enumerate(shown.iterrows()):
-        with columns[i % 6]:
+        with columns[i % 3].container(border=True):
             show_photo(row["path"])
-            st.caption(f"{row['name']} · {row['confidence']:.0%}")
+            if st.button(f"{row['name']} · {row['confidence']:.0%} sure", key=f"cm_open_{row['name']}",
+                         icon=":material/zoom_in:", width="stretch",
+                         help="Open the photo large, and correct its count if the label is wrong"):
+                open_cell_photo(row, true, predicted)
     probs = probability_columns(cell)
-    table = cell[["name", "truth", "predicted", "confidence"] + probs
+    table = cell[["name", "confidence"] + probs  # truth and prediction are the cell's, the same on every row
                  + [c for c in ["n_items", "item_names"] if c in cell]]
     column_config = {p: st.column_config.ProgressColumn(f"P({p.split('_', 1)[1]})", min_value=0.0, max_value=1.0,
                                                          format="%.2f") for p in probs}
     column_config["confidence"] = st.column_config.NumberColumn("confidence", format="%.3f")
-    column_config["item_names"] = st.column_config.TextColumn("items (metadata)", width="large")
+    column_config["item_names"] = st.column_config.TextColumn("items (metadata)", width="medium")
+    column_config["n_items"] = st.column_config.NumberColumn("items", width="small")
+    for small in probs:
+        column_config.setdefault(small, st.column_config.NumberColumn(small, width="small"))
+        column_config[small]["width"] = "small"
     st.dataframe(table, hide_index=True, width="stretch", column_config=column_config, key="cm_cell_table")
+
+
+def annotator_name() -> str | None:
+    """Who records a correction: the signed-in user, else the name given on Spot-check (or here) this session."""
+    user = current_user()
+    if user.signed_in:
+        return user.name if user.can("spot_check") else None
+    return st.session_state.get("annotator") or None
+
+
+def correct_count(name: str, path: str, recorded, count: int | None, who: str) -> None:
+    key = st.session_state.get("eval_dataset_key")
+    try:
+        saved = annotations.save_decision(key, name, who, count, recorded_count=recorded, path=path).decision
+    except annotations.AnnotationError as exc:
+        st.session_state["cm_flash"] = ("error", str(exc))
+        return
+    st.session_state["cm_flash"] = ("success", f"Saved **{name}**: {saved.status}, count "
+                                    f"{annotations.count_label(saved.new_count)}. Training and evaluation use it "
+                                    "from now on; its history is on the Spot-check page.")
+
+
+@st.dialog("Photo of the confusion cell", width="large")
+def open_cell_photo(row: pd.Series, true: int, predicted: int) -> None:
+    if "cm_flash" in st.session_state:
+        kind, text = st.session_state.pop("cm_flash")
+        getattr(st, kind)(text)
+    photo, side = st.columns([2, 3])
+    photo.image(row["path"], width="content")  # its own pixels at most: a 499 px photo is not blown up
+    probs = {int(c.split("_", 1)[1]): float(row[c]) for c in probability_columns(row.to_frame().T)}
+    with side:
+        st.markdown(f"#### {row['name']}")
+        st.markdown(f"Label **{true}** · model **{predicted}** ({row['confidence']:.0%} sure)")
+        st.caption("Model's probabilities: " + " · ".join(f"{c}: {p:.0%}" for c, p in probs.items()))
+        correction_buttons(row, true, predicted)
+
+
+def correction_buttons(row: pd.Series, true: int, predicted: int) -> None:
+    """Set the count an annotator sees; saved as a Spot-check decision, with its history."""
+    who = annotator_name()
+    if who is None and current_user().signed_in:
+        st.caption("Your role may not correct counts.")
+        return
+    if who is None:
+        typed = st.text_input("Your name — saved with the correction", key="cm_annotator").strip()
+        if not typed:
+            st.caption("Give your name to correct this photo's count.")
+            return
+        st.session_state["annotator"] = who = typed
+    st.caption(f"Is the label wrong? Set the count you see (saved as **{who}**, with its history):")
+    buttons = st.container(horizontal=True)
+    for n in range(6):
+        buttons.button(str(n), key=f"cm_set_{n}", type="primary" if n == true else "secondary",
+                       on_click=correct_count, args=(row["name"], row["path"], true, n, who))
+    buttons.button("More than 5", key="cm_set_more", on_click=correct_count,
+                   args=(row["name"], row["path"], true, annotations.MORE_THAN_FIVE, who))
+    buttons.button("Unclear", icon=":material/help:", key="cm_set_unclear", on_click=correct_count,
+                   args=(row["name"], row["path"], true, annotations.UNCLEAR, who))
+
+
+def send_to_spot_check(cell: pd.DataFrame) -> None:
+    """A button that opens Spot-check on these photos, most confident first, to confirm or correct each count."""
+    if not current_user().can("spot_check"):
+        return
+    if st.button(f"Check these {len(cell):,} photos on Spot-check", key="cm_send", icon=":material/fact_check:",
+                 help="Opens Spot-check with a queue of exactly these photos, in this order"):
+        st.session_state.update(spot_sent=cell["name"].tolist(), spot_kind="sent")
+        st.switch_page("app_pages/spot_check.py")
 
 
 def exports(result: EvaluationResult) -> None:
@@ -268,11 +355,18 @@ def comparison_section(runs: list[dict], rows: pd.DataFrame, split: str) -> None
         st.caption("Train a second run (e.g. the study's simple_cnn baseline) to compare runs here.")
         return
     by_id = {r["id"]: r for r in runs}
-    picked = st.multiselect("Runs to compare on these photos (the first is the baseline)", list(by_id),
-                            format_func=lambda i: run_label(by_id[i]), key="compare_runs",
-                            placeholder="choose two or more runs")
+    left, right = st.columns([1, 2])
+    ids = list(by_id)
+    current = current_run()
+    baseline_id = left.selectbox("Baseline", ids, index=ids.index(current.id) if current and current.id in ids else 0,
+                                 format_func=lambda i: run_label(by_id[i]), key="compare_baseline",
+                                 help="The run the others are measured against (the current model by default)")
+    others = right.multiselect("Compared with", [i for i in ids if i != baseline_id],
+                               format_func=lambda i: run_label(by_id[i]), key="compare_runs",
+                               placeholder="choose one or more runs")
+    picked = [baseline_id] + [i for i in others if i != baseline_id]
     if len(picked) < 2:
-        st.caption("Choose at least two runs.")
+        st.caption("Choose at least one run to compare with the baseline.")
         return
     results = {}
     for run_id in picked:
@@ -282,10 +376,15 @@ def comparison_section(runs: list[dict], rows: pd.DataFrame, split: str) -> None
             st.error(f"Run `{run_id}` is left out: its model cannot be loaded ({exc}).")
     if len(results) < 2:
         return
-    baseline, *others = results.values()
-    frame = baseline.compare({result.run: result for result in others})
+    names = {run_id: by_id[run_id].get("name") or run_id for run_id in results}
+    baseline, *compared = results.values()
+    frame = baseline.compare({names[result.run]: result for result in compared}).rename(
+        columns={baseline.run: names[baseline.run]})
     deltas = [c for c in frame.columns if c.startswith("Δ ")]
     run_columns = [c for c in frame.columns if c not in ("metric", "better") and c not in deltas]
+    # Each run's difference to the baseline next to its figures; the key metrics are the first rows.
+    frame = frame[["metric", run_columns[0]] + [c for name in run_columns[1:] for c in (name, f"Δ {name}")]
+                  + ["better"]]
 
     def colour(column):
         styles = []
@@ -296,8 +395,11 @@ def comparison_section(runs: list[dict], rows: pd.DataFrame, split: str) -> None
 
     number_format = {c: "{:.3f}" for c in run_columns} | {c: "{:+.3f}" for c in deltas}
     styled = frame.style.format(number_format, na_rep="—").apply(colour, subset=deltas)
-    st.dataframe(styled, hide_index=True, width="stretch", key="comparison_table")
-    st.caption("Green: better than the baseline; red: worse (for MAE, lower is better).")
+    st.dataframe(styled, hide_index=True, width="stretch", key="comparison_table",
+                 column_config={"metric": st.column_config.TextColumn("metric", pinned=True),
+                                "better": st.column_config.TextColumn("better when", width="small")})
+    st.caption(f"Baseline: **{names[baseline.run]}**. Δ: difference to it — green better, red worse (for MAE, "
+               "lower is better). Rename runs on the Train page.")
     f1 = frame[frame["metric"].str.startswith("F1 class")].melt(id_vars="metric", value_vars=run_columns, var_name="run",
                                                                  value_name="F1")
     figure = px.bar(f1, x="metric", y="F1", color="run", barmode="group", range_y=[0, 1], labels={"metric": ""})
@@ -309,6 +411,10 @@ def comparison_section(runs: list[dict], rows: pd.DataFrame, split: str) -> None
 st.title("Evaluate")
 runs = available_runs()
 if not runs:
+    training = jobs.list_jobs(statuses=jobs.ACTIVE, kind="train")
+    if training:
+        training_progress(training[0].id)
+        st.stop()
     st.info("No trained model yet. Train one on the **Train** page (a frozen EfficientNet-Lite takes minutes on a CPU), "
             "then come back to see how it does.")
     st.stop()
@@ -336,6 +442,6 @@ if metrics["n"] == 0:
     st.stop()
 metric_tiles(metrics, result.skipped)
 per_class_section(result)
-calibration_section(result)
+calibration_section(result, chosen_threshold(meta, run["id"]))
 confusion_section(result, metrics)
 comparison_section(runs, rows, split)

@@ -19,11 +19,14 @@ for note in dataset.notes:
 
 cols = st.columns(5)
 cols[0].metric("Photos", f"{summary['photos']:,}")
-cols[1].metric(f"In classes {dataset.class_range.describe()}", f"{summary['in_range']:,}")
-cols[2].metric("Excluded (outside the range)", f"{summary['excluded']:,}")
-cols[3].metric("Skipped (unreadable)", f"{summary['problems']:,}")
+cols[1].metric(f"In classes {dataset.class_range.describe()}", f"{summary['in_range']:,}",
+               help="Photos whose count is one of the classes: the ones models train and are evaluated on")
+cols[2].metric("Outside the classes", f"{summary['excluded']:,}",
+               help="Photos whose count is outside the class range (change it in the sidebar): left out of training")
+cols[3].metric("Unreadable", f"{summary['problems']:,}", help="Photos or labels that could not be read: skipped")
 ratio = overview.imbalance_ratio(dataset)
-cols[4].metric("Imbalance (largest ÷ smallest class)", f"{ratio:.1f}×" if ratio else "—")
+cols[4].metric("Imbalance", f"{ratio:.1f}×" if ratio else "—",
+               help="Photos in the largest class ÷ photos in the smallest: 1× is balanced")
 sources = ", ".join(f"{k}: {v:,}" for k, v in summary["label_sources"].items()) or "none"
 st.caption(f"Source `{dataset.source}` ({dataset.layout} layout) · labels from {sources}")
 
@@ -115,6 +118,11 @@ with st.expander(":material/hard_drive: Storage"):
     frame = pd.DataFrame([{"cache": name, "used (MB)": sizes[name] / storage.MB,
                            "room left (MB)": max(0, (caps[name] or 0) - sizes[name]) / storage.MB}
                           for name in storage.CACHES])
-    st.bar_chart(frame, x="cache", y=["used (MB)", "room left (MB)"], horizontal=True, stack=True,
-                 color=["#1f77b4", "#dddddd"], height=220)
+    long = frame.melt(id_vars="cache", var_name="part", value_name="MB")
+    figure = px.bar(long, x="MB", y="cache", color="part", orientation="h", height=220,
+                    color_discrete_map={"used (MB)": "#1f77b4", "room left (MB)": "#dddddd"},
+                    labels={"cache": "", "part": ""})
+    figure.update_xaxes(rangemode="tozero", title="MB")
+    figure.update_layout(margin=dict(t=10, b=10), legend=dict(orientation="h", y=1.15, x=0))
+    st.plotly_chart(figure, width="stretch", key="storage_chart")
     st.caption(" · ".join(f"{name}: {_mb(sizes[name])} of {_mb(caps[name])}" for name in storage.CACHES))

@@ -5,20 +5,28 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import cached_thumbnail, checked_path, current_dataset, current_user, predictor_for
-from core import config
+from app_pages.common import (
+    cached_thumbnail,
+    checked_path,
+    current_dataset,
+    current_user,
+    model_for,
+    predictor_for,
+    training_progress,
+)
 from core.data import uploads
 from core.data.browse import page_of
+from core.evaluation.calibration import FLAG_SHARE, calibrated_threshold, chosen_threshold, save_chosen_threshold, \
+    share_below
 from core.evaluation.predictions import model_fingerprint, photos_fingerprint, probability_columns
 from core.jobs import queue as jobs
 from core.jobs import worker
 from core.jobs.params import describe_dataset, training_problems
 from core.jobs.runs import available_runs, current_run, get_run, register_run, run_label, set_current_run
 from core.models.engines import bf16_supported
-from core.models.inference import predict_inputs
+from core.models.inference import CLOSE_CALL, likely_counts, predict_inputs
 from core.models.networks import ModelError
 
-DEFAULT_THRESHOLD = 0.6
 PHOTOS_PER_PAGE = 12
 QUICK_TRAINING = {"backbone": "efficientnet_lite0", "mode": "frozen", "image_size": 224, "balance": "weights",
                   "device": "auto"}
@@ -38,28 +46,15 @@ def show_photo(path: str) -> None:
         st.warning(picture)
 
 
-@st.fragment(run_every=2)
-def training_progress(job_id: int) -> None:
-    job = jobs.get(job_id)
-    if job.active:
-        progress = job.progress or {}
-        fraction = min(max(float(progress.get("fraction") or 0.0), 0.0), 1.0)
-        text = progress.get("message") or ("Waiting for a worker…" if job.status == "queued" else "Training…")
-        st.progress(fraction, text=f"Training job {job.id}: {text}")
-        st.caption("It runs in the background: you can leave this page and come back.")
-    else:
-        st.rerun(scope="app")  # finished: draw the page again, with the new model or the failure
-
-
 def no_model_yet() -> None:
-    st.info("**No model yet.** Predictions need a trained model. Train a quick one here (a frozen "
-            "EfficientNet-Lite0 on the current dataset: a few minutes on a CPU), or choose the settings on the "
-            "**Train** page.")
     active = jobs.list_jobs(statuses=jobs.ACTIVE, kind="train")
     if active:
         worker.ensure_workers()  # a job queued before the app restarted gets its worker
         training_progress(active[0].id)
         return
+    st.info("**No model yet.** Predictions need a trained model. Train a quick one here (a frozen "
+            "EfficientNet-Lite0 on the current dataset: a few minutes on a CPU), or choose the settings on the "
+            "**Train** page.")
     last = st.session_state.get("quick_job")
     if last is not None:
         try:
@@ -99,10 +94,7 @@ def choose_run(runs: list[dict]) -> dict:
     run_id = left.selectbox("Model", ids, index=default, format_func=lambda i: run_label(by_id[i]),
                             key="predict_run")
     with right:
-        saved = float(config.load_settings().get("low_confidence_threshold", DEFAULT_THRESHOLD))
-        threshold = st.slider("Flag predictions less confident than", 0.0, 1.0, saved, 0.05, key="predict_threshold")
-        if abs(threshold - saved) > 1e-9:
-            config.save_settings(low_confidence_threshold=threshold)
+        threshold = threshold_slider(by_id[run_id])
         fast = bf16_supported() and st.toggle(
             "Faster, in bfloat16", key="predict_bf16",
             help="About twice as fast on this CPU. Probabilities move by up to a few hundredths, so a photo whose "
@@ -118,6 +110,55 @@ def choose_run(runs: list[dict]) -> dict:
             set_current_run(run_id)
             st.rerun()
     return by_id[run_id] | {"threshold": threshold, "precision": "bf16" if fast else "fp32"}
+
+
+def model_meta(run: dict) -> dict:
+    """The run's model.pt meta (its classes, calibration and the low-confidence default stored at training end)."""
+    try:
+        return model_for(Path(run["path"]) / "model.pt")[1]
+    except (OSError, ModelError) as exc:
+        st.error(f"**The model of run `{run['id']}` cannot be loaded.** {exc}")
+        st.stop()
+
+
+def reset_threshold(run_id: str, value: float) -> None:
+    save_chosen_threshold(run_id, None)
+    st.session_state["predict_threshold"] = value
+
+
+def threshold_slider(run: dict) -> float:
+    """The low-confidence threshold: the model's calibrated default (or the one chosen for it), and what it flags."""
+    meta = model_meta(run)
+    own = calibrated_threshold(meta)
+    chosen = chosen_threshold(meta, run["id"])
+    if st.session_state.get("predict_threshold_for") != run["id"]:  # another model: its own threshold
+        st.session_state["predict_threshold"] = round(chosen, 2)
+        st.session_state["predict_threshold_for"] = run["id"]
+    threshold = st.slider("Flag predictions less confident than", 0.0, 1.0, step=0.01, key="predict_threshold",
+                          help="Confidence is the model's probability for the count it predicts, calibrated on the "
+                               "validation photos. The default flags the least certain "
+                               f"{FLAG_SHARE:.0%} of them: the photos worth a second look.")
+    if abs(threshold - chosen) > 1e-9 and abs(threshold - round(chosen, 2)) > 1e-9:
+        save_chosen_threshold(run["id"], threshold)
+    share = share_below(meta.get("valid_confidence_quantiles") or [], threshold)
+    note = (f"Flags **{share:.0%}** of the validation photos" if share is not None
+            else "This model predates the calibrated default: retrain it to see what share this flags")
+    line = st.container(horizontal=True, vertical_alignment="center")
+    line.caption(note + f" · the model's default is {own:.2f}.")
+    if abs(threshold - round(own, 2)) > 1e-9:
+        line.button("Reset", key="predict_threshold_reset", on_click=reset_threshold, args=(run["id"], round(own, 2)),
+                    help="Back to the model's calibrated default")
+    return threshold
+
+
+def verdict(row: pd.Series, classes: list[int]) -> str:
+    """"→ 4 objects (62%)", or "→ 3 or 4 objects (31% / 31%)" when the two likeliest counts are a toss-up."""
+    probs = {c: float(row[f"prob_{c}"]) for c in classes}
+    counts = likely_counts(probs)
+    if len(counts) == 2:
+        return (f"→ **{counts[0]} or {counts[1]} objects** ({probs[counts[0]]:.0%} / {probs[counts[1]]:.0%}: "
+                "too close to call)")
+    return f"→ **{counts[0]} objects** ({probs[counts[0]]:.0%})"
 
 
 def gather_inputs() -> tuple[str, list[uploads.PhotoInput], list[str]] | None:
@@ -180,7 +221,7 @@ def serve_hint(run: dict) -> None:
         precision = " --precision bf16" if run["precision"] == "bf16" else ""
         st.code(f"python -m core serve --model {Path(run['path']) / 'model.pt'} --port 8080{precision}\n"
                 "curl -s -X POST -H 'Content-Type: image/jpeg' --data-binary @photo.jpg "
-                "http://127.0.0.1:8080/invocations", language="bash")
+                "http://127.0.0.1:8080/invocations", language="bash", wrap_lines=True)
         st.caption("GET /ping answers 200 once the model is loaded, GET /model describes it, /docs lists the API.")
 
 
@@ -243,7 +284,8 @@ def show_results(frame: pd.DataFrame, run: dict, notes: list[str]) -> None:
         st.caption(note)
     cols = st.columns(3)
     cols[0].metric("Photos predicted", f"{len(ok):,}")
-    cols[1].metric("Low confidence", f"{int(ok['low_confidence'].sum()):,}")
+    cols[1].metric("Low confidence", f"{int(ok['low_confidence'].sum()):,}",
+                   help=f"Photos the model is less than {threshold:.0%} sure of")
     cols[2].metric("Could not be read", f"{len(bad):,}")
     for message in bad["error"]:
         st.error(message)
@@ -258,7 +300,8 @@ def show_results(frame: pd.DataFrame, run: dict, notes: list[str]) -> None:
         with columns[i % 3].container(border=True):
             show_photo(row["path"])
             flag = " · :orange[low confidence]" if row["low_confidence"] else ""
-            st.markdown(f"**{row['name']}** → **{row['predicted']} objects** ({row['confidence']:.0%}){flag}")
+            st.markdown(f"**{row['name']}** {verdict(row, classes)}{flag}",
+                        help=f"Two counts within {CLOSE_CALL:.0%} of each other are shown as a toss-up.")
             st.plotly_chart(probability_chart(row, classes, threshold), width="stretch", key=f"probs_{i}_{row['name']}")
     st.subheader("Batch table")
     table = frame.copy()
@@ -266,7 +309,13 @@ def show_results(frame: pd.DataFrame, run: dict, notes: list[str]) -> None:
     probs = probability_columns(table)
     config_columns = {p: st.column_config.ProgressColumn(f"P({p.split('_', 1)[1]})", min_value=0.0, max_value=1.0,
                                                          format="%.2f") for p in probs}
-    config_columns["confidence"] = st.column_config.NumberColumn("confidence", format="%.3f")
+    config_columns["confidence"] = st.column_config.NumberColumn("confidence", format="%.3f", width="small")
+    config_columns["predicted"] = st.column_config.NumberColumn("count", width="small")
+    config_columns["low_confidence"] = st.column_config.CheckboxColumn("flagged", width="small",
+                                                                       help="Less confident than the threshold")
+    config_columns["error"] = st.column_config.TextColumn("error", width="medium")
+    for p in probs:  # five probability bars fit beside the rest at 1400 px
+        config_columns[p]["width"] = "small"
     shown_columns = ["name", "predicted", "confidence", "low_confidence"] + probs + ["error"]
     st.dataframe(table[shown_columns], hide_index=True, width="stretch", column_config=config_columns,
                  key="predict_table")

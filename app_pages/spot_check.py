@@ -8,6 +8,7 @@ import streamlit as st
 
 from app_pages.common import current_dataset, current_user, model_for
 from core.data import annotations
+from core.data.classes import ClassRange, model_class_range
 from core.data.dataset import photo_items
 from core.data.images import ImageError, load_image
 from core.evaluation.label_issues import cached_label_issues
@@ -20,6 +21,7 @@ from core.review.queue import (
     agrees,
     build_queue,
     candidates,
+    inside_classes,
     model_scores,
     score_photos,
     unscored,
@@ -119,9 +121,8 @@ def model_prediction(model_path: Path | None, row: pd.Series) -> None:
         st.caption("🤖 The current model could not read this photo.")
         return
     predicted, confidence = known.iloc[0]["predicted"], float(known.iloc[0]["confidence"])
-    agreed = agrees(row, predicted)
-    st.metric("🤖 Model predicts", str(predicted), "agrees with the label" if agreed else "differs from the label",
-              delta_color="normal" if agreed else "inverse", help=f"Confidence {confidence:.0%}")
+    verdict = ":green[✓ agrees with the label]" if agrees(row, predicted) else ":red[✗ differs from the label]"
+    st.markdown(f"🤖 Model predicts **{predicted}** ({confidence:.0%} sure) · {verdict}")
 
 
 def label_issue_hint(dataset, name: str) -> None:
@@ -143,10 +144,13 @@ def label_issue_hint(dataset, name: str) -> None:
                ", ".join(f"{c} {p:.0%}" for c, p in probs.items()))
 
 
+PHOTO_HEIGHT = 540  # the whole bin on a 1000 px high screen, beside its buttons, without scrolling
+
+
 def photo_figure(path: str):
     image = np.asarray(load_image(path))
     figure = px.imshow(image)
-    height = int(np.clip(560 * image.shape[0] / image.shape[1], 300, 560))
+    height = int(np.clip(PHOTO_HEIGHT * image.shape[0] / image.shape[1], 300, PHOTO_HEIGHT))
     figure.update_layout(margin=dict(l=0, r=0, t=0, b=0), height=height, dragmode="zoom")
     figure.update_xaxes(visible=False)
     figure.update_yaxes(visible=False)
@@ -204,22 +208,36 @@ def readable(trail: pd.DataFrame) -> pd.DataFrame:
     return shown.rename(columns={"created_at": "time", "old_count": "from", "new_count": "to"})
 
 
+def model_classes(model_path: Path | None) -> ClassRange | None:
+    """The current model's class range: its queues hold only bins it can agree with."""
+    if model_path is None:
+        return None
+    try:
+        return model_class_range(model_for(model_path)[1])
+    except (OSError, RuntimeError, ValueError):
+        return None
+
+
 def choose_queue(dataset, model_path: Path | None, checked: set[str]) -> list[str]:
     """The queue controls; the queue is rebuilt only when they change, so it stays put while you work."""
     frame, key = dataset.frame, dataset.key
     c1, c2, c3, c4 = st.columns([3, 2, 2, 1])
-    kind = c1.radio("Queue", list(QUEUES), format_func=QUEUES.get, horizontal=True, key="spot_kind")
+    kind = c1.selectbox("Queue", list(QUEUES), format_func=QUEUES.get, key="spot_kind",
+                        help="Model queues hold only the bins whose count is one of the model's classes; the others "
+                             "are in “Outside the classes”.")
     counts = c2.multiselect("Current count", COUNT_FILTERS, format_func=annotations.count_label,
                             placeholder="all counts", key="spot_counts")
     splits = c3.multiselect("Split", SPLITS, placeholder="all splits", key="spot_splits")
     size = int(c4.number_input("Bins", 1, 1000, 50, key="spot_size"))
     scores = None
+    classes = model_classes(model_path) if kind in MODEL_QUEUES or kind == "outside" else None
     if kind in MODEL_QUEUES:
         if model_path is None:
             st.info("🤖 No model yet: this queue needs the current model's predictions. Train a model on the "
                     "Train page (and choose it as current), or pick another queue.")
             st.stop()
         pool = candidates(frame, counts, splits)
+        pool = pool[inside_classes(pool, classes)]
         todo = unscored(model_path, pool)
         if len(todo):
             st.caption(f"{len(pool) - len(todo):,} of {len(pool):,} matching bins have model predictions.")
@@ -240,11 +258,14 @@ def choose_queue(dataset, model_path: Path | None, checked: set[str]) -> list[st
             st.stop()
         issues = found.frame
     seed = st.session_state.get("spot_seed", 0)
+    sent = st.session_state.get("spot_sent") or []
     # Scoring more photos changes a model queue; the other queues must not move while the current bin is scored.
-    settings = (key, kind, tuple(counts), tuple(splits), size, seed, len(scores) if kind in MODEL_QUEUES else None)
+    settings = (key, kind, tuple(counts), tuple(splits), size, seed, len(scores) if kind in MODEL_QUEUES else None,
+                tuple(sent) if kind == "sent" else None)
     if st.session_state.get("spot_settings") != settings:
         try:
-            queue = build_queue(frame, kind, checked, scores, counts, splits, size, seed, issues=issues)
+            queue = build_queue(frame, kind, checked, scores, counts, splits, size, seed, issues=issues,
+                                classes=classes, sent=sent)
         except QueueError as exc:
             st.info(str(exc))
             st.stop()
@@ -302,8 +323,11 @@ def show_bin(dataset, name: str, who: str, queue: list[str], model_path: Path | 
                        kwargs=dict(choice="unclear", **context))
         st.caption(SHORTCUTS)
         items = photo_items(dataset, name)
-        if items:
-            st.dataframe(pd.DataFrame(items).rename(columns={"asin": "ASIN"}), hide_index=True, width="stretch")
+        if items:  # what counting needs: the item and how many; the dimensions are in Browse
+            st.dataframe(pd.DataFrame(items).rename(columns={"asin": "ASIN"}), hide_index=True, width="stretch",
+                         column_order=["quantity", "name"],
+                         column_config={"quantity": st.column_config.NumberColumn("qty", width="small"),
+                                        "name": st.column_config.TextColumn("item", width="medium")})
         else:
             st.caption("No item metadata for this photo.")
     with st.expander(f"History of this bin ({len(history)} decision{'s' if len(history) != 1 else ''})"):

@@ -17,11 +17,21 @@ from core.jobs import queue as jobs
 from core.jobs.describe import duration, params_summary, progress_text, search_params, trial_epochs
 from core.jobs.estimates import estimate_seconds
 from core.jobs.params import describe_dataset, training_problems
-from core.jobs.runs import current_run, final_metrics, list_runs, set_current_run
+from core.jobs.runs import (
+    current_run,
+    final_metrics,
+    final_test_metrics,
+    list_runs,
+    read_run_metrics,
+    rename_run,
+    run_name,
+    set_current_run,
+)
 from core.jobs.sagemaker import SageMakerError, SageMakerTarget
 from core.training import config as training
 
 REFRESH_S = 2.0
+JUST_FINISHED_S = 1800  # a job finished this recently stays at the top of the page
 IDLE_REFRESH_S = 10.0  # with nothing running, still notice jobs queued elsewhere (CLI, another tab)
 IMAGE_SIZES = [96, 128, 160, 192, 224, 256, 288, 320, 384, 448]
 ASPECTS = [1.0, 1.37]
@@ -137,7 +147,9 @@ def sagemaker_form(params: dict) -> dict | None:
 def launch(kind: str, params: dict) -> None:
     user = current_user()
     user.require("train")  # the button is disabled too; this covers a forged click
-    st.session_state["train_launched"] = worker.launch(kind, params, user=user.name).id
+    job_id = worker.launch(kind, params, user=user.name).id
+    st.session_state["train_launched"] = job_id
+    st.session_state["train_jobs_launched"] = (*st.session_state.get("train_jobs_launched", ()), job_id)
 
 
 def refusal(action: str) -> dict:
@@ -171,16 +183,16 @@ def running_view(job: jobs.Job) -> None:
     progress = job.progress
     fraction = float(progress.get("fraction") or 0.0)
     st.progress(min(max(fraction, 0.0), 1.0), text=f"{fraction:.0%} · {progress_text(progress)}")
-    tiles = st.columns(6)
+    tiles = st.columns(4)
     tiles[0].metric("Epoch", f"{progress['epoch']}/{progress.get('epochs', '?')}" if progress.get("epoch") else "–")
+    tiles[1].metric("Time left", duration(progress.get("eta_s")), help="Estimated from the speed so far")
+    tiles[2].metric("Elapsed", duration(job.elapsed_s))
     speed = progress.get("images_per_s")
-    tiles[1].metric("Images/s", f"{speed:,.1f}" if isinstance(speed, (int, float)) else "–")
-    tiles[2].metric("ETA", duration(progress.get("eta_s")))
-    tiles[3].metric("Elapsed", duration(job.elapsed_s))
-    tiles[4].metric("Device", str(progress.get("device") or job.slot or "–"))
+    tiles[3].metric("Images/s", f"{speed:,.1f}" if isinstance(speed, (int, float)) else "–")
     wait = progress.get("data_wait_fraction")
-    tiles[5].metric("Waiting on data", f"{wait:.0%}" if isinstance(wait, (int, float)) else "–",
-                    help="Share of the step time spent waiting for photos to be loaded: high means the device idles.")
+    st.caption(f"Device **{progress.get('device') or job.slot or '–'}**"
+               + (f" · waiting on data **{wait:.0%}** of the step time (high means the device idles)"
+                  if isinstance(wait, (int, float)) else ""))
     stats = progress.get("gpu") or gpu.stats_for_device(progress.get("device"))
     if stats:
         used, total = stats["memory_used_mb"], stats["memory_total_mb"]
@@ -221,11 +233,44 @@ def job_card(job: jobs.Job) -> None:
         elif job.status == "cancelled":
             st.warning(f"Cancelled ({job.error or 'by request'}).")
         elif job.status == "done":
-            st.success(f"Done in {duration(job.elapsed_s)}. Output: `{job.run_dir}`"
-                       + (" · results under Hyperparameter search below." if job.kind == "hpo" else ""))
+            done_summary(job)
         if job.status != "queued":
             with st.expander("Log", expanded=job.status == "failed"):
                 st.code(job.log_tail(60) or "(empty)", language=None)
+
+
+def done_summary(job: jobs.Job) -> None:
+    """A finished job's figures: test accuracy, off-by-one, MAE, the epochs it ran (and why it stopped early)."""
+    if job.kind == "hpo":
+        st.success(f"Done in {duration(job.elapsed_s)} · results under Hyperparameter search below.")
+        return
+    metrics = read_run_metrics(job.run_dir) if job.run_dir else {}
+    test = final_test_metrics(metrics)
+    asked = (metrics.get("config") or {}).get("epochs") or job.params.get("epochs")
+    ran = metrics.get("epochs_run")
+    epochs = f"{ran} epochs" if ran else ""
+    if ran and asked and ran < int(asked):
+        epochs = (f"stopped early at epoch {ran} of {asked}: the validation loss had stopped improving, so the best "
+                  f"epoch ({metrics.get('best_epoch')}) was kept")
+    figures = ""
+    if isinstance(test.get("accuracy"), (int, float)):
+        figures = (f" Test accuracy **{test['accuracy']:.1%}** · off by at most one **{test['off_by_one']:.1%}** · "
+                   f"mean error **{test['mae']:.2f}** objects.")
+    st.success(f"**Done in {duration(job.elapsed_s)}**{' · ' + epochs if epochs else ''}.{figures}")
+    line = st.container(horizontal=True, vertical_alignment="center")
+    if line.button("See it on Evaluate: confusion matrix and photos", icon=":material/target:",
+                   key=f"train_to_evaluate_{job.id}", type="primary"):
+        st.switch_page("app_pages/evaluate.py")
+    line.caption(f"Output: `{job.run_dir}`")
+
+
+def just_finished(finished: list[jobs.Job]) -> jobs.Job | None:
+    """The finished job to keep at the top: launched in this session, or finished in the last half hour."""
+    if not finished:
+        return None
+    latest = finished[0]
+    mine = latest.id in st.session_state.get("train_jobs_launched", ())
+    return latest if mine or (latest.finished and time.time() - latest.finished < JUST_FINISHED_S) else None
 
 
 def live_jobs() -> None:
@@ -234,14 +279,18 @@ def live_jobs() -> None:
     if tuple(job.id for job in active) != st.session_state.get("train_page_active_ids"):
         # A job started or ended since the page was drawn: redraw it all so the runs list and refresh rate follow.
         st.rerun(scope="app")
-    if not active:
-        st.caption("No job is queued or running.")
     for job in reversed(active):
         job_card(job)
     finished = [j for j in jobs.list_jobs(["done", "failed", "cancelled"], limit=6)]
-    if finished:
-        with st.expander("Recent finished jobs", expanded=any(j.status == "failed" for j in finished[:1])):
-            for job in finished:
+    latest = just_finished(finished)
+    if latest is not None:
+        job_card(latest)
+    elif not active:
+        st.caption("No job is queued or running.")
+    earlier = [j for j in finished if j is not latest]
+    if earlier:
+        with st.expander("Earlier finished jobs"):
+            for job in earlier:
                 job_card(job)
 
 
@@ -254,6 +303,11 @@ def launched_by(job_id: int | None) -> str:
         return ""
 
 
+# What fits 1400 px without scrolling sideways; the run folder, lr and balance show in the chart's hover and the log.
+RUN_COLUMNS = ["name", "current", "accuracy", "off-by-one", "MAE", "balanced accuracy", "backbone", "mode", "size",
+               "epochs", "launched by"]
+
+
 def runs_section() -> None:
     runs = list_runs()
     current = current_run()
@@ -264,33 +318,48 @@ def runs_section() -> None:
     for run in runs:
         final = final_metrics(run)
         rows.append({
-            "run": run.id, "current": "⭐" if current and current.id == run.id else "",
-            "backbone": run.params.get("backbone"), "mode": run.params.get("mode"),
-            "epochs": run.params.get("epochs"), "batch": run.params.get("batch_size"), "lr": run.params.get("lr"),
-            "size": run.params.get("image_size"), "balance": run.params.get("balance"),
-            "balanced accuracy": final.get("balanced_accuracy"), "accuracy": final.get("accuracy"),
-            "macro-F1": final.get("macro_f1"), "MAE": final.get("mae"), "off-by-one": final.get("off_by_one"),
+            "name": run_name(run), "current": "⭐" if current and current.id == run.id else "",
+            "accuracy": final.get("accuracy"), "off-by-one": final.get("off_by_one"), "MAE": final.get("mae"),
+            "balanced accuracy": final.get("balanced_accuracy"), "macro-F1": final.get("macro_f1"),
+            "backbone": str(run.params.get("backbone") or "").replace("efficientnet_", ""),
+            "mode": run.params.get("mode"), "size": run.params.get("image_size"), "epochs": run.params.get("epochs"),
+            "lr": run.params.get("lr"), "balance": run.params.get("balance"),
             "duration": duration(run.extra.get("duration_s")) if run.extra.get("duration_s") else "",
-            "dataset version": run.params.get("dataset_version"), "launched by": launched_by(run.job_id),
+            "launched by": launched_by(run.job_id), "run": run.id,
         })
     table = pd.DataFrame(rows)
-    scored = table.dropna(subset=["balanced accuracy"])
+    scored = table.dropna(subset=["accuracy"])
     if not scored.empty:
-        figure = px.bar(scored.iloc[::-1], x="balanced accuracy", y="run", orientation="h",
-                        color="mode", hover_data=["accuracy", "macro-F1", "MAE", "backbone", "epochs", "lr"],
-                        title="Test balanced accuracy per run")
+        figure = px.bar(scored.iloc[::-1], x="accuracy", y="name", orientation="h",
+                        color="mode", hover_data=["run", "off-by-one", "MAE", "epochs", "lr", "balance", "duration"],
+                        title="Test accuracy per run", labels={"name": ""})
         figure.update_xaxes(tickformat=".0%", range=[0, 1])
         figure.update_layout(height=120 + 28 * len(scored), margin={"t": 40, "b": 10, "l": 10, "r": 10})
         st.plotly_chart(figure, width="stretch", key="train_runs_chart")
-    percent = st.column_config.NumberColumn(format="%.1f%%")
+    percent = st.column_config.NumberColumn(format="%.1f%%", width="small")
     shown = table.copy()
     for column in ("balanced accuracy", "accuracy", "macro-F1", "off-by-one"):
         shown[column] = shown[column].astype(float) * 100
-    st.dataframe(shown, hide_index=True, width="stretch",
-                 column_config={c: percent for c in ("balanced accuracy", "accuracy", "macro-F1", "off-by-one")}
-                 | {"MAE": st.column_config.NumberColumn(format="%.3f")})
+    st.dataframe(
+        shown, hide_index=True, width="stretch", key="train_runs_table", column_order=RUN_COLUMNS,
+        column_config={c: percent for c in ("balanced accuracy", "accuracy", "macro-F1", "off-by-one")}
+        | {"name": st.column_config.TextColumn("name", help="Rename a run below (Evaluate and Predict show it)"),
+           "current": st.column_config.TextColumn("⭐", width="small", help="The current model (used by Predict)"),
+           "MAE": st.column_config.NumberColumn(format="%.2f", width="small",
+                                                help="Mean absolute error: objects off, on average"),
+           "off-by-one": st.column_config.NumberColumn(format="%.1f%%", width="small",
+                                                       help="Share of test bins counted within one object"),
+           "size": st.column_config.NumberColumn("px", width="small"),
+           "balanced accuracy": st.column_config.NumberColumn("balanced", format="%.1f%%", width="small",
+                                                              help="Balanced accuracy: the mean of each count's "
+                                                                   "accuracy"),
+           "backbone": st.column_config.TextColumn(width="small"),
+           "mode": st.column_config.TextColumn(width="small"),
+           "epochs": st.column_config.NumberColumn(width="small")})
+    rename_form(runs)
     ids = [run.id for run in runs]
-    chosen = st.selectbox("Current model (used by Predict)", ids,
+    names = {run.id: run_name(run) for run in runs}
+    chosen = st.selectbox("Current model (used by Predict)", ids, format_func=names.get,
                           index=ids.index(current.id) if current and current.id in ids else 0, key="train_current")
     if current is None or chosen != current.id:
         if st.button("Use this run as the current model", key="train_set_current", **refusal("train")) \
@@ -298,7 +367,21 @@ def runs_section() -> None:
             set_current_run(chosen)
             st.rerun()
     else:
-        st.caption(f"`{chosen}` is the current model.")
+        st.caption(f"**{names[chosen]}** is the current model.")
+
+
+def rename_form(runs) -> None:
+    """Give a run a short, readable name: the tables, charts and run choosers show it instead of its folder."""
+    if not current_user().can("train"):
+        return
+    with st.popover("Rename a run", icon=":material/edit:"):
+        names = {run.id: run_name(run) for run in runs}
+        run_id = st.selectbox("Run", list(names), format_func=lambda i: f"{names[i]} ({i})", key="train_rename_run")
+        typed = st.text_input("New name (empty: back to the default)", value=names[run_id], max_chars=32,
+                              key=f"train_rename_{run_id}")
+        if st.button("Rename", key="train_rename_apply", type="primary") and typed != names[run_id]:
+            rename_run(run_id, typed)
+            st.rerun()
 
 
 # ---------------------------------------------------------------------------------------------- search
@@ -366,6 +449,13 @@ else:
                "they go on when you close the browser or restart the app.")
 worker.ensure_workers()  # jobs queued while the app was down start now
 
+if st.session_state.get("train_launched"):
+    st.toast(f"Job {st.session_state.pop('train_launched')} queued: it shows below.")
+
+st.subheader("Jobs")
+st.session_state["train_page_active_ids"] = tuple(job.id for job in jobs.list_jobs(jobs.ACTIVE))
+st.fragment(live_jobs, run_every=REFRESH_S if st.session_state["train_page_active_ids"] else IDLE_REFRESH_S)()
+
 dataset = current_dataset()
 base_params = None
 facts = None
@@ -389,13 +479,6 @@ if dataset is not None:
                      key="train_launch", help=refused):
             launch(kind, launch_params)
             st.rerun()
-
-if st.session_state.get("train_launched"):
-    st.toast(f"Job {st.session_state.pop('train_launched')} queued.")
-
-st.subheader("Jobs")
-st.session_state["train_page_active_ids"] = tuple(job.id for job in jobs.list_jobs(jobs.ACTIVE))
-st.fragment(live_jobs, run_every=REFRESH_S if st.session_state["train_page_active_ids"] else IDLE_REFRESH_S)()
 
 st.subheader("Runs")
 runs_section()

@@ -32,6 +32,7 @@ def binsight_home(tmp_path_factory, monkeypatch) -> Path:
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("BINSIGHT_HOME", str(home))
     monkeypatch.delenv("BINSIGHT_DATA", raising=False)
+    monkeypatch.setenv("BINSIGHT_DEMO_MODEL", "0")  # no demo model trained behind a test's back (one test asks for it)
     # Pages refuse paths outside the data roots: tests type paths under their own temporary folders and ../shared/abid
     monkeypatch.setenv("BINSIGHT_DATA_ROOTS", os.pathsep.join([str(tmp_path_factory.getbasetemp()), str(ABID)]))
     yield home

@@ -235,3 +235,24 @@ def test_queues_filter_and_order(small_abid):
     assert build_queue(frame, "low_confidence", scores=scores, size=3) == names[:3]
     disputed = build_queue(frame, "disagreement", scores=scores, size=1000)
     assert disputed == [n for i, n in enumerate(names) if i % 2 == 0][::-1]
+
+
+def test_bins_outside_the_model_classes_leave_its_queues_for_their_own(small_abid):
+    from core.data.classes import ClassRange
+
+    frame = load_dataset(small_abid).frame.copy()
+    names = frame["name"].tolist()
+    frame.loc[frame.index[:4], "count"] = [0, 6, 7, 0]  # bins a 1–5 model can never agree with
+    # a model that predicts 1 everywhere, most sure of the first rows: it disagrees with every bin not a 1
+    scores = pd.DataFrame({"name": names, "predicted": 1, "confidence": [1 - i / len(names) for i in
+                                                                          range(len(names))], "error": None})
+    outside = set(names[:4])
+    for kind in ("disagreement", "low_confidence"):
+        queue = build_queue(frame, kind, scores=scores, size=1000, classes=ClassRange(1, 5))
+        assert queue and not outside & set(queue)
+    assert set(build_queue(frame, "outside", size=1000, classes=ClassRange(1, 5))) == outside
+    assert set(build_queue(frame, "outside", size=1000, classes=ClassRange(0, 7))) == set()
+    sent = names[-3:][::-1]
+    assert build_queue(frame, "sent", sent=sent) == sent
+    with pytest.raises(QueueError, match="Evaluate"):
+        build_queue(frame, "sent")

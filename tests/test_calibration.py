@@ -10,11 +10,15 @@ from streamlit.testing.v1 import AppTest
 from core.cli import main
 from core.data.loading import load_dataset
 from core.evaluation.calibration import (
+    FLAG_SHARE,
+    LEGACY_THRESHOLD,
     calibrated_nll,
+    calibrated_threshold,
     expected_calibration_error,
     fit_temperature,
     flag_summary,
     reliability_table,
+    share_below,
 )
 from core.evaluation.results import evaluate
 from core.models.inference import predict_probabilities, view_logits
@@ -119,6 +123,15 @@ def test_training_stores_a_temperature_fitted_on_valid_and_inference_uses_it(sma
                                      list(valid["path"]), device="cpu", num_workers=0)
     assert np.allclose(older, uncalibrated, atol=1e-6)  # models saved before calibration: temperature 1
 
+    # the low-confidence flag's default: the least certain fifth of the valid photos, stored in model.pt
+    confidence = probs.max(axis=1)
+    threshold = calibrated_threshold(meta)
+    assert threshold == pytest.approx(np.quantile(confidence, FLAG_SHARE), abs=1e-5)
+    assert share_below(meta["valid_confidence_quantiles"], threshold) == pytest.approx(FLAG_SHARE, abs=0.01)
+    assert share_below(meta["valid_confidence_quantiles"], 1.01) == 1.0
+    assert calibrated_threshold({k: v for k, v in meta.items() if k != "low_confidence_threshold"}) == \
+        LEGACY_THRESHOLD  # older model files still load, with the old default
+
     metrics = json.loads((out / "metrics.json").read_text())
     for split in ("valid", "test"):
         assert 0 <= metrics[split]["ece"] <= 1 and 0 <= metrics[split]["ece_uncalibrated"] <= 1
@@ -148,10 +161,11 @@ def test_without_valid_photos_the_temperature_is_one(tmp_path):
 def test_evaluate_page_shows_the_reliability_diagram(shared, monkeypatch):
     from core import config
 
-    monkeypatch.setattr(config, "load_settings", lambda: {"low_confidence_threshold": 0.9})
     at = AppTest.from_file(PAGE, default_timeout=120).run()
-    assert not at.exception and not at.error
     run_id = at.selectbox(key="eval_run").value
+    config.save_settings(low_confidence_thresholds={run_id: 0.9})  # as chosen for this model on the Predict page
+    at.run()
+    assert not at.exception and not at.error
     result = evaluate(shared["runs"][run_id] / "model.pt", shared["data"], split="test")
     metrics, predictions = result.metrics(), result.scored()
     charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
@@ -162,3 +176,10 @@ def test_evaluate_page_shows_the_reliability_diagram(shared, monkeypatch):
     assert shown["Expected calibration error"] == f"{metrics['ece']:.3f}"
     share = float((predictions["confidence"] < 0.9).mean())
     assert shown["Flagged below 90% confidence"] == f"{share:.1%}"
+
+
+def test_two_counts_within_a_few_points_are_a_toss_up():
+    from core.models.inference import likely_counts
+
+    assert likely_counts({1: 0.1, 2: 0.1, 3: 0.314, 4: 0.314, 5: 0.172}) == [3, 4]
+    assert likely_counts({1: 0.05, 2: 0.05, 3: 0.2, 4: 0.62, 5: 0.08}) == [4]

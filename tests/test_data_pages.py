@@ -48,8 +48,8 @@ def test_overview_on_demo_set_generates_it_and_shows_distribution():
     shown = metrics(at)
     in_range = sum(n for count, n in DEMO_COUNTS.items() if 1 <= count <= 5)
     assert shown["Photos"] == f"{sum(DEMO_COUNTS.values()):,}" and shown["In classes 1–5"] == f"{in_range:,}"
-    assert shown["Excluded (outside the range)"] == f"{sum(DEMO_COUNTS.values()) - in_range:,}"
-    assert len(at.get("plotly_chart")) == 3  # classes per split, all counts, photo sizes
+    assert shown["Outside the classes"] == f"{sum(DEMO_COUNTS.values()) - in_range:,}"
+    assert len(at.get("plotly_chart")) == 4  # classes per split, all counts, photo sizes, storage
     assert (config.demo_dir() / ".complete").is_file()
 
 
@@ -65,7 +65,7 @@ def test_overview_on_real_abid_shows_totals_read_from_labels_csv(abid_dir, monke
     at = run_page("overview.py")
     shown = metrics(at)
     assert shown["Photos"] == f"{len(labels):,}" and shown["In classes 1–5"] == f"{per_class.sum():,}"
-    assert shown["Excluded (outside the range)"] == f"{len(labels) - per_class.sum():,}"
+    assert shown["Outside the classes"] == f"{len(labels) - per_class.sum():,}"
     imbalanced = per_class.max() / per_class.min() >= IMBALANCE_WARNING
     assert any("imbalanced" in w.value for w in at.warning) == imbalanced
     short = {c: int(n * MAX_TEST_FRACTION) for c, n in per_class.items() if int(n * MAX_TEST_FRACTION) < 100}
@@ -106,7 +106,7 @@ def test_overview_on_a_folder_with_a_corrupt_photo(small_abid, monkeypatch):
     monkeypatch.setenv("BINSIGHT_DATA", str(small_abid))
     at = run_page("overview.py")
     assert not at.exception
-    assert metrics(at)["Skipped (unreadable)"] == "1"
+    assert metrics(at)["Unreadable"] == "1"
     skipped = by_label(at.expander, ":material/warning: 1 photos or labels skipped")
     assert skipped.dataframe[0].value["photo"].tolist() == ["zz_broken.jpg"]
 
@@ -117,7 +117,7 @@ def test_browse_filters_by_count_and_item_text(abid_dir, monkeypatch):
     assert len([b for b in at.button if b.key and b.key.startswith("open_")]) == 24
     at.multiselect[0].set_value([3]).run()
     labels = [b.label for b in at.button if b.key and b.key.startswith("open_")]
-    assert labels and all(label.endswith("· 3") for label in labels)
+    assert labels and all(label.endswith("· count 3") for label in labels)
     from core.data.loading import load_dataset
 
     frame = load_dataset(abid_dir).frame
@@ -137,8 +137,10 @@ def test_browse_sample_per_count_and_open_a_photo(monkeypatch, demo_source):
     at.radio[0].set_value("Random sample per count").run()
     at.number_input[0].set_value(2).run()
     opened = [b for b in at.button if b.key and b.key.startswith("open_")]
-    counts = [int(b.label.split("·")[1]) for b in opened]
-    assert all(counts.count(c) == 2 for c in set(counts)) and 0 in counts and 5 in counts
+    counts = [int(b.label.split("· count")[1]) for b in opened]
+    # it starts on the classes 1–5: the bins a model counts, not the empty ones or those above 5
+    assert at.multiselect[0].value == [1, 2, 3, 4, 5]
+    assert all(counts.count(c) == 2 for c in set(counts)) and set(counts) == {1, 2, 3, 4, 5}
     first = next(b for b, c in zip(opened, counts) if c > 0)
     first.click().run()
     assert not at.exception

@@ -102,7 +102,6 @@ def test_a_selected_cell_shows_exactly_the_photos_sklearn_counts(shared):
         cell = table_with(at, "item_names")
         expected = reference[(reference["truth"] == true) & (reference["predicted"] == predicted)]
         assert sorted(cell["name"]) == sorted(expected["name"])
-        assert all(cell["truth"] == true) and all(cell["predicted"] == predicted)
         assert list(cell["confidence"]) == sorted(cell["confidence"], reverse=True)
         assert cell["item_names"].str.len().gt(0).any()  # metadata items are shown with the photos
         assert len(at.image) == min(len(cell), 12)  # the photos themselves, one page of them
@@ -110,9 +109,13 @@ def test_a_selected_cell_shows_exactly_the_photos_sklearn_counts(shared):
 
 def test_comparing_two_runs_shows_the_right_deltas(shared):
     at = run_page()
-    at.multiselect(key="compare_runs").set_value(["baseline", "better"]).run()
+    at.selectbox(key="compare_baseline").set_value("baseline").run()
+    at.multiselect(key="compare_runs").set_value(["better"]).run()
     assert not at.exception
     frame = table_with(at, "Δ better (run)").set_index("metric")
+    # each run's difference sits next to its figures, the key metrics first
+    assert list(frame.columns[:3]) == ["baseline", "better (run)", "Δ better (run)"]
+    assert list(frame.index[:2]) == ["Accuracy", "Balanced accuracy"]
     scored = {}
     for name in ("baseline", "better"):
         predictions = reference_predictions(shared["runs"][name], shared["data"], "test")
@@ -122,7 +125,7 @@ def test_comparing_two_runs_shows_the_right_deltas(shared):
     for c in CLASSES:
         delta = scored["better"]["per_class"][str(c)]["f1"] - scored["baseline"]["per_class"][str(c)]["f1"]
         assert frame.loc[f"F1 class {c}", "Δ better (run)"] == pytest.approx(delta)
-    assert any("Green: better than the baseline" in c.value for c in at.caption)
+    assert any("Baseline: **baseline**" in c.value and "green better" in c.value for c in at.caption)
 
 
 def test_any_labelled_folder_and_a_bad_one(shared, tmp_path):

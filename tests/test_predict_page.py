@@ -112,7 +112,8 @@ def test_threshold_flags_low_confidence_without_predicting_again(shared, monkeyp
     assert list(flagged["low_confidence"]) == list(table["confidence"] < middle)
     assert shown_metrics(at)["Low confidence"] == str(int((table["confidence"] < middle).sum()))
     assert calls == [1]  # one prediction for the batch, whatever the threshold
-    assert config.load_settings()["low_confidence_threshold"] == at.slider(key="predict_threshold").value
+    run_id = at.selectbox(key="predict_run").value
+    assert config.load_settings()["low_confidence_thresholds"][run_id] == at.slider(key="predict_threshold").value
 
 
 def test_a_local_folder_with_a_photo_damaged_inside(shared, tmp_path):

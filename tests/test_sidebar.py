@@ -52,7 +52,7 @@ def test_changing_the_class_range_reloads_the_page_with_it(tmp_path):
     assert not at.exception
     assert ClassRange.from_dict(config.load_settings()["class_range"]) == ClassRange(1, 3)
     shown = metrics(at)
-    assert (shown["In classes 1–3"], shown["Excluded (outside the range)"]) == ("6", "4")
+    assert (shown["In classes 1–3"], shown["Outside the classes"]) == ("6", "4")
 
 
 def test_evaluate_keeps_the_models_class_range_when_the_sidebar_has_another(shared):

@@ -112,8 +112,8 @@ def test_a_running_training_shows_progress_curves_speed_and_device(started, data
         assert f"Job {job.id}** · train · running" in text_of(at, "markdown")
         [bar] = at.get("progress")
         shown = {m.label: m.value for m in at.metric}
-        assert shown["Epoch"] == "3/3" and shown["Device"] == "cpu" and float(shown["Images/s"].replace(",", "")) > 0
-        assert shown["Waiting on data"].endswith("%")
+        assert shown["Epoch"] == "3/3" and float(shown["Images/s"].replace(",", "")) > 0
+        assert "Device **cpu** · waiting on data **" in text_of(at, "caption")
         charts = [c.proto.spec for c in at.get("plotly_chart")]
         assert any('"valid loss"' in spec and '"train accuracy"' in spec for spec in charts)  # live curves
         assert "train · epoch 3/3 · train_loss" in text_of(at, "code")  # the log tail
@@ -123,7 +123,13 @@ def test_a_running_training_shows_progress_curves_speed_and_device(started, data
     at = page()  # finished: now a run with its metrics, and the current model
     run = current_run()
     assert run.job_id == job.id and run.id in at.dataframe[0].value["run"].tolist()
-    assert any("Test balanced accuracy per run" in c.proto.spec for c in at.get("plotly_chart"))
+    assert any("Test accuracy per run" in c.proto.spec for c in at.get("plotly_chart"))
+    # the just-finished job stays at the top with its test figures and the way on to Evaluate
+    test = run.metrics["test"]
+    done = next(s.value for s in at.success if "Done in" in s.value)
+    assert f"Test accuracy **{test['accuracy']:.1%}**" in done and f"**{test['off_by_one']:.1%}**" in done
+    assert "3 epochs" in done
+    assert f"train_to_evaluate_{job.id}" in [b.key for b in at.button]
 
 
 def test_choosing_the_current_model(started):
@@ -134,11 +140,23 @@ def test_choosing_the_current_model(started):
         register_run(folder, params={"backbone": "efficientnet_lite0", "mode": "frozen"},
                           metrics={"test": {"balanced_accuracy": 0.4 if name == "run-old" else 0.6}})
     at = page()
-    assert "`run-old` is the current model." in text_of(at, "caption")  # the first run registered
+    assert "**run-old** is the current model." in text_of(at, "caption")  # the first run registered
     at.selectbox(key="train_current").set_value("run-new").run()
     at.button(key="train_set_current").click().run()
     assert current_run().id == "run-new"
-    assert "`run-new` is the current model." in text_of(at, "caption")
+    assert "**run-new** is the current model." in text_of(at, "caption")
+    # a run renamed keeps its folder; the pages show the new name
+    from core.jobs.runs import available_runs, rename_run, run_label
+
+    at.selectbox(key="train_rename_run").set_value("run-new").run()
+    at.text_input(key="train_rename_run-new").input("  lite0   frozen, more epochs ")
+    at.button(key="train_rename_apply").click().run()
+    assert "**lite0 frozen, more epochs** is the current model." in text_of(at, "caption")
+    assert "lite0 frozen, more epochs" in at.dataframe[0].value["name"].tolist()
+    entry = next(r for r in available_runs() if r["id"] == "run-new")
+    assert run_label(entry).startswith("lite0 frozen, more epochs")
+    rename_run("run-new", "")
+    assert next(r for r in available_runs() if r["id"] == "run-new")["name"] == "run-new"
 
 
 def test_a_search_shows_its_trials_best_first_and_launches_the_full_training(started, dataset):

@@ -10,6 +10,10 @@ from scipy.special import log_softmax, logsumexp
 
 # Temperatures searched (log-uniformly); far outside this range a model's confidence carries no information.
 TEMPERATURE_RANGE = (0.05, 20.0)
+# The low-confidence flag's default: the least certain fifth of the valid split, so it picks out photos to look at.
+FLAG_SHARE = 0.2
+# Models trained before the calibrated threshold was stored in model.pt fall back to this one.
+LEGACY_THRESHOLD = 0.6
 
 
 def _per_view(logits_per_view) -> np.ndarray:
@@ -91,3 +95,54 @@ def flag_summary(confidence, correct, threshold: float) -> dict:
 
     return {"share_flagged": float(flagged.mean()) if len(flagged) else 0.0,
             "accuracy_flagged": accuracy(flagged), "accuracy_rest": accuracy(~flagged)}
+
+
+def flag_threshold(confidence, share: float = FLAG_SHARE) -> float:
+    """The confidence below which `share` of these photos fall (the LEGACY_THRESHOLD without photos)."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    return float(np.quantile(confidence, share)) if len(confidence) else LEGACY_THRESHOLD
+
+
+def confidence_quantiles(confidence, points: int = 101) -> list[float]:
+    """`points` evenly spaced quantiles of these confidences: enough to tell the share below any threshold."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    return [round(float(q), 5) for q in np.quantile(confidence, np.linspace(0, 1, points))] if len(confidence) else []
+
+
+def share_below(quantiles: list[float], threshold: float) -> float | None:
+    """The share of the photos summarised by `quantiles` (confidence_quantiles) below `threshold`; None without."""
+    if not quantiles:
+        return None
+    levels = np.linspace(0, 1, len(quantiles))
+    values = np.asarray(quantiles, dtype=np.float64)
+    if threshold <= values[0]:
+        return 0.0
+    if threshold > values[-1]:
+        return 1.0
+    return float(np.interp(threshold, values, levels))
+
+
+def calibrated_threshold(meta: dict) -> float:
+    """The model's default low-confidence threshold: stored at training end, LEGACY_THRESHOLD for older models."""
+    value = meta.get("low_confidence_threshold")
+    return float(value) if isinstance(value, (int, float)) else LEGACY_THRESHOLD
+
+
+def chosen_threshold(meta: dict, model_name: str) -> float:
+    """The low-confidence threshold in use for a model: the one a user set for it (Predict page), else its own."""
+    from core import config
+
+    chosen = (config.load_settings().get("low_confidence_thresholds") or {}).get(model_name)
+    return float(chosen) if isinstance(chosen, (int, float)) else calibrated_threshold(meta)
+
+
+def save_chosen_threshold(model_name: str, threshold: float | None) -> None:
+    """Remember the threshold a user chose for a model (None: back to the model's own)."""
+    from core import config
+
+    chosen = dict(config.load_settings().get("low_confidence_thresholds") or {})
+    if threshold is None:
+        chosen.pop(model_name, None)
+    else:
+        chosen[model_name] = float(threshold)
+    config.save_settings(low_confidence_thresholds=chosen)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,7 +135,8 @@ def available_runs() -> list[dict]:
     for run in list_runs():
         if run.exists:
             final = final_metrics(run)
-            found[str(Path(run.path).resolve())] = _run_entry(run.id, Path(run.path), run.created, final, run.params)
+            found[str(Path(run.path).resolve())] = _run_entry(run.id, Path(run.path), run.created, final, run.params,
+                                                              run.extra.get("name"))
     for folder in config.runs_dir().iterdir():
         key = str(folder.resolve())
         if key in found or not (folder / "model.pt").is_file():
@@ -154,15 +156,48 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _run_entry(run_id: str, path: Path, created: float, final: dict, params: dict) -> dict:
+def _run_entry(run_id: str, path: Path, created: float, final: dict, params: dict, name: str | None = None) -> dict:
     accuracy = final.get("accuracy") if isinstance(final, dict) else None
     return {"id": run_id, "path": str(path), "created": float(created),
             "accuracy": float(accuracy) if isinstance(accuracy, (int, float)) else None,
-            "backbone": params.get("backbone"), "mode": params.get("mode")}
+            "backbone": params.get("backbone"), "mode": params.get("mode"),
+            "name": name or short_name(run_id, params)}
+
+
+JOB_RUN_ID = re.compile(r"^\d{8}-\d{6}-.*-job(\d+)$")
+MAX_NAME = 32
+
+
+def short_name(run_id: str, params: dict) -> str:
+    """A run's default name, short enough for a table column: "#3 lite0 frozen 160px" for a job's run folder."""
+    found = JOB_RUN_ID.match(run_id)
+    if not found:
+        return run_id if len(run_id) <= MAX_NAME else run_id[:MAX_NAME - 1] + "…"
+    backbone = str(params.get("backbone") or "").replace("efficientnet_", "")
+    size = f"{params['image_size']}px" if params.get("image_size") else ""
+    return " ".join(p for p in (f"#{found[1]}", backbone, params.get("mode") or "", size) if p)
+
+
+def run_name(run: Run) -> str:
+    """The name people gave the run, else its short default name."""
+    return run.extra.get("name") or short_name(run.id, run.params)
+
+
+def rename_run(run_id: str, name: str) -> Run:
+    """Give a run a readable name (empty: back to its default); a CLI run folder is registered first."""
+    name = " ".join(name.split())[:MAX_NAME]
+    try:
+        run = get_run(run_id)
+    except JobError:
+        run = register_run(config.runs_dir() / run_id)
+    extra = {**run.extra, "name": name} if name else {k: v for k, v in run.extra.items() if k != "name"}
+    with db.connection() as conn:
+        conn.execute("UPDATE runs SET extra = ? WHERE id = ?", (json.dumps(extra, default=_jsonable), run_id))
+    return get_run(run_id)
 
 
 def run_label(run: dict) -> str:
-    parts = [run["id"]]
+    parts = [run.get("name") or run["id"]]
     if run.get("accuracy") is not None:
         parts.append(f"test accuracy {run['accuracy']:.1%}")
     return " · ".join(parts)

@@ -154,3 +154,15 @@ def predict_inputs(model, meta: dict, inputs: list[PhotoInput], batch_size: int 
     frame["predicted"] = frame["predicted"].astype("Int64")
     frame["confidence"] = frame["confidence"].astype(float)
     return frame
+
+
+# Two counts whose probabilities are this close are a toss-up: the page says "3 or 4", not "→ 4".
+CLOSE_CALL = 0.05
+
+
+def likely_counts(probabilities: dict[int, float], margin: float = CLOSE_CALL) -> list[int]:
+    """The likeliest count, or the two likeliest (smaller first) when their probabilities are within `margin`."""
+    ranked = sorted(probabilities.items(), key=lambda kv: -kv[1])
+    if len(ranked) > 1 and ranked[0][1] - ranked[1][1] <= margin:
+        return sorted([ranked[0][0], ranked[1][0]])
+    return [ranked[0][0]]

@@ -1,4 +1,5 @@
-"""Which bins to spot-check next: random, unchecked, least confident or disputed by the model (scores from the store)."""
+"""Which bins to spot-check next: random, unchecked, least confident or disputed by the model (scores from the store),
+likely wrong, outside the model's classes, or photos sent from another page."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from core.data.annotations import MORE_THAN_FIVE
+from core.data.classes import ClassRange
 from core.errors import BinsightError
 from core.evaluation.predictions import PredictionStore
 
@@ -17,7 +19,10 @@ QUEUES = {
     "low_confidence": "Lowest model confidence",
     "disagreement": "Model disagrees with the label",
     "likely_wrong": "Likely wrong count",
+    "outside": "Outside the classes",
+    "sent": "Sent from Evaluate",
 }
+# Model queues hold only bins whose count is one of the model's classes: a 1–5 model can never agree with a 0 or a 7.
 MODEL_QUEUES = ("low_confidence", "disagreement")
 # Ordered by the label-issue score (core.evaluation.label_issues): heads that never saw the photo, not the model.
 ISSUE_QUEUES = ("likely_wrong",)
@@ -46,14 +51,35 @@ def candidates(frame: pd.DataFrame, counts=(), splits=()) -> pd.DataFrame:
     return rows
 
 
+def inside_classes(rows: pd.DataFrame, classes: ClassRange | None = None) -> pd.Series:
+    """Per photo: whether its count is one of the classes (the model's range; the dataset's `cls` without one)."""
+    if classes is None:
+        return rows["cls"].notna() if "cls" in rows else rows["count"].notna()
+    return classes.assign(rows["count"]).notna().astype(bool)
+
+
 def build_queue(frame: pd.DataFrame, kind: str, checked: set[str] | None = None, scores: pd.DataFrame | None = None,
-                counts=(), splits=(), size: int = 50, seed: int = 0, issues: pd.DataFrame | None = None) -> list[str]:
-    """Up to `size` photo names to check, in order. Model queues need `scores` (name, predicted, confidence); the
-    likely-wrong queue needs `issues` (name, flagged, score: LabelIssues.frame) and holds the unchecked flagged
-    photos, the most likely wrong first."""
+                counts=(), splits=(), size: int = 50, seed: int = 0, issues: pd.DataFrame | None = None,
+                classes: ClassRange | None = None, sent: list[str] | None = None) -> list[str]:
+    """Up to `size` photo names to check, in order. Model queues need `scores` (name, predicted, confidence) and
+    hold only bins whose count is one of `classes` (the model's); "outside" holds the others. The likely-wrong
+    queue needs `issues` (name, flagged, score: LabelIssues.frame) and holds the unchecked flagged photos, the most
+    likely wrong first; "sent" holds the `sent` names (e.g. a confusion cell's photos) in their order."""
     if kind not in QUEUES:
         raise QueueError(f"unknown queue {kind!r}: choose one of {', '.join(QUEUES)}")
     rows = candidates(frame, counts, splits)
+    if kind == "sent":
+        if not sent:
+            raise QueueError("No photos were sent here yet: on the Evaluate page, open a cell of the confusion "
+                             "matrix and send its photos to Spot-check.")
+        return [name for name in sent if name in set(rows["name"])][:size]
+    if kind == "outside":
+        counted = rows[rows["count"].notna()]
+        outside = counted[~inside_classes(counted, classes)]
+        return outside.sample(frac=1.0, random_state=np.random.RandomState(seed))["name"].head(size).tolist() \
+            if len(outside) else []
+    if kind in MODEL_QUEUES:
+        rows = rows[inside_classes(rows, classes)]
     if kind in ISSUE_QUEUES:
         if issues is None:
             raise QueueError(f"“{QUEUES[kind]}” needs the data health check: run it on the Data health page (or "

@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from core import config
+from core.evaluation.calibration import chosen_threshold
 from core.gpu import cpu_cores
 from core.models.networks import file_digest, model_file
 from core.serving.batcher import DynamicBatcher, QueueFull
@@ -24,7 +24,6 @@ from core.serving.inputs import IMAGE_TYPES, JSON_TYPE, BadInput, PhotoReader, f
 
 log = logging.getLogger("binsight.serve")
 MAX_BODY_BYTES = 10 * 1024 * 1024
-DEFAULT_THRESHOLD = 0.6
 REQUEST_ID = "X-Request-Id"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 
@@ -61,7 +60,7 @@ class Service:
         self.classes = [int(c) for c in self.meta["classes"]]
         self.model_id = f"{self.model_path.parent.name}@{file_digest(self.model_path)}"
         self.reader = PhotoReader(self.meta)
-        self.threshold = float(config.load_settings().get("low_confidence_threshold", DEFAULT_THRESHOLD))
+        self.threshold = chosen_threshold(self.meta, self.model_path.parent.name)
         self.batcher = DynamicBatcher(self.model.probabilities, max_batch=max_batch, window_ms=window_ms)
         # Photos are decoded on a few threads of our own, not on the server's pool of forty: every thread that
         # allocates photo-sized arrays gets its own malloc arena, and the server's memory grew with each one.

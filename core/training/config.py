@@ -91,7 +91,8 @@ class TrainConfig:
     balance: str | None = setting(None, "weights: loss weighted by inverse class frequency; sampler: rare classes "
                                   "drawn more often (default: the dataset version's recommendation, else weights)",
                                   choices=BALANCE, label="Balancing", page=MAIN)
-    loss: str = setting("emd", "emd: cross-entropy + a count-aware (ordinal) term; ce: plain cross-entropy",
+    loss: str = setting("emd", "emd (earth mover's distance): cross-entropy + a count-aware term, costlier the "
+                               "further the predicted count is from the truth; ce: plain cross-entropy",
                         choices=LOSSES, label="Loss")
     label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy, in [0, 1)",
                                      label="Label smoothing", step=0.05)

@@ -12,7 +12,13 @@ import numpy as np
 import torch
 
 from core.errors import Cancelled
-from core.evaluation.calibration import expected_calibration_error, fit_temperature
+from core.evaluation.calibration import (
+    FLAG_SHARE,
+    confidence_quantiles,
+    expected_calibration_error,
+    fit_temperature,
+    flag_threshold,
+)
 from core.evaluation.metrics import compute_metrics
 from core.files import atomic_write_bytes
 from core.models import networks as models
@@ -195,8 +201,15 @@ class BaseRun:
         else:
             temperature = 1.0
             self.log("calibration: no valid photos, so temperature 1 (confidence left uncalibrated)")
+        flags = {}
+        if len(labels):  # the low-confidence flag's default: the least certain fifth of the valid photos
+            confidence = tempered_probabilities(logits, temperature).max(-1).values.numpy()
+            flags = {"low_confidence_threshold": flag_threshold(confidence),
+                     "valid_confidence_quantiles": confidence_quantiles(confidence)}
+            self.log(f"low-confidence flag: below {flags['low_confidence_threshold']:.3f} "
+                     f"({FLAG_SHARE:.0%} of the valid photos)")
         if self.world.is_main:
-            models.save_model(self.out / "model.pt", self.model, best_meta | {"temperature": temperature})
+            models.save_model(self.out / "model.pt", self.model, best_meta | {"temperature": temperature} | flags)
         return temperature
 
     def score(self, name: str, split) -> dict:
