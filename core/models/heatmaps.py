@@ -1,0 +1,66 @@
+"""Where the model looked: Grad-CAM heatmaps (the grad-cam package) of a photo for chosen counts, at the photo's size."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from core.data.images import load_image
+from core.models.networks import CountingModel, ModelError, MultiLevelBackbone, SimpleCNN
+from core.models.preprocess import eval_transform
+
+
+def target_layer(model: CountingModel) -> torch.nn.Module:
+    """The layer whose activations the heatmap weighs: the deepest stage a multi-level backbone taps, else the last
+    convolutional stage before the backbone's pooling."""
+    backbone = model.backbone
+    if isinstance(backbone, MultiLevelBackbone):
+        return backbone.net.get_submodule(backbone.steps[-1][0])
+    if isinstance(backbone, SimpleCNN):
+        return backbone.convs
+    if hasattr(backbone, "layer4"):  # torchvision ResNets
+        return backbone.layer4
+    if hasattr(backbone, "bn2"):  # timm EfficientNets: conv_head then bn2 (with its activation), then the pooling
+        return backbone.bn2
+    raise ModelError(f"no heatmap layer known for a {backbone.__class__.__name__} backbone")
+
+
+def heatmaps(model: CountingModel, meta: dict, photo: str | Path | Image.Image, counts: list[int]) -> dict[int, np.ndarray]:
+    """{count: heatmap} for each count asked: where the photo's evidence for that count lies, 0–1, of the photo's
+    height × width (upright, as shown). One forward and backward pass for all the counts together."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    classes = [int(c) for c in meta["classes"]]
+    unknown = [c for c in counts if int(c) not in classes]
+    if unknown:
+        raise ModelError(f"the model predicts the counts {classes}: no heatmap for {unknown}")
+    image = photo if isinstance(photo, Image.Image) else load_image(photo)
+    image = image.convert("RGB")
+    tensor = eval_transform(meta)(image).unsqueeze(0).repeat(len(counts), 1, 1, 1)
+    targets = [ClassifierOutputTarget(classes.index(int(c))) for c in counts]
+    model = model.eval()
+    with GradCAM(model=model, target_layers=[target_layer(model)]) as cam:
+        maps = cam(input_tensor=tensor, targets=targets)  # counts × input height × input width, each scaled 0–1
+    found = {}
+    for count, heat in zip(counts, maps):
+        # The network saw the photo squashed to its input size: stretch the map back over the photo.
+        resized = Image.fromarray(np.float32(heat), mode="F").resize(image.size, Image.BILINEAR)
+        found[int(count)] = np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+    return found
+
+
+def overlay(photo: str | Path | Image.Image, heat: np.ndarray, strength: float = 0.5, width: int = 480) -> bytes:
+    """The photo with the heatmap laid over it (jet colours, `strength` opaque), as JPEG bytes `width` px wide."""
+    from matplotlib import colormaps
+
+    image = (photo if isinstance(photo, Image.Image) else load_image(photo)).convert("RGB")
+    colours = (colormaps["jet"](heat)[..., :3] * 255).astype(np.uint8)
+    blended = Image.blend(image, Image.fromarray(colours).resize(image.size), strength)
+    blended.thumbnail((width, width * 4))
+    buffer = io.BytesIO()
+    blended.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
