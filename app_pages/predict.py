@@ -5,6 +5,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from app_pages import insight_views
 from app_pages.common import cached_thumbnail, checked_path, current_dataset, current_user, predictor_for
 from core import config
 from core.data import uploads
@@ -253,10 +254,14 @@ def show_results(frame: pd.DataFrame, run: dict, notes: list[str]) -> None:
     _, pages = page_of(ok, 1, PHOTOS_PER_PAGE)
     page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="predict_page") if pages > 1 else 1
     shown, _ = page_of(ok, int(page), PHOTOS_PER_PAGE)
+    looked = insight_views.heatmap_toggle("predict_heatmaps")
     columns = st.columns(3)
     for i, (_, row) in enumerate(shown.iterrows()):
         with columns[i % 3].container(border=True):
-            show_photo(row["path"])
+            if looked:
+                insight_views.heatmap_images(Path(run["path"]) / "model.pt", row["path"], [row["predicted"]])
+            else:
+                show_photo(row["path"])
             flag = " · :orange[low confidence]" if row["low_confidence"] else ""
             st.markdown(f"**{row['name']}** → **{row['predicted']} objects** ({row['confidence']:.0%}){flag}")
             st.plotly_chart(probability_chart(row, classes, threshold), width="stretch", key=f"probs_{i}_{row['name']}")

@@ -69,12 +69,18 @@ class EvaluationResult:
         return metrics
 
     def intervals(self, resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
-        """95 % intervals of metrics() by a seeded bootstrap over the scored photos (core.evaluation.intervals)."""
+        """95 % intervals of metrics() by a seeded bootstrap over the scored photos (core.evaluation.intervals);
+        computed once per result (the page, the export and the model card show the same)."""
+        memo = self.__dict__.setdefault("_intervals", {})
+        if (resamples, seed) in memo:
+            return memo[(resamples, seed)]
         rows = self.scored()
         probs = probability_columns(rows)
         probabilities = rows[probs].to_numpy(dtype=float) if len(probs) == len(self.classes) and len(rows) else None
-        return bootstrap_intervals(rows["truth"].astype(int).to_numpy(), rows["predicted"].astype(int).to_numpy(),
-                                   self.classes, probabilities, resamples=resamples, seed=seed)
+        memo[(resamples, seed)] = bootstrap_intervals(
+            rows["truth"].astype(int).to_numpy(), rows["predicted"].astype(int).to_numpy(), self.classes,
+            probabilities, resamples=resamples, seed=seed)
+        return memo[(resamples, seed)]
 
     def calibration(self, threshold: float) -> dict:
         """Reliability over 15 confidence bins, the ECE, and what `threshold` flags as low confidence."""

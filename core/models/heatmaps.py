@@ -43,8 +43,19 @@ def heatmaps(model: CountingModel, meta: dict, photo: str | Path | Image.Image, 
     tensor = eval_transform(meta)(image).unsqueeze(0).repeat(len(counts), 1, 1, 1)
     targets = [ClassifierOutputTarget(classes.index(int(c))) for c in counts]
     model = model.eval()
-    with GradCAM(model=model, target_layers=[target_layer(model)]) as cam:
-        maps = cam(input_tensor=tensor, targets=targets)  # counts × input height × input width, each scaled 0–1
+    layer = target_layer(model)
+    # Gradients are needed from the counts back to the layer only: the layers before it get none, which makes the
+    # backward pass a fraction of a training step's.
+    wanted = {id(p) for p in layer.parameters()} | {id(p) for p in model.head.parameters()}
+    was = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for parameter in model.parameters():
+            parameter.requires_grad_(id(parameter) in wanted)
+        with GradCAM(model=model, target_layers=[layer]) as cam:
+            maps = cam(input_tensor=tensor, targets=targets)  # counts × input height × input width, each 0–1
+    finally:
+        for parameter, before in was.items():
+            parameter.requires_grad_(before)
     found = {}
     for count, heat in zip(counts, maps):
         # The network saw the photo squashed to its input size: stretch the map back over the photo.
