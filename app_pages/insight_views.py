@@ -150,6 +150,8 @@ def embedding_map_view(rows: pd.DataFrame, map_key: str, key: str, *, dataset=No
     event = st.plotly_chart(_map_figure(frame, colour), width="stretch", on_select="rerun",
                             selection_mode=("points", "box", "lasso"), key=f"{key}_chart")
     names = maps.names_in_selection(event)
+    if dataset is not None:
+        last_relabel(dataset, key)
     chosen = frame.set_index("name").loc[[n for n in names if n in set(frame["name"])]].reset_index()
     if chosen.empty:
         st.caption("No photo selected yet.")
@@ -164,8 +166,8 @@ def embedding_map_view(rows: pd.DataFrame, map_key: str, key: str, *, dataset=No
 
 # ---------------------------------------------------------------------------------------------- bulk relabel
 
-def bulk_relabel(dataset, chosen: pd.DataFrame, key: str) -> None:
-    """Set one count for the selected photos: confirmed, one audited decision per photo, undoable."""
+def last_relabel(dataset, key: str) -> None:
+    """What the last bulk relabel of this session did, with its Undo (the selection may be gone by then)."""
     user = current_user()
     refused = user.why_not("relabel")
     last = st.session_state.get(f"{key}_bulk")
@@ -182,6 +184,12 @@ def bulk_relabel(dataset, chosen: pd.DataFrame, key: str) -> None:
             st.rerun()
     if st.session_state.get(f"{key}_bulk_note"):
         st.info(st.session_state.pop(f"{key}_bulk_note"))
+
+
+def bulk_relabel(dataset, chosen: pd.DataFrame, key: str) -> None:
+    """Set one count for the selected photos: confirmed, one audited decision per photo, undoable."""
+    user = current_user()
+    refused = user.why_not("relabel")
     with st.expander(f"Relabel these {len(chosen):,} photos", expanded=False):
         if refused:
             st.info(refused)
