@@ -214,3 +214,32 @@ def test_the_model_card_holds_the_runs_figures(shared):
     from_files = card_for_run(run, meta)  # what GET /model returns: the training's own test figures
     written = __import__("json").loads((run / "metrics.json").read_text())["test"]
     assert f"| Accuracy | {written['accuracy']:.1%} |" in from_files and "interval" in from_files
+
+
+EVALUATE = str(Path(__file__).resolve().parents[1] / "app_pages" / "evaluate.py")
+
+
+def test_compare_says_what_changed_photo_by_photo_and_a_cell_shows_where_the_model_looked(shared):
+    at = AppTest.from_file(EVALUATE, default_timeout=300).run()
+    at.multiselect(key="compare_runs").set_value(["baseline", "better"]).run()
+    assert not at.exception
+    results = {name: evaluate(shared["runs"][name] / "model.pt", shared["data"], split="test")
+               for name in ("baseline", "better")}
+    paired = compare_paired(results["baseline"], results["better"])
+    assert any(m.value == paired.verdict() for m in at.markdown)
+    for change in ("fixed", "broken"):
+        at.radio(key="paired_open_better").set_value(change).run()
+        shown = {c.value.split(" · ")[0] for c in at.caption}
+        assert set(paired.photos(change)["name"][:12]) <= shown
+
+    reference = results["better"].frame
+    mistakes = reference[reference["truth"] != reference["predicted"]]
+    true, predicted = int(mistakes["truth"].iloc[0]), int(mistakes["predicted"].iloc[0])
+    at.selectbox(key="eval_run").set_value("better")
+    at.selectbox(key="cm_true").set_value(true)
+    at.selectbox(key="cm_pred").set_value(predicted).run()
+    images = len(at.image)
+    at.toggle(key="cm_heatmaps").set_value(True).run()
+    assert not at.exception and not at.warning
+    cell = results["better"].cell(true, predicted)
+    assert len(at.image) == images + 2 * min(len(cell), 6)  # for the count predicted and for the label
