@@ -91,8 +91,8 @@ def cell_heatmaps(model_path: str | Path, cell: pd.DataFrame, true: int, predict
 
 def _map_figure(frame: pd.DataFrame, colour: str) -> go.Figure:
     frame = frame.assign(shown_predicted=frame["predicted"] if "predicted" in frame else pd.NA)
-    custom = frame[["name", "count", "shown_predicted"]].astype(object).where(frame[["name", "count",
-                                                                                      "shown_predicted"]].notna(), "—")
+    shown = frame[["name", "count", "shown_predicted"]]
+    custom = shown.astype(object).where(shown.notna(), "—")
     hover = "%{customdata[0]}<br>count %{customdata[1]}<br>predicted %{customdata[2]}<extra></extra>"
     figure = go.Figure()
     known = frame[colour].notna()
@@ -251,7 +251,8 @@ def metric_intervals(result) -> None:
 def model_card_button(result, run_path: str | Path, meta: dict) -> None:
     from core.evaluation.model_card import card_for_result
 
-    card = card_for_result(result, meta, run_path, model_id=f"{Path(run_path).name}@{model_fingerprint(Path(run_path) / 'model.pt')}")
+    model_id = f"{Path(run_path).name}@{model_fingerprint(Path(run_path) / 'model.pt')}"
+    card = card_for_result(result, meta, run_path, model_id=model_id)
     st.download_button("Model card (Markdown)", card.encode(), f"{result.run}-model-card.md", "text/markdown",
                        key="model_card_download")
 

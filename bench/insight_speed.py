@@ -45,6 +45,18 @@ def bench_map(data: str | None) -> None:
     print(f"map again (cached): {time.perf_counter() - started:.2f} s")
 
 
+def bench_page() -> None:
+    """The Browse page with the map shown (the map cached), first render and a rerun, through AppTest."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "app_pages" / "browse.py"), default_timeout=600)
+    for what in ("first render", "rerun"):
+        started = time.perf_counter()
+        at.run()
+        shown = "with the map" if at.get("plotly_chart") else "WITHOUT the map"
+        print(f"Browse page {what} {shown}: {time.perf_counter() - started:.2f} s")
+
+
 def bench_heatmaps(run: str | None, n: int) -> None:
     from core.models.heatmaps import heatmaps
     from core.models.networks import build_backbone, build_model, load_model
@@ -78,6 +90,9 @@ def main() -> None:
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     if not args.skip_map:
         bench_map(args.data)
+        if args.data:
+            os.environ["BINSIGHT_DATA"] = args.data
+        bench_page()
     bench_heatmaps(args.run, args.photos)
     print(f"load average {os.getloadavg()[0]:.1f}")
 

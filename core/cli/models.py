@@ -153,8 +153,8 @@ def interval_lines(metrics: dict, intervals: dict) -> str:
     overall = intervals["overall"]
     lines = [f"{intervals['level']:.0%} intervals (bootstrap over the {intervals['n']:,} photos, "
              f"{intervals['resamples']:,} resamples, seed {intervals['seed']}):",
-             "  " + "   ".join(f"{name.replace('_', ' ')} {interval_text(overall[name], percent=name not in ('mae', 'ece'))}"
-                             for name in overall)]
+             "  " + "   ".join(f"{name.replace('_', ' ')} "
+                             f"{interval_text(overall[name], percent=name not in ('mae', 'ece'))}" for name in overall)]
     for count, found in intervals["per_class"].items():
         lines.append(f"  count {count}: " + "   ".join(f"{name} {interval_text(found[name], percent=False)}"
                                                     for name in found))
@@ -300,7 +300,8 @@ def register(subparsers) -> None:
     evaluate.add_argument("--model", required=True, help="RUN_DIR/model.pt")
     evaluate.add_argument("--data", required=True, help="labelled folder (ABID layout or ImageFolder)")
     evaluate.add_argument("--split", choices=["test", "valid", "train", "all"], default="test")
-    evaluate.add_argument("--json", default=None, help="write the metrics (with their 95 %% intervals) as JSON to this file")
+    evaluate.add_argument("--json", default=None,
+                          help="write the metrics (with their 95 %% intervals) as JSON to this file")
     evaluate.add_argument("--card", default=None, help="write the run's model card (Markdown) to this file")
     evaluate.set_defaults(handler=_evaluate)
 

@@ -140,7 +140,8 @@ def save_bulk_decision(dataset_key: str, recorded: dict[str, int | None], count:
     return saved
 
 
-def undo_decisions(dataset_key: str, decisions: list[Decision], *, user: User, annotator: str = "") -> tuple[list[Decision], list[str]]:
+def undo_decisions(dataset_key: str, decisions: list[Decision], *, user: User,
+                   annotator: str = "") -> tuple[list[Decision], list[str]]:
     """Put back the count each decision replaced, as new decisions (the trail keeps both). A photo decided again
     since is left as it is: (the decisions saved, the photos left)."""
     user.require("relabel")

@@ -1,4 +1,4 @@
-"""Two runs compared photo by photo: the photos run B fixed and broke against run A, per-count recall, McNemar's test."""
+"""Two runs compared photo by photo: the photos run B fixed and broke against run A, recall per count, McNemar."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -18,7 +18,8 @@ from core.files import atomic_write_bytes
 
 MAP_VERSION = 1
 PCA_DIMS = 50  # the features (thousands of numbers) are reduced to this many first: the map looks the same, faster
-UMAP_PARAMS = {"n_neighbors": 15, "min_dist": 0.1, "metric": "euclidean", "random_state": 0}
+# Seeded, so the same photos give the same map (UMAP then runs on one thread).
+UMAP_PARAMS = {"n_neighbors": 15, "min_dist": 0.1, "metric": "euclidean", "random_state": 0, "n_jobs": 1}
 MIN_PHOTOS = 5
 COLOURINGS = {"count": "Recorded count", "predicted": "Predicted count", "error": "Error size (objects)",
               "issue_score": "Label-issue score"}

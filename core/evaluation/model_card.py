@@ -66,7 +66,8 @@ def model_card(meta: dict, metrics: dict, *, run: str = "", recipe: dict | None 
     features = meta.get("features") or "pooled"
     weights = "ImageNet weights" if str(meta.get("weights", "")) not in ("", "scratch") else "trained from scratch"
     lines += _table(["", ""], [
-        ["backbone", f"{meta.get('backbone', '?')} ({weights}), {features} features, {meta.get('head', 'linear')} head"],
+        ["backbone", f"{meta.get('backbone', '?')} ({weights}), {features} features, "
+                     f"{meta.get('head', 'linear')} head"],
         ["input", f"{' × '.join(map(str, meta.get('input_size') or [meta.get('image_size', '?')]))} px, the whole "
                   f"photo resized ({meta.get('resize', 'squash')}); test-time views: {meta.get('tta') or 'none'}"],
         ["counts it predicts", ", ".join(map(str, classes))],
@@ -126,7 +127,8 @@ def known_limits(metrics: dict, classes: list[int], intervals: dict | None) -> l
     np.fill_diagonal(matrix, 0)
     if matrix.sum():
         i, j = np.unravel_index(matrix.argmax(), matrix.shape)
-        limits.append(f"Its most frequent mistake: count {classes[i]} read as {classes[j]} ({int(matrix[i, j])} photos).")
+        limits.append(f"Its most frequent mistake: count {classes[i]} read as {classes[j]} "
+                      f"({int(matrix[i, j])} photos).")
     accuracy = (intervals or {}).get("overall", {}).get("accuracy")
     if accuracy:
         limits.append(f"Accuracy is known to within {interval_text(accuracy)} on these {metrics['n']:,} photos: "

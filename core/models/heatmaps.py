@@ -1,4 +1,4 @@
-"""Where the model looked: Grad-CAM heatmaps (the grad-cam package) of a photo for chosen counts, at the photo's size."""
+"""Where the model looked: Grad-CAM heatmaps (the grad-cam package) of a photo for chosen counts, photo-sized."""
 from __future__ import annotations
 
 import io
@@ -28,7 +28,8 @@ def target_layer(model: CountingModel) -> torch.nn.Module:
     raise ModelError(f"no heatmap layer known for a {backbone.__class__.__name__} backbone")
 
 
-def heatmaps(model: CountingModel, meta: dict, photo: str | Path | Image.Image, counts: list[int]) -> dict[int, np.ndarray]:
+def heatmaps(model: CountingModel, meta: dict, photo: str | Path | Image.Image,
+             counts: list[int]) -> dict[int, np.ndarray]:
     """{count: heatmap} for each count asked: where the photo's evidence for that count lies, 0–1, of the photo's
     height × width (upright, as shown). One forward and backward pass for all the counts together."""
     from pytorch_grad_cam import GradCAM

@@ -177,7 +177,7 @@ def create_app(model_path: str | Path, engine: str = "auto", max_batch: int = 16
         service(request)
         return {"status": "ok"}
 
-    @app.get("/model", summary="the loaded model: backbone, classes, test metrics, calibration, its model card (Markdown)")
+    @app.get("/model", summary="the loaded model: backbone, classes, test metrics, calibration, model card (Markdown)")
     async def model(request: Request):
         return service(request).description()
 
