@@ -148,13 +148,13 @@ def _evaluate(args) -> int:
 
 def interval_lines(metrics: dict, intervals: dict) -> str:
     """The metrics' bootstrap intervals as plain text, one line overall and one per count."""
-    from core.evaluation.intervals import interval_text
+    from core.evaluation.intervals import PERCENT_METRICS, interval_text
 
     overall = intervals["overall"]
     lines = [f"{intervals['level']:.0%} intervals (bootstrap over the {intervals['n']:,} photos, "
              f"{intervals['resamples']:,} resamples, seed {intervals['seed']}):",
              "  " + "   ".join(f"{name.replace('_', ' ')} "
-                             f"{interval_text(overall[name], percent=name not in ('mae', 'ece'))}" for name in overall)]
+                             f"{interval_text(overall[name], percent=name in PERCENT_METRICS)}" for name in overall)]
     for count, found in intervals["per_class"].items():
         lines.append(f"  count {count}: " + "   ".join(f"{name} {interval_text(found[name], percent=False)}"
                                                     for name in found))

@@ -8,6 +8,7 @@ DEFAULT_LEVEL = 0.95
 OVERALL = ("accuracy", "balanced_accuracy", "macro_f1", "mae", "off_by_one", "ece")
 PER_CLASS = ("precision", "recall", "f1")
 ECE_BINS = 15  # as core.evaluation.calibration
+PERCENT_METRICS = {"accuracy", "balanced_accuracy", "off_by_one", "precision", "recall"}  # shares of photos
 
 
 def _ratio(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:

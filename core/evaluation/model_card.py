@@ -8,13 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from core.evaluation.intervals import bootstrap_intervals, interval_text
+from core.evaluation.intervals import PERCENT_METRICS, bootstrap_intervals, interval_text
 from core.evaluation.reports import OVERALL_METRICS, confusion_matrix, per_class_table, weakest_class
 
 RECIPE_KEYS = ("mode", "epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay", "loss", "balance",
                "label_smoothing", "augment", "image_size", "aspect", "tta", "patience", "seed", "exclude_suspects")
-# The metrics written as percentages; MAE is in objects.
-PERCENT = {"accuracy", "balanced_accuracy", "macro_f1", "off_by_one"}
+PERCENT = PERCENT_METRICS - {"precision", "recall"}  # shares of all photos; F1, MAE and ECE are written 0.xxx
 
 
 def read_json(path: Path) -> dict:
@@ -142,6 +141,10 @@ def known_limits(metrics: dict, classes: list[int], intervals: dict | None) -> l
 
 def card_for_result(result, meta: dict, run_dir: str | Path, model_id: str = "") -> str:
     """The card of the run in `run_dir` from an EvaluationResult (intervals over its photos, ECE included)."""
+    if not model_id:
+        from core.models.networks import file_digest, model_file
+
+        model_id = f"{Path(run_dir).name}@{file_digest(model_file(run_dir))}"
     scope = {"test": "the test split", "valid": "the validation split", "train": "the training split",
              "all": "all labelled photos"}.get(result.split, result.split or "labelled photos")
     return model_card(meta, result.metrics(), run=result.run or Path(run_dir).name,
