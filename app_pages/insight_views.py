@@ -89,10 +89,14 @@ def cell_heatmaps(model_path: str | Path, cell: pd.DataFrame, true: int, predict
 
 # ---------------------------------------------------------------------------------------------- the map
 
+def _whole(values) -> list[str]:
+    return [str(int(v)) if pd.notna(v) else "—" for v in values]
+
+
 def _map_figure(frame: pd.DataFrame, colour: str) -> go.Figure:
-    frame = frame.assign(shown_predicted=frame["predicted"] if "predicted" in frame else pd.NA)
-    shown = frame[["name", "count", "shown_predicted"]]
-    custom = shown.astype(object).where(shown.notna(), "—")
+    predicted = frame["predicted"] if "predicted" in frame else [None] * len(frame)
+    custom = pd.DataFrame({"name": frame["name"], "count": _whole(frame["count"]), "predicted": _whole(predicted)},
+                          index=frame.index)
     hover = "%{customdata[0]}<br>count %{customdata[1]}<br>predicted %{customdata[2]}<extra></extra>"
     figure = go.Figure()
     known = frame[colour].notna()
