@@ -78,13 +78,20 @@ def cell_heatmaps(model_path: str | Path, cell: pd.DataFrame, true: int, predict
     """For the first photos of a confusion cell: where the model looked for the count it predicted and for the label."""
     if cell.empty or not heatmap_toggle("cm_heatmaps"):
         return
+    counts = [predicted] if true == predicted else [predicted, true]
+    names = [f"predicted {predicted}"] if true == predicted else [f"predicted {predicted}", f"label {true}"]
+    columns, shown = st.columns(6), 0
     for _, row in cell.head(HEATMAP_PHOTOS).iterrows():
-        st.caption(f"**{row['name']}**")
-        counts = [predicted] if true == predicted else [predicted, true]
-        captions = [f"predicted {predicted}"] if true == predicted else [f"predicted {predicted}", f"label {true}"]
-        heatmap_images(model_path, row["path"], counts, captions)
-    if len(cell) > HEATMAP_PHOTOS:
-        st.caption(f"The first {HEATMAP_PHOTOS} photos of the {len(cell):,} in this cell.")
+        found = _overlays(str(model_path), model_fingerprint(model_path), row["path"], tuple(counts))
+        if isinstance(found, str):
+            st.warning(found)
+            continue
+        for count, name in zip(counts, names):
+            columns[shown % 6].image(found[count], width="stretch", caption=f"{row['name']} · {name}")
+            shown += 1
+    st.caption("Red: where the photo's evidence for that count lies (Grad-CAM)"
+               + (f"; the first {HEATMAP_PHOTOS} photos of the {len(cell):,} in this cell." if len(cell) > HEATMAP_PHOTOS
+                  else "."))
 
 
 # ---------------------------------------------------------------------------------------------- the map
@@ -108,7 +115,8 @@ def _map_figure(frame: pd.DataFrame, colour: str) -> go.Figure:
         x=frame.loc[known, "x"], y=frame.loc[known, "y"], mode="markers", name=maps.COLOURINGS[colour],
         customdata=custom[known].to_numpy().tolist(), hovertemplate=hover,
         marker=dict(size=6, color=frame.loc[known, colour], colorscale=SCALES[colour], opacity=0.85,
-                    colorbar=dict(title=maps.COLOURINGS[colour], thickness=12))))
+                    colorbar=dict(title=maps.COLOURINGS[colour], thickness=12,
+                                  dtick=None if colour == "issue_score" else 1))))
     figure.update_layout(height=520, margin=dict(l=0, r=0, t=10, b=0), dragmode="lasso", showlegend=False,
                          xaxis=dict(visible=False), yaxis=dict(visible=False))
     return figure
@@ -199,14 +207,16 @@ def bulk_relabel(dataset, chosen: pd.DataFrame, key: str) -> None:
             st.info(refused)
             return
         left, middle, right = st.columns([1, 2, 3])
-        count = left.selectbox("New count", NEW_COUNTS, format_func=annotations.count_label, key=f"{key}_bulk_count")
+        count = left.selectbox("New count", NEW_COUNTS, index=None, format_func=annotations.count_label,
+                               placeholder="choose", key=f"{key}_bulk_count")
         name = middle.text_input("Your name", value=user.name if user.signed_in else
                                  st.session_state.get("annotator", ""), disabled=user.signed_in,
                                  key=f"{key}_bulk_name")
         note = right.text_input("Why (saved with each decision)", key=f"{key}_bulk_why")
-        sure = st.checkbox(f"I looked at all {len(chosen):,} photos: each holds "
-                           f"{annotations.count_label(count)} objects", key=f"{key}_bulk_sure")
-        if st.button(f"Relabel {len(chosen):,} photos", key=f"{key}_bulk_save", type="primary", disabled=not sure):
+        holds = "the count chosen" if count is None else f"{annotations.count_label(count)} objects"
+        sure = st.checkbox(f"I looked at all {len(chosen):,} photos: each holds {holds}", key=f"{key}_bulk_sure")
+        if st.button(f"Relabel {len(chosen):,} photos", key=f"{key}_bulk_save", type="primary",
+                     disabled=not sure or count is None):
             current = dataset.frame.drop_duplicates("name").set_index("name")["count"]
             recorded = {n: current.get(n) for n in chosen["name"]}
             try:
@@ -313,3 +323,4 @@ def browse_map(dataset) -> None:
     model_path = current_model_path()
     predictions = PredictionStore(model_path).stored(rows) if model_path is not None else None
     embedding_map_view(rows, dataset.key, "browse_map", dataset=dataset, predictions=predictions)
+    st.divider()

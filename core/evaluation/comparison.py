@@ -37,10 +37,12 @@ class PairedComparison:
     run_b: str
 
     def table(self) -> pd.DataFrame:
-        """The 2×2 table: A right/wrong (rows) × B right/wrong (columns), in photos."""
-        a = self.frame["correct_a"].map({True: "A right", False: "A wrong"})
-        b = self.frame["correct_b"].map({True: "B right", False: "B wrong"})
-        return pd.crosstab(a, b).reindex(index=["A right", "A wrong"], columns=["B right", "B wrong"], fill_value=0)
+        """The 2×2 table in photos: run A right or wrong (rows, e.g. "<run A> right") × run B right or wrong."""
+        rows, columns = ([f"{run} right", f"{run} wrong"] for run in (self.run_a, self.run_b))
+        a = self.frame["correct_a"].map({True: rows[0], False: rows[1]})
+        b = self.frame["correct_b"].map({True: columns[0], False: columns[1]})
+        table = pd.crosstab(a, b).reindex(index=rows, columns=columns, fill_value=0)
+        return table.rename_axis(index=None, columns=None)
 
     def photos(self, change: str) -> pd.DataFrame:
         """The photos of one change ('fixed': B right where A was wrong; 'broken': the other way round)."""

@@ -65,14 +65,16 @@ def heatmaps(model: CountingModel, meta: dict, photo: str | Path | Image.Image,
     return found
 
 
-def overlay(photo: str | Path | Image.Image, heat: np.ndarray, strength: float = 0.5, width: int = 480) -> bytes:
-    """The photo with the heatmap laid over it (jet colours, `strength` opaque), as JPEG bytes `width` px wide."""
+def overlay(photo: str | Path | Image.Image, heat: np.ndarray, strength: float = 0.5,
+            box: tuple[int, int] = (480, 360)) -> bytes:
+    """The photo with the heatmap laid over it (jet colours, `strength` opaque), letterboxed into `box` as the
+    pages' thumbnails are, as JPEG bytes."""
     from matplotlib import colormaps
+    from PIL import ImageOps
 
     image = (photo if isinstance(photo, Image.Image) else load_image(photo)).convert("RGB")
     colours = (colormaps["jet"](heat)[..., :3] * 255).astype(np.uint8)
     blended = Image.blend(image, Image.fromarray(colours).resize(image.size), strength)
-    blended.thumbnail((width, width * 4))
     buffer = io.BytesIO()
-    blended.save(buffer, format="JPEG", quality=85)
+    ImageOps.pad(blended, box, color=(240, 240, 240)).save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()
