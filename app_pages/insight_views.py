@@ -19,7 +19,9 @@ from core.evaluation.predictions import model_fingerprint
 PHOTOS_PER_PAGE = 12
 HEATMAP_PHOTOS = 6
 NEW_COUNTS = [0, 1, 2, 3, 4, 5, annotations.MORE_THAN_FIVE]
-SCALES = {"count": "Viridis", "predicted": "Viridis", "error": "Reds", "issue_score": "YlOrRd"}
+# Error 0 (right) is a quiet grey, so the mistakes stand out; the counts get a scale with no white end.
+SCALES = {"count": "Viridis", "predicted": "Viridis", "error": [[0, "#cfd3d8"], [0.25, "#fc9272"], [1, "#99000d"]],
+          "issue_score": "YlOrRd"}
 
 
 # ---------------------------------------------------------------------------------------------- photos
@@ -115,7 +117,7 @@ def _map_figure(frame: pd.DataFrame, colour: str) -> go.Figure:
         x=frame.loc[known, "x"], y=frame.loc[known, "y"], mode="markers", name=maps.COLOURINGS[colour],
         customdata=custom[known].to_numpy().tolist(), hovertemplate=hover,
         marker=dict(size=6, color=frame.loc[known, colour], colorscale=SCALES[colour], opacity=0.85,
-                    colorbar=dict(title=maps.COLOURINGS[colour], thickness=12,
+                    colorbar=dict(title=dict(text=maps.COLOURINGS[colour], side="right"), thickness=12,
                                   dtick=None if colour == "issue_score" else 1))))
     figure.update_layout(height=520, margin=dict(l=0, r=0, t=10, b=0), dragmode="lasso", showlegend=False,
                          xaxis=dict(visible=False), yaxis=dict(visible=False))
