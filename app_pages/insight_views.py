@@ -256,6 +256,13 @@ def metric_intervals(result) -> None:
                          xaxis=dict(range=[0, 1], tickformat=".0%"), yaxis=dict(autorange="reversed"))
     with st.expander(f"How sure are these figures? 95 % intervals over the {metrics['n']:,} photos", expanded=True):
         st.plotly_chart(figure, width="stretch", key="intervals_chart")
+        per_count = result.per_class()
+        for metric in ("precision", "recall", "f1"):
+            per_count[metric] = [f"{value:.3f} ({interval_text(intervals['per_class'][str(c)][metric], False)})"
+                                 for c, value in zip(per_count["class"], per_count[metric])]
+        named = {"class": "count", "precision": "precision (95 % interval)", "recall": "recall (95 % interval)",
+                 "f1": "F1 (95 % interval)"}
+        st.dataframe(per_count.rename(columns=named), hide_index=True, width="stretch", key="intervals_per_count")
         mae = intervals["overall"].get("mae")
         st.caption(f"Bootstrap over photos ({intervals['resamples']:,} resamples, seed {intervals['seed']}): "
                    f"MAE {metrics['mae']:.3f} ({interval_text(mae, percent=False)} objects)"

@@ -180,8 +180,8 @@ def test_heatmaps_have_the_photos_shape_and_differ_between_two_counts(shared):
     assert np.abs(found[1] - found[5]).mean() > 0.02
 
 
-@pytest.mark.parametrize("backbone, features", [("efficientnet_lite0", "multilevel"), ("resnet18", "multilevel"),
-                                                 ("resnet18", None), ("simple_cnn", None)])
+@pytest.mark.parametrize("backbone, features", [("efficientnet_lite0", "multilevel"), ("efficientnet_lite0", None),
+                                                 ("resnet18", "multilevel"), ("resnet18", None), ("simple_cnn", None)])
 def test_heatmaps_work_for_every_backbone_the_app_trains(backbone, features, small_abid):
     from core.models.catalog import BACKBONES
 
