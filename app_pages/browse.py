@@ -2,6 +2,7 @@
 import pandas as pd
 import streamlit as st
 
+from app_pages import insight_views
 from app_pages.common import cached_thumbnail, current_dataset
 from core.data.browse import filter_photos, page_of, sample_per_class
 from core.data.dataset import photo_items
@@ -54,6 +55,7 @@ def show_photo(row: pd.Series) -> None:
 
 
 
+insight_views.browse_map(dataset)
 filters = choose_filters()
 matches = filter_photos(frame, filters["counts"], filters["splits"], filters["text"])
 if filters["sample"]:

@@ -6,6 +6,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
+from app_pages import insight_views
 from app_pages.common import (
     cached_thumbnail,
     checked_path,
@@ -268,6 +269,7 @@ def cell_photos(cell: pd.DataFrame, true: int, predicted: int) -> None:
         column_config.setdefault(small, st.column_config.NumberColumn(small, width="small"))
         column_config[small]["width"] = "small"
     st.dataframe(table, hide_index=True, width="stretch", column_config=column_config, key="cm_cell_table")
+    insight_views.cell_heatmaps(Path(run["path"]) / "model.pt", cell, true, predicted)
 
 
 def annotator_name() -> str | None:
@@ -347,6 +349,7 @@ def exports(result: EvaluationResult) -> None:
         cols[2].download_button("Confusion matrix (PNG)", result.confusion_png(title=f"{result.run} · {result.split}"),
                                 f"{stem}-confusion.png", "image/png")
         cols[3].download_button("Predictions (CSV)", result.predictions_csv(), f"{stem}-predictions.csv", "text/csv")
+        insight_views.model_card_button(result, run["path"], meta)
 
 
 def comparison_section(runs: list[dict], rows: pd.DataFrame, split: str) -> None:
@@ -406,6 +409,7 @@ def comparison_section(runs: list[dict], rows: pd.DataFrame, split: str) -> None
     figure.update_layout(height=320, margin=dict(t=10, b=10))
     st.plotly_chart(figure, width="stretch")
     st.download_button("Comparison (CSV)", frame.to_csv(index=False).encode(), "comparison.csv", "text/csv")
+    insight_views.paired_comparison(results)
 
 
 st.title("Evaluate")
@@ -441,7 +445,9 @@ if metrics["n"] == 0:
                f"({', '.join(map(str, classes))}).")
     st.stop()
 metric_tiles(metrics, result.skipped)
+insight_views.metric_intervals(result)
 per_class_section(result)
 calibration_section(result, chosen_threshold(meta, run["id"]))
 confusion_section(result, metrics)
+insight_views.evaluation_map(result)
 comparison_section(runs, rows, split)

@@ -5,6 +5,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from app_pages import insight_views
 from app_pages.common import (
     cached_thumbnail,
     checked_path,
@@ -295,10 +296,14 @@ def show_results(frame: pd.DataFrame, run: dict, notes: list[str]) -> None:
     _, pages = page_of(ok, 1, PHOTOS_PER_PAGE)
     page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="predict_page") if pages > 1 else 1
     shown, _ = page_of(ok, int(page), PHOTOS_PER_PAGE)
+    looked = insight_views.heatmap_toggle("predict_heatmaps")
     columns = st.columns(3)
     for i, (_, row) in enumerate(shown.iterrows()):
         with columns[i % 3].container(border=True):
-            show_photo(row["path"])
+            if looked:
+                insight_views.heatmap_images(Path(run["path"]) / "model.pt", row["path"], [row["predicted"]])
+            else:
+                show_photo(row["path"])
             flag = " · :orange[low confidence]" if row["low_confidence"] else ""
             st.markdown(f"**{row['name']}** {verdict(row, classes)}{flag}",
                         help=f"Two counts within {CLOSE_CALL:.0%} of each other are shown as a toss-up.")

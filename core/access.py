@@ -12,13 +12,13 @@ from core.errors import BinsightError
 ROLES = ("viewer", "annotator", "trainer")  # each role can do what the ones before it can
 ACTIONS = {
     "browse": "viewer", "evaluate": "viewer", "predict": "viewer",
-    "spot_check": "annotator",
+    "spot_check": "annotator", "relabel": "annotator",
     "train": "trainer", "cancel_job": "trainer", "balance": "trainer", "change_dataset": "trainer",
     "open_folder": "trainer",  # typing a server path (Predict's local folder, a pool folder, another dataset)
 }
 WHAT = {
     "browse": "browse bins", "evaluate": "evaluate models", "predict": "predict counts",
-    "spot_check": "spot-check bins", "train": "launch trainings", "cancel_job": "cancel jobs",
+    "spot_check": "spot-check bins", "relabel": "relabel bins", "train": "launch trainings", "cancel_job": "cancel jobs",
     "balance": "balance the data", "change_dataset": "change the dataset", "open_folder": "open folders on the server",
 }
 ROOTS_VARIABLE = "BINSIGHT_DATA_ROOTS"

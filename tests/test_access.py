@@ -20,7 +20,7 @@ def test_roles_come_from_the_secrets_and_default_to_viewer():
 
 @pytest.mark.parametrize("role, allowed", [
     ("viewer", {"browse", "evaluate", "predict"}),
-    ("annotator", {"browse", "evaluate", "predict", "spot_check"}),
+    ("annotator", {"browse", "evaluate", "predict", "spot_check", "relabel"}),
     ("trainer", set(access.ACTIONS)),
 ])
 def test_each_role_may_do_exactly_its_actions(role, allowed):

@@ -61,9 +61,10 @@ def test_metrics_per_class_table_and_weakest_class(shared):
     assert np.allclose(table["f1"], [metrics["per_class"][str(c)]["f1"] for c in CLASSES])
     weakest = min(CLASSES, key=lambda c: (metrics["per_class"][str(c)]["f1"], metrics["per_class"][str(c)]["recall"], c))
     assert any(f"Weakest class: **{weakest}**" in c.value for c in at.caption)
-    assert len(at.get("plotly_chart")) == 3  # per-class bars, the reliability diagram and the confusion matrix
+    assert len(at.get("plotly_chart")) == 4  # the intervals, per-class bars, the reliability diagram, the confusion matrix
     labels = [b.label for b in at.get("download_button")]
-    assert labels == ["Report (CSV)", "Report (JSON)", "Confusion matrix (PNG)", "Predictions (CSV)"]
+    assert labels == ["Report (CSV)", "Report (JSON)", "Confusion matrix (PNG)", "Predictions (CSV)",
+                      "Model card (Markdown)"]
 
 
 def test_predictions_are_not_recomputed_on_a_rerun(shared, monkeypatch):

@@ -77,6 +77,8 @@ def test_ping_model_description_and_docs(client, server):
     assert described["tta_views"] == ["plain", "hflip", "vflip", "hvflip"] and described["temperature"] == 1.5
     assert described["engine"] == "openvino" and described["precision"] == "fp32"
     assert described["engine_check"]["max_difference"] <= 1e-4 and described["model"] == server.service.model_id
+    assert described["model_card"].startswith(f"# Model card: {server.service.model_path.parent.name}")
+    assert f"| model file | {server.service.model_id} |" in described["model_card"]
     assert client.get("/docs").status_code == 200
     assert "/invocations" in client.get("/openapi.json").json()["paths"]
 

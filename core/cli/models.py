@@ -110,6 +110,7 @@ class _ProgressPrinter:
 def _evaluate(args) -> int:
     from core.evaluation.metrics import format_table
     from core.evaluation.results import evaluate, skipped_summary
+    from core.models.networks import load_model
     from core.files import atomic_write_json
 
     for path, what in ((args.model, "model file"), (args.data, "dataset folder")):
@@ -127,12 +128,37 @@ def _evaluate(args) -> int:
     if metrics.get("ece_uncalibrated") is not None and metrics.get("ece") is not None:
         print(f"calibration (temperature {metrics['temperature']:.3f}): ECE {metrics['ece_uncalibrated']:.3f} before, "
               f"{metrics['ece']:.3f} after")
+    intervals = result.intervals()
+    print(interval_lines(metrics, intervals))
     if result.skipped:
         print(skipped_summary(result.skipped))
     if args.json:
-        atomic_write_json(args.json, metrics | {"split": args.split, "skipped": result.skipped,
+        atomic_write_json(args.json, metrics | {"split": args.split, "skipped": result.skipped, "intervals": intervals,
                                                 "model": str(args.model), "data": result.source})
+    if args.card:
+        from core.evaluation.model_card import card_for_result
+        from core.files import atomic_write_text
+        from core.models.networks import model_file
+
+        _, meta = load_model(args.model)
+        atomic_write_text(args.card, card_for_result(result, meta, model_file(args.model).parent))
+        print(f"model card written to {args.card}")
     return 0
+
+
+def interval_lines(metrics: dict, intervals: dict) -> str:
+    """The metrics' bootstrap intervals as plain text, one line overall and one per count."""
+    from core.evaluation.intervals import PERCENT_METRICS, interval_text
+
+    overall = intervals["overall"]
+    lines = [f"{intervals['level']:.0%} intervals (bootstrap over the {intervals['n']:,} photos, "
+             f"{intervals['resamples']:,} resamples, seed {intervals['seed']}):",
+             "  " + "   ".join(f"{name.replace('_', ' ')} "
+                             f"{interval_text(overall[name], percent=name in PERCENT_METRICS)}" for name in overall)]
+    for count, found in intervals["per_class"].items():
+        lines.append(f"  count {count}: " + "   ".join(f"{name} {interval_text(found[name], percent=False)}"
+                                                    for name in found))
+    return "\n".join(lines)
 
 
 def photo_paths(items: list[str]) -> list[Path]:
@@ -274,7 +300,9 @@ def register(subparsers) -> None:
     evaluate.add_argument("--model", required=True, help="RUN_DIR/model.pt")
     evaluate.add_argument("--data", required=True, help="labelled folder (ABID layout or ImageFolder)")
     evaluate.add_argument("--split", choices=["test", "valid", "train", "all"], default="test")
-    evaluate.add_argument("--json", default=None, help="write the metrics as JSON to this file")
+    evaluate.add_argument("--json", default=None,
+                          help="write the metrics (with their 95 %% intervals) as JSON to this file")
+    evaluate.add_argument("--card", default=None, help="write the run's model card (Markdown) to this file")
     evaluate.set_defaults(handler=_evaluate)
 
     predict = subparsers.add_parser("predict", help="predict the count of photos (local, or under an s3:// prefix)")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from core import db
+from core.access import User
 from core.errors import BinsightError
 from core.files import atomic_write_text
 
@@ -78,33 +79,84 @@ def save_decision(dataset_key: str, photo: str, annotator: str, count: int | Non
     annotator = (annotator or "").strip()
     if not annotator:
         raise AnnotationError("Say who you are before saving: the annotator name is empty.")
-    if count is not None and (isinstance(count, bool) or int(count) != count or count < 0):
-        raise AnnotationError(f"{count!r} is not a count: use 0–5, 'more than 5' or 'unclear'.")
+    _check_count(count)
     note = (note or "").strip()[:MAX_NOTE]
     if path is not None and not Path(path).is_file():
         raise PhotoMissing(f"{photo} is no longer at {path}: it was moved or deleted after it was shown. "
                            "Nothing was saved; go on with the next bin.")
     recorded = None if recorded_count is None or pd.isna(recorded_count) else int(recorded_count)
     with db.transaction() as conn:
-        previous = conn.execute(
-            "SELECT * FROM annotations WHERE dataset_key = ? AND photo = ? ORDER BY id DESC LIMIT 1",
-            (dataset_key, photo),
-        ).fetchone()
-        old = previous["new_count"] if previous else recorded
-        new = None if count is None else int(count)
-        if new == MORE_THAN_FIVE and old is not None and old > 5:
-            new = old  # "more than 5" on a bin recorded above 5 confirms its recorded count
-        created = datetime.now(timezone.utc).isoformat(timespec="microseconds")
-        cursor = conn.execute(
-            "INSERT INTO annotations (dataset_key, photo, annotator, created_at, old_count, new_count, status, note)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (dataset_key, photo, annotator, created, old, new, _status(old, new), note),
-        )
-        saved = conn.execute("SELECT * FROM annotations WHERE id = ?", (cursor.lastrowid,)).fetchone()
+        previous, saved = _append(conn, dataset_key, photo, annotator, count, recorded, note)
     overtaken = None
     if previous is not None and previous["id"] != seen_id and previous["annotator"] != annotator:
         overtaken = _decision(previous)
     return SaveResult(_decision(saved), overtaken)
+
+
+def _append(conn, dataset_key: str, photo: str, annotator: str, count: int | None, recorded: int | None,
+            note: str) -> tuple:
+    """(the photo's previous decision row or None, the new one) after appending a decision inside `conn`'s
+    transaction; the old count is the label just before it."""
+    previous = conn.execute(
+        "SELECT * FROM annotations WHERE dataset_key = ? AND photo = ? ORDER BY id DESC LIMIT 1",
+        (dataset_key, photo),
+    ).fetchone()
+    old = previous["new_count"] if previous else recorded
+    new = None if count is None else int(count)
+    if new == MORE_THAN_FIVE and old is not None and old > 5:
+        new = old  # "more than 5" on a bin recorded above 5 confirms its recorded count
+    created = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    cursor = conn.execute(
+        "INSERT INTO annotations (dataset_key, photo, annotator, created_at, old_count, new_count, status, note)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (dataset_key, photo, annotator, created, old, new, _status(old, new), note),
+    )
+    return previous, conn.execute("SELECT * FROM annotations WHERE id = ?", (cursor.lastrowid,)).fetchone()
+
+
+def _check_count(count) -> None:
+    if count is not None and (isinstance(count, bool) or int(count) != count or count < 0):
+        raise AnnotationError(f"{count!r} is not a count: use 0–5, 'more than 5' or 'unclear'.")
+
+
+def save_bulk_decision(dataset_key: str, recorded: dict[str, int | None], count: int | None, *, user: User,
+                       annotator: str = "", note: str = "") -> list[Decision]:
+    """One decision per photo of `recorded` (name → its recorded count) setting `count`, all in one transaction:
+    every photo is relabelled or none is. Refused (AccessDenied) to a user whose role may not relabel; the
+    annotator is the signed-in user, else the name given. Each decision is audited as a spot-check's is."""
+    user.require("relabel")
+    annotator = (user.name if user.signed_in else annotator or "").strip()
+    if not annotator:
+        raise AnnotationError("Say who you are before relabelling: the annotator name is empty.")
+    _check_count(count)
+    if not recorded:
+        raise AnnotationError("No photo is selected: nothing to relabel.")
+    note = (note.strip() + " " if note and note.strip() else "") + f"(bulk relabel of {len(recorded)} photos)"
+    saved = []
+    with db.transaction() as conn:
+        for photo, was in recorded.items():
+            was = None if was is None or pd.isna(was) else int(was)
+            saved.append(_decision(_append(conn, dataset_key, photo, annotator, count, was, note[:MAX_NOTE])[1]))
+    return saved
+
+
+def undo_decisions(dataset_key: str, decisions: list[Decision], *, user: User,
+                   annotator: str = "") -> tuple[list[Decision], list[str]]:
+    """Put back the count each decision replaced, as new decisions (the trail keeps both). A photo decided again
+    since is left as it is: (the decisions saved, the photos left)."""
+    user.require("relabel")
+    annotator = (user.name if user.signed_in else annotator or "").strip() or "unknown"
+    saved, left = [], []
+    with db.transaction() as conn:
+        for decision in decisions:
+            latest = conn.execute("SELECT id FROM annotations WHERE dataset_key = ? AND photo = ? ORDER BY id DESC"
+                                  " LIMIT 1", (dataset_key, decision.photo)).fetchone()
+            if latest is None or latest["id"] != decision.id:
+                left.append(decision.photo)
+                continue
+            saved.append(_decision(_append(conn, dataset_key, decision.photo, annotator, decision.old_count, None,
+                                           f"undo of decision {decision.id}")[1]))
+    return saved, left
 
 
 def _frame(sql: str, params: tuple) -> pd.DataFrame:

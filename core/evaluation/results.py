@@ -13,6 +13,7 @@ import pandas as pd
 
 from core.errors import BinsightError
 from core.evaluation.calibration import expected_calibration_error, flag_summary, reliability_table
+from core.evaluation.intervals import DEFAULT_RESAMPLES, bootstrap_intervals
 from core.evaluation.predictions import PredictionStore, probability_columns
 from core.evaluation.reports import (
     OVERALL_METRICS,
@@ -67,6 +68,20 @@ class EvaluationResult:
                                "outside_classes": int(len(self.frame) - len(rows) - unreadable)}
         return metrics
 
+    def intervals(self, resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
+        """95 % intervals of metrics() by a seeded bootstrap over the scored photos (core.evaluation.intervals);
+        computed once per result (the page, the export and the model card show the same)."""
+        memo = self.__dict__.setdefault("_intervals", {})
+        if (resamples, seed) in memo:
+            return memo[(resamples, seed)]
+        rows = self.scored()
+        probs = probability_columns(rows)
+        probabilities = rows[probs].to_numpy(dtype=float) if len(probs) == len(self.classes) and len(rows) else None
+        memo[(resamples, seed)] = bootstrap_intervals(
+            rows["truth"].astype(int).to_numpy(), rows["predicted"].astype(int).to_numpy(), self.classes,
+            probabilities, resamples=resamples, seed=seed)
+        return memo[(resamples, seed)]
+
     def calibration(self, threshold: float) -> dict:
         """Reliability over 15 confidence bins, the ECE, and what `threshold` flags as low confidence."""
         rows = self.scored()
@@ -119,6 +134,7 @@ class EvaluationResult:
             "per_class": table.to_dict(orient="records"),
             "classes": [int(c) for c in metrics["classes"]],
             "confusion_matrix": confusion_matrix(metrics).tolist(),
+            "ece": metrics.get("ece"), "intervals": self.intervals(),
             "left_out": metrics.get("left_out", {}),
             "skipped": self.skipped,
         }

@@ -60,6 +60,7 @@ class Service:
         self.classes = [int(c) for c in self.meta["classes"]]
         self.model_id = f"{self.model_path.parent.name}@{file_digest(self.model_path)}"
         self.reader = PhotoReader(self.meta)
+        self.card: str | None = None
         self.threshold = chosen_threshold(self.meta, self.model_path.parent.name)
         self.batcher = DynamicBatcher(self.model.probabilities, max_batch=max_batch, window_ms=window_ms)
         # Photos are decoded on a few threads of our own, not on the server's pool of forty: every thread that
@@ -97,6 +98,11 @@ class Service:
                      "batching": self.batcher.stats()}
         if "temperature" in self.meta:
             described["temperature"] = self.meta["temperature"]
+        if self.card is None:  # built once: from the run's own files, which do not change while it is served
+            from core.evaluation.model_card import card_for_run
+
+            self.card = card_for_run(self.model_path.parent, self.meta, model_id=self.model_id)
+        described["model_card"] = self.card
         return _finite(described)
 
     def close(self) -> None:
@@ -170,7 +176,7 @@ def create_app(model_path: str | Path, engine: str = "auto", max_batch: int = 16
         service(request)
         return {"status": "ok"}
 
-    @app.get("/model", summary="the loaded model: backbone, classes, test metrics, calibration")
+    @app.get("/model", summary="the loaded model: backbone, classes, test metrics, calibration, model card (Markdown)")
     async def model(request: Request):
         return service(request).description()
 
