@@ -53,7 +53,7 @@ def tiles(report: HealthReport) -> None:
              ("Unreadable", "unreadable", "Files that are not readable photos."),
              ("Very dark", "very dark", "Too dark to count by eye."),
              ("Blurred", "blurred", "Edges smeared: motion or focus.")]
-    columns = st.columns(len(shown))
+    columns = [c for _ in range(2) for c in st.columns(4)]  # two rows: eight tiles in one cut their titles
     for column, (label, key, help_text) in zip(columns, shown):
         value = summary[key]
         column.metric(label, "—" if value is None else f"{value:,}", help=help_text)
@@ -82,9 +82,17 @@ def label_issues_section(report: HealthReport, dataset) -> None:
         noise = issues.noise_frame()
         figure = px.imshow(noise, text_auto=".0%", color_continuous_scale="Oranges", zmin=0, zmax=1,
                            labels={"x": "likely true count", "y": "recorded count", "color": "share"},
-                           title="Of the photos recorded with a count, the share that look like each count")
+                           title="Each recorded count: what its photos look like")
         figure.update_layout(height=340, margin=dict(t=40, b=10), coloraxis_showscale=False)
+        figure.update_xaxes(type="category", side="bottom")
+        figure.update_yaxes(type="category")
         st.plotly_chart(figure, width="stretch", key="health_noise")
+        frame = issues.frame
+        agreement = (frame["suggested"] == frame["label"]).groupby(frame["label"]).mean().mean()
+        st.caption(f"Estimated by cleanlab from the heads' out-of-fold probabilities. The heads agree with "
+                   f"{agreement:.0%} of recorded counts (balanced), so the matrix mixes wrong labels with the "
+                   "heads' own confusion: read it as which counts are hard to tell apart, and look at the photos "
+                   "before trusting a share.")
     flagged = issues.flagged()
     if flagged.empty:
         st.success("No photo is flagged: the recorded counts agree with what the photos look like.")
@@ -95,7 +103,7 @@ def label_issues_section(report: HealthReport, dataset) -> None:
     for i, row in enumerate(flagged.head(CONTACT_SHEET).itertuples(index=False)):
         with columns[i % 6]:
             show_photo(paths.get(row.name), f"{row.name} · recorded **{row.label}**, looks like **{row.suggested}** "
-                                            f"(±{row.score:.1f})")
+                                            f"(~{row.score:.1f} off)")
     if current_user().can("spot_check"):
         if st.button(f"Check the {len(flagged):,} flagged bins in Spot-check", type="primary",
                      key="health_to_spot_check"):
@@ -116,10 +124,10 @@ def duplicates_section(report: HealthReport, dataset) -> None:
     for row in ordered.head(PAIRS_SHOWN).itertuples(index=False):
         left, middle, right = st.columns([2, 2, 3])
         with left:
-            show_photo(paths.get(row.photo), f"{row.photo} · count {_count(row.count)} · {row.split or 'no split'}")
+            show_photo(paths.get(row.photo), f"{row.photo} · count {_count(row.count)} · {_split(row.split)}")
         with middle:
             show_photo(paths.get(row.other_photo),
-                       f"{row.other_photo} · count {_count(row.other_count)} · {row.other_split or 'no split'}")
+                       f"{row.other_photo} · count {_count(row.other_count)} · {_split(row.other_split)}")
         with right:
             flags = [("exact duplicate" if row.kind == "exact" else "look-alike")]
             if row.leakage:
@@ -134,6 +142,10 @@ def duplicates_section(report: HealthReport, dataset) -> None:
 
 def _count(value) -> str:
     return "—" if pd.isna(value) else str(int(value))
+
+
+def _split(value) -> str:
+    return "no split (count outside the classes)" if pd.isna(value) else f"{value} split"
 
 
 def quality_section(report: HealthReport, dataset) -> None:

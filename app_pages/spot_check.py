@@ -135,16 +135,11 @@ def label_issue_hint(dataset, name: str) -> None:
         return
     row = row.iloc[0]
     probs = {c: float(row[f"prob_{c}"]) for c in found.classes}
-    top = sorted(probs.items(), key=lambda kv: -kv[1])[:2]
     verdict = "likely wrong" if row["flagged"] else "not flagged"
-    st.markdown(f"🩺 Data health suggests **{row['suggested']}** · {verdict} (score {row['score']:.1f}: expected "
-                f"objects off)", help="From heads that never saw this photo (cross-fitted on the other photos): "
-                "the score is the expected distance in objects between the recorded count and the true one.")
-    st.caption("Likely: " + " · ".join(f"{c}: {p:.0%}" for c, p in top) + " — all: " +
-               ", ".join(f"{c} {p:.0%}" for c, p in probs.items()))
-
-
-PHOTO_HEIGHT = 540  # the whole bin on a 1000 px high screen, beside its buttons, without scrolling
+    st.markdown(f":material/health_and_safety: Data health suggests **{row['suggested']}** · {verdict}, expected "
+                f"{row['score']:.1f} objects off", help="From heads that never saw this photo (cross-fitted on the "
+                "other photos): the expected distance in objects between the recorded count and the true one.")
+    st.caption("Probabilities: " + " · ".join(f"{c}: {p:.0%}" for c, p in probs.items()))
 
 
 def photo_figure(path: str):
@@ -254,7 +249,8 @@ def choose_queue(dataset, model_path: Path | None, checked: set[str]) -> list[st
         if found is None:
             st.info("This queue is ordered by the data health check, which has not run on the labels as they are now "
                     "(or a correction changed them since).")
-            st.page_link("app_pages/health.py", label="Open Data health and run the check", icon="🩺")
+            st.page_link("app_pages/health.py", label="Open Data health and run the check",
+                         icon=":material/health_and_safety:")
             st.stop()
         issues = found.frame
     seed = st.session_state.get("spot_seed", 0)

@@ -221,7 +221,8 @@ EVALUATE = str(Path(__file__).resolve().parents[1] / "app_pages" / "evaluate.py"
 
 def test_compare_says_what_changed_photo_by_photo_and_a_cell_shows_where_the_model_looked(shared):
     at = AppTest.from_file(EVALUATE, default_timeout=300).run()
-    at.multiselect(key="compare_runs").set_value(["baseline", "better"]).run()
+    at.selectbox(key="compare_baseline").set_value("baseline").run()
+    at.multiselect(key="compare_runs").set_value(["better"]).run()
     assert not at.exception
     results = {name: evaluate(shared["runs"][name] / "model.pt", shared["data"], split="test")
                for name in ("baseline", "better")}
