@@ -142,6 +142,9 @@ def label_issue_hint(dataset, name: str) -> None:
     st.caption("Probabilities: " + " · ".join(f"{c}: {p:.0%}" for c, p in probs.items()))
 
 
+PHOTO_HEIGHT = 540  # the whole bin on a 1000 px high screen, beside its buttons, without scrolling
+
+
 def photo_figure(path: str):
     image = np.asarray(load_image(path))
     figure = px.imshow(image)

@@ -21,24 +21,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.data.loading import load_dataset  # noqa: E402
-from core.evaluation.label_issues import RECIPE, cross_fit, photo_features, rank_issues  # noqa: E402
-from core.models.catalog import FEATURE_SETS, POOLING_SIZES, STAGE_CHANNELS  # noqa: E402
+from core.evaluation.label_issues import RECIPE, cross_fit, head_columns, photo_features, rank_issues  # noqa: E402
+from core.models.catalog import FEATURE_SETS, STAGE_CHANNELS  # noqa: E402
 from core.models.networks import backbone_spec  # noqa: E402
 
-BASELINE_PARTS = {("stride16", "grid2"), ("stride32", "mean")}
+BASELINE_PARTS = [["stride16", "grid2"], ["stride32", "mean"]]
 
 
-def baseline_columns() -> np.ndarray:
+def baseline_columns() -> list[int]:
     """The columns of the recipe's multi-level vector that the issue's baseline probe used."""
     channels = STAGE_CHANNELS[backbone_spec(RECIPE["backbone"]).arch]
-    columns, start = [], 0
-    for stage, pools in FEATURE_SETS[RECIPE["features"]].taps:
-        for pool in pools:
-            width = channels[stage] * POOLING_SIZES[pool]
-            if (stage, pool) in BASELINE_PARTS:
-                columns.extend(range(start, start + width))
-            start += width
-    return np.asarray(columns)
+    return FEATURE_SETS[RECIPE["features"]].columns(channels, BASELINE_PARTS)
 
 
 def inject(labels: np.ndarray, candidates: np.ndarray, rate: float, n_classes: int, seed: int):
@@ -88,7 +81,7 @@ def main() -> int:
         for seed in (int(s) for s in args.seeds.split(",")):
             tick = time.perf_counter()
             noisy, distance = inject(labels, train, rate, len(classes), seed)
-            probs = cross_fit(features, noisy, fit_on, args.folds, seed, n_classes=len(classes))
+            probs = cross_fit(features[..., head_columns()], noisy, fit_on, args.folds, seed, n_classes=len(classes))
             per_photo, _ = rank_issues(probs, noisy, classes)
             seconds = time.perf_counter() - tick
             baseline = cross_fit(features[..., baseline_columns()], noisy, fit_on, args.folds, seed,

@@ -46,6 +46,17 @@ class FeatureSet:
         """The feature vector's length, given each stage's channels."""
         return sum(channels[stage] * POOLING_SIZES[pool] for stage, pools in self.taps for pool in pools)
 
+    def columns(self, channels: dict, parts) -> list[int]:
+        """The positions in the feature vector of some of its (stage, pooling) parts, in vector order."""
+        wanted, found, start = {tuple(part) for part in parts}, [], 0
+        for stage, pools in self.taps:
+            for pool in pools:
+                width = channels[stage] * POOLING_SIZES[pool]
+                if (stage, pool) in wanted:
+                    found.extend(range(start, start + width))
+                start += width
+        return found
+
     def taps_list(self) -> list:
         """The taps as JSON (stored in model.pt and in feature cache keys, so a later change of a named set never
         reads old vectors or weights as new ones)."""
