@@ -15,6 +15,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from core import config
 from core.gpu import cpu_cores
@@ -111,11 +112,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise ServeError(413, f"the body is {int(declared):,} bytes; at most {limit:,} are accepted")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ServeError(413, f"the body is over {limit:,} bytes; at most {limit:,} are accepted")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ServeError(413, f"the body is over {limit:,} bytes; at most {limit:,} are accepted")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the caller hung up mid-body: its mistake, not an internal error
+        raise ServeError(400, f"the connection closed after {size:,} bytes of the body") from None
     return b"".join(chunks)
 
 
