@@ -67,23 +67,29 @@ def assert_well_answered(status: int, headers, body: bytes, what) -> dict:
 
 # -- the schema, fuzzed by schemathesis ------------------------------------------------------------------
 
-def test_schemathesis_positive_and_negative_cases_never_get_a_server_error(server, client):
+def fuzz_schema(url: str, examples: int) -> Counter:
+    """schemathesis' positive and negative cases for every operation of the service's schema; (method, status) counts."""
     import schemathesis
     from schemathesis import GenerationMode
 
-    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
     cases = schema.as_strategy(GenerationMode.POSITIVE) | schema.as_strategy(GenerationMode.NEGATIVE)
     statuses: Counter = Counter()
 
-    @settings(FUZZ, max_examples=60)
+    @settings(FUZZ, max_examples=examples)
     @given(case=cases)
     def exchange(case):
-        response = case.call(base_url=server.url, timeout=REQUEST_TIMEOUT_S)
+        response = case.call(base_url=url, timeout=REQUEST_TIMEOUT_S)
         statuses[(case.method, response.status_code)] += 1
         assert_well_answered(response.status_code, response.headers, response.content,
                              (case.method, case.path, case.media_type, repr(case.body)[:200]))
 
     exchange()
+    return statuses
+
+
+def test_schemathesis_positive_and_negative_cases_never_get_a_server_error(server, client):
+    statuses = fuzz_schema(server.url, 60)
     print("schemathesis:", dict(statuses))
     assert sum(statuses.values()) >= 30 and any(status == 200 for _, status in statuses)
     assert any(status >= 400 for _, status in statuses), "negative cases should be refused"
@@ -159,13 +165,15 @@ images = st.one_of(photos.flatmap(damaged), st.builds(declared_png, st.integers(
                    st.builds(declared_png, st.just(9000), st.just(9000)))
 
 
-def test_generated_photos_get_a_count_or_the_upload_pages_message(client):
-    kinds = Counter()
+def fuzz_photos(url: str, examples: int) -> Counter:
+    """Generated photos posted one by one: a count exactly when the Predict page would take the file, else its message."""
+    kinds: Counter = Counter()
 
-    @settings(FUZZ, max_examples=70)
+    @settings(FUZZ, max_examples=examples)
     @given(data=images, kind=st.sampled_from(["image/jpeg", "image/png", "application/x-image", "image/webp"]))
     def exchange(data, kind):
-        answer = client.post("/invocations", content=data, headers={"content-type": kind})
+        answer = httpx.post(f"{url}/invocations", content=data, headers={"content-type": kind},
+                            timeout=REQUEST_TIMEOUT_S)
         body = assert_well_answered(answer.status_code, answer.headers, answer.content, data[:40])
         problem = photo_problem(data, "photo")
         if problem is None:
@@ -177,6 +185,11 @@ def test_generated_photos_get_a_count_or_the_upload_pages_message(client):
             kinds["refused"] += 1
 
     exchange()
+    return kinds
+
+
+def test_generated_photos_get_a_count_or_the_upload_pages_message(server, client):
+    kinds = fuzz_photos(server.url, 70)
     print("generated photos:", dict(kinds))
     assert kinds["counted"] >= 10 and kinds["refused"] >= 10
 
@@ -221,11 +234,12 @@ def raw_exchange(port: int, method: str, path: str, headers: list[tuple[str, str
     return int(status_line.split()[1]), answer_headers, content
 
 
-def test_generated_headers_and_bodies_never_get_a_server_error(client, server, caplog):
-    statuses = Counter()
+def fuzz_headers(port: int, examples: int) -> Counter:
+    """Hand-written requests with generated methods, paths, content types, request ids, lengths and bodies."""
+    statuses: Counter = Counter()
     good = encode("RGB", (40, 30), "JPEG", 1, None, 0)
 
-    @settings(FUZZ, max_examples=70)
+    @settings(FUZZ, max_examples=examples)
     @given(kind=st.sampled_from(["image/jpeg", "application/json"]) | st.none() | content_types,
            request_id=st.none() | header_text,
            body=st.one_of(st.just(good), st.binary(max_size=200), json_bodies.map(lambda v: json.dumps(v).encode()),
@@ -243,7 +257,7 @@ def test_generated_headers_and_bodies_never_get_a_server_error(client, server, c
         else:
             headers.append(("Content-Length", declared if declared is not None else str(len(body))))
         short = declared is not None and declared.isdigit() and int(declared) > len(body)
-        answer = raw_exchange(server.port, method, path, headers, body, short)
+        answer = raw_exchange(port, method, path, headers, body, short)
         if answer is None:  # only a client that hung up mid-body goes unanswered
             assert short, (method, path, headers)
             statuses["hung up"] += 1
@@ -261,6 +275,11 @@ def test_generated_headers_and_bodies_never_get_a_server_error(client, server, c
             assert "count" in answered or all("error" in row or "count" in row for row in answered["results"])
 
     exchange()
+    return statuses
+
+
+def test_generated_headers_and_bodies_never_get_a_server_error(server, client, caplog):
+    statuses = fuzz_headers(server.port, 70)
     print("generated headers:", dict(statuses))
     failed = [r.getMessage() for r in caplog.records if r.name == "binsight.serve" and r.levelno >= logging.ERROR]
     assert not failed, failed  # a client's mistake is not logged as an internal error
