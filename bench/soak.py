@@ -309,9 +309,9 @@ def report(figures: dict) -> str:
              f"page time p50 {figures['p50_s'] or 0:.2f} s, p95 {figures['p95_s'] or 0:.2f} s",
              f"server RSS: {figures['rss_start_mb']:.0f} MB at start, "
              + (f"{figures['rss_warm_mb']:.0f} MB once every session had been round, " if figures["rss_warm_mb"] else
-                "(no session went round every page) ")
+                "(some session never went round every page) ")
              + f"{figures['rss_peak_mb']:.0f} MB at peak, {figures['rss_end_mb']:.0f} MB at end "
-             f"({figures['rss_growth_pct']:+.1f} % since warm)",
+             f"({figures['rss_growth_pct']:+.1f} % since {'then' if figures['rss_warm_mb'] else 'the start'})",
              f"spot-check decisions: {figures['saved']} saved of {figures['attempted']} attempted "
              f"({figures['lost']} lost)"]
     missed = missed_targets(figures)

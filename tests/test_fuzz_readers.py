@@ -22,6 +22,7 @@ from core import config
 from core.data import abid
 from core.data.loading import load_dataset
 from core.errors import BinsightError
+from tests.test_fuzz_service import images
 
 FUZZ = settings(max_examples=25, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -382,3 +383,18 @@ def test_any_settings_json_leaves_the_app_usable_and_is_never_lost(tmp_path, doc
         rewritten = json.loads((home / "settings.json").read_text())
         assert json.dumps({k: v for k, v in rewritten.items() if k != "low_confidence_threshold"}, sort_keys=True) \
             == json.dumps({k: v for k, v in original.items() if k != "low_confidence_threshold"}, sort_keys=True)
+
+
+# -- photo bytes ---------------------------------------------------------------------------------------------
+
+@settings(FUZZ, max_examples=150)
+@given(data=st.one_of(images, st.binary(max_size=400)))
+def test_any_bytes_open_as_an_upright_rgb_photo_or_one_image_error_naming_it(data):
+    from core.data.images import ImageError, load_image
+
+    try:
+        image = load_image(data, "bin 523.jpg")
+    except ImageError as exc:
+        assert str(exc).startswith("bin 523.jpg: ")
+    else:
+        assert image.mode == "RGB" and image.width * image.height > 0

@@ -3,6 +3,7 @@ indexing. A message per bad file, the good ones still counted (and decisions sti
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from streamlit.testing.v1 import AppTest
 
 from core.data import uploads
+from core.data.images import unreadable_name
 from core.data.uploads import photo_problem
 from tests.test_fuzz_service import declared_png, encode, images, photos
 from tests.test_serve import small_model
@@ -55,7 +57,7 @@ batches = st.lists(st.tuples(upload_names, photos | images), min_size=1, max_siz
 def test_generated_upload_batches_get_a_message_per_bad_file_and_the_good_ones_counted(current_model):
     seen = {"good": 0, "bad": 0}
 
-    @settings(FUZZ, max_examples=8)
+    @settings(FUZZ, max_examples=6)
     @given(batch=batches)
     def upload(batch):
         at = AppTest.from_file(str(PAGES / "predict.py"), default_timeout=120).run()
@@ -85,7 +87,7 @@ def test_spot_check_on_photos_damaged_after_indexing_says_so_and_saves_every_dec
     from core.data import annotations
     from core.data.loading import load_dataset
 
-    @settings(FUZZ, max_examples=5)
+    @settings(FUZZ, max_examples=4)
     @given(damaged=st.lists(damage, min_size=1, max_size=3))
     def check(damaged):
         source = tmp_path / f"spot{next(_numbered)}"
@@ -128,3 +130,42 @@ def test_spot_check_on_photos_damaged_after_indexing_says_so_and_saves_every_dec
     check()
     print("spot-check:", shown)
     assert shown["cannot be shown"] >= 1
+
+
+# names as file systems hold them: text, or bytes that are not UTF-8 at all (from an old zip, say)
+folder_names = st.tuples(st.one_of(st.text(st.characters(blacklist_characters="/\0", blacklist_categories=["Cs"]),
+                                           min_size=1, max_size=10).map(str.encode),
+                                   st.binary(min_size=1, max_size=10).filter(lambda b: b"/" not in b and b"\0" not in b)),
+                         st.sampled_from([b".jpg", b".png", b".JPEG", b".txt"])).map(b"".join)
+
+
+def test_a_local_folder_of_generated_files_and_names_gets_a_message_per_bad_file(current_model, tmp_path, monkeypatch):
+    seen = {"good": 0, "bad": 0}
+
+    @settings(FUZZ, max_examples=4)
+    @given(files=st.lists(st.tuples(folder_names, st.one_of(photos, photos, images)), min_size=1, max_size=5,
+                          unique_by=lambda item: item[0].lower()))
+    def predict_folder(files):
+        folder = tmp_path / f"folder{next(_numbered)}"
+        folder.mkdir()
+        for name, data in files:
+            with open(os.path.join(os.fsencode(folder), name), "wb") as handle:
+                handle.write(data)
+        photo_files = [(os.fsdecode(n), d) for n, d in files if not n.lower().endswith(b".txt")]
+        at = AppTest.from_file(str(PAGES / "predict.py"), default_timeout=120).run()
+        at.radio(key="predict_origin").set_value("Local folder").run()
+        at.text_input(key="predict_folder").input(str(folder)).run()
+        assert not at.exception, [e.value for e in at.exception]
+        if not photo_files:
+            assert any("holds no photos" in e.value for e in at.error)
+            return
+        bad = [name for name, data in photo_files if unreadable_name(name) or photo_problem(data, name)]
+        metrics = {m.label: m.value for m in at.metric}
+        assert metrics["Photos predicted"] == str(len(photo_files) - len(bad))
+        assert metrics["Could not be read"] == str(len(bad)) and len(at.error) == len(bad)
+        seen["good"] += len(photo_files) - len(bad)
+        seen["bad"] += len(bad)
+
+    predict_folder()
+    print("local folder:", seen)
+    assert seen["good"] >= 1 and seen["bad"] >= 1

@@ -13,7 +13,7 @@ import pandas as pd
 from core import config
 from core.data import abid
 from core.data.classes import ClassRange
-from core.data.images import SUPPORTED_SUFFIXES, image_size
+from core.data.images import SUPPORTED_SUFFIXES, image_size, shown_name, unreadable_name
 from core.errors import BinsightError
 from core.files import atomic_write_bytes, atomic_write_json
 
@@ -248,19 +248,6 @@ def _index_abid(source: Path, on_progress=None) -> pd.DataFrame:
         extra = pd.DataFrame({"name": orphans, "problem": [problems[n] for n in orphans]})
         frame = finish_index(pd.concat([frame, extra], ignore_index=True))
     return _read_sizes(frame, on_progress)
-
-
-def unreadable_name(name: str) -> str | None:
-    """Why a file name cannot be indexed (bytes that are not UTF-8, e.g. from an old zip), or None."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return f"{shown_name(name)}: the file name is not valid UTF-8; rename the file to use it"
-    return None
-
-
-def shown_name(name: str) -> str:
-    return os.fsencode(name).decode("utf-8", "replace")
 
 
 def finish_index(frame: pd.DataFrame) -> pd.DataFrame:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
 
@@ -70,6 +71,20 @@ def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
         raise ImageError(f"{label}: not an image (JPEG, PNG, WebP or BMP expected)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{label}: the image is damaged or truncated: {exc}") from None
+
+
+def unreadable_name(name: str) -> str | None:
+    """Why a file's name cannot be shown or stored (bytes that are not UTF-8, e.g. from an old zip), or None."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{shown_name(name)}: the file name is not valid UTF-8; rename the file to use it"
+    return None
+
+
+def shown_name(name: str) -> str:
+    """The name as it can be shown: bytes that are not UTF-8 become �."""
+    return os.fsencode(name).decode("utf-8", "replace")
 
 
 def image_size(path: str | Path) -> tuple[int, int] | None:
