@@ -260,11 +260,11 @@ def soak(sessions: int = 10, seconds: float = 300, data: Path | None = None, pag
         job = start_training(data, training)
         crowd = asyncio.run(drive(url, sessions, seconds, photos, pages, memory))
         rss_end = memory.rss()
+        logged = server_tracebacks(home / "streamlit.log")  # read before the server is stopped
         job_status = jobs.get(job.id).status
         jobs.cancel(job.id)
         stop_workers()
     times = [t for s in crowd for t in s.times]
-    logged = server_tracebacks(home / "streamlit.log")
     warm = memory.warm or memory.start  # a soak too short for every session to go round: growth from the start
     attempted = sum(s.attempted for s in crowd)
     saved = saved_decisions(data, {s.name for s in crowd})
