@@ -71,6 +71,12 @@ def fuzz_schema(url: str, examples: int) -> Counter:
     """schemathesis' positive and negative cases for every operation of the service's schema; (method, status) counts."""
     import schemathesis
     from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
 
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
     cases = schema.as_strategy(GenerationMode.POSITIVE) | schema.as_strategy(GenerationMode.NEGATIVE)
@@ -79,7 +85,9 @@ def fuzz_schema(url: str, examples: int) -> Counter:
     @settings(FUZZ, max_examples=examples)
     @given(case=cases)
     def exchange(case):
-        response = case.call(base_url=url, timeout=REQUEST_TIMEOUT_S)
+        # the answer's status, content type and body as the schema documents them (errors included), and no 5xx
+        response = case.call_and_validate(base_url=url, timeout=REQUEST_TIMEOUT_S, checks=[
+            not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance])
         statuses[(case.method, response.status_code)] += 1
         assert_well_answered(response.status_code, response.headers, response.content,
                              (case.method, case.path, case.media_type, repr(case.body)[:200]))

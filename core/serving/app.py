@@ -39,6 +39,16 @@ class ServeError(Exception):
         self.message = message
 
 
+def _error_responses(*statuses: int) -> dict:
+    """OpenAPI entries for the error answers a route gives: {"error": message, "request_id": id}."""
+    schema = {"type": "object", "required": ["error"],
+              "properties": {"error": {"type": "string"}, "request_id": {"type": ["string", "null"]}}}
+    meaning = {400: "not a usable photo or list of URIs", 413: "the body is too large",
+               415: "a content type not accepted", 503: "the model is still loading, or the service is busy"}
+    return {status: {"description": meaning[status], "content": {"application/json": {"schema": schema}}}
+            for status in statuses}
+
+
 def _finite(value):
     """JSON-safe: NaN and infinities become null, recursively."""
     if isinstance(value, float):
@@ -170,16 +180,18 @@ def create_app(model_path: str | Path, engine: str = "auto", max_batch: int = 16
             raise ServeError(503, "the model is still loading")
         return request.app.state.service
 
-    @app.get("/ping", summary="200 when the model is loaded")
+    @app.get("/ping", summary="200 when the model is loaded", responses=_error_responses(503))
     async def ping(request: Request):
         service(request)
         return {"status": "ok"}
 
-    @app.get("/model", summary="the loaded model: backbone, classes, test metrics, calibration")
+    @app.get("/model", summary="the loaded model: backbone, classes, test metrics, calibration",
+             responses=_error_responses(503))
     async def model(request: Request):
         return service(request).description()
 
     @app.post("/invocations", summary="count the objects in a photo, or in photos given as s3:// URIs",
+              responses=_error_responses(400, 413, 415, 503),
               openapi_extra={"requestBody": {"required": True, "content": {
                   "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
                   "image/png": {"schema": {"type": "string", "format": "binary"}},
