@@ -24,7 +24,9 @@ from core.data.loading import load_dataset
 from core.errors import BinsightError
 from tests.test_fuzz_service import images
 
-FUZZ = settings(max_examples=25, derandomize=True, deadline=None, database=None,
+# The suite's budget; bench/fuzz_readers.py multiplies it (BINSIGHT_FUZZ_SCALE) for a longer hunt.
+SCALE = max(1, int(os.environ.get("BINSIGHT_FUZZ_SCALE", "1")))
+FUZZ = settings(max_examples=25 * SCALE, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 _numbered = itertools.count()
 
@@ -387,7 +389,7 @@ def test_any_settings_json_leaves_the_app_usable_and_is_never_lost(tmp_path, doc
 
 # -- photo bytes ---------------------------------------------------------------------------------------------
 
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=150 * SCALE)
 @given(data=st.one_of(images, st.binary(max_size=400)))
 def test_any_bytes_open_as_an_upright_rgb_photo_or_one_image_error_naming_it(data):
     from core.data.images import ImageError, load_image

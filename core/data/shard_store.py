@@ -187,8 +187,8 @@ def read_complete_index(store: ShardStore) -> dict:
     if problem:
         raise ShardError(f"{store.location}/{INDEX_NAME} is damaged ({problem}): pack the dataset again")
     if not index.get("complete"):
-        raise ShardError(f"{store.location}: packing is not finished ({len(index['shards'])} shards so far); "
-                         "run the same `python -m core shards` command again to resume it")
+        raise ShardError(f"{store.location}/{INDEX_NAME}: packing is not finished ({len(index['shards'])} shards "
+                         "so far); run the same `python -m core shards` command again to resume it")
     return index
 
 
