@@ -254,7 +254,8 @@ def fuzz_headers(port: int, examples: int) -> Counter:
                           st.lists(s3_uris, min_size=1, max_size=3).map(lambda v: json.dumps(v).encode())),
            declared=st.none() | st.sampled_from(["0", "5", "-1", "abc", str(MAX_BODY * 4), "99999999999999999999"]),
            chunked=st.booleans(), method=st.sampled_from(["POST", "POST", "POST", "GET", "PUT"]),
-           path=st.sampled_from(["/invocations"] * 4 + ["/ping", "/model", "/invocations/", "/%2e%2e/x", "/invocations?x=1"]))
+           path=st.sampled_from(["/invocations"] * 4
+                                + ["/ping", "/model", "/invocations/", "/%2e%2e/x", "/invocations?x=1"]))
     def exchange(kind, request_id, body, declared, chunked, method, path):
         headers = [("Content-Type", kind)] if kind is not None else []
         if request_id is not None:

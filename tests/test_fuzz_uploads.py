@@ -49,8 +49,8 @@ def staged_names(names: list[str]) -> list[str]:
 
 
 # a browser never sends a NUL in a file name (Streamlit itself refuses one before the page sees it)
-upload_names = st.tuples(st.text(st.characters(blacklist_characters="\0"), max_size=30), st.sampled_from([".jpg", ".jpeg", ".png", ".webp", ".bmp", ".JPG"])).map(
-    "".join)
+upload_names = st.tuples(st.text(st.characters(blacklist_characters="\0"), max_size=30),
+                         st.sampled_from([".jpg", ".jpeg", ".png", ".webp", ".bmp", ".JPG"])).map("".join)
 batches = st.lists(st.tuples(upload_names, photos | images), min_size=1, max_size=6)
 
 
