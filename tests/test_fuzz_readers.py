@@ -392,11 +392,12 @@ def test_any_settings_json_leaves_the_app_usable_and_is_never_lost(tmp_path, doc
 @settings(FUZZ, max_examples=150 * SCALE)
 @given(data=st.one_of(images, st.binary(max_size=400)))
 def test_any_bytes_open_as_an_upright_rgb_photo_or_one_image_error_naming_it(data):
-    from core.data.images import ImageError, load_image
+    from core.data.images import MAX_PIXELS, MAX_SIDE, ImageError, load_image
 
     try:
         image = load_image(data, "bin 523.jpg")
     except ImageError as exc:
         assert str(exc).startswith("bin 523.jpg: ")
-    else:
-        assert image.mode == "RGB" and image.width * image.height > 0
+    else:  # what is opened stays within what a bin photo could be: no strip or bomb gets decoded
+        assert image.mode == "RGB" and 0 < image.width * image.height <= MAX_PIXELS
+        assert max(image.size) <= MAX_SIDE

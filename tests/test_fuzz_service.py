@@ -170,7 +170,10 @@ def damaged(draw, photo: bytes) -> bytes:
 
 
 images = st.one_of(photos.flatmap(damaged), st.builds(declared_png, st.integers(1, 2**31 - 1), st.integers(1, 2**31 - 1)),
-                   st.builds(declared_png, st.just(9000), st.just(9000)))
+                   st.builds(declared_png, st.just(9000), st.just(9000)),
+                   # thin strips: few pixels in all, each side enormous
+                   st.tuples(st.integers(1, 4), st.integers(30_000, 39_000_000)).map(
+                       lambda sides: declared_png(*sides) if sides[0] % 2 else declared_png(*reversed(sides))))
 
 
 def fuzz_photos(url: str, examples: int) -> Counter:

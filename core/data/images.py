@@ -13,8 +13,10 @@ from core.errors import BinsightError
 
 SUPPORTED_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 SUPPORTED_FORMATS = {"JPEG", "MPO", "PNG", "WEBP", "BMP"}
-# A bin photo is under 1,100 px a side; anything past this many pixels is refused as a decompression bomb.
+# A bin photo is under 1,100 px a side; anything past this many pixels, or this long a side (a 1×39,000,000 strip
+# is under MAX_PIXELS and took a gigabyte to open), is refused as a decompression bomb.
 MAX_PIXELS = 40_000_000
+MAX_SIDE = 20_000
 
 
 class ImageError(BinsightError):
@@ -52,7 +54,7 @@ def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(handle) as image:
                 width, height = image.size
-                if width * height > MAX_PIXELS:
+                if width * height > MAX_PIXELS or max(width, height) > MAX_SIDE:
                     raise ImageError(
                         f"{label}: {width}×{height} pixels is far larger than a bin photo; refused as a possible decompression bomb"
                     )
