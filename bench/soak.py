@@ -198,8 +198,9 @@ STEPS = {"Overview": overview, "Browse": browse, "Evaluate": evaluate, "Predict"
 # ---------------------------------------------------------------------------------------------- the soak
 
 class Memory:
-    """The server's RSS (MB) sampled while the soak runs; `warm` is taken once every session has been round the pages
-    (the first round loads models, caches and page code that then stay: growth is measured from there)."""
+    """The server's RSS (MB) sampled while the soak runs; `warm` is taken once every session has been round the pages,
+    or at half-time if one has not (the first round loads models, caches and page code that then stay: growth is
+    measured from there)."""
 
     def __init__(self, server: psutil.Process):
         self.server = server
@@ -211,11 +212,12 @@ class Memory:
         return self.server.memory_info().rss / 2**20
 
     async def watch(self, crowd: list[Session], deadline: float) -> None:
+        halfway = (time.monotonic() + deadline) / 2  # slow pages may keep a session from going round: warm by then
         while time.monotonic() < deadline:
             await asyncio.sleep(MEMORY_EVERY_S)
             now = self.rss()
             self.peak = max(self.peak, now)
-            if self.warm is None and all(s.rounds >= 1 for s in crowd):
+            if self.warm is None and (all(s.rounds >= 1 for s in crowd) or time.monotonic() >= halfway):
                 self.warm = now
 
 
@@ -308,7 +310,7 @@ def report(figures: dict) -> str:
              "server log",
              f"page time p50 {figures['p50_s'] or 0:.2f} s, p95 {figures['p95_s'] or 0:.2f} s",
              f"server RSS: {figures['rss_start_mb']:.0f} MB at start, "
-             + (f"{figures['rss_warm_mb']:.0f} MB once every session had been round, " if figures["rss_warm_mb"] else
+             + (f"{figures['rss_warm_mb']:.0f} MB once warm, " if figures["rss_warm_mb"] else
                 "(some session never went round every page) ")
              + f"{figures['rss_peak_mb']:.0f} MB at peak, {figures['rss_end_mb']:.0f} MB at end "
              f"({figures['rss_growth_pct']:+.1f} % since {'then' if figures['rss_warm_mb'] else 'the start'})",
