@@ -1,5 +1,5 @@
 """A short soak (bench/soak.py): two browser sessions at once on Spot-check, Predict and Overview while a training
-job runs; no page error, and every spot-check decision attempted is saved."""
+job runs; no page error, no 5xx, no exception, and every spot-check decision attempted is saved."""
 import os
 from pathlib import Path
 
@@ -23,8 +23,9 @@ def test_two_sessions_at_once_while_training(chromium, binsight_home, tmp_path):
     figures = soak(sessions=2, seconds=35, data=data, pages=("Spot-check", "Predict", "Overview"), home=binsight_home,
                    training="frozen")
     print(report(figures))
-    assert figures["errors"] == []
+    assert figures["errors"] == [] and figures["server_5xx"] == []
+    assert figures["exceptions_shown"] == 0 and figures["server_tracebacks"] == []
     assert figures["page_views"] >= 2 and figures["p95_s"] > 0
-    assert figures["attempted"] >= 1 and figures["saved"] == figures["attempted"]
-    assert figures["rss_start_mb"] > 0 and figures["rss_end_mb"] > 0
+    assert figures["attempted"] >= 1 and figures["saved"] == figures["attempted"] and figures["lost"] == 0
+    assert figures["rss_start_mb"] > 0 and figures["rss_peak_mb"] >= figures["rss_end_mb"] > 0
     assert figures["training_during_soak"] in ("queued", "running", "done")

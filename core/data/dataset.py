@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,12 +13,13 @@ import pandas as pd
 from core import config
 from core.data import abid
 from core.data.classes import ClassRange
-from core.data.images import SUPPORTED_SUFFIXES, image_size
+from core.data.images import SUPPORTED_SUFFIXES, image_size, shown_name, unreadable_name
 from core.errors import BinsightError
 from core.files import atomic_write_bytes, atomic_write_json
 
 INDEX_VERSION = 4
 COLUMNS = ["name", "path", "count", "label_source", "width", "height", "n_items", "item_names", "problem", "folder_split"]
+COUNT_FOLDER = re.compile(r"[0-9]{1,6}")  # an ImageFolder class folder: its name is the count
 IMAGEFOLDER_SPLITS = {
     "train": "train", "train_data": "train", "training": "train",
     "valid": "valid", "val": "valid", "valid_data": "valid", "validation": "valid", "val_data": "valid",
@@ -123,7 +125,8 @@ def _imagefolder_files(source: Path) -> list[tuple[Path, int, str | None]]:
 
     def scan(folder: Path, split: str | None):
         for sub in sorted(folder.iterdir()):
-            if sub.is_dir() and sub.name.isdigit():
+            # ASCII digits only: "²" and "١" pass str.isdigit(), and a 20-digit name is no count either
+            if sub.is_dir() and COUNT_FOLDER.fullmatch(sub.name):
                 for photo in sorted(sub.iterdir()):
                     if photo.suffix.lower() in SUPPORTED_SUFFIXES:
                         found.append((photo, int(sub.name), split))
@@ -155,7 +158,7 @@ def _fingerprint(source: Path, layout: str) -> str:
                 stat = os.stat(os.path.join(root, name))
             except OSError:
                 continue
-            digest.update(f"{root}/{name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+            digest.update(os.fsencode(f"{root}/{name}:{stat.st_size}:{stat.st_mtime_ns}\n"))
     return digest.hexdigest()
 
 
@@ -194,6 +197,9 @@ def build_index(source: Path, layout: str, on_progress=None) -> pd.DataFrame:
             {"name": str(p.relative_to(source)), "path": str(p), "count": c, "label_source": "folder", "folder_split": s}
             for p, c, s in _imagefolder_files(source)
         ]
+        for row in rows:
+            if unreadable_name(row["name"]):
+                row.update(name=shown_name(row["name"]), path=None, problem=unreadable_name(row["name"]))
         frame = finish_index(pd.DataFrame(rows))
         return _read_sizes(frame, on_progress)
     return _index_abid(source, on_progress)
@@ -214,6 +220,10 @@ def _index_abid(source: Path, on_progress=None) -> pd.DataFrame:
     for name in names:
         row = {"name": name, "path": str(images / name) if (images / name).is_file() else None,
                "count": None, "label_source": None, "n_items": 0, "item_names": "", "items_json": None}
+        if unreadable_name(name):
+            row.update(name=shown_name(name), path=None, problem=unreadable_name(name))
+            rows.append(row)
+            continue
         meta_path = source / abid.metadata_key(name)
         if meta_path.is_file():
             try:

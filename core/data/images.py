@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
 
@@ -12,8 +13,10 @@ from core.errors import BinsightError
 
 SUPPORTED_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 SUPPORTED_FORMATS = {"JPEG", "MPO", "PNG", "WEBP", "BMP"}
-# A bin photo is under 1,100 px a side; anything past this many pixels is refused as a decompression bomb.
+# A bin photo is under 1,100 px a side; anything past this many pixels, or this long a side (a 1×39,000,000 strip
+# is under MAX_PIXELS and took a gigabyte to open), is refused as a decompression bomb.
 MAX_PIXELS = 40_000_000
+MAX_SIDE = 20_000
 
 
 class ImageError(BinsightError):
@@ -51,7 +54,7 @@ def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(handle) as image:
                 width, height = image.size
-                if width * height > MAX_PIXELS:
+                if width * height > MAX_PIXELS or max(width, height) > MAX_SIDE:
                     raise ImageError(
                         f"{label}: {width}×{height} pixels is far larger than a bin photo; refused as a possible decompression bomb"
                     )
@@ -70,6 +73,20 @@ def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
         raise ImageError(f"{label}: not an image (JPEG, PNG, WebP or BMP expected)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{label}: the image is damaged or truncated: {exc}") from None
+
+
+def unreadable_name(name: str) -> str | None:
+    """Why a file's name cannot be shown or stored (bytes that are not UTF-8, e.g. from an old zip), or None."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{shown_name(name)}: the file name is not valid UTF-8; rename the file to use it"
+    return None
+
+
+def shown_name(name: str) -> str:
+    """The name as it can be shown: bytes that are not UTF-8 become �."""
+    return os.fsencode(name).decode("utf-8", "replace")
 
 
 def image_size(path: str | Path) -> tuple[int, int] | None:

@@ -183,7 +183,45 @@ def read_complete_index(store: ShardStore) -> dict:
     index = store.read_index()
     if index is None:
         raise ShardError(f"{store.location} holds no {INDEX_NAME}: pack a dataset there with `python -m core shards`")
+    problem = index_problem(index)
+    if problem:
+        raise ShardError(f"{store.location}/{INDEX_NAME} is damaged ({problem}): pack the dataset again")
     if not index.get("complete"):
-        raise ShardError(f"{store.location}: packing is not finished ({len(index['shards'])} shards so far); "
-                         "run the same `python -m core shards` command again to resume it")
+        raise ShardError(f"{store.location}/{INDEX_NAME}: packing is not finished ({len(index['shards'])} shards "
+                         "so far); run the same `python -m core shards` command again to resume it")
     return index
+
+
+def _is_text(value) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def index_problem(index: dict) -> str | None:
+    """What makes a shard index unusable (a hand edit, a damaged copy), or None when every part readers use is sound."""
+    from core.data.classes import ClassRange
+
+    shards, skipped = index.get("shards"), index.get("skipped", [])
+    if not isinstance(shards, list) or not all(isinstance(shard, dict) for shard in shards):
+        return "'shards' is not a list of shards"
+    for number, shard in enumerate(shards, start=1):
+        photos = shard.get("photos")
+        if not (_is_text(shard.get("name")) and "/" not in shard["name"] and _is_text(shard.get("split"))):
+            return f"shard {number} has no usable name and split"
+        if not isinstance(shard.get("samples"), int) or not isinstance(photos, list):
+            return f"shard {shard['name']} has no list of photos"
+        for photo in photos:
+            if not (isinstance(photo, list) and len(photo) == 3 and _is_text(photo[0]) and _is_text(photo[1])
+                    and isinstance(photo[2], int) and not isinstance(photo[2], bool) and 0 <= photo[2] < 2**31):
+                return f"shard {shard['name']} lists {str(photo)[:60]} instead of [key, name, count]"
+    if not isinstance(skipped, list) or not all(isinstance(entry, dict) and "split" in entry and "name" in entry
+                                                for entry in skipped):
+        return "'skipped' is not a list of photos left out"
+    if not isinstance(index.get("seed"), int) or not isinstance(index.get("fingerprint"), str):
+        return "no seed or fingerprint"
+    try:
+        usable = ClassRange.from_dict(index.get("class_range")).hi <= 1000
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        usable = False
+    if not usable:
+        return f"class range {str(index.get('class_range'))[:60]} is not a range of counts"
+    return None

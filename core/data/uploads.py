@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core import config
-from core.data.images import SUPPORTED_SUFFIXES, ImageError, load_image
+from core.data.images import SUPPORTED_SUFFIXES, ImageError, load_image, shown_name, unreadable_name
 from core.errors import BinsightError
 from core.files import atomic_write_bytes
 
@@ -161,6 +161,9 @@ def folder_inputs(folder: str | Path, recursive: bool = False,
     inputs = []
     for path in photos:
         name = str(path.relative_to(folder)) if recursive else path.name
+        if unreadable_name(name):  # shown and stored as text, which such a name cannot be
+            inputs.append(PhotoInput(shown_name(name), error=unreadable_name(name), source="folder"))
+            continue
         problem = _cheap_problem(path, name)
         inputs.append(PhotoInput(name, path=None if problem else str(path), error=problem, source="folder"))
     return inputs, notes

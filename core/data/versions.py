@@ -148,7 +148,56 @@ def read_info(path: str | Path) -> dict:
         raise DatasetError(f"{Path(path).name}: not a readable dataset version ({exc})") from None
     if INFO_KEY not in metadata:
         raise DatasetError(f"{Path(path).name}: a parquet file, but not a Binsight dataset version")
-    return json.loads(metadata[INFO_KEY])
+    try:
+        info = json.loads(metadata[INFO_KEY])
+    except (ValueError, RecursionError):
+        info = None
+    problem = _info_problem(info)
+    if problem:
+        raise DatasetError(f"{Path(path).name}: a damaged dataset version ({problem})")
+    return info
+
+
+_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+FRAME_COLUMNS = ("name", "path", "count", "problem", "split")
+
+
+def _info_problem(info) -> str | None:
+    """What makes a version's description unusable, or None."""
+    if not isinstance(info, dict):
+        return "its description is not a JSON object"
+    if not isinstance(info.get("name"), str) or not _KEY_PATTERN.match(str(info.get("base_key") or "")):
+        return "no name or dataset key"
+    if not isinstance(info.get("created", ""), str) or not isinstance(info.get("strategy", ""), str):
+        return "its date or strategy is not text"
+    if not isinstance(info.get("split_info", {}), dict) or not isinstance(info.get("dropped", []), list):
+        return "its split or dropped photos are not readable"
+    if info.get("weight_use") not in WEIGHT_USES:
+        return f"weight use {info.get('weight_use')!r} is not one of {WEIGHT_USES}"
+    try:
+        if ClassRange.from_dict(info.get("class_range")).hi > 1000:
+            raise ValueError
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        return f"class range {str(info.get('class_range'))[:60]} is not a range of counts"
+    return None
+
+
+def _frame_problem(frame: pd.DataFrame) -> str | None:
+    """What makes a version's rows unusable, or None; `count` is made Int64 on the way."""
+    missing = [c for c in FRAME_COLUMNS if c not in frame]
+    if missing:
+        return f"no column {', '.join(missing)}"
+    try:
+        frame["count"] = frame["count"].astype("Int64")
+    except (TypeError, ValueError, OverflowError):
+        return "its counts are not whole numbers"
+    for column in ("name", "path", "problem", "split"):
+        if not frame[column].map(lambda v: v is None or isinstance(v, str) or v != v).all():
+            return f"its {column} column is not text"
+    for column in ("weight", "repeat"):
+        if column in frame and not pd.api.types.is_numeric_dtype(frame[column]):
+            return f"its {column} column is not numbers"
+    return None
 
 
 def list_versions(dataset_or_key: Dataset | str) -> list[Version]:
@@ -174,6 +223,9 @@ def load_version(path: str | Path, class_range: ClassRange | None = None) -> Dat
         frame = pq.read_table(path).to_pandas()
     except (OSError, pa.ArrowException) as exc:
         raise DatasetError(f"{path.name}: cannot be read ({exc})") from None
+    problem = _frame_problem(frame)
+    if problem:
+        raise DatasetError(f"{path.name}: a damaged dataset version ({problem})")
     stored = ClassRange.from_dict(info.get("class_range"))
     notes = []
     if class_range is not None and class_range != stored:

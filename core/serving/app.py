@@ -15,6 +15,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from core.evaluation.calibration import chosen_threshold
 from core.gpu import cpu_cores
@@ -35,6 +36,16 @@ class ServeError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def _error_responses(*statuses: int) -> dict:
+    """OpenAPI entries for the error answers a route gives: {"error": message, "request_id": id}."""
+    schema = {"type": "object", "required": ["error"],
+              "properties": {"error": {"type": "string"}, "request_id": {"type": ["string", "null"]}}}
+    meaning = {400: "not a usable photo or list of URIs", 413: "the body is too large",
+               415: "a content type not accepted", 503: "the model is still loading, or the service is busy"}
+    return {status: {"description": meaning[status], "content": {"application/json": {"schema": schema}}}
+            for status in statuses}
 
 
 def _finite(value):
@@ -116,11 +127,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise ServeError(413, f"the body is {int(declared):,} bytes; at most {limit:,} are accepted")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ServeError(413, f"the body is over {limit:,} bytes; at most {limit:,} are accepted")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ServeError(413, f"the body is over {limit:,} bytes; at most {limit:,} are accepted")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the caller hung up mid-body: its mistake, not an internal error
+        raise ServeError(400, f"the connection closed after {size:,} bytes of the body") from None
     return b"".join(chunks)
 
 
@@ -171,16 +185,18 @@ def create_app(model_path: str | Path, engine: str = "auto", max_batch: int = 16
             raise ServeError(503, "the model is still loading")
         return request.app.state.service
 
-    @app.get("/ping", summary="200 when the model is loaded")
+    @app.get("/ping", summary="200 when the model is loaded", responses=_error_responses(503))
     async def ping(request: Request):
         service(request)
         return {"status": "ok"}
 
-    @app.get("/model", summary="the loaded model: backbone, classes, test metrics, calibration, model card (Markdown)")
+    @app.get("/model", summary="the loaded model: backbone, classes, test metrics, calibration, model card (Markdown)",
+             responses=_error_responses(503))
     async def model(request: Request):
         return service(request).description()
 
     @app.post("/invocations", summary="count the objects in a photo, or in photos given as s3:// URIs",
+              responses=_error_responses(400, 413, 415, 503),
               openapi_extra={"requestBody": {"required": True, "content": {
                   "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
                   "image/png": {"schema": {"type": "string", "format": "binary"}},
