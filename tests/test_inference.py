@@ -94,3 +94,44 @@ def test_evaluate_all_scores_every_readable_photo_and_lists_the_skipped(run):
     assert len(scored) == 40
     assert metrics["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(truth, predicted))
     assert metrics["confusion_matrix"] == confusion_matrix(truth, predicted, labels=[1, 2, 3, 4, 5]).tolist()
+
+
+def test_one_model_shared_by_threads_predicts_as_it_does_alone(run):
+    """Pages share one cached model between sessions: predicting from several threads at once, starting with a
+    model not yet prepared for inference, gives every thread the same numbers as a lone call."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out, data, _ = run
+    paths = sorted(str(p) for p in (data / "bin-images").glob("*.jpg"))[:12]
+    model, meta = load_model(out / "model.pt")
+    alone = predict_photos(load_model(out / "model.pt")[0], meta, paths, batch_size=4, device="cpu", num_workers=0)
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda _: predict_photos(model, meta, paths, batch_size=4, device="cpu",
+                                                          num_workers=0), range(4)))
+    columns = [f"prob_{c}" for c in meta["classes"]]
+    for frame in together:
+        assert frame["predicted"].equals(alone["predicted"])
+        np.testing.assert_allclose(frame[columns].to_numpy(float), alone[columns].to_numpy(float), atol=1e-5)
+
+
+def test_photos_the_model_gives_no_number_for_are_not_stored_as_predicted(run, monkeypatch, tmp_path):
+    from core.evaluation.predictions import PredictionStore
+
+    out, data, _ = run
+    monkeypatch.setenv("BINSIGHT_HOME", str(tmp_path / "home"))
+    model, meta = load_model(out / "model.pt")
+    rows = __import__("core.data.loading", fromlist=["load_dataset"]).load_dataset(str(data)).rows("test")
+
+    class Broken(torch.nn.Module):  # what a model in a broken state gives: not a number
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) * float("nan")
+
+    store = PredictionStore(out / "model.pt")
+    with pytest.raises(RuntimeError, match="no probabilities"):
+        store.predict(rows, lambda: (Broken(model), meta))
+    assert len(store.missing(rows)) == len(rows[rows["path"].notna()])  # nothing stored: predicted again next time
+    assert store.predict(rows, lambda: (model, meta))["predicted"].notna().any()

@@ -129,6 +129,12 @@ class PredictionStore:
             if len(predicted) != len(part):
                 raise RuntimeError(f"predict_photos returned {len(predicted)} rows for {len(part)} photos")
             batch = predicted.reset_index(drop=True).drop(columns=["photo", "path"])  # same order as the paths
+            # A photo with neither probabilities nor an error was not predicted (a broken model state): it is not
+            # stored as if it had been, so the next call predicts it again.
+            unscored = batch["predicted"].isna() & batch["error"].isna()
+            if unscored.any():
+                raise RuntimeError(f"the model gave no probabilities for {int(unscored.sum())} of {len(part)} photos "
+                                   "(not a number); nothing of this batch was stored")
             batch.insert(0, "name", part["name"].to_numpy())
             batch.insert(1, "path", part["path"].to_numpy())
             self._save(batch)

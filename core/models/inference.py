@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +16,19 @@ import torch
 from core.data.uploads import PhotoInput
 from core.models.networks import resolve_device
 from core.models.preprocess import PhotoDataset, default_workers, eval_transform, tta_views, view_of
+
+# Pages share one cached model between sessions (threads): moving it to a device or memory format while another
+# thread runs it gave NaN probabilities under load (bench/soak.py), so it is prepared once, under this lock.
+_PREPARING = threading.Lock()
+
+
+def prepared_for(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The model in eval mode, on `device`, channels-last: converted the first time only, one thread at a time."""
+    with _PREPARING:
+        if getattr(model, "_binsight_prepared", None) != str(device):
+            model.to(device).eval().to(memory_format=torch.channels_last)
+            model._binsight_prepared = str(device)
+    return model
 
 
 def view_logits(model: torch.nn.Module, images: torch.Tensor, views=("plain",)) -> torch.Tensor:
@@ -58,7 +72,7 @@ def predict_probabilities(model: torch.nn.Module, meta: dict, paths: list, batch
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          pin_memory=device.type == "cuda")
     if not exported:
-        model = model.to(device).eval().to(memory_format=torch.channels_last)
+        model = prepared_for(model, device)
     started, done = time.perf_counter(), 0
     with torch.inference_mode():
         for images, _, index, batch_errors in loader:
