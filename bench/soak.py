@@ -174,7 +174,7 @@ async def predict(session: Session, page) -> None:
     photo = session.photos[session.uploads % len(session.photos)]
     session.uploads += 1
     await page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files([str(photo)])
-    await page.get_by_text(re.compile(rf"{re.escape(photo.name)} → \d+ objects")).first.wait_for()
+    await page.get_by_text(re.compile(rf"{re.escape(photo.name)} → \d+( or \d+)? objects")).first.wait_for()
 
 
 async def spot_check(session: Session, page) -> None:

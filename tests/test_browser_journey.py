@@ -206,7 +206,7 @@ def analyst_journey(page, source: Path, tmp_path: Path) -> None:
     for predicted in "12345":
         choose(page, "Predicted count", predicted)
         heading = page.get_by_text(re.compile(r"photos\s+with true count 3 predicted as"))
-        if not heading.inner_text().startswith("0 photos"):
+        if int(heading.inner_text().split()[0]) >= 2:  # one is corrected below; the rest go on to Spot-check
             break
     thumbnail = page.locator('[data-testid="stImage"] img').first  # the cell's photos are the page's only ones
     thumbnail.scroll_into_view_if_needed()

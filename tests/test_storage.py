@@ -141,7 +141,7 @@ def test_the_overview_page_shows_each_cache_and_prunes_on_request(demo_source, m
     [expander] = [e for e in at.expander if "Storage" in e.label]
     caption = " ".join(c.value for c in expander.caption)
     assert "uploads: 0.0 MB of 0.0 MB" in caption and "features: 0.0 MB of 2,048.0 MB" in caption
-    assert [child.type for child in expander.children.values()].count("vega_lite_chart") == 1  # the bar chart
+    assert [child.type for child in expander.children.values()].count("plotly_chart") == 1  # the bar chart
 
     at.button(key="storage_prune").click().run()
     assert not at.exception

@@ -73,7 +73,7 @@ def test_defaults_left_to_the_mode_resolve_in_the_config():
     assert (finetune.n_epochs, finetune.input_height, finetune.input_aspect, finetune.test_views) == (6, 288, 1.37, "flips")
     problems = TrainConfig(out="x", optimizer="sgd", head="deep", device="tpu").validate()
     assert "unknown optimizer 'sgd' (choose adamw or adam)" in problems
-    assert "unknown head 'deep' (choose linear or mlp)" in problems and any("device 'tpu'" in p for p in problems)
+    assert "unknown head 'deep' (choose linear, normlinear or mlp)" in problems and any("device 'tpu'" in p for p in problems)
 
 
 def test_job_params_round_trip():

@@ -14,7 +14,7 @@ from core.data.loading import load_dataset
 from core.jobs import queue as jobs
 from core.jobs import worker
 from core.jobs.params import describe_dataset
-from core.jobs.runs import current_run, final_metrics
+from core.jobs.runs import current_run, final_metrics, run_name
 from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,7 +137,7 @@ def test_jobs_queued_while_the_app_was_down_run_when_it_restarts(small_abid):
 
     at = page()
     assert run.id in at.dataframe[0].value["run"].tolist()
-    assert f"`{run.id}` is the current model." in shown_text(at)
+    assert f"**{run_name(run)}** is the current model." in shown_text(at)
 
 
 def test_a_slot_lock_is_dropped_by_the_os_when_its_process_is_killed():
