@@ -344,11 +344,13 @@ def exports(result: EvaluationResult) -> None:
     with st.expander("Export"):
         stem = f"{result.run}-{result.split}".replace(" ", "_")
         cols = st.columns(4)
-        cols[0].download_button("Report (CSV)", result.report_csv(), f"{stem}-report.csv", "text/csv")
-        cols[1].download_button("Report (JSON)", result.report_json(), f"{stem}-report.json", "application/json")
-        cols[2].download_button("Confusion matrix (PNG)", result.confusion_png(title=f"{result.run} · {result.split}"),
+        # Made when clicked (deferred data): no PNG drawn on every rerun, no stale file for a browser to miss
+        cols[0].download_button("Report (CSV)", result.report_csv, f"{stem}-report.csv", "text/csv")
+        cols[1].download_button("Report (JSON)", result.report_json, f"{stem}-report.json", "application/json")
+        cols[2].download_button("Confusion matrix (PNG)",
+                                lambda: result.confusion_png(title=f"{result.run} · {result.split}"),
                                 f"{stem}-confusion.png", "image/png")
-        cols[3].download_button("Predictions (CSV)", result.predictions_csv(), f"{stem}-predictions.csv", "text/csv")
+        cols[3].download_button("Predictions (CSV)", result.predictions_csv, f"{stem}-predictions.csv", "text/csv")
         insight_views.model_card_button(result, run["path"], meta)
 
 
