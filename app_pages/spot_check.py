@@ -125,16 +125,15 @@ def model_prediction(model_path: Path | None, row: pd.Series) -> None:
     st.markdown(f"🤖 Model predicts **{predicted}** ({confidence:.0%} sure) · {verdict}")
 
 
-def label_issue_hint(dataset, name: str) -> None:
+def label_issue_hint(health_issues, name: str) -> None:
     """What the data health check suggests for this bin (heads that never saw it), when it has run."""
-    found = cached_label_issues(dataset)
-    if found is None:
+    if health_issues is None:
         return
-    row = found.frame[found.frame["name"] == name]
+    row = health_issues.frame[health_issues.frame["name"] == name]
     if row.empty:
         return
     row = row.iloc[0]
-    probs = {c: float(row[f"prob_{c}"]) for c in found.classes}
+    probs = {c: float(row[f"prob_{c}"]) for c in health_issues.classes}
     verdict = "likely wrong" if row["flagged"] else "not flagged"
     st.markdown(f":material/health_and_safety: Data health suggests **{row['suggested']}** · {verdict}, expected "
                 f"{row['score']:.1f} objects off", help="From heads that never saw this photo (cross-fitted on the "
@@ -216,7 +215,7 @@ def model_classes(model_path: Path | None) -> ClassRange | None:
         return None
 
 
-def choose_queue(dataset, model_path: Path | None, checked: set[str]) -> list[str]:
+def choose_queue(dataset, model_path: Path | None, checked: set[str], health_issues) -> list[str]:
     """The queue controls; the queue is rebuilt only when they change, so it stays put while you work."""
     frame, key = dataset.frame, dataset.key
     c1, c2, c3, c4 = st.columns([3, 2, 2, 1])
@@ -248,14 +247,13 @@ def choose_queue(dataset, model_path: Path | None, checked: set[str]) -> list[st
         scores = model_scores(model_path, pool)
     issues = None
     if kind in ISSUE_QUEUES:
-        found = cached_label_issues(dataset)
-        if found is None:
+        if health_issues is None:
             st.info("This queue is ordered by the data health check, which has not run on the labels as they are now "
                     "(or a correction changed them since).")
             st.page_link("app_pages/health.py", label="Open Data health and run the check",
                          icon=":material/health_and_safety:")
             st.stop()
-        issues = found.frame
+        issues = health_issues.frame
     seed = st.session_state.get("spot_seed", 0)
     sent = st.session_state.get("spot_sent") or []
     # Scoring more photos changes a model queue; the other queues must not move while the current bin is scored.
@@ -272,7 +270,7 @@ def choose_queue(dataset, model_path: Path | None, checked: set[str]) -> list[st
     return st.session_state["spot_queue"]
 
 
-def show_bin(dataset, name: str, who: str, queue: list[str], model_path: Path | None) -> None:
+def show_bin(dataset, name: str, who: str, queue: list[str], model_path: Path | None, health_issues) -> None:
     frame = dataset.frame
     found = frame[frame["name"] == name]
     row = None if found.empty else found.iloc[0]
@@ -305,7 +303,7 @@ def show_bin(dataset, name: str, who: str, queue: list[str], model_path: Path | 
         if last is not None:
             st.caption(f"Last decision: {last['status']} by {last['annotator']} at {last['created_at'][:19]} UTC")
         model_prediction(model_path, row)
-        label_issue_hint(dataset, name)
+        label_issue_hint(health_issues, name)
         st.text_input("Note (optional)", key=f"spot_note_{name}", placeholder="e.g. items hidden under the flap")
         context = dict(key=dataset.key, name=name, path=path, current=current,
                        seen_id=None if last is None else int(last["id"]), who=who, length=len(queue))
@@ -353,7 +351,8 @@ with check_tab:
         getattr(st, kind)(text)
     model_path = current_model_path()
     checked = set(annotations.latest_decisions(dataset.key)["photo"])
-    queue = choose_queue(dataset, model_path, checked)
+    health_issues = cached_label_issues(dataset)  # the data health check's label issues, when current (else None)
+    queue = choose_queue(dataset, model_path, checked, health_issues)
     if not queue:
         st.info("No bin left in this queue: every matching bin is checked, or none matches the filters.")
         st.stop()
@@ -367,4 +366,4 @@ with check_tab:
     if nav.button("🔀 New queue", key="spot_reshuffle", help="Draw another sample with the same settings"):
         st.session_state["spot_seed"] = st.session_state.get("spot_seed", 0) + 1
         st.rerun()
-    show_bin(dataset, queue[pos], annotator, queue, model_path)
+    show_bin(dataset, queue[pos], annotator, queue, model_path, health_issues)

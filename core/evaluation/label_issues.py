@@ -163,10 +163,15 @@ def cached_label_issues(dataset, folds: int = DEFAULT_FOLDS, seed: int = 0) -> L
         rows = _labelled_rows(dataset)
     except LabelIssuesError:
         return None
-    table, info_file = _cache_paths(dataset, _cache_digest(dataset, rows, folds, seed))
+    _, info_file = _cache_paths(dataset, _cache_digest(dataset, rows, folds, seed))
+    return _read_cached(info_file)
+
+
+def _read_cached(info_file) -> LabelIssues | None:
+    """The label issues saved beside `info_file` (its .json and .parquet), or None when they cannot be read."""
     try:
         info = json.loads(info_file.read_text())
-        frame = pd.read_parquet(table)
+        frame = pd.read_parquet(info_file.with_suffix(".parquet"))
     except (OSError, ValueError):
         return None
     return LabelIssues(frame, info["classes"], np.asarray(info["noise"]), info)
@@ -181,12 +186,10 @@ def latest_label_issues(dataset) -> LabelIssues | None:
     folder = config.home() / "label_issues" / dataset.key
     infos = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
     for info_file in infos:
-        try:
-            info = json.loads(info_file.read_text())
-            frame = pd.read_parquet(info_file.with_suffix(".parquet"))
-        except (OSError, ValueError):
-            continue
-        return LabelIssues(frame, info["classes"], np.asarray(info["noise"]), info | {"stale": True})
+        found = _read_cached(info_file)
+        if found is not None:
+            found.info["stale"] = True
+            return found
     return None
 
 
@@ -235,6 +238,7 @@ def find_label_issues(dataset, folds: int = DEFAULT_FOLDS, seed: int = 0, on_pro
         return found
     started = time.perf_counter()
     rows = _labelled_rows(dataset)
+    digest = _cache_digest(dataset, rows, folds, seed)  # of every labelled photo, as cached_label_issues computes it
     features, errors = photo_features(dataset, rows, on_progress, should_stop)
     readable = np.array([i not in errors for i in range(len(rows))])
     rows, features = rows[readable], features[readable]
@@ -257,7 +261,7 @@ def find_label_issues(dataset, folds: int = DEFAULT_FOLDS, seed: int = 0, on_pro
     info = {"classes": classes, "noise": noise.tolist(), "folds": folds, "seed": seed, "recipe": RECIPE,
             "photos": len(frame), "flagged": int(frame["flagged"].sum()), "unreadable": len(errors),
             "seconds": round(time.perf_counter() - started, 1), "computed_at": time.strftime("%Y-%m-%d %H:%M:%S")}
-    table, info_file = _cache_paths(dataset, _cache_digest(dataset, _labelled_rows(dataset), folds, seed))
+    table, info_file = _cache_paths(dataset, digest)
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
     atomic_write_bytes(table, buffer.getvalue())
