@@ -174,7 +174,7 @@ if report is None:
     stale = has_cached_checks(dataset.key)
     st.info(("The labels changed since the last check (a spot-check decision, a new photo or split): run it again "
              "to see the current findings." if stale else "The data has not been checked yet.")
-            + " The first run computes frozen features of every labelled photo (a few minutes on a CPU for 3,000 "
+            + " The first run computes frozen features of every labelled photo (10–30 minutes on 2 CPU cores for 3,000 "
               "photos); later runs reuse them and take seconds.")
     if st.button("Check the data", type="primary", key="health_run"):
         report = run_report(dataset, label_issues=True)
