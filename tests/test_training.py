@@ -201,3 +201,33 @@ def test_training_on_an_oversampled_version_reads_the_repeats(tmp_path):
     log = (tmp_path / "run" / "log.txt").read_text()
     assert n_train < 50 and f"{10 * len(dataset.classes)} train," in log
     assert f"{len(dataset.rows('test'))} test photos" in log
+
+
+def test_weight_averaging_keeps_the_average_and_resumes_it(data, tmp_path):
+    run = tmp_path / "run"
+    config = TrainConfig(data=str(data), out=str(run), mode="finetune", ema=0.5, **SMALL | {"epochs": 1})
+    first = train(config)
+    record = first["history"][0]
+    assert {"valid_loss_trained", "valid_acc_trained"} <= set(record)
+    assert record["valid_loss"] != record["valid_loss_trained"]  # the average is validated, not the trained weights
+    assert "averaged weights; the trained ones" in (run / "log.txt").read_text()
+    from core.models.networks import load_model
+
+    kept, _ = load_model(run / "model.pt")
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)
+    averaged = {k.removeprefix("module."): v for k, v in checkpoint["averaged"].items() if k.startswith("module.")}
+    trained = checkpoint["model"]
+    name = next(k for k, v in trained.items() if v.is_floating_point() and "head" in k)
+    assert torch.allclose(kept.state_dict()[name], averaged[name])
+    assert not torch.allclose(kept.state_dict()[name], trained[name])
+    steps = int(checkpoint["averaged"]["n_averaged"])
+    assert steps >= 2
+    resumed = train(TrainConfig(data=str(data), out=str(run), resume=True, epochs=2, num_workers=0))
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    assert int(torch.load(run / "checkpoint.pt", weights_only=False)["averaged"]["n_averaged"]) == 2 * steps
+
+
+def test_weight_averaging_is_checked():
+    assert any("EMA decay" in p for p in TrainConfig(out="x", mode="finetune", ema=1.0).validate())
+    assert any("for fine-tuning" in p for p in TrainConfig(out="x", mode="frozen", ema=0.99).validate())
+    assert TrainConfig(out="x", mode="finetune", ema=0.99).validate() == []

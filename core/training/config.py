@@ -101,6 +101,9 @@ class TrainConfig:
                                    "averaged over the photo and over a 2×2 grid, so it sees where things are) or pooled "
                                    "(the last layer averaged over the photo; default: " + _modes(DEFAULT_FEATURES) + ")",
                                    choices=FEATURE_SETS, label="Features", what="the feature set")
+    ema: float = setting(0.0, "finetune: the weights validated, kept and used are an exponential moving average of "
+                         "the trained ones, with this decay per step (e.g. 0.99: about the last 100 steps; 0: off)",
+                         label="Weight averaging (EMA decay)", step=0.001, what="the EMA decay")
     exclude_suspects: bool = setting(False, "leave the photos flagged as likely wrong counts (Data health page, "
                                      "`python -m core health`) out of the training split; valid and test keep them",
                                      label="Leave out likely wrong counts")
@@ -182,6 +185,9 @@ class TrainConfig:
         check(32 <= self.input_height <= 1024, f"the image size must be between 32 and 1024 pixels (got {self.input_height})")
         check(0.25 <= self.input_aspect <= 4, f"the aspect ratio must be between 0.25 and 4 (got {self.input_aspect})")
         check(0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1) (got {self.label_smoothing})")
+        check(0 <= self.ema < 1, f"the EMA decay must be in [0, 1) (got {self.ema})")
+        check(self.ema == 0 or self.mode == "finetune", "weight averaging (--ema) is for fine-tuning: a frozen run's "
+              "head trains in seconds and is chosen by its valid loss")
         check(self.patience >= 0, "patience cannot be negative")
         check(self.num_workers is None or self.num_workers >= 0, "num_workers cannot be negative")
         device = str(self.device)

@@ -96,6 +96,13 @@ def make_scheduler(config: TrainConfig, optimizer, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def make_averaged(model: torch.nn.Module, decay: float):
+    """An exponential moving average of `model`'s weights and batch-norm statistics (torch.optim.swa_utils)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 class BaseRun:
     """The epoch loop shared by both modes: early stopping on valid loss, checkpoints, history, progress.
 
@@ -116,6 +123,7 @@ class BaseRun:
         self.best_loss, self.best_epoch, self.bad_epochs = math.inf, 0, 0
         self.temperature = 1.0
         self.logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.averaged = None  # the weights' moving average (config.ema), which is then what is validated and kept
 
     def check_stop(self, step: str = ""):
         """Raise Cancelled when stopping was asked for. With several processes this is a collective (rank 0's
@@ -137,6 +145,8 @@ class BaseRun:
         self.eval_criterion = CountLoss(self.config.loss, weight if self.config.balance != "none" else None).to(self.device)
         self.optimizer = make_optimizer(self.config, self.model, self.frozen, self.world.size)
         self.scheduler = make_scheduler(self.config, self.optimizer, self.steps_per_epoch())
+        if self.config.ema and not self.frozen:
+            self.averaged = make_averaged(self.model, self.config.ema)
         first = 1
         if resume_state:
             first = self.restore(resume_state) + 1
@@ -153,9 +163,10 @@ class BaseRun:
                 self.best_loss = record["valid_loss"] if record["valid_loss"] is not None else math.inf
                 self.best_epoch, self.bad_epochs = epoch, 0
                 # Every rank keeps the best weights (they agree on the valid loss); rank 0 writes them.
-                self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                kept = self.kept_model()
+                self.best_state = {k: v.detach().clone() for k, v in kept.state_dict().items()}
                 if self.world.is_main:
-                    models.save_model(self.out / "model.pt", self.model, self.meta | {"epoch": epoch})
+                    models.save_model(self.out / "model.pt", kept, self.meta | {"epoch": epoch})
             else:
                 self.bad_epochs += 1
             if self.world.is_main:
@@ -184,6 +195,10 @@ class BaseRun:
         return {"history": self.history, "best_epoch": self.best_epoch, "epochs_run": len(self.history),
                 "temperature": self.temperature, "valid": valid_metrics, "test": test_metrics, "skipped": skipped,
                 **self.timings()}
+
+    def kept_model(self) -> torch.nn.Module:
+        """The weights that are validated and kept: the moving average when there is one."""
+        return self.averaged.module if self.averaged is not None else self.model
 
     def split_logits(self, name: str, split) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits n × views × classes on the CPU, class indices n) of a split's readable photos, computed once."""
@@ -231,6 +246,7 @@ class BaseRun:
                       "scheduler": self.scheduler.state_dict(), "history": self.history, "best_loss": self.best_loss,
                       "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs, "meta": self.meta,
                       "config": self.config.to_dict(), "torch_rng": torch.get_rng_state(),
+                      "averaged": self.averaged.state_dict() if self.averaged is not None else None,
                       "generator": self.generator.get_state()}
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
@@ -240,6 +256,8 @@ class BaseRun:
         (self.model.head if self.frozen else self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.averaged is not None and state.get("averaged"):
+            self.averaged.load_state_dict(state["averaged"])
         self.history, self.best_loss = state["history"], state["best_loss"]
         self.best_epoch, self.bad_epochs = state["best_epoch"], state["bad_epochs"]
         torch.set_rng_state(state["torch_rng"])
@@ -259,7 +277,9 @@ def _epoch_line(record: dict, epochs: int) -> str:
 
     return (f"epoch {record['epoch']}/{epochs}  train loss {fmt(record['train_loss'], '.4f')} acc {fmt(record['train_acc'], '.3f')}"
             f"  valid loss {fmt(record['valid_loss'], '.4f')} acc {fmt(record['valid_acc'], '.3f')}"
-            f"  {fmt(record['images_per_s'], '.1f')} img/s")
+            f"  {fmt(record['images_per_s'], '.1f')} img/s"
+            + (f"  (averaged weights; the trained ones: valid loss {fmt(record['valid_loss_trained'], '.4f')} "
+               f"acc {fmt(record['valid_acc_trained'], '.3f')})" if "valid_loss_trained" in record else ""))
 
 
 def batch_correct(logits: torch.Tensor, labels: torch.Tensor) -> int:

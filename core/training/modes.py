@@ -318,6 +318,8 @@ class FinetuneRun(BaseRun):
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+                if self.averaged is not None:
+                    self.averaged.update_parameters(self.model)
                 total_loss += loss.item() * len(labels)
                 correct += batch_correct(logits, labels)
                 seen += len(labels)
@@ -337,10 +339,11 @@ class FinetuneRun(BaseRun):
                 "images_per_s": seen / max(elapsed, 1e-9), "data_wait_fraction": wait / max(elapsed, 1e-9),
                 "seconds": elapsed}
 
-    def _eval_batches(self, loader, names):
-        """This rank's readable (images, labels) of an evaluation loader, in eval mode and without gradients.
-        Ranks may hold one batch more or less, so no collective (a stop check) is made per batch."""
-        self.net.eval()
+    def _eval_batches(self, loader, names, model=None):
+        """This rank's readable (images, labels) of an evaluation loader, `model` (default: the trained network) in
+        eval mode, without gradients. Ranks may hold one batch more or less, so no collective (a stop check) is made
+        per batch."""
+        (model or self.net).eval()
         with torch.inference_mode():
             for images, labels, ids, errors in (loader if loader is not None else []):
                 if not self.world.distributed:
@@ -350,13 +353,21 @@ class FinetuneRun(BaseRun):
                     yield images, labels
 
     def validate_epoch(self):
+        record = self._validate(self.model)
+        if self.averaged is None or record["valid_loss"] is None:
+            return record
+        # The average is what is kept; the trained weights' figures stay in the history to show what it adds.
+        return self._validate(self.averaged.module) | {"valid_loss_trained": record["valid_loss"],
+                                                       "valid_acc_trained": record["valid_acc"]}
+
+    def _validate(self, model):
         loader, names = self.valid_loader
         if loader is None:
             return {"valid_loss": None, "valid_acc": None}
         total_loss, correct, seen = 0.0, 0, 0
-        for images, labels in self._eval_batches(loader, names):
+        for images, labels in self._eval_batches(loader, names, model):
             with torch.autocast("cuda", enabled=self.device.type == "cuda"):
-                logits = self.model(images)
+                logits = model(images)
             total_loss += float(self.eval_criterion(logits.float(), labels)) * len(labels)
             correct += batch_correct(logits, labels)
             seen += len(labels)
