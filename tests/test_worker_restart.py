@@ -66,7 +66,8 @@ def shown_text(at: AppTest) -> str:
 
 
 def test_a_job_keeps_running_when_the_app_is_stopped_and_the_restarted_page_shows_it():
-    app = subprocess.Popen([sys.executable, "-c", APP, "10"], cwd=ROOT, start_new_session=True,
+    # 60 s: long enough to outlast a loaded machine's slow app exit and restarted page; the test cancels it anyway.
+    app = subprocess.Popen([sys.executable, "-c", APP, "60"], cwd=ROOT, start_new_session=True,
                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT)
     try:
