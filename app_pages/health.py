@@ -24,9 +24,10 @@ def run_report(dataset, label_issues: bool) -> HealthReport:
 
 def current_report(dataset) -> HealthReport | None:
     """The report from the caches when both parts are there (instant), else None."""
-    if not has_cached_checks(dataset.key) or cached_label_issues(dataset) is None:
+    if not has_cached_checks(dataset.key):
         return None
-    return health_report(dataset)
+    issues = cached_label_issues(dataset)
+    return None if issues is None else health_report(dataset, found_issues=issues)
 
 
 def show_photo(path, caption: str) -> None:

@@ -113,10 +113,12 @@ def _count(value) -> str:
     return "—" if pd.isna(value) else str(int(value))
 
 
-def health_report(dataset, label_issues: bool = True, on_progress=None, should_stop=None) -> HealthReport:
+def health_report(dataset, label_issues: bool = True, on_progress=None, should_stop=None,
+                  found_issues=None) -> HealthReport:
     """The report of `dataset` (every photo on disk for the photo checks; the labelled ones in the class range for
     label issues). on_progress(fraction, text) covers both parts; label issues are skipped with a reason when they
-    cannot be found (too few photos of a count), the rest of the report is still made."""
+    cannot be found (too few photos of a count), the rest of the report is still made. found_issues: the label
+    issues when the caller already has them (read from the cache), so they are not looked up again."""
     def part(start, share):
         return (lambda f, text: on_progress(start + share * f, text)) if on_progress else None
 
@@ -124,7 +126,9 @@ def health_report(dataset, label_issues: bool = True, on_progress=None, should_s
     checks = check_photos(dataset.key, frame, on_progress=part(0.0, 0.3), should_stop=should_stop)
     duplicates = duplicate_findings(near_duplicate_pairs(checks.frame), frame)
     issues, problem = None, ""
-    if label_issues:
+    if found_issues is not None:
+        issues = found_issues
+    elif label_issues:
         try:
             issues = find_label_issues(dataset, on_progress=part(0.3, 0.7), should_stop=should_stop)
         except LabelIssuesError as exc:
