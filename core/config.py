@@ -24,6 +24,10 @@ def _class_range(value) -> bool:
     return _whole(lo) and _whole(hi) and 0 <= lo <= hi <= 1000 and isinstance(value.get("top_bucket", False), bool)
 
 
+def _share(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 1
+
+
 def _plain_values(value) -> bool:
     return isinstance(value, dict) and all(v is None or isinstance(v, (str, int, float, bool)) for v in value.values())
 
@@ -31,8 +35,7 @@ def _plain_values(value) -> bool:
 # What each setting must look like; a hand-edited or damaged value is ignored (its default applies), not a crash.
 SETTING_CHECKS = {
     "class_range": lambda v: v is None or _class_range(v),
-    "low_confidence_threshold": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-    and math.isfinite(v) and 0 <= v <= 1,
+    "low_confidence_thresholds": lambda v: isinstance(v, dict) and all(_share(t) for t in v.values()),
     "data_dir": lambda v: v is None or (isinstance(v, str) and "\0" not in v),
     "current_run": lambda v: v is None or isinstance(v, str),
     "balance_pool_lists": lambda v: isinstance(v, str),

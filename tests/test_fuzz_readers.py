@@ -360,6 +360,7 @@ settings_documents = st.one_of(
 @given(document=settings_documents)
 def test_any_settings_json_leaves_the_app_usable_and_is_never_lost(tmp_path, document, monkeypatch):
     from core.data.s3 import s3_settings
+    from core.evaluation.calibration import chosen_threshold
     from core.jobs.runs import current_run
     from core.storage import cache_caps
 
@@ -370,10 +371,12 @@ def test_any_settings_json_leaves_the_app_usable_and_is_never_lost(tmp_path, doc
     loaded = config.load_settings()
     assert isinstance(loaded, dict)
     monkeypatch.setenv("BINSIGHT_DATA", str(source))
-    for use in (lambda: load_dataset(), s3_settings, cache_caps, current_run, config.data_dir):
+    for use in (lambda: load_dataset(), s3_settings, cache_caps, current_run, config.data_dir,
+                lambda: chosen_threshold({}, "run-1")):
         dataset_or_error(use, "settings")
-    config.save_settings(low_confidence_threshold=0.5)
-    assert config.load_settings()["low_confidence_threshold"] == 0.5
+    config.save_settings(low_confidence_thresholds={"run-1": 0.5})
+    assert config.load_settings()["low_confidence_thresholds"] == {"run-1": 0.5}
+    assert chosen_threshold({}, "run-1") == 0.5
     try:
         original = json.loads(document)
     except (ValueError, RecursionError):
@@ -383,8 +386,8 @@ def test_any_settings_json_leaves_the_app_usable_and_is_never_lost(tmp_path, doc
             document if isinstance(document, bytes) else document.encode())
     else:  # every other setting, usable or not, is still in the file
         rewritten = json.loads((home / "settings.json").read_text())
-        assert json.dumps({k: v for k, v in rewritten.items() if k != "low_confidence_threshold"}, sort_keys=True) \
-            == json.dumps({k: v for k, v in original.items() if k != "low_confidence_threshold"}, sort_keys=True)
+        assert json.dumps({k: v for k, v in rewritten.items() if k != "low_confidence_thresholds"}, sort_keys=True) \
+            == json.dumps({k: v for k, v in original.items() if k != "low_confidence_thresholds"}, sort_keys=True)
 
 
 # -- photo bytes ---------------------------------------------------------------------------------------------
