@@ -97,6 +97,17 @@ def initial_weights(config, like) -> dict[str, torch.Tensor]:
     return params(model)
 
 
+def test_two_processes_keep_one_weight_average(small_abid, tmp_path, monkeypatch):
+    dumps = tmp_path / "dumps"
+    monkeypatch.setenv(distributed.TEST_DUMP_ENV, str(dumps))
+    config = TrainConfig(data=str(small_abid), out=str(tmp_path / "run"), processes=2, ema=0.5, **SMALL | {"epochs": 1})
+    result = train(config)
+    # the kept weights are the average, and its batch-norm statistics agree across ranks as the weights do
+    ranks = [json.loads((dumps / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert "valid_loss_trained" in result["history"][0]
+
+
 def test_two_machines_meet_at_a_c10d_rendezvous(small_abid, tmp_path):
     rdzv = f"127.0.0.1:{free_port()}"
     command = [sys.executable, "-m", "core", "train", "--data", str(small_abid), "--out", str(tmp_path / "run"),

@@ -178,7 +178,7 @@ class BaseRun:
             if self.config.patience and self.bad_epochs >= self.config.patience:
                 self.log(f"early stop: valid loss has not improved for {self.bad_epochs} epochs")
                 break
-        distributed.dump_for_tests(self.world, self.model, getattr(self, "seen", []))
+        distributed.dump_for_tests(self.world, self.kept_model(), getattr(self, "seen", []))
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
             best_meta = self.meta | {"epoch": self.best_epoch}

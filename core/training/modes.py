@@ -334,6 +334,8 @@ class FinetuneRun(BaseRun):
             tick = time.perf_counter()
         elapsed = time.perf_counter() - started
         self.world.average_buffers(self.model)
+        if self.averaged is not None:  # its batch-norm statistics were averaged from each rank's own
+            self.world.average_buffers(self.averaged.module)
         total_loss, correct, seen = self.world.sums(total_loss, correct, seen)
         return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1),
                 "images_per_s": seen / max(elapsed, 1e-9), "data_wait_fraction": wait / max(elapsed, 1e-9),
