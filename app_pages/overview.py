@@ -104,7 +104,8 @@ def _mb(size: int | None) -> str:
 
 
 with st.expander(":material/hard_drive: Storage"):
-    st.write("Caches under the Binsight folder (predictions, features, S3 downloads, uploads) are kept under a cap "
+    st.write("Caches under the Binsight folder (predictions, features, stage maps for fast fine-tuning, S3 downloads, "
+             "uploads) are kept under a cap "
              f"each (setting `{storage.CAPS_SETTING}` or `{storage.CAPS_ENV}`): the least recently used files go "
              "first, never one in use. Pruning runs by itself after writes; the button runs it now.")
     if st.button("Prune now", key="storage_prune"):  # before the sizes, so they show the result

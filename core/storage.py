@@ -12,7 +12,9 @@ from core.errors import BinsightError
 
 MB = 1024 * 1024
 # Each cache (a folder under BINSIGHT_HOME) and its default cap in MB.
-DEFAULT_CAPS_MB = {"predictions": 512, "features": 2048, "s3-cache": 10240, "uploads": 1024}
+# stage_maps: the stage-map store partial fine-tuning reads (~200 KB a photo at 288×395 in two views: 4 GB holds
+# ~20 K photos; a dataset that does not fit trains from the photos instead).
+DEFAULT_CAPS_MB = {"predictions": 512, "features": 2048, "stage_maps": 4096, "s3-cache": 10240, "uploads": 1024}
 CACHES = tuple(DEFAULT_CAPS_MB)
 CAPS_ENV = "BINSIGHT_CACHE_CAP_MB"
 CAPS_SETTING = "cache_caps_mb"

@@ -83,7 +83,7 @@ def test_saved_model_loads_alone_and_gives_identical_outputs(tmp_path):
 
 def test_a_multilevel_model_keeps_its_stages_even_when_the_named_set_changes(tmp_path, monkeypatch):
     from core.models import catalog
-    from core.models.features import cache_key
+    from core.models.caches import cache_key
 
     _, info = models.build_backbone("efficientnet_lite0", features="multilevel")
     assert info["feature_taps"] == catalog.FEATURE_SETS["multilevel"].taps_list()

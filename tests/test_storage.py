@@ -11,7 +11,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from core import config, storage
-from core.models.features import FeatureCache
+from core.models.caches import FeatureCache
 
 ROOT = Path(__file__).resolve().parents[1]
 DAY = 86_400

@@ -1,82 +1,20 @@
-"""On-disk cache of backbone features, keyed by backbone + weights + photo content + preprocessing."""
+"""Backbone features of photos, read from the feature cache or computed (from the stage-map store when it holds the
+photos), keyed by backbone + weights + photo content + preprocessing."""
 from __future__ import annotations
 
 import functools
-import hashlib
-import io
-import json
-import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from core import config, storage
 from core.data.images import ImageError, load_image
 from core.errors import BinsightError, Cancelled
-from core.files import atomic_write_bytes
-from core.models.preprocess import PhotoDataset, default_workers, eval_transform, preprocessing_key, view_of
-
-SHARD_EVERY_S = 30.0
-_hash_memo: dict[tuple, str] = {}
-
-
-def content_hash(data: bytes) -> str:
-    """The key of a photo in the feature cache: sha1 of its bytes, wherever they were read from (file or shard)."""
-    return hashlib.sha1(data).hexdigest()
-
-
-def photo_hash(path: str | Path) -> str | None:
-    """sha1 of the photo's bytes (remembered per path, size and mtime), or None when it cannot be read."""
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    memo_key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if memo_key not in _hash_memo:
-        try:
-            _hash_memo[memo_key] = content_hash(Path(path).read_bytes())
-        except OSError:
-            return None
-    return _hash_memo[memo_key]
-
-
-def cache_key(meta: dict, variant: str = "plain") -> str:
-    """Everything that changes a photo's feature vector, except the photo itself."""
-    parts = {"backbone": meta["backbone"], "arch": meta.get("arch"), "weights": meta["weights"],
-             "preprocessing": preprocessing_key(meta), "variant": variant}
-    if meta.get("features"):  # the pooled last layer (no entry) keeps the keys caches were written under
-        parts["features"] = meta.get("feature_taps") or meta["features"]
-    return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-class FeatureCache:
-    """Feature vectors of one backbone/preprocessing, stored as append-only shards of (photo hash → vector)."""
-
-    def __init__(self, key: str, root: Path | None = None):
-        self.key = key
-        self.folder = (root or config.home() / "features") / key
-
-    def load(self) -> dict[str, torch.Tensor]:
-        vectors = {}
-        for shard in sorted(self.folder.glob("*.pt")):
-            try:
-                data = torch.load(shard, map_location="cpu", weights_only=True)
-            except Exception:
-                continue  # a damaged shard only costs recomputing its photos
-            storage.touch(shard)  # used: the least recently used shards go first when the cache is over its cap
-            vectors.update(zip(data["hashes"], data["features"]))
-        return vectors
-
-    def add(self, hashes: list[str], features: torch.Tensor) -> None:
-        if not hashes:
-            return
-        buffer = io.BytesIO()
-        torch.save({"hashes": list(hashes), "features": features.detach().float().cpu().contiguous()}, buffer)
-        atomic_write_bytes(self.folder / f"{time.time_ns()}-{uuid.uuid4().hex[:8]}.pt", buffer.getvalue())
-        storage.prune_after_write("features")
+from core.models import stage_store
+from core.models.caches import SHARD_EVERY_S, FeatureCache, cache_key, content_hash, photo_hash
+from core.models.preprocess import PhotoDataset, default_workers, eval_transform, view_of
+from core.models.stages import Tail
 
 
 @dataclass
@@ -94,6 +32,10 @@ def extract_features(backbone: torch.nn.Module, meta: dict, paths: list, device:
                      batch_size: int = 64, num_workers: int | None = None, view: str = "plain",
                      on_progress=None, should_stop=None) -> Features:
     """Backbone features of `paths`: cached ones are read back, the others computed (one pass) and cached.
+
+    An EfficientNet-Lite's features are computed from the stage-map store (core.models.stage_store): maps stored by
+    an earlier pass at this preprocessing are read back, and the maps computed now are stored for the next reader
+    (partial fine-tuning, another feature set), unless they would not fit under the store's disk budget.
 
     on_progress(dict(done, total, images_per_s, data_wait_fraction)) is called after each batch;
     should_stop() returning True raises core.errors.Cancelled (what was computed so far stays cached).
@@ -115,10 +57,32 @@ def extract_features(backbone: torch.nn.Module, meta: dict, paths: list, device:
             missing.append(i)
     result.hits = len(paths) - len(missing) - len(result.errors)
     if missing:
-        _compute(backbone, meta, paths, hashes, missing, result, cache, device, batch_size, num_workers, view,
-                 on_progress, should_stop)
+        through_store = stage_store.cuttable(backbone) and stage_store.fits(backbone, meta, len(missing), 1)
+        compute = _from_stage_maps if through_store else _compute
+        compute(backbone, meta, paths, hashes, missing, result, cache, device, batch_size, num_workers, view,
+                on_progress, should_stop)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _from_stage_maps(backbone, meta, paths, hashes, missing, result, cache, device, batch_size, num_workers, view,
+                     on_progress, should_stop):
+    """The missing features as the backbone's tail run on the photos' stage maps (stored or computed now)."""
+    found = stage_store.stage_maps(backbone, meta, [paths[i] for i in missing], views=(view,), device=device,
+                                   batch_size=batch_size, num_workers=num_workers, on_progress=on_progress,
+                                   should_stop=should_stop)
+    tail = Tail(backbone).to(device).eval()
+    good = [j for j in range(len(missing)) if j not in found.errors]
+    result.errors.update({missing[j]: error for j, error in found.errors.items()})
+    with torch.inference_mode():
+        for start in range(0, len(good), 256):
+            rows = good[start:start + 256]
+            with torch.autocast("cuda", enabled=str(device).startswith("cuda")):
+                vectors = tail(found.maps[view][rows].to(device).float()).float().cpu()
+            result.features[[missing[j] for j in rows]] = vectors
+    originals = [missing[j] for j in good]
+    cache.add([hashes[i] for i in originals], result.features[originals])
+    result.computed = len(originals)
 
 
 def _compute(backbone, meta, paths, hashes, missing, result, cache, device, batch_size, num_workers, view,

@@ -13,18 +13,21 @@ from core.models.networks import CountingModel, ModelError, MultiLevelBackbone, 
 from core.models.preprocess import eval_transform
 
 
-def target_layer(model: CountingModel) -> torch.nn.Module:
-    """The layer whose activations the heatmap weighs: the deepest stage a multi-level backbone taps, else the last
-    convolutional stage before the backbone's pooling."""
+def target_layers(model: CountingModel) -> list[torch.nn.Module]:
+    """The layers whose activations the heatmap weighs: the deepest stage a multi-level backbone taps, else the last
+    convolutional stage before the backbone's pooling; each member's, for an ensemble (Grad-CAM averages them)."""
     backbone = model.backbone
+    if hasattr(backbone, "members"):  # a seed ensemble (core.models.ensemble)
+        return [layer for member in backbone.members
+                for layer in target_layers(CountingModel(member, model.head))]
     if isinstance(backbone, MultiLevelBackbone):
-        return backbone.net.get_submodule(backbone.steps[-1][0])
+        return [backbone.net.get_submodule(backbone.steps[-1][0])]
     if isinstance(backbone, SimpleCNN):
-        return backbone.convs
+        return [backbone.convs]
     if hasattr(backbone, "layer4"):  # torchvision ResNets
-        return backbone.layer4
+        return [backbone.layer4]
     if hasattr(backbone, "bn2"):  # timm EfficientNets: conv_head then bn2 (with its activation), then the pooling
-        return backbone.bn2
+        return [backbone.bn2]
     raise ModelError(f"no heatmap layer known for a {backbone.__class__.__name__} backbone")
 
 
@@ -44,15 +47,15 @@ def heatmaps(model: CountingModel, meta: dict, photo: str | Path | Image.Image,
     tensor = eval_transform(meta)(image).unsqueeze(0).repeat(len(counts), 1, 1, 1)
     targets = [ClassifierOutputTarget(classes.index(int(c))) for c in counts]
     model = model.eval()
-    layer = target_layer(model)
-    # Gradients are needed from the counts back to the layer only: the layers before it get none, which makes the
+    layers = target_layers(model)
+    # Gradients are needed from the counts back to the layers only: the layers before them get none, which makes the
     # backward pass a fraction of a training step's.
-    wanted = {id(p) for p in layer.parameters()} | {id(p) for p in model.head.parameters()}
+    wanted = {id(p) for layer in layers for p in layer.parameters()} | {id(p) for p in model.head.parameters()}
     was = {p: p.requires_grad for p in model.parameters()}
     try:
         for parameter in model.parameters():
             parameter.requires_grad_(id(parameter) in wanted)
-        with GradCAM(model=model, target_layers=[layer]) as cam:
+        with GradCAM(model=model, target_layers=layers) as cam:
             maps = cam(input_tensor=tensor, targets=targets)  # counts × input height × input width, each 0–1
     finally:
         for parameter, before in was.items():

@@ -152,9 +152,12 @@ class MultiLevelBackbone(nn.Module):
                 found[stage] = x
         return found
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        maps = self.stages(x)
+    def pool(self, maps: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The feature vector of the tapped stages' maps."""
         return torch.cat([POOLINGS[pool](maps[stage]) for stage, pools in self.taps for pool in pools], 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.stages(x))
 
 
 def feature_set(name: str | FeatureSet | None) -> FeatureSet:
@@ -312,12 +315,19 @@ def build_model(meta: dict, weights: str | Path | None = None, pretrained: bool 
     if meta.get("feature_taps"):  # the stages the model was trained on, even if the named set changed since
         features = FeatureSet.from_taps(features, meta["feature_taps"])
     spec = backbone_spec(name)
-    if pretrained:
-        backbone, _ = build_backbone(name, weights, features)
-    else:
-        backbone = with_features(_build_architecture(spec), spec, features)
-    head = make_head(meta.get("head", "linear"), feature_dim(spec, features), len(meta["classes"]), name)
-    return CountingModel(backbone, head)
+    members = int((meta.get("ensemble") or {}).get("members", 1))
+    backbones, heads = [], []
+    for _ in range(members):
+        if pretrained:
+            backbones.append(build_backbone(name, weights, features)[0])
+        else:
+            backbones.append(with_features(_build_architecture(spec), spec, features))
+        heads.append(make_head(meta.get("head", "linear"), feature_dim(spec, features), len(meta["classes"]), name))
+    if members == 1:
+        return CountingModel(backbones[0], heads[0])
+    from core.models.ensemble import ensemble_parts
+
+    return CountingModel(*ensemble_parts(backbones, heads, meta["ensemble"]["cut"], feature_dim(spec, features)))
 
 
 def imagenet_classifier(name: str = "efficientnet_lite0") -> nn.Module:

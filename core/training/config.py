@@ -9,23 +9,28 @@ from core import gpu
 from core.errors import BinsightError
 from core.models.catalog import BACKBONES, FEATURE_SETS, HEADS, TTA_VIEWS
 
-MODES = ("frozen", "finetune")
+MODES = ("frozen", "finetune", "partial")
 BALANCE = ("none", "weights", "sampler")
 LOSSES = ("ce", "emd")
 SCHEDULES = ("cosine", "onecycle")
 OPTIMIZERS = ("adamw", "adam")
 DEVICES = ("auto", "cpu", "cuda")  # cuda:N is accepted too
-DEFAULT_EPOCHS = {"frozen": 40, "finetune": 6}
-DEFAULT_LR = {"frozen": 1e-4, "finetune": 1e-3}
+DEFAULT_EPOCHS = {"frozen": 40, "finetune": 6, "partial": 8}
+DEFAULT_LR = {"frozen": 1e-4, "finetune": 1e-3, "partial": 1e-3}
 # (height px, width / height). Fine-tuning gains from the bins' own shape at a higher resolution (bench/RESULTS.md);
 # frozen features did not, so frozen stays at the backbone's native, cheaper 224².
-DEFAULT_INPUT = {"frozen": (224, 1.0), "finetune": (288, 1.37)}
+DEFAULT_INPUT = {"frozen": (224, 1.0), "finetune": (288, 1.37), "partial": (288, 1.37)}
 # Test-time views: the four mirror images help fine-tuned models; for frozen features they cost 4× the extraction.
-DEFAULT_TTA = {"frozen": "none", "finetune": "flips"}
+# Partial fine-tuning reads the stage maps stored for the photo and its left-right mirror: those are its views.
+DEFAULT_TTA = {"frozen": "none", "finetune": "flips", "partial": "hflip"}
 # Which stages of the backbone the head reads (core.models.catalog.FEATURE_SETS).
 # Measured on ../shared/abid (224 px, 2 seeds): multilevel 35.6 % valid / 37.1 % test against pooled 35.6 % / 38.0 %,
 # no gain for a larger input, so the frozen default stays pooled (docs/training.md).
-DEFAULT_FEATURES = {"frozen": "pooled", "finetune": "pooled"}
+DEFAULT_FEATURES = {"frozen": "pooled", "finetune": "pooled", "partial": "pooled"}
+# Partial fine-tuning: where the backbone is cut (the blocks after it train), chosen on valid (bench/RESULTS.md).
+CUTS = ("blocks.4", "blocks.5")
+DEFAULT_CUT = "blocks.4"
+PARTIAL_VIEWS = ("none", "hflip")
 # Without a dataset version's own recommendation, the loss is weighted by inverse class frequency.
 FALLBACK_BALANCE = "weights"
 
@@ -66,7 +71,8 @@ class TrainConfig:
     backbone: str = setting("efficientnet_lite0", "the ImageNet-pretrained network under the counting head",
                             choices=BACKBONES, label="Backbone", page=MAIN)
     mode: str = setting("frozen", "frozen: backbone frozen, features computed once (minutes on a CPU); "
-                        "finetune: the whole network learns (slower, usually more accurate)",
+                        "finetune: the whole network learns (slow on a CPU, for GPUs); partial: the backbone's last "
+                        "stages and the head learn on stage maps computed once per photo (fast on a CPU)",
                         choices=MODES, label="Mode", page=MAIN)
     epochs: int | None = setting(None, f"passes over the training set (default: {_modes(DEFAULT_EPOCHS)})",
                                  label="Epochs", page=MAIN)
@@ -104,6 +110,19 @@ class TrainConfig:
     ema: float = setting(0.0, "finetune: the weights validated, kept and used are an exponential moving average of "
                          "the trained ones, with this decay per step (e.g. 0.99: about the last 100 steps; 0: off)",
                          label="Weight averaging (EMA decay)", step=0.001, what="the EMA decay")
+    cut: str | None = setting(None, f"partial: the blocks after this one train, the ones up to it stay frozen "
+                              f"(default: {DEFAULT_CUT})", choices=CUTS, label="Cut point (partial)",
+                              what="the cut point")
+    batchnorm: str = setting("train", "partial: the trained blocks' batch-norm statistics are updated from each batch "
+                             "(train) or kept as ImageNet left them (frozen)", choices=("train", "frozen"),
+                             label="Batch-norm statistics (partial)", what="the batch-norm choice")
+    map_augment: str = setting("vflip", "partial: count-preserving changes of the stage maps in training, on top of "
+                               "the photo's left-right mirror: vflip (top-bottom mirror), vflip+crop (and a random crop "
+                               "of up to two cells a side), none", choices=("none", "vflip", "vflip+crop"),
+                               label="Stage-map augmentation (partial)", what="the stage-map augmentation")
+    ensemble: int = setting(1, "partial: train this many models with seeds seed, seed+1, … on the same stage maps and "
+                            "average their probabilities (one model file, one calibration)",
+                            label="Ensemble size (partial)", what="the ensemble size")
     exclude_suspects: bool = setting(False, "leave the photos flagged as likely wrong counts (Data health page, "
                                      "`python -m core health`) out of the training split; valid and test keep them",
                                      label="Leave out likely wrong counts")
@@ -157,6 +176,10 @@ class TrainConfig:
         return self.aspect if self.aspect is not None else default_aspect
 
     @property
+    def partial_cut(self) -> str:
+        return self.cut if self.cut is not None else DEFAULT_CUT
+
+    @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR.get(self.mode, 1e-3)
 
@@ -186,8 +209,18 @@ class TrainConfig:
         check(0.25 <= self.input_aspect <= 4, f"the aspect ratio must be between 0.25 and 4 (got {self.input_aspect})")
         check(0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1) (got {self.label_smoothing})")
         check(0 <= self.ema < 1, f"the EMA decay must be in [0, 1) (got {self.ema})")
-        check(self.ema == 0 or self.mode == "finetune", "weight averaging (--ema) is for fine-tuning: a frozen run's "
+        check(self.ema == 0 or self.mode != "frozen", "weight averaging (--ema) is for fine-tuning: a frozen run's "
               "head trains in seconds and is chosen by its valid loss")
+        check(self.ensemble >= 1, f"the ensemble size must be at least 1 (got {self.ensemble})")
+        check(self.ensemble == 1 or self.mode == "partial", "ensembles (--ensemble) are of partial fine-tunes: use "
+              "--mode partial")
+        if self.mode == "partial":
+            check(self.backbone.startswith("efficientnet_lite"), "partial fine-tuning reads the EfficientNet-Lite "
+                  "stages: choose efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2")
+            check(self.test_views in PARTIAL_VIEWS, "partial fine-tuning stores each photo's maps plain and mirrored "
+                  f"left-right: choose the test-time views none or hflip (got {self.test_views})")
+            check(not (self.feature_set == "multilevel" and self.partial_cut == "blocks.5"),
+                  "the multilevel features read the stride-16 stage (blocks.4): cut at blocks.4 for them")
         check(self.patience >= 0, "patience cannot be negative")
         check(self.num_workers is None or self.num_workers >= 0, "num_workers cannot be negative")
         device = str(self.device)
@@ -217,7 +250,7 @@ class TrainConfig:
         return replace(self, balance=default_balance(dataset))
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"epochs": self.n_epochs, "lr": self.learning_rate,
+        return asdict(self) | {"epochs": self.n_epochs, "lr": self.learning_rate, "cut": self.partial_cut,
                                 "image_size": self.input_height, "aspect": self.input_aspect, "tta": self.test_views,
                                 "features": self.feature_set}
 

@@ -71,13 +71,15 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def make_optimizer(config: TrainConfig, model: models.CountingModel, frozen: bool,
-                   lr_scale: float = 1.0) -> torch.optim.Optimizer:
-    """lr_scale: the linear scaling of the learning rate with the global batch (the number of processes)."""
+                   lr_scale: float = 1.0, backbone_parameters=None) -> torch.optim.Optimizer:
+    """lr_scale: the linear scaling of the learning rate with the global batch (the number of processes);
+    backbone_parameters: the backbone's trained parameters (default: all of them)."""
     lr = config.learning_rate * lr_scale
     if frozen:
         groups = [{"params": model.head.parameters(), "lr": lr}]
     else:
-        groups = [{"params": model.backbone.parameters(), "lr": lr * config.backbone_lr_factor},
+        trained = model.backbone.parameters() if backbone_parameters is None else backbone_parameters
+        groups = [{"params": trained, "lr": lr * config.backbone_lr_factor},
                   {"params": model.head.parameters(), "lr": lr}]
     kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     return kind(groups, lr=lr, weight_decay=config.weight_decay)
@@ -143,7 +145,8 @@ class BaseRun:
                                    self.config.label_smoothing).to(self.device)
         # Early stopping watches the class-balanced valid loss when balancing, matching what training optimises.
         self.eval_criterion = CountLoss(self.config.loss, weight if self.config.balance != "none" else None).to(self.device)
-        self.optimizer = make_optimizer(self.config, self.model, self.frozen, self.world.size)
+        self.optimizer = make_optimizer(self.config, self.model, self.frozen, self.world.size,
+                                        self.backbone_parameters())
         self.scheduler = make_scheduler(self.config, self.optimizer, self.steps_per_epoch())
         if self.config.ema and not self.frozen:
             self.averaged = make_averaged(self.model, self.config.ema)
@@ -195,6 +198,10 @@ class BaseRun:
         return {"history": self.history, "best_epoch": self.best_epoch, "epochs_run": len(self.history),
                 "temperature": self.temperature, "valid": valid_metrics, "test": test_metrics, "skipped": skipped,
                 **self.timings()}
+
+    def backbone_parameters(self):
+        """The backbone's parameters that train (None: all of them)."""
+        return None
 
     def kept_model(self) -> torch.nn.Module:
         """The weights that are validated and kept: the moving average when there is one."""

@@ -58,6 +58,7 @@ def _build_meta(config: TrainConfig, ds, backbone_info: dict) -> dict:
         "mode": config.mode,
         "loss": config.loss,
         "tta": config.test_views,
+        **({"cut": config.partial_cut} if config.mode == "partial" else {}),
         "dataset_key": ds.key,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -177,8 +178,20 @@ def _train(config, ds, splits, out, resume_state, world, on_progress, should_sto
         f"classes {ds.classes}, device {device}")
     started = time.perf_counter()
     model = models.CountingModel(backbone, models.make_head(config.head, info["feature_dim"], len(ds.classes), config.backbone))
-    runner = FrozenRun if config.mode == "frozen" else FinetuneRun
-    run = runner(config, model, meta, device, out, log, progress, should_stop, generator, world)
+    if config.mode == "partial":
+        from core.training.ensemble import partial_run
+
+        def make_model():
+            fresh, _ = models.build_backbone(config.backbone, config.weights, config.feature_set)
+            return models.CountingModel(fresh, models.make_head(config.head, info["feature_dim"], len(ds.classes),
+                                                                config.backbone))
+
+        photos = sum(len(split.paths) for split in splits)
+        run = partial_run(config, model, meta, device, out, log, progress, should_stop, generator, world, train_split,
+                          photos, make_model)
+    else:
+        runner = FrozenRun if config.mode == "frozen" else FinetuneRun
+        run = runner(config, model, meta, device, out, log, progress, should_stop, generator, world)
     result = run.fit(train_split, valid_split, test_split, resume_state)
     result |= {"backbone": config.backbone, "mode": config.mode, "device": str(device), "classes": meta["classes"],
                "dataset": ds.location, "seconds": round(time.perf_counter() - started, 2),

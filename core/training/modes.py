@@ -296,8 +296,11 @@ class FinetuneRun(BaseRun):
         images = images.to(self.device, non_blocking=True).to(memory_format=self.memory_format)
         return images, labels.to(self.device, non_blocking=True), [p for p, good in zip(photos, ok) if good]
 
-    def train_epoch(self, epoch):
+    def set_train_mode(self):
         self.net.train()
+
+    def train_epoch(self, epoch):
+        self.set_train_mode()
         if isinstance(self.sampler, torch.utils.data.DistributedSampler):
             self.sampler.set_epoch(epoch)
         total_loss, correct, seen, wait = 0.0, 0, 0, 0.0
