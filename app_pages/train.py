@@ -36,6 +36,8 @@ IDLE_REFRESH_S = 10.0  # with nothing running, still notice jobs queued elsewher
 IMAGE_SIZES = [96, 128, 160, 192, 224, 256, 288, 320, 384, 448]
 ASPECTS = [1.0, 1.37]
 ASPECT_NAMES = {1.0: "square (1.0)", 1.37: "the bins' shape (1.37)"}
+MODE_NAMES = {"frozen": "frozen backbone (minutes)", "finetune": "fine-tune the whole network (for GPUs)",
+              "partial": "fine-tune the last stages (fast on a CPU)"}
 TTA_NAMES = {"none": "the photo only", "hflip": "photo + left-right mirror", "flips": "photo + its 3 mirrors"}
 
 
@@ -80,7 +82,7 @@ def training_form(dataset, facts: dict, on_gpu: bool) -> dict | None:
     backbone = setting_widget(left, items["backbone"], items["backbone"].default, "train_backbone")
     mode_item = items["mode"]
     mode = left.radio(mode_item.label, list(mode_item.choices), index=list(mode_item.choices).index(mode_item.default),
-                      help=mode_item.help, key="train_mode")
+                      format_func=lambda m: MODE_NAMES.get(m, m), help=mode_item.help, key="train_mode")
     # Settings left to the mode (epochs, lr, input, views) have per-mode defaults, so each mode keeps its own widget.
     mode_defaults = training.TrainConfig(mode=mode)
     epochs = setting_widget(middle, items["epochs"], mode_defaults.n_epochs, f"train_epochs_{mode}")

@@ -79,7 +79,7 @@ def main() -> int:
             log = lambda line: print(f"  [{recipe} seed {seed}] {line}", flush=True)
             run = PartialRun(config, model, meta, models.resolve_device("auto"), out, log,
                              Progress(None, "cpu", config.n_epochs), None, seed_everything(seed))
-            key = (config.partial_cut, config.input_height, config.input_aspect, config.backbone)
+            key = (config.cut, config.input_height, config.input_aspect, config.backbone)
             run.shared_maps = maps_by_key.get(key)
             started = time.perf_counter()
             result = run.fit(*splits, None)

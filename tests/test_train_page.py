@@ -201,3 +201,24 @@ def test_a_search_launched_from_the_page_can_be_cancelled_there(started):
     cancelled = jobs.get(search.id)
     assert cancelled.status == "cancelled" and cancelled.error == "cancelled before it started"
     assert hpo.best_params(cancelled) is None  # no trial, so nothing to train with
+
+
+def test_the_partial_mode_is_offered_by_name_and_its_launched_job_trains(started, dataset, tmp_path):
+    from core.training.config import TrainConfig
+    from core.training.loop import train
+
+    at = page()
+    assert "fine-tune the last stages (fast on a CPU)" in at.radio(key="train_mode").options
+    at.radio(key="train_mode").set_value("partial").run()
+    assert (at.selectbox(key="train_size_partial").value, at.selectbox(key="train_aspect_partial").value,
+            at.selectbox(key="train_tta_partial").value) == (288, 1.37, "hflip")
+    at.number_input(key="train_epochs_partial").set_value(1)
+    at.number_input(key="train_batch").set_value(16)
+    at.selectbox(key="train_size_partial").set_value(128).run()
+    assert not at.error
+    at.button(key="train_launch").click().run()
+    [job] = jobs.list_jobs()
+    config = TrainConfig.from_params(job.params | {"num_workers": 0}, tmp_path / "run")
+    assert job.params["mode"] == "partial" and config.cut == "blocks.4"
+    result = train(config)
+    assert result["mode"] == "partial" and result["test"]["n"] > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,14 +31,25 @@ def store_key(meta: dict, view: str) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+@contextmanager
+def evaluating(module: torch.nn.Module):
+    """`module` in eval mode, each of its parts put back in the mode it was in afterwards."""
+    modes = {part: part.training for part in module.modules()}
+    try:
+        yield module.eval()
+    finally:
+        for part, mode in modes.items():
+            part.training = mode
+
+
 def map_shape(backbone: torch.nn.Module, meta: dict) -> tuple[int, int, int]:
     """(channels, height, width) of the map after the store's cut at this preprocessing."""
-    trunk = Trunk(backbone)
-    with torch.inference_mode():
-        was_training = trunk.training
-        shape = tuple(trunk.eval()(torch.zeros(1, 3, *input_size(meta))).shape[1:])
-        trunk.train(was_training)
-    return shape
+    with evaluating(Trunk(backbone)) as trunk, torch.inference_mode():
+        return tuple(trunk(torch.zeros(1, 3, *input_size(meta), device=_device_of(backbone))).shape[1:])
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def store_bytes(backbone: torch.nn.Module, meta: dict, photos: int, views: int = len(STORE_VIEWS)) -> int:
@@ -93,8 +105,9 @@ def stage_maps(backbone: torch.nn.Module, meta: dict, paths: list, views=STORE_V
             missing.append(i)
     result.hits = len(paths) - len(missing) - len(result.errors)
     if missing:
-        _compute(Trunk(backbone), meta, paths, hashes, missing, views, stores, known, result, device, batch_size,
-                 num_workers, on_progress, should_stop)
+        with evaluating(Trunk(backbone)) as trunk:
+            _compute(trunk, meta, paths, hashes, missing, views, stores, known, result, device, batch_size,
+                     num_workers, on_progress, should_stop)
     shape = map_shape(backbone, meta)
     for view in views:
         rows = [known[view].get(digest) if i not in result.errors else None for i, digest in enumerate(hashes)]
@@ -113,7 +126,7 @@ def _compute(trunk, meta, paths, hashes, missing, views, stores, known, result, 
     workers = min(workers, max(0, len(missing) // batch_size))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          pin_memory=str(device).startswith("cuda"))
-    trunk = trunk.to(device).eval()
+    trunk = trunk.to(device)
     pending = {view: ([], []) for view in views}
 
     def save():

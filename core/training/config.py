@@ -110,9 +110,8 @@ class TrainConfig:
     ema: float = setting(0.0, "finetune: the weights validated, kept and used are an exponential moving average of "
                          "the trained ones, with this decay per step (e.g. 0.99: about the last 100 steps; 0: off)",
                          label="Weight averaging (EMA decay)", step=0.001, what="the EMA decay")
-    cut: str | None = setting(None, f"partial: the blocks after this one train, the ones up to it stay frozen "
-                              f"(default: {DEFAULT_CUT})", choices=CUTS, label="Cut point (partial)",
-                              what="the cut point")
+    cut: str = setting(DEFAULT_CUT, "partial: the blocks after this one train, the ones up to it stay frozen",
+                       choices=CUTS, label="Cut point (partial)", what="the cut point")
     batchnorm: str = setting("train", "partial: the trained blocks' batch-norm statistics are updated from each batch "
                              "(train) or kept as ImageNet left them (frozen)", choices=("train", "frozen"),
                              label="Batch-norm statistics (partial)", what="the batch-norm choice")
@@ -176,10 +175,6 @@ class TrainConfig:
         return self.aspect if self.aspect is not None else default_aspect
 
     @property
-    def partial_cut(self) -> str:
-        return self.cut if self.cut is not None else DEFAULT_CUT
-
-    @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR.get(self.mode, 1e-3)
 
@@ -219,7 +214,7 @@ class TrainConfig:
                   "stages: choose efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2")
             check(self.test_views in PARTIAL_VIEWS, "partial fine-tuning stores each photo's maps plain and mirrored "
                   f"left-right: choose the test-time views none or hflip (got {self.test_views})")
-            check(not (self.feature_set == "multilevel" and self.partial_cut == "blocks.5"),
+            check(not (self.feature_set == "multilevel" and self.cut == "blocks.5"),
                   "the multilevel features read the stride-16 stage (blocks.4): cut at blocks.4 for them")
         check(self.patience >= 0, "patience cannot be negative")
         check(self.num_workers is None or self.num_workers >= 0, "num_workers cannot be negative")
@@ -250,7 +245,7 @@ class TrainConfig:
         return replace(self, balance=default_balance(dataset))
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"epochs": self.n_epochs, "lr": self.learning_rate, "cut": self.partial_cut,
+        return asdict(self) | {"epochs": self.n_epochs, "lr": self.learning_rate,
                                 "image_size": self.input_height, "aspect": self.input_aspect, "tta": self.test_views,
                                 "features": self.feature_set}
 

@@ -25,7 +25,7 @@ class LivePartialRun(FinetuneRun):
         super().prepare(train_split, valid_split, test_split)
         for parameter in self.model.backbone.parameters():
             parameter.requires_grad_(False)
-        self.tail = Tail(self.model.backbone, self.config.partial_cut)
+        self.tail = Tail(self.model.backbone, self.config.cut)
         for parameter in self.tail.trained_parameters():
             parameter.requires_grad_(True)
 
@@ -77,7 +77,7 @@ class EnsembleRun(BaseRun):
             maps = run.tensors
             self.members.append(run)
         self.tensors = maps
-        cut = self.config.partial_cut
+        cut = self.config.cut
         backbone, head = ensemble_parts([run.model.backbone for run in self.members],
                                         [run.model.head for run in self.members], cut, self.meta["feature_dim"])
         self.model = models.CountingModel(backbone, head)

@@ -58,7 +58,7 @@ def _build_meta(config: TrainConfig, ds, backbone_info: dict) -> dict:
         "mode": config.mode,
         "loss": config.loss,
         "tta": config.test_views,
-        **({"cut": config.partial_cut} if config.mode == "partial" else {}),
+        **({"cut": config.cut} if config.mode == "partial" else {}),
         "dataset_key": ds.key,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

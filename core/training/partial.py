@@ -54,7 +54,7 @@ class PartialRun(BaseRun):
 
     def prepare(self, train_split, valid_split, test_split):
         self.splits = {"train": train_split, "valid": valid_split, "test": test_split}
-        self.cut = self.config.partial_cut
+        self.cut = self.config.cut
         self.model.to(self.device)
         for parameter in self.model.backbone.parameters():
             parameter.requires_grad_(False)
@@ -104,7 +104,7 @@ class PartialRun(BaseRun):
         n, views = stacked.shape[:2]
         flat = stacked.flatten(0, 1)
         out = []
-        with torch.inference_mode():
+        with torch.inference_mode(), stage_store.evaluating(self.model):
             for first in range(0, len(flat), 256):
                 batch = flat[first:first + 256].to(self.device).float()
                 out.append(self.tail.blocks_after(batch, start, stop).to(torch.float16).cpu())
