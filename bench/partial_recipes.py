@@ -36,6 +36,16 @@ RECIPES = {
     "ema": {"ema": 0.99},
     "lr3": {"lr": 3e-4},
     "multilevel": {"features": "multilevel", "head": "normlinear"},
+    "c5-reg": {"cut": "blocks.5", "batchnorm": "frozen", "lr": 3e-4, "map_augment": "vflip+crop", "ema": 0.99},
+    "c5-reg-noema": {"cut": "blocks.5", "batchnorm": "frozen", "lr": 3e-4, "map_augment": "vflip+crop"},
+    "c5-reg-linear": {"cut": "blocks.5", "batchnorm": "frozen", "lr": 3e-4, "map_augment": "vflip+crop", "ema": 0.99,
+                      "head": "linear"},
+    "c5-ema-crop": {"cut": "blocks.5", "map_augment": "vflip+crop", "ema": 0.99},
+    "c5-lr1": {"cut": "blocks.5", "lr": 1e-4},
+    "c5-bnf-lr3": {"cut": "blocks.5", "batchnorm": "frozen", "lr": 3e-4},
+    "c5-bnf-lr3-e5": {"cut": "blocks.5", "batchnorm": "frozen", "lr": 3e-4, "epochs": 5},
+    "c4-reg": {"batchnorm": "frozen", "lr": 3e-4, "map_augment": "vflip+crop", "ema": 0.99},
+    "c4-bnf-lr3": {"batchnorm": "frozen", "lr": 3e-4},
 }
 
 

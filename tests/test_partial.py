@@ -82,7 +82,7 @@ def test_a_partial_run_saves_a_whole_network_that_predicts_as_the_map_path(data,
 
     result = train(TrainConfig(data=str(data), out=str(tmp_path / "run"), **SMALL))
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["mode"] == "partial" and saved["cut"] == "blocks.4" and saved["tta"] == "hflip"
+    assert saved["mode"] == "partial" and saved["cut"] == "blocks.5" and saved["tta"] == "hflip"
     assert result["test"]["n"] > 0 and len(result["history"]) == 2
     model, meta = load_model(tmp_path / "run")
     assert meta["mode"] == "partial" and meta["tta"] == "hflip"
@@ -169,3 +169,17 @@ def test_readers_of_features_reuse_the_stored_pass(data, tmp_path):
     train(TrainConfig(data=str(data), out=str(tmp_path / "partial"), mode="partial", epochs=1, batch_size=8,
                       num_workers=0))
     assert stage_store.trunk_photos - before == filled
+
+
+def test_a_dataset_over_the_store_budget_trains_with_the_frozen_stages_run_live(data, tmp_path, monkeypatch):
+    monkeypatch.setenv(storage.CAPS_ENV, "stage_maps=0.01")  # 10 KB: no photo's maps fit
+    before = storage.cache_sizes()["stage_maps"]
+    result = train(TrainConfig(data=str(data), out=str(tmp_path / "run"), **SMALL | {"epochs": 1}))
+    assert result["test"]["n"] > 0 and storage.cache_sizes()["stage_maps"] == before
+    assert "do not fit the store's budget" in (tmp_path / "run" / "log.txt").read_text()
+    trained, _ = load_model(tmp_path / "run")
+    fresh, _ = lite0()
+    assert torch.equal(trained.backbone.blocks[2][0].conv_dw.weight, fresh.blocks[2][0].conv_dw.weight)
+    assert not torch.equal(trained.backbone.conv_head.weight, fresh.conv_head.weight)
+    with pytest.raises(TrainingError, match="ensemble trains on stored stage maps"):
+        train(TrainConfig(data=str(data), out=str(tmp_path / "ens"), ensemble=2, **SMALL))

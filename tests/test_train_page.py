@@ -219,6 +219,6 @@ def test_the_partial_mode_is_offered_by_name_and_its_launched_job_trains(started
     at.button(key="train_launch").click().run()
     [job] = jobs.list_jobs()
     config = TrainConfig.from_params(job.params | {"num_workers": 0}, tmp_path / "run")
-    assert job.params["mode"] == "partial" and config.cut == "blocks.4"
+    assert job.params["mode"] == "partial" and config.cut == "blocks.5"
     result = train(config)
     assert result["mode"] == "partial" and result["test"]["n"] > 0

@@ -7,10 +7,8 @@ from torch import nn
 
 from core.errors import BinsightError
 
-# Where an EfficientNet-Lite can be cut: after one of its blocks (stage maps at stride 16 after blocks.3 and 4, at
-# stride 32 after blocks.5). The store keeps the stride-16 map after blocks.4: the other cuts after it are a cheap
-# forward from there, and it is the stage the multilevel features (label issues) read.
-CUTS = ("blocks.3", "blocks.4", "blocks.5")
+# The stage-map store keeps the stride-16 map after blocks.4: later cuts are a cheap forward from there, and it is the
+# stage the multilevel features (label issues) read. (The cuts a training may choose: core.training.config.CUTS.)
 STORE_CUT = "blocks.4"
 
 
@@ -30,9 +28,11 @@ def _net_and_taps(backbone: nn.Module):
 
 
 def block_index(cut: str) -> int:
-    if cut not in CUTS:
-        raise CutError(f"unknown cut point {cut!r}: choose one of {', '.join(CUTS)}")
-    return int(cut.split(".")[1])
+    """N of "blocks.N"."""
+    name, _, number = cut.partition(".")
+    if name != "blocks" or not number.isdigit():
+        raise CutError(f"unknown cut point {cut!r}: a cut is after a block, e.g. blocks.4")
+    return int(number)
 
 
 class Trunk(nn.Module):

@@ -27,9 +27,12 @@ DEFAULT_TTA = {"frozen": "none", "finetune": "flips", "partial": "hflip"}
 # Measured on ../shared/abid (224 px, 2 seeds): multilevel 35.6 % valid / 37.1 % test against pooled 35.6 % / 38.0 %,
 # no gain for a larger input, so the frozen default stays pooled (docs/training.md).
 DEFAULT_FEATURES = {"frozen": "pooled", "finetune": "pooled", "partial": "pooled"}
+# Weight averaging: partial fine-tunes fit in 2-4 epochs and then over-fit; the average of the weights along the way
+# validated best (bench/RESULTS.md). Full fine-tunes keep it off.
+DEFAULT_EMA = {"frozen": 0.0, "finetune": 0.0, "partial": 0.99}
 # Partial fine-tuning: where the backbone is cut (the blocks after it train), chosen on valid (bench/RESULTS.md).
 CUTS = ("blocks.4", "blocks.5")
-DEFAULT_CUT = "blocks.4"
+DEFAULT_CUT = "blocks.5"
 PARTIAL_VIEWS = ("none", "hflip")
 # Without a dataset version's own recommendation, the loss is weighted by inverse class frequency.
 FALLBACK_BALANCE = "weights"
@@ -107,9 +110,10 @@ class TrainConfig:
                                    "averaged over the photo and over a 2×2 grid, so it sees where things are) or pooled "
                                    "(the last layer averaged over the photo; default: " + _modes(DEFAULT_FEATURES) + ")",
                                    choices=FEATURE_SETS, label="Features", what="the feature set")
-    ema: float = setting(0.0, "finetune: the weights validated, kept and used are an exponential moving average of "
-                         "the trained ones, with this decay per step (e.g. 0.99: about the last 100 steps; 0: off)",
-                         label="Weight averaging (EMA decay)", step=0.001, what="the EMA decay")
+    ema: float | None = setting(None, "fine-tuning: the weights validated, kept and used are an exponential moving "
+                                "average of the trained ones, with this decay per step (e.g. 0.99: about the last 100 "
+                                "steps; 0: off; default: " + _modes(DEFAULT_EMA) + ")",
+                                label="Weight averaging (EMA decay)", step=0.001, what="the EMA decay")
     cut: str = setting(DEFAULT_CUT, "partial: the blocks after this one train, the ones up to it stay frozen",
                        choices=CUTS, label="Cut point (partial)", what="the cut point")
     batchnorm: str = setting("train", "partial: the trained blocks' batch-norm statistics are updated from each batch "
@@ -175,6 +179,10 @@ class TrainConfig:
         return self.aspect if self.aspect is not None else default_aspect
 
     @property
+    def ema_decay(self) -> float:
+        return self.ema if self.ema is not None else DEFAULT_EMA.get(self.mode, 0.0)
+
+    @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR.get(self.mode, 1e-3)
 
@@ -203,8 +211,8 @@ class TrainConfig:
         check(32 <= self.input_height <= 1024, f"the image size must be between 32 and 1024 pixels (got {self.input_height})")
         check(0.25 <= self.input_aspect <= 4, f"the aspect ratio must be between 0.25 and 4 (got {self.input_aspect})")
         check(0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1) (got {self.label_smoothing})")
-        check(0 <= self.ema < 1, f"the EMA decay must be in [0, 1) (got {self.ema})")
-        check(self.ema == 0 or self.mode != "frozen", "weight averaging (--ema) is for fine-tuning: a frozen run's "
+        check(0 <= self.ema_decay < 1, f"the EMA decay must be in [0, 1) (got {self.ema_decay})")
+        check(self.ema_decay == 0 or self.mode != "frozen", "weight averaging (--ema) is for fine-tuning: a frozen run's "
               "head trains in seconds and is chosen by its valid loss")
         check(self.ensemble >= 1, f"the ensemble size must be at least 1 (got {self.ensemble})")
         check(self.ensemble == 1 or self.mode == "partial", "ensembles (--ensemble) are of partial fine-tunes: use "
@@ -245,7 +253,7 @@ class TrainConfig:
         return replace(self, balance=default_balance(dataset))
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"epochs": self.n_epochs, "lr": self.learning_rate,
+        return asdict(self) | {"epochs": self.n_epochs, "lr": self.learning_rate, "ema": self.ema_decay,
                                 "image_size": self.input_height, "aspect": self.input_aspect, "tta": self.test_views,
                                 "features": self.feature_set}
 

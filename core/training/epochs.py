@@ -125,7 +125,7 @@ class BaseRun:
         self.best_loss, self.best_epoch, self.bad_epochs = math.inf, 0, 0
         self.temperature = 1.0
         self.logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.averaged = None  # the weights' moving average (config.ema), which is then what is validated and kept
+        self.averaged = None  # the weights' moving average (config.ema_decay), which is then what is validated and kept
 
     def check_stop(self, step: str = ""):
         """Raise Cancelled when stopping was asked for. With several processes this is a collective (rank 0's
@@ -148,8 +148,8 @@ class BaseRun:
         self.optimizer = make_optimizer(self.config, self.model, self.frozen, self.world.size,
                                         self.backbone_parameters())
         self.scheduler = make_scheduler(self.config, self.optimizer, self.steps_per_epoch())
-        if self.config.ema and not self.frozen:
-            self.averaged = make_averaged(self.model, self.config.ema)
+        if self.config.ema_decay and not self.frozen:
+            self.averaged = make_averaged(self.model, self.config.ema_decay)
         first = 1
         if resume_state:
             first = self.restore(resume_state) + 1
