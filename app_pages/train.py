@@ -61,14 +61,19 @@ def setting_widget(container, item: training.Setting, value, key: str, **extra):
     return container.text_input(item.label, value="" if value is None else str(value), **common) or None
 
 
-def advanced_settings() -> dict:
-    """Every setting meant for the Advanced expander, drawn by its kind: a new TrainConfig field appears here."""
+def advanced_settings(mode_defaults: training.TrainConfig) -> dict:
+    """Every setting meant for the Advanced expander, drawn by its kind: a new TrainConfig field appears here. A
+    setting whose default depends on the mode shows that mode's, in a widget of its own per mode."""
     items = [item for item in training.settings() if item.page == training.ADVANCED]
+    resolved = mode_defaults.to_dict()
     values = {}
     with st.expander("Advanced"):
         columns = st.columns(3)
         for number, item in enumerate(items):
-            values[item.name] = setting_widget(columns[number % 3], item, item.default, f"train_{item.name}")
+            per_mode = item.default is None and resolved.get(item.name) is not None
+            key = f"train_{item.name}_{mode_defaults.mode}" if per_mode else f"train_{item.name}"
+            value = resolved[item.name] if per_mode else item.default
+            values[item.name] = setting_widget(columns[number % 3], item, value, key)
     return values
 
 
@@ -110,7 +115,7 @@ def training_form(dataset, facts: dict, on_gpu: bool) -> dict | None:
     device = right.selectbox(device_item.label, devices, help=device_item.help, key="train_device")
     params = {**facts, "backbone": backbone, "mode": mode, "epochs": epochs, "batch_size": batch_size,
               "lr": float(lr), "image_size": int(image_size), "aspect": float(aspect), "tta": tta,
-              "balance": balance, "device": device, **advanced_settings()}
+              "balance": balance, "device": device, **advanced_settings(mode_defaults)}
     problems = training_problems(params, facts["n_train"], on_gpu)
     if problems:
         st.error("**These settings cannot be trained:**\n" + "\n".join(f"- {p}" for p in problems))

@@ -5,7 +5,7 @@ from core.jobs.runs import list_runs
 from core.training.config import TrainConfig
 
 # Rough images/s on 2 CPU cores at 224 px before any run has measured this machine.
-DEFAULT_SPEED = {"features": 25.0, "train": 6.0, "head": 5000.0, "partial": 60.0}
+DEFAULT_SPEED = {"features": 25.0, "train": 6.0, "head": 5000.0, "partial": 150.0}
 GPU_SPEEDUP = 25.0
 
 
@@ -51,10 +51,17 @@ def estimate_seconds(params: dict, n_train: int, n_valid: int, n_test: int, on_g
         head = max(speeds.get("train") or 0, DEFAULT_SPEED["head"]) if measured else DEFAULT_SPEED["head"]
         seconds = views * (n_train + n_valid + n_test) / features + epochs * (n_train + n_valid) / head
     elif config.mode == "partial":
-        # The stage maps are computed once per photo in the stored views (then read back); the later stages train.
-        train = speeds.get("train") or DEFAULT_SPEED["partial"] * (224 ** 2 / _pixels(params))
-        seconds = 2 * (n_train + n_valid + n_test) / features \
-            + config.ensemble * epochs * (n_train / train + n_valid * 2 / (3 * train))
+        # The stage maps are computed once per photo in the stored views (those the store holds are read back); the
+        # later stages train; valid is scored twice an epoch with weight averaging.
+        from core.models.stage_store import STORE_VIEWS, stored_share
+
+        photos = n_train + n_valid + n_test
+        missing = photos * (1 - stored_share(config.backbone, config.weights, config.input_height,
+                                             config.input_aspect, photos))
+        train = speeds.get("train") if measured else DEFAULT_SPEED["partial"] * 224 ** 2 / _pixels(params)
+        scored = n_valid * (2 if config.ema_decay else 1) * len(STORE_VIEWS)
+        seconds = len(STORE_VIEWS) * missing / features + photos * len(STORE_VIEWS) / (3 * train) \
+            + config.ensemble * epochs * (n_train / train + scored / (3 * train))
     else:
         train = speeds.get("train") or DEFAULT_SPEED["train"]
         evaluate = speeds.get("features") or 3 * train  # a forward pass costs about a third of a training step

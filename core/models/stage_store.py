@@ -2,6 +2,7 @@
 one pass and read by partial fine-tuning, frozen features, label issues and the embeddings map."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -55,6 +56,33 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 def store_bytes(backbone: torch.nn.Module, meta: dict, photos: int, views: int = len(STORE_VIEWS)) -> int:
     channels, height, width = map_shape(backbone, meta)
     return photos * views * channels * height * width * 2
+
+
+def stored_share(backbone: str, weights: str | None, height: int, aspect: float, photos: int) -> float:
+    """About what share of `photos` photos' maps the store already holds for this backbone and input (from the size
+    of its folders, without reading them or building the network): for estimates."""
+    from core.models.catalog import STAGE_CHANNELS
+    from core.models.networks import backbone_spec, weights_file
+    from core.models.preprocess import preprocessing
+
+    spec = backbone_spec(backbone)
+    if spec.arch not in STAGE_CHANNELS or not photos:
+        return 0.0
+    path = weights_file(backbone, weights)
+    info = {"backbone": backbone, "arch": spec.arch, "weights": f"{path.name}:{_digest(path)}", "mean": list(spec.mean),
+            "std": list(spec.std)}
+    meta = info | preprocessing(info, height, aspect)
+    map_height, map_width = (-(-side // 16) for side in input_size(meta))
+    expected = photos * STAGE_CHANNELS[spec.arch]["stride16"] * map_height * map_width * 2
+    held = [storage.folder_size(storage.cache_dir(CACHE) / store_key(meta, view)) / expected for view in STORE_VIEWS]
+    return min(1.0, min(held))
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(path: Path) -> str:
+    from core.models.networks import file_digest
+
+    return file_digest(path)
 
 
 def cuttable(backbone: torch.nn.Module) -> bool:
