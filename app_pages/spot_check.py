@@ -7,11 +7,11 @@ import plotly.express as px
 import streamlit as st
 
 from app_pages.common import current_dataset, current_user, model_for
+from app_pages.review_views import label_issues_now, precision_tiles
 from core.data import annotations
 from core.data.classes import ClassRange, model_class_range
 from core.data.dataset import photo_items
 from core.data.images import ImageError, load_image
-from core.evaluation.label_issues import cached_label_issues
 from core.jobs.runs import current_model_path
 from core.review.queue import (
     ISSUE_QUEUES,
@@ -29,9 +29,10 @@ from core.review.queue import (
 
 COUNT_FILTERS = [0, 1, 2, 3, 4, 5, annotations.MORE_THAN_FIVE]
 SPLITS = ["train", "valid", "test", "none"]
-STATUS_COLOURS = {"confirmed": "#2ca02c", "corrected": "#e07b00", "unclear": "#7f7f7f"}
-SHORTCUTS = ("Keys: **Y** confirm · **0**–**5** set the count · **M** more than 5 · **U** unclear · **N** next · "
-             "**P** previous")
+STATUS_COLOURS = {"confirmed": "#2ca02c", "corrected": "#e07b00", "unclear": "#7f7f7f", "hidden": "#6f42c1",
+                  "model_wrong": "#1f77b4"}
+SHORTCUTS = ("Keys: **Y** confirm · **0**–**5** set the count · **M** more than 5 · **H** items hidden · "
+             "**W** model wrong · **U** unclear · **N** next · **P** previous")
 
 
 def who_is_annotating() -> str:
@@ -78,10 +79,13 @@ def decide(choice: str, key: str, name: str, path: str, current: int | None, see
            length: int) -> None:
     """Button callback: save the decision (its own transaction) and go to the next bin."""
     note = st.session_state.get(f"spot_note_{name}", "")
-    count = current if choice == "confirm" else annotations.UNCLEAR if choice == "unclear" else int(choice)
+    outcome = choice if choice in annotations.OUTCOMES else None
+    count = (current if choice == "confirm" or outcome else annotations.UNCLEAR if choice == "unclear"
+             else int(choice))
     try:
         result = annotations.save_decision(key, name, who, count, recorded_count=current, note=note, path=path,
-                                           seen_id=seen_id)
+                                           seen_id=seen_id, outcome=outcome,
+                                           queue=st.session_state.get("spot_kind", ""))
     except annotations.PhotoMissing as exc:
         flash("error", f"**This photo has vanished.** {exc}")
         return
@@ -90,7 +94,8 @@ def decide(choice: str, key: str, name: str, path: str, current: int | None, see
         return
     st.session_state.pop(f"spot_note_{name}", None)
     saved = result.decision
-    message = f"Saved **{name}**: {saved.status}, count {annotations.count_label(saved.new_count)}."
+    message = (f"Saved **{name}**: {annotations.STATUS_WORDS[saved.status]}, count "
+               f"{annotations.count_label(saved.new_count)}.")
     if st.session_state.get("spot_pos", 0) >= length - 1:
         message += " That was the last bin of this queue: draw a **New queue** for more."
     if result.overtaken:
@@ -135,6 +140,8 @@ def label_issue_hint(health_issues, name: str) -> None:
     row = row.iloc[0]
     probs = {c: float(row[f"prob_{c}"]) for c in health_issues.classes}
     verdict = "likely wrong" if row["flagged"] else "not flagged"
+    if row.get("outcome"):
+        verdict += f" (reviewed: {annotations.STATUS_WORDS[row['outcome']]})"
     st.markdown(f":material/health_and_safety: Data health suggests **{row['suggested']}** · {verdict}, expected "
                 f"{row['score']:.1f} objects off", help="From heads that never saw this photo (cross-fitted on the "
                 "other photos): the expected distance in objects between the recorded count and the true one.")
@@ -158,26 +165,32 @@ def show_progress(key: str, frame: pd.DataFrame) -> None:
     latest = annotations.latest_decisions(key)
     pool = candidates(frame)
     checked = int(pool["name"].isin(latest["photo"]).sum())
-    cols = st.columns(4)
+    cols = st.columns(5)
     cols[0].metric("Bins checked", f"{checked:,} of {len(pool):,}",
                    help=f"{checked / max(len(pool), 1):.1%} of the bins that can be looked at")
     cols[1].metric("Counts corrected", f"{int((latest['status'] == 'corrected').sum()):,}")
-    cols[2].metric("Marked unclear", f"{int((latest['status'] == 'unclear').sum()):,}",
+    cols[2].metric("Items hidden", f"{int((latest['status'] == 'hidden').sum()):,}",
+                   help="The record is right but the items cannot be counted from the photo; training can leave "
+                        "them out (Train → Advanced) and Evaluate reports them apart")
+    cols[3].metric("Marked unclear", f"{int((latest['status'] == 'unclear').sum()):,}",
                    help="Left out of training and evaluation until someone sets a count")
     table = annotations.progress(key)
-    cols[3].metric("Decisions in total", f"{int(table['decisions'].sum()):,}")
+    cols[4].metric("Decisions in total", f"{int(table['decisions'].sum()):,}", help="Undone decisions do not count")
     if table.empty:
         st.info("No decision yet: the chart of each annotator's progress appears after the first one.")
         return
     long = table.melt(id_vars="annotator", value_vars=list(annotations.STATUSES), var_name="status",
                       value_name="n")
-    figure = px.bar(long, x="n", y="annotator", color="status", orientation="h", color_discrete_map=STATUS_COLOURS,
+    long["status"] = long["status"].map(annotations.STATUS_WORDS)
+    colours = {annotations.STATUS_WORDS[s]: c for s, c in STATUS_COLOURS.items()}
+    figure = px.bar(long, x="n", y="annotator", color="status", orientation="h", color_discrete_map=colours,
                     title="Decisions per annotator", labels={"n": "decisions"},
                     height=220 + 40 * len(table))
     figure.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0, title=None))
     st.plotly_chart(figure, width="stretch")
     table["last_at"] = table["last_at"].str.slice(0, 19).str.replace("T", " ") + " UTC"
-    st.dataframe(table.rename(columns={"last_at": "last decision"}), hide_index=True, width="stretch")
+    st.dataframe(table.rename(columns=annotations.STATUS_WORDS | {"last_at": "last decision"}), hide_index=True,
+                 width="stretch")
 
 
 def show_history(key: str) -> None:
@@ -200,6 +213,9 @@ def show_history(key: str) -> None:
 def readable(trail: pd.DataFrame) -> pd.DataFrame:
     shown = trail[["created_at", "photo", "annotator", "status", "old_count", "new_count", "note"]].copy()
     shown["created_at"] = shown["created_at"].str.slice(0, 19).str.replace("T", " ") + " UTC"
+    shown["status"] = [annotations.STATUS_WORDS[s] + (f" (undone {u[:19].replace('T', ' ')} by {b})"
+                                                      if isinstance(u, str) else "")
+                       for s, u, b in zip(trail["status"], trail["undone_at"], trail["undone_by"])]
     shown["old_count"] = [("—" if pd.isna(c) else str(int(c))) for c in shown["old_count"]]
     shown["new_count"] = [annotations.count_label(None if pd.isna(c) else c) for c in shown["new_count"]]
     return shown.rename(columns={"created_at": "time", "old_count": "from", "new_count": "to"})
@@ -248,8 +264,7 @@ def choose_queue(dataset, model_path: Path | None, checked: set[str], health_iss
     issues = None
     if kind in ISSUE_QUEUES:
         if health_issues is None:
-            st.info("This queue is ordered by the data health check, which has not run on the labels as they are now "
-                    "(or a correction changed them since).")
+            st.info("This queue is ordered by the data health check, which has not run on this dataset yet.")
             st.page_link("app_pages/health.py", label="Open Data health and run the check",
                          icon=":material/health_and_safety:")
             st.stop()
@@ -308,7 +323,7 @@ def show_bin(dataset, name: str, who: str, queue: list[str], model_path: Path | 
         context = dict(key=dataset.key, name=name, path=path, current=current,
                        seen_id=None if last is None else int(last["id"]), who=who, length=len(queue))
         buttons = st.container(horizontal=True)
-        buttons.button(f"✅ Confirm {shown_count if current is not None else ''}", type="primary",
+        buttons.button(f"Confirm {shown_count if current is not None else ''}", type="primary", icon=":material/check:",
                        shortcut="Y", key="decide_confirm", disabled=current is None, on_click=decide,
                        kwargs=dict(choice="confirm", **context))
         for n in range(6):
@@ -316,8 +331,18 @@ def show_bin(dataset, name: str, who: str, queue: list[str], model_path: Path | 
                            kwargs=dict(choice=str(n), **context))
         buttons.button("More than 5", shortcut="M", key="decide_more", on_click=decide,
                        kwargs=dict(choice=str(annotations.MORE_THAN_FIVE), **context))
-        buttons.button("❓ Unclear", shortcut="U", key="decide_unclear", on_click=decide,
-                       kwargs=dict(choice="unclear", **context))
+        outcomes = st.container(horizontal=True)
+        outcomes.button("Items hidden", shortcut="H", key="decide_hidden", on_click=decide, icon=":material/visibility_off:",
+                        disabled=current is None, kwargs=dict(choice="hidden", **context),
+                        help="The recorded count is right, but the items cannot be counted from this photo (hidden "
+                             "under a box or the bands, flat, blurred). The count stays.")
+        outcomes.button("Model wrong", shortcut="W", key="decide_model_wrong", on_click=decide,
+                        icon=":material/smart_toy:", disabled=current is None,
+                        kwargs=dict(choice="model_wrong", **context),
+                        help="The recorded count is right and can be seen: the flag or the model is wrong. The "
+                             "count stays.")
+        outcomes.button("Unclear", shortcut="U", key="decide_unclear", on_click=decide, icon=":material/help:",
+                        kwargs=dict(choice="unclear", **context))
         st.caption(SHORTCUTS)
         items = photo_items(dataset, name)
         if items:  # what counting needs: the item and how many; the dimensions are in Browse
@@ -351,7 +376,8 @@ with check_tab:
         getattr(st, kind)(text)
     model_path = current_model_path()
     checked = set(annotations.latest_decisions(dataset.key)["photo"])
-    health_issues = cached_label_issues(dataset)  # the data health check's label issues, when current (else None)
+    # the data health check's label issues with the reviews since; re-checked in the background when labels changed
+    health_issues = label_issues_now(dataset)
     queue = choose_queue(dataset, model_path, checked, health_issues)
     if not queue:
         st.info("No bin left in this queue: every matching bin is checked, or none matches the filters.")
@@ -366,4 +392,6 @@ with check_tab:
     if nav.button("🔀 New queue", key="spot_reshuffle", help="Draw another sample with the same settings"):
         st.session_state["spot_seed"] = st.session_state.get("spot_seed", 0) + 1
         st.rerun()
+    kind = st.session_state.get("spot_kind", "")
+    precision_tiles(dataset.key, kind, QUEUES.get(kind, kind))
     show_bin(dataset, queue[pos], annotator, queue, model_path, health_issues)

@@ -193,6 +193,26 @@ def latest_label_issues(dataset) -> LabelIssues | None:
     return None
 
 
+def current_label_issues(dataset) -> LabelIssues | None:
+    """The latest label issues of the dataset with each photo's review since, for the queue and Data health: the
+    last check's ranking (still valid for the photos not decided since) and, on each row, `outcome` (the status of
+    its latest decision, "" when none) and `current` (its class now, NA when unclear or outside the classes).
+    info['stale'] when labels changed since the check, info['changed'] how many photos' labels did; None when the
+    dataset was never checked."""
+    from core.data.annotations import latest_decisions
+
+    found = latest_label_issues(dataset)
+    if found is None:
+        return None
+    frame = found.frame.drop(columns=["outcome", "current"], errors="ignore")
+    decided = latest_decisions(dataset.key).drop_duplicates("photo").set_index("photo")["status"]
+    now = dataset.frame.drop_duplicates("name").set_index("name")["cls"]
+    frame["outcome"] = frame["name"].map(decided).fillna("").astype(str)
+    frame["current"] = frame["name"].map(now).astype("Float64")
+    changed = int((frame["current"] != frame["label"]).fillna(True).sum())
+    return LabelIssues(frame, found.classes, found.noise, found.info | {"changed": changed})
+
+
 def head_columns() -> list[int]:
     """The positions of the recipe's parts in its feature vector."""
     from core.models.catalog import FEATURE_SETS, STAGE_CHANNELS
