@@ -5,7 +5,14 @@ import plotly.express as px
 import streamlit as st
 
 from app_pages.common import cached_thumbnail, current_dataset, current_user
-from app_pages.review_views import label_issues_now, outcome_word, photo_with_open, precision_chart, send_to_spot_check
+from app_pages.review_views import (
+    label_issues_now,
+    outcome_word,
+    photo_with_open,
+    precision_chart,
+    recheck_line,
+    send_to_spot_check,
+)
 from core.data.photo_checks import has_cached_checks
 from core.evaluation.label_issues import MIN_FLAGGED_SCORE
 from core.review.health import HealthReport, health_report
@@ -67,6 +74,7 @@ def label_issues_section(report: HealthReport, dataset) -> None:
             run_report(dataset, label_issues=True)
             st.rerun()
         return
+    recheck_line(dataset.key, issues)
     st.caption(f"Every labelled photo was scored by {issues.info['folds']} heads on frozen EfficientNet-Lite0 "
                "features, each photo by a head that never saw it (test photos by heads trained without any test "
                f"photo). {issues.info['flagged']:,} of {issues.info['photos']:,} photos are flagged.")
@@ -198,10 +206,11 @@ if report is None:
             "spot-check decision the check runs again by itself.")
     if st.button("Check the data", type="primary", key="health_run"):
         report = run_report(dataset, label_issues=True)
-    else:
-        st.stop()
+        st.rerun()  # drawn again from the caches, without this note
+    st.stop()
 tiles(report)
-st.download_button("⬇️ Every finding (CSV)", report.csv(), f"data-health-{dataset.key}.csv", "text/csv",
+st.download_button("Every finding (CSV)", report.csv(), f"data-health-{dataset.key}.csv", "text/csv",
+                   icon=":material/download:",
                    key="health_csv")
 label_issues_section(report, dataset)
 st.subheader("How often the flags are right")

@@ -26,12 +26,18 @@ VERDICT_HELP = {"record wrong": "The reviewer corrected the count: the flag was 
 
 def label_issues_now(dataset):
     """The label issues with the reviews since (None when never checked); a stale ranking starts a background
-    re-check, whose progress shows here and whose results swap in when it is done."""
+    re-check (recheck_line shows it)."""
     issues = current_label_issues(dataset)
     if issues is not None and issues.info.get("stale"):
         recheck(dataset, issues)
-        recheck_progress(dataset.key, issues.info.get("computed_at", ""), issues.info.get("changed", 0), time.time())
     return issues
+
+
+def recheck_line(dataset_key: str, issues) -> None:
+    """While the ranking is older than the labels: one line saying so and how the re-check goes; the page is drawn
+    again when the fresh ranking is in. Nothing when the ranking is current."""
+    if issues is not None and issues.info.get("stale"):
+        recheck_progress(dataset_key, issues.info.get("computed_at", ""), issues.info.get("changed", 0), time.time())
 
 
 @st.fragment(run_every=2)

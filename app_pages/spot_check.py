@@ -6,8 +6,8 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from app_pages.common import current_dataset, current_user, model_for
-from app_pages.review_views import label_issues_now, precision_tiles
+from app_pages.common import current_dataset, current_user, model_for, remembered_annotator
+from app_pages.review_views import label_issues_now, precision_tiles, recheck_line
 from core.data import annotations
 from core.data.classes import ClassRange, model_class_range
 from core.data.dataset import photo_items
@@ -52,15 +52,14 @@ def who_is_annotating() -> str:
         st.info("Log in to spot-check: each decision is saved under your name.")
         st.button("Log in", on_click=st.login, type="primary")
         st.stop()
-    name = st.session_state.get("annotator") or st.query_params.get("annotator", "")
+    name = remembered_annotator()
     if name:
-        st.session_state["annotator"] = name
         return name
     with st.form("annotator_form"):
         typed = st.text_input("Your name — saved with each of your decisions", key="annotator_input")
         started = st.form_submit_button("Start checking", type="primary")
     if started and typed.strip():
-        st.session_state["annotator"] = st.query_params["annotator"] = typed.strip()
+        st.session_state["annotator"] = typed.strip()
         st.rerun()
     if started:
         st.error("Type a name first: every decision records who made it.")
@@ -113,21 +112,22 @@ def decide(choice: str, key: str, name: str, path: str, current: int | None, see
 
 def model_prediction(model_path: Path | None, row: pd.Series) -> None:
     if model_path is None:
-        st.caption("🤖 No model yet: train one (Train page) to see its prediction here.")
+        st.caption(":material/smart_toy: No model yet: train one (Train page) to see its prediction here.")
         return
     from core.models.networks import WeightsError
 
     try:  # read from the prediction store; predicted (and stored) the first time this bin is shown
         known = score_photos(model_path, row.to_frame().T, lambda: model_for(model_path))
     except (OSError, RuntimeError, ValueError, ImageError, WeightsError) as exc:
-        st.caption(f"🤖 The current model could not predict this photo: {exc}")
+        st.caption(f":material/smart_toy: The current model could not predict this photo: {exc}")
         return
     if known.empty or pd.notna(known.iloc[0]["error"]):
-        st.caption("🤖 The current model could not read this photo.")
+        st.caption(":material/smart_toy: The current model could not read this photo.")
         return
     predicted, confidence = known.iloc[0]["predicted"], float(known.iloc[0]["confidence"])
-    verdict = ":green[✓ agrees with the label]" if agrees(row, predicted) else ":red[✗ differs from the label]"
-    st.markdown(f"🤖 Model predicts **{predicted}** ({confidence:.0%} sure) · {verdict}")
+    verdict = (":green[:material/check: agrees with the label]" if agrees(row, predicted)
+               else ":red[:material/close: differs from the label]")
+    st.markdown(f":material/smart_toy: Model predicts **{predicted}** ({confidence:.0%} sure) · {verdict}")
 
 
 def label_issue_hint(health_issues, name: str) -> None:
@@ -206,7 +206,8 @@ def show_history(key: str) -> None:
     if text.strip():
         trail = trail[trail["photo"].str.contains(text.strip(), case=False, regex=False)]
     st.dataframe(readable(trail).iloc[::-1], hide_index=True, width="stretch")
-    st.download_button("⬇️ Export every decision (CSV)", annotations.export_csv(key), "annotations.csv", "text/csv",
+    st.download_button("Export every decision (CSV)", annotations.export_csv(key), "annotations.csv", "text/csv",
+                       icon=":material/download:",
                        key="export_csv")
 
 
@@ -246,7 +247,7 @@ def choose_queue(dataset, model_path: Path | None, checked: set[str], health_iss
     classes = model_classes(model_path) if kind in MODEL_QUEUES or kind == "outside" else None
     if kind in MODEL_QUEUES:
         if model_path is None:
-            st.info("🤖 No model yet: this queue needs the current model's predictions. Train a model on the "
+            st.info(":material/smart_toy: No model yet: this queue needs the current model's predictions. Train a model on the "
                     "Train page (and choose it as current), or pick another queue.")
             st.stop()
         pool = candidates(frame, counts, splits)
@@ -389,9 +390,11 @@ with check_tab:
     nav.button("Next ▶", shortcut="N", key="spot_next", disabled=pos >= len(queue) - 1, on_click=move,
                args=(+1, len(queue)))
     nav.progress(done / len(queue), text=f"Bin {pos + 1} of {len(queue)} · {done} checked in this queue")
-    if nav.button("🔀 New queue", key="spot_reshuffle", help="Draw another sample with the same settings"):
+    if nav.button("New queue", icon=":material/shuffle:", key="spot_reshuffle",
+                  help="Draw another sample with the same settings"):
         st.session_state["spot_seed"] = st.session_state.get("spot_seed", 0) + 1
         st.rerun()
-    kind = st.session_state.get("spot_kind", "")
-    precision_tiles(dataset.key, kind, QUEUES.get(kind, kind))
     show_bin(dataset, queue[pos], annotator, queue, model_path, health_issues)
+    kind = st.session_state.get("spot_kind", "")
+    precision_tiles(dataset.key, kind, QUEUES.get(kind, kind))  # below the bin: the photo and its buttons stay in view
+    recheck_line(dataset.key, health_issues)

@@ -297,3 +297,23 @@ def test_each_queue_measures_how_often_its_flags_are_right():
     assert 0.05 < low < 0.4 < high < 0.9  # Wilson's interval for 2 of 5
     assert precision_of(table, "random")["record wrong"][:2] == (1, 1.0)
     assert precision_of(table, "disagreement") is None
+
+
+def test_photos_marked_uncountable_can_be_left_out_of_training_only(small_abid, tmp_path):
+    from core.data.loading import load_dataset
+    from core.training.config import TrainConfig
+    from core.training.loop import train
+
+    dataset = load_dataset(str(small_abid))
+    train_rows, valid_rows = dataset.rows("train"), dataset.rows("valid")
+    hidden = list(train_rows["name"][:2]) + list(valid_rows["name"][:1])
+    for name in hidden:
+        recorded = int(dataset.frame.set_index("name").loc[name, "count"])
+        annotations.save_decision(dataset.key, name, "ann", recorded, recorded_count=recorded, outcome="hidden")
+    out = tmp_path / "run"
+    result = train(TrainConfig(data=str(small_abid), out=str(out), mode="frozen", epochs=1, image_size=96,
+                               batch_size=16, device="cpu", num_workers=0, exclude_uncountable=True))
+    assert result["config"]["exclude_uncountable"] is True and result["config"]["uncountable_excluded"] == 2
+    log = (out / "log.txt").read_text()
+    assert "left out 2 training photos marked as uncountable" in log
+    assert f"{len(train_rows) - 2} train, {len(valid_rows)} valid" in log  # valid keeps its hidden photo

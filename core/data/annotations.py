@@ -200,6 +200,13 @@ def history(dataset_key: str, photo: str | None = None) -> pd.DataFrame:
     return _frame("SELECT * FROM annotations WHERE dataset_key = ? AND photo = ? ORDER BY id", (dataset_key, photo))
 
 
+def latest_decision(dataset_key: str, photo: str) -> Decision | None:
+    """The photo's latest decision not undone (its label's origin), or None when it was never decided."""
+    with db.connection() as conn:
+        row = _latest_live(conn, dataset_key, photo)
+    return None if row is None else _decision(row)
+
+
 def latest_decisions(dataset_key: str) -> pd.DataFrame:
     """One row per checked photo: its latest decision not undone (the highest id, i.e. the last committed)."""
     return _frame(

@@ -125,7 +125,9 @@ def rank_issues(probs: np.ndarray, labels: np.ndarray, classes: list[int]) -> tu
     from cleanlab.rank import get_label_quality_scores
 
     score = count_scores(probs, labels, classes)
-    doubted = find_label_issues(labels, probs, filter_by="prune_by_noise_rate")
+    # n_jobs=1: cleanlab's default forks a pool, which can deadlock in a process with threads (the app's server,
+    # where the check also re-runs in the background); one process is quick at this size.
+    doubted = find_label_issues(labels, probs, filter_by="prune_by_noise_rate", n_jobs=1)
     _, _, inverse_noise = estimate_latent(compute_confident_joint(labels, probs), labels)
     per_photo = pd.DataFrame({
         "label": np.asarray(classes)[labels], "suggested": np.asarray(classes)[probs.argmax(1)], "score": score,
