@@ -467,7 +467,7 @@ def comparison_section(runs: list[dict], rows: pd.DataFrame, split: str) -> None
     figure.update_layout(height=320, margin=dict(t=10, b=10))
     st.plotly_chart(figure, width="stretch")
     st.download_button("Comparison (CSV)", frame.to_csv(index=False).encode(), "comparison.csv", "text/csv")
-    insight_views.paired_comparison(results)
+    insight_views.paired_comparison(results, names)
 
 
 st.title("Evaluate")

@@ -253,3 +253,15 @@ def test_compare_says_what_changed_photo_by_photo_and_a_cell_shows_where_the_mod
     assert not at.exception and not at.warning
     cell = results["better"].cell(true, predicted)
     assert len(at.image) == images + 2 * min(len(cell), 6)  # for the count predicted and for the label
+
+
+def test_a_click_on_a_point_opens_every_photo_drawn_on_it():
+    from app_pages.insight_views import _steps, plural, with_stacked
+
+    frame = pd.DataFrame({"name": ["a.jpg", "b.jpg", "c.jpg", "d.jpg"], "x": [0.0, 0.0, 5.0, 10.0],
+                          "y": [1.0, 1.0, 2.0, 3.0]})
+    assert with_stacked(frame, ["a.jpg"]) == ["a.jpg", "b.jpg"]  # b sits under a
+    assert with_stacked(frame, ["c.jpg", "d.jpg"]) == ["c.jpg", "d.jpg"] and with_stacked(frame, []) == []
+    assert (plural(1, "photo"), plural(15, "photo")) == ("1 photo", "15 photos")
+    scale, whole = _steps("Viridis", [3, 1, 5, 5, 2, 4])  # five counts: five flat bands
+    assert whole == [1, 2, 3, 4, 5] and len(scale) == 10 and len({colour for _, colour in scale}) == 5
