@@ -15,7 +15,7 @@ from core import gpu
 from core.jobs import hpo, worker
 from core.jobs import queue as jobs
 from core.jobs.describe import duration, params_summary, progress_text, search_params, trial_epochs
-from core.jobs.estimates import estimate_seconds
+from core.jobs.estimates import estimate_seconds, features_cached
 from core.jobs.params import describe_dataset, training_problems
 from core.jobs.runs import (
     current_run,
@@ -115,9 +115,12 @@ def training_form(dataset, facts: dict, on_gpu: bool) -> dict | None:
         return None
     seconds, measured = estimate_seconds(params, facts["n_train"], facts["n_valid"], facts["n_test"],
                                          on_gpu and device != "cpu")
+    cached = features_cached(params)
     st.caption(f"Estimated duration: about **{duration(seconds)}** "
-               + ("(from the images/s measured by earlier runs on this machine)." if measured else
-                  "(a rough guess: the first run measures this machine's images/s and later estimates use it)."))
+               + ("(from the images/s measured by earlier runs on this machine" if measured else
+                  "(a rough guess: the first run measures this machine's images/s and later estimates use it")
+               + ("; the photos' features are cached by an earlier run with this backbone and input, so they are "
+                  "read back, not computed)." if cached else ")."))
     return params
 
 
