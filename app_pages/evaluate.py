@@ -288,12 +288,15 @@ def cell_photos(cell: pd.DataFrame, true: int, predicted: int) -> None:
                 open_cell_photo(row, true, predicted)
     probs = probability_columns(cell)
     table = cell[["name", "confidence"] + probs  # truth and prediction are the cell's, the same on every row
-                 + [c for c in ["n_items", "item_names"] if c in cell]]
+                 + [c for c in ["n_items", "item_names"] if c in cell]].copy()
+    if "n_items" in table and "items_json" in cell:  # no metadata is not "0 items": leave the cell empty
+        table["n_items"] = table["n_items"].astype("Int64").mask(cell["items_json"].isna())
     column_config = {p: st.column_config.ProgressColumn(f"P({p.split('_', 1)[1]})", min_value=0.0, max_value=1.0,
                                                          format="%.2f") for p in probs}
     column_config["confidence"] = st.column_config.NumberColumn("confidence", format="%.3f")
     column_config["item_names"] = st.column_config.TextColumn("items (metadata)", width="medium")
-    column_config["n_items"] = st.column_config.NumberColumn("items", width="small")
+    column_config["n_items"] = st.column_config.NumberColumn("items", width="small",
+                                                             help="Items listed in the photo's metadata (empty: none)")
     for small in probs:
         column_config.setdefault(small, st.column_config.NumberColumn(small, width="small"))
         column_config[small]["width"] = "small"

@@ -321,7 +321,7 @@ def runs_section() -> None:
     for run in runs:
         final = final_metrics(run)
         rows.append({
-            "name": run_name(run), "current": "⭐" if current and current.id == run.id else "",
+            "name": run_name(run), "current": bool(current and current.id == run.id),
             "accuracy": final.get("accuracy"), "off-by-one": final.get("off_by_one"), "MAE": final.get("mae"),
             "balanced accuracy": final.get("balanced_accuracy"), "macro-F1": final.get("macro_f1"),
             "backbone": str(run.params.get("backbone") or "").replace("efficientnet_", ""),
@@ -347,7 +347,8 @@ def runs_section() -> None:
         shown, hide_index=True, width="stretch", key="train_runs_table", column_order=RUN_COLUMNS,
         column_config={c: percent for c in ("balanced accuracy", "accuracy", "macro-F1", "off-by-one")}
         | {"name": st.column_config.TextColumn("name", help="Rename a run below (Evaluate and Predict show it)"),
-           "current": st.column_config.TextColumn("⭐", width="small", help="The current model (used by Predict)"),
+           "current": st.column_config.CheckboxColumn("current", width="small",
+                                                      help="The current model (used by Predict)"),
            "MAE": st.column_config.NumberColumn(format="%.2f", width="small",
                                                 help="Mean absolute error: objects off, on average"),
            "off-by-one": st.column_config.NumberColumn(format="%.1f%%", width="small",
@@ -487,7 +488,7 @@ st.subheader("Runs")
 runs_section()
 
 if facts is not None and facts["n_train"] > 0:
-    with st.expander("🔎 Hyperparameter search", expanded=bool(jobs.list_jobs(kind="hpo", limit=1))):
+    with st.expander("Hyperparameter search", icon=":material/tune:", expanded=bool(jobs.list_jobs(kind="hpo", limit=1))):
         search_form(base_params, facts, on_gpu)
         searches = [j for j in jobs.list_jobs(kind="hpo", limit=3) if not j.active]
         for job in searches:
