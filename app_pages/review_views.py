@@ -60,22 +60,24 @@ def recheck_progress(dataset_key: str, computed_at: str, changed: int, drawn_at:
 # ---------------------------------------------------------------------------------------------- precision
 
 def precision_tiles(dataset_key: str, queue: str, queue_name: str) -> None:
-    """What the reviews of this queue found so far: the share of each verdict with its 95 % interval."""
+    """What the reviews of this queue found so far: the share of each verdict with its 95 % interval (two by two, to
+    fit under the bin's photo)."""
     found = precision_of(queue_precision(dataset_key), queue)
     box = st.container(key="precision_tiles")
     if found is None:
         box.caption(f"How often “{queue_name}” is right shows here after the first review of one of its bins.")
         return
-    columns = box.columns(len(VERDICT_ORDER) + 1)
-    columns[0].metric("Reviewed from this queue", f"{found['reviewed']:,}",
-                      help="Bins decided from this queue (undone decisions do not count)")
-    for column, verdict in zip(columns[1:], VERDICT_ORDER):
-        bins, share, low, high = found[verdict]
-        column.metric(verdict.capitalize(), f"{share:.0%} ({bins:,})",
-                      help=f"{VERDICT_HELP[verdict]} 95 % interval {low:.0%}–{high:.0%} (Wilson).")
     bins, share, low, high = found["record wrong"]
-    box.caption(f"This queue's flags were right for {share:.0%} of the {found['reviewed']:,} bins reviewed "
-                f"(95 % interval {low:.0%}–{high:.0%}).")
+    box.markdown(f"**How often this queue is right** · {found['reviewed']:,} bin"
+                 f"{'s' if found['reviewed'] != 1 else ''} reviewed from it",
+                 help="Each bin's latest decision made from this queue; undone decisions do not count.")
+    columns = [c for _ in range(2) for c in box.columns(2)]
+    for column, verdict in zip(columns, VERDICT_ORDER):
+        hits, part, lo, hi = found[verdict]
+        column.metric(verdict.capitalize(), f"{part:.0%} ({hits:,})",
+                      help=f"{VERDICT_HELP[verdict]} 95 % interval {lo:.0%}–{hi:.0%} (Wilson).")
+    box.caption(f"Its flags were right (record wrong) for {share:.0%} of the bins reviewed (95 % interval "
+                f"{low:.0%}–{high:.0%}).")
 
 
 def precision_chart(dataset_key: str) -> None:

@@ -307,6 +307,8 @@ def show_bin(dataset, name: str, who: str, queue: list[str], model_path: Path | 
             st.caption("Scroll or drag a box to zoom, double-click to reset.")
         except ImageError as exc:
             st.error(f"This photo cannot be shown: {exc}. Mark it unclear or go on with Next.")
+        kind = st.session_state.get("spot_kind", "")
+        precision_tiles(dataset.key, kind, QUEUES.get(kind, kind))  # under the photo: the buttons stay in view
     with right:
         st.markdown(f"#### {name}")
         source = "checked" if row["label_source"] == "annotation" else f"recorded ({row['label_source']})"
@@ -395,6 +397,4 @@ with check_tab:
         st.session_state["spot_seed"] = st.session_state.get("spot_seed", 0) + 1
         st.rerun()
     show_bin(dataset, queue[pos], annotator, queue, model_path, health_issues)
-    kind = st.session_state.get("spot_kind", "")
-    precision_tiles(dataset.key, kind, QUEUES.get(kind, kind))  # below the bin: the photo and its buttons stay in view
     recheck_line(dataset.key, health_issues)
