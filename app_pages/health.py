@@ -216,8 +216,8 @@ label_issues_section(report, dataset)
 st.subheader("How often the flags are right")
 st.caption("From the reviewers' decisions in Spot-check: for each queue, the share of its reviewed bins whose record "
            "was wrong (corrected), whose items could not be counted from the photo (hidden), whose record was right "
-           "(confirmed, or the model was wrong) or that stayed unclear. On ABID, “looks like another count” is often "
-           "“the items are hidden”.")
+           "(confirmed, or the model was wrong) or that stayed unclear. On ABID, “looks like another count” is "
+           "often “the items are hidden”.")
 precision_chart(dataset.key)
 duplicates_section(report, dataset)
 quality_section(report, dataset)

@@ -336,7 +336,8 @@ def show_results(frame: pd.DataFrame, run: dict, notes: list[str]) -> None:
     shown_columns = ["name", "predicted", "second_count", "confidence", "low_confidence"] + probs + ["error"]
     st.dataframe(table[shown_columns], hide_index=True, width="stretch", column_config=config_columns,
                  key="predict_table")
-    exported = ["name", "predicted", "second_count", "tie", "confidence", "low_confidence"] + probs + ["error", "source"]
+    exported = (["name", "predicted", "second_count", "tie", "confidence", "low_confidence"] + probs
+                + ["error", "source"])
     st.download_button("Download the table (CSV)", table[exported].to_csv(index=False).encode(),
                        f"predictions-{run['id']}.csv", "text/csv")
 

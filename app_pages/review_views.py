@@ -46,7 +46,8 @@ def recheck_progress(dataset_key: str, computed_at: str, changed: int, drawn_at:
     state = recheck_state(dataset_key)
     if not state.running and state.finished_at and state.finished_at > drawn_at and not state.error:
         st.rerun(scope="app")
-    changes = f"{changed:,} label{'s' if changed != 1 else ''} changed since (marked on {'their' if changed != 1 else 'its'} row)"
+    many = changed != 1
+    changes = f"{changed:,} label{'s' if many else ''} changed since (marked on {'their' if many else 'its'} row)"
     if state.running:
         st.caption(f":material/sync: Ranked by the check of {computed_at}; {changes}. Re-checking in the background: "
                    f"{state.text} ({state.fraction:.0%}) — the fresh ranking replaces this one when done.")

@@ -335,7 +335,8 @@ def show_bin(dataset, name: str, who: str, queue: list[str], model_path: Path | 
         buttons.button("More than 5", shortcut="M", key="decide_more", on_click=decide,
                        kwargs=dict(choice=str(annotations.MORE_THAN_FIVE), **context))
         outcomes = st.container(horizontal=True)
-        outcomes.button("Items hidden", shortcut="H", key="decide_hidden", on_click=decide, icon=":material/visibility_off:",
+        outcomes.button("Items hidden", shortcut="H", key="decide_hidden", on_click=decide,
+                        icon=":material/visibility_off:",
                         disabled=current is None, kwargs=dict(choice="hidden", **context),
                         help="The recorded count is right, but the items cannot be counted from this photo (hidden "
                              "under a box or the bands, flat, blurred). The count stays.")
