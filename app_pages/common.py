@@ -101,6 +101,37 @@ def current_user() -> User:
     return User(str(email or info.get("name") or info.get("sub")), role_for(email, roles_table()))
 
 
+ANNOTATOR_COOKIE = "binsight_annotator"
+
+
+def remembered_annotator() -> str:
+    """The reviewer name this browser gave before, without sign-in: this session's, the link's ?annotator=, else
+    the one kept in a cookie (so a reload does not ask again); "" when none."""
+    from urllib.parse import unquote
+
+    cookie = st.context.cookies.get(ANNOTATOR_COOKIE, "")
+    name = (st.session_state.get("annotator") or st.query_params.get("annotator", "")
+            or (unquote(cookie) if isinstance(cookie, str) else ""))  # (a test harness has no cookies)
+    name = str(name).strip()
+    if name:
+        remember_annotator(name)
+    return name
+
+
+def remember_annotator(name: str) -> None:
+    """Keep the reviewer name for this session, in the address and, for a year, in this browser's cookie."""
+    import json
+
+    name = name.strip()
+    st.session_state["annotator"] = name
+    if st.query_params.get("annotator") != name:
+        st.query_params["annotator"] = name
+    if st.session_state.get("annotator_cookie") != name:
+        st.session_state["annotator_cookie"] = name
+        st.html(f"<script>document.cookie = '{ANNOTATOR_COOKIE}=' + encodeURIComponent({json.dumps(name)}) + "
+                "'; path=/; max-age=31536000; SameSite=Lax';</script>", unsafe_allow_javascript=True)
+
+
 def roles_table() -> dict | None:
     """The secrets' [roles] table (role → emails), None without one: every signed-in user is then a viewer."""
     try:

@@ -1,4 +1,5 @@
 """Evaluate page: a run's metrics on a split, a confusion matrix that opens its photos, and runs compared."""
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -13,6 +14,8 @@ from app_pages.common import (
     current_dataset,
     current_user,
     model_for,
+    remember_annotator,
+    remembered_annotator,
     training_progress,
 )
 from core.data import annotations
@@ -114,6 +117,32 @@ def choose_photos(model_range: ClassRange):
         st.warning(f"No labelled photo on disk in the {description}: nothing to evaluate.")
         st.stop()
     return rows, split, dataset.problems, description
+
+
+def countable_tiles(result: EvaluationResult, metrics: dict) -> None:
+    """The headline figures again without the photos a reviewer marked uncountable (items hidden), when any is here."""
+    hidden = annotations.uncountable(st.session_state.get("eval_dataset_key"))
+    scored = result.scored()
+    marked = int(scored["name"].isin(hidden).sum())
+    if not marked:
+        return
+    countable = replace(result, frame=result.frame[~result.frame["name"].isin(hidden)])
+    if countable.scored().empty:
+        st.caption(f"All {marked:,} photos scored are marked uncountable (items hidden).")
+        return
+    figures = countable.metrics()
+    st.markdown(f"**On countable photos only** — {figures['n']:,} of {metrics['n']:,}: {marked:,} marked “items "
+                "hidden” in Spot-check are left out (the change is against all photos)")
+    cols = st.columns(5)
+    for column, (key, label) in zip(cols, [("accuracy", "Accuracy"), ("balanced_accuracy", "Balanced accuracy"),
+                                           ("mae", "MAE (objects)"), ("off_by_one", "Off-by-one accuracy")]):
+        percent = key != "mae"
+        value, delta = figures[key], figures[key] - metrics[key]
+        column.metric(f"{label}, countable", f"{value:.1%}" if percent else f"{value:.3f}",
+                      f"{delta * 100:+.1f} pts" if percent else f"{delta:+.3f}",
+                      delta_color="inverse" if key == "mae" else "normal")
+    cols[4].metric("Marked uncountable", f"{marked:,}", help="Photos whose latest Spot-check decision is “items "
+                   "hidden”: the record is right but the items cannot be counted from the photo.")
 
 
 def metric_tiles(metrics: dict, skipped: list[dict]) -> None:
@@ -259,12 +288,15 @@ def cell_photos(cell: pd.DataFrame, true: int, predicted: int) -> None:
                 open_cell_photo(row, true, predicted)
     probs = probability_columns(cell)
     table = cell[["name", "confidence"] + probs  # truth and prediction are the cell's, the same on every row
-                 + [c for c in ["n_items", "item_names"] if c in cell]]
+                 + [c for c in ["n_items", "item_names"] if c in cell]].copy()
+    if "n_items" in table and "items_json" in cell:  # no metadata is not "0 items": leave the cell empty
+        table["n_items"] = table["n_items"].astype("Int64").mask(cell["items_json"].isna())
     column_config = {p: st.column_config.ProgressColumn(f"P({p.split('_', 1)[1]})", min_value=0.0, max_value=1.0,
                                                          format="%.2f") for p in probs}
     column_config["confidence"] = st.column_config.NumberColumn("confidence", format="%.3f")
     column_config["item_names"] = st.column_config.TextColumn("items (metadata)", width="medium")
-    column_config["n_items"] = st.column_config.NumberColumn("items", width="small")
+    column_config["n_items"] = st.column_config.NumberColumn("items", width="small",
+                                                             help="Items listed in the photo's metadata (empty: none)")
     for small in probs:
         column_config.setdefault(small, st.column_config.NumberColumn(small, width="small"))
         column_config[small]["width"] = "small"
@@ -277,19 +309,28 @@ def annotator_name() -> str | None:
     user = current_user()
     if user.signed_in:
         return user.name if user.can("spot_check") else None
-    return st.session_state.get("annotator") or None
+    return remembered_annotator() or None
 
 
-def correct_count(name: str, path: str, recorded, count: int | None, who: str) -> None:
+def correct_count(name: str, path: str, recorded, count: int | None, who: str, outcome: str | None = None) -> None:
     key = st.session_state.get("eval_dataset_key")
     try:
-        saved = annotations.save_decision(key, name, who, count, recorded_count=recorded, path=path).decision
+        saved = annotations.save_decision(key, name, who, count, recorded_count=recorded, path=path,
+                                          outcome=outcome, queue="evaluate").decision
     except annotations.AnnotationError as exc:
         st.session_state["cm_flash"] = ("error", str(exc))
         return
-    st.session_state["cm_flash"] = ("success", f"Saved **{name}**: {saved.status}, count "
+    st.session_state["cm_flash"] = ("success", f"Saved **{name}**: {annotations.STATUS_WORDS[saved.status]}, count "
                                     f"{annotations.count_label(saved.new_count)}. Training and evaluation use it "
                                     "from now on; its history is on the Spot-check page.")
+
+
+def undo_last(decision: annotations.Decision, who: str) -> None:
+    key = st.session_state.get("eval_dataset_key")
+    undone, _ = annotations.undo_decisions(key, [decision], user=current_user(), annotator=who)
+    st.session_state["cm_flash"] = ("info", f"Undone: **{decision.photo}** is back to "
+                                    f"{annotations.count_label(decision.old_count)}." if undone else
+                                    f"**{decision.photo}** was decided again since: that decision stays.")
 
 
 @st.dialog("Photo of the confusion cell", width="large")
@@ -300,14 +341,20 @@ def open_cell_photo(row: pd.Series, true: int, predicted: int) -> None:
     photo, side = st.columns([2, 3])
     photo.image(row["path"], width="content")  # its own pixels at most: a 499 px photo is not blown up
     probs = {int(c.split("_", 1)[1]): float(row[c]) for c in probability_columns(row.to_frame().T)}
+    last = annotations.latest_decision(st.session_state.get("eval_dataset_key"), row["name"])
+    label = true if last is None else last.new_count  # the label now: this result was scored before a correction
     with side:
         st.markdown(f"#### {row['name']}")
-        st.markdown(f"Label **{true}** · model **{predicted}** ({row['confidence']:.0%} sure)")
+        said = "" if last is None else (f" ({annotations.STATUS_WORDS[last.status]} by {last.annotator}; "
+                                        f"{true} when evaluated)")
+        st.markdown(f"Label **{annotations.count_label(label)}**{said} · model **{predicted}** "
+                    f"({row['confidence']:.0%} sure)")
         st.caption("Model's probabilities: " + " · ".join(f"{c}: {p:.0%}" for c, p in probs.items()))
-        correction_buttons(row, true, predicted)
+        correction_buttons(row, label, predicted, last)
 
 
-def correction_buttons(row: pd.Series, true: int, predicted: int) -> None:
+def correction_buttons(row: pd.Series, true: int | None, predicted: int,
+                       last: annotations.Decision | None = None) -> None:
     """Set the count an annotator sees; saved as a Spot-check decision, with its history."""
     who = annotator_name()
     if who is None and current_user().signed_in:
@@ -318,7 +365,8 @@ def correction_buttons(row: pd.Series, true: int, predicted: int) -> None:
         if not typed:
             st.caption("Give your name to correct this photo's count.")
             return
-        st.session_state["annotator"] = who = typed
+        remember_annotator(typed)
+        who = typed
     st.caption(f"Is the label wrong? Set the count you see (saved as **{who}**, with its history):")
     buttons = st.container(horizontal=True)
     for n in range(6):
@@ -328,6 +376,17 @@ def correction_buttons(row: pd.Series, true: int, predicted: int) -> None:
                    args=(row["name"], row["path"], true, annotations.MORE_THAN_FIVE, who))
     buttons.button("Unclear", icon=":material/help:", key="cm_set_unclear", on_click=correct_count,
                    args=(row["name"], row["path"], true, annotations.UNCLEAR, who))
+    outcomes = st.container(horizontal=True)
+    outcomes.button("Items hidden", icon=":material/visibility_off:", key="cm_set_hidden", on_click=correct_count,
+                    args=(row["name"], row["path"], true, true, who, "hidden"), disabled=true is None,
+                    help="The label is right but the items cannot be counted from this photo")
+    outcomes.button("Model wrong", icon=":material/smart_toy:", key="cm_set_model_wrong", on_click=correct_count,
+                    args=(row["name"], row["path"], true, true, who, "model_wrong"), disabled=true is None,
+                    help="The label is right and can be seen: the model is wrong")
+    if last is not None:
+        outcomes.button("Undo the last decision", icon=":material/undo:", key="cm_undo", on_click=undo_last,
+                        args=(last, who), help=f"Back to {annotations.count_label(last.old_count)}, as before "
+                                               f"{last.annotator}'s decision")
 
 
 def send_to_spot_check(cell: pd.DataFrame) -> None:
@@ -411,7 +470,7 @@ def comparison_section(runs: list[dict], rows: pd.DataFrame, split: str) -> None
     figure.update_layout(height=320, margin=dict(t=10, b=10))
     st.plotly_chart(figure, width="stretch")
     st.download_button("Comparison (CSV)", frame.to_csv(index=False).encode(), "comparison.csv", "text/csv")
-    insight_views.paired_comparison(results)
+    insight_views.paired_comparison(results, names)
 
 
 st.title("Evaluate")
@@ -447,6 +506,7 @@ if metrics["n"] == 0:
                f"({', '.join(map(str, classes))}).")
     st.stop()
 metric_tiles(metrics, result.skipped)
+countable_tiles(result, metrics)
 insight_views.metric_intervals(result)
 per_class_section(result)
 calibration_section(result, chosen_threshold(meta, run["id"]))

@@ -5,8 +5,16 @@ import plotly.express as px
 import streamlit as st
 
 from app_pages.common import cached_thumbnail, current_dataset, current_user
+from app_pages.review_views import (
+    label_issues_now,
+    outcome_word,
+    photo_with_open,
+    precision_chart,
+    recheck_line,
+    send_to_spot_check,
+)
 from core.data.photo_checks import has_cached_checks
-from core.evaluation.label_issues import MIN_FLAGGED_SCORE, cached_label_issues
+from core.evaluation.label_issues import MIN_FLAGGED_SCORE
 from core.review.health import HealthReport, health_report
 
 CONTACT_SHEET = 12
@@ -23,20 +31,16 @@ def run_report(dataset, label_issues: bool) -> HealthReport:
 
 
 def current_report(dataset) -> HealthReport | None:
-    """The report from the caches when both parts are there (instant), else None."""
+    """The report from the caches once the photos were checked (instant): the photo checks, which no label change
+    touches, and the label issues with the reviews since (re-checked in the background after a label changed);
+    None before the first check."""
     if not has_cached_checks(dataset.key):
         return None
-    issues = cached_label_issues(dataset)
-    return None if issues is None else health_report(dataset, found_issues=issues)
+    return health_report(dataset, label_issues=False, found_issues=label_issues_now(dataset))
 
 
-def show_photo(path, caption: str) -> None:
-    picture = cached_thumbnail(path) if isinstance(path, str) else "not on disk"
-    if isinstance(picture, bytes):
-        st.image(picture, width="stretch")
-    else:
-        st.warning(picture)
-    st.caption(caption)
+def show_photo(path, name: str, caption: str, key: str) -> None:
+    photo_with_open(path, name, caption, key, cached_thumbnail)
 
 
 def tiles(report: HealthReport) -> None:
@@ -64,21 +68,33 @@ def label_issues_section(report: HealthReport, dataset) -> None:
     st.subheader("Likely wrong counts")
     issues = report.label_issues
     if issues is None:
-        st.info(f"Likely wrong counts were not looked for: {report.label_issues_problem}")
+        st.info("Likely wrong counts were not looked for"
+                + (f": {report.label_issues_problem}" if report.label_issues_problem else " yet."))
+        if not report.label_issues_problem and st.button("Find the likely wrong counts", key="health_find_issues"):
+            run_report(dataset, label_issues=True)
+            st.rerun()
         return
+    recheck_line(dataset.key, issues)
     st.caption(f"Every labelled photo was scored by {issues.info['folds']} heads on frozen EfficientNet-Lite0 "
                "features, each photo by a head that never saw it (test photos by heads trained without any test "
                f"photo). {issues.info['flagged']:,} of {issues.info['photos']:,} photos are flagged.")
     left, right = st.columns(2)
     with left:
         per_class = issues.per_class()
-        figure = px.bar(per_class, x="label", y="share flagged", text="flagged",
+        per_class["text"] = [f"{n:,} of {p:,}" for n, p in zip(per_class["flagged"], per_class["photos"])]
+        figure = px.bar(per_class, x="label", y="share flagged", text="text",
                         labels={"label": "recorded count", "share flagged": "share flagged"},
                         title="Flagged photos per recorded count")
+        figure.update_traces(textposition="outside", cliponaxis=False)
         figure.update_yaxes(tickformat=".0%", rangemode="tozero")
         figure.update_xaxes(type="category")
         figure.update_layout(height=340, margin=dict(t=40, b=10))
         st.plotly_chart(figure, width="stretch", key="health_per_class")
+        none = per_class.loc[per_class["flagged"] == 0, "label"].tolist()
+        if none:
+            st.caption(f"No bar for {', '.join(map(str, none))}: no photo recorded so is flagged (a flag needs "
+                       f"cleanlab to doubt the record and the heads to put the count {MIN_FLAGGED_SCORE:g} or more "
+                       "objects away from it).")
     with right:
         noise = issues.noise_frame()
         figure = px.imshow(noise, text_auto=".0%", color_continuous_scale="Oranges", zmin=0, zmax=1,
@@ -98,15 +114,18 @@ def label_issues_section(report: HealthReport, dataset) -> None:
     if flagged.empty:
         st.success("No photo is flagged: the recorded counts agree with what the photos look like.")
         return
-    paths = dataset.frame.set_index("name")["path"]
+    paths = dataset.frame.drop_duplicates("name").set_index("name")["path"]
     st.markdown(f"**The {min(CONTACT_SHEET, len(flagged))} most likely wrong counts** (most likely first)")
     columns = st.columns(6)
     for i, row in enumerate(flagged.head(CONTACT_SHEET).itertuples(index=False)):
         with columns[i % 6]:
-            show_photo(paths.get(row.name), f"{row.name} · recorded **{row.label}**, looks like **{row.suggested}** "
-                                            f"(~{row.score:.1f} off)")
-    if current_user().can("spot_check"):
-        if st.button(f"Check the {len(flagged):,} flagged bins in Spot-check", type="primary",
+            reviewed = outcome_word(getattr(row, "outcome", ""))
+            show_photo(paths.get(row.name), row.name, f"{row.name} · recorded **{row.label}**, looks like "
+                       f"**{row.suggested}** (~{row.score:.1f} off)" + (f" · reviewed: **{reviewed}**"
+                                                                        if reviewed else ""), f"health_open_{i}")
+    todo = int((flagged["outcome"] == "").sum()) if "outcome" in flagged else len(flagged)
+    if current_user().can("spot_check") and todo:
+        if st.button(f"Check the {todo:,} flagged bins not reviewed yet in Spot-check", type="primary",
                      key="health_to_spot_check"):
             st.session_state["spot_kind"] = "likely_wrong"
             st.switch_page("app_pages/spot_check.py")
@@ -125,10 +144,12 @@ def duplicates_section(report: HealthReport, dataset) -> None:
     for row in ordered.head(PAIRS_SHOWN).itertuples(index=False):
         left, middle, right = st.columns([2, 2, 3])
         with left:
-            show_photo(paths.get(row.photo), f"{row.photo} · count {_count(row.count)} · {_split(row.split)}")
+            show_photo(paths.get(row.photo), row.photo, f"{row.photo} · count {_count(row.count)} · "
+                       f"{_split(row.split)}", f"pair_open_{row.photo}_{row.other_photo}_a")
         with middle:
-            show_photo(paths.get(row.other_photo),
-                       f"{row.other_photo} · count {_count(row.other_count)} · {_split(row.other_split)}")
+            show_photo(paths.get(row.other_photo), row.other_photo,
+                       f"{row.other_photo} · count {_count(row.other_count)} · {_split(row.other_split)}",
+                       f"pair_open_{row.photo}_{row.other_photo}_b")
         with right:
             flags = [("exact duplicate" if row.kind == "exact" else "look-alike")]
             if row.leakage:
@@ -137,6 +158,9 @@ def duplicates_section(report: HealthReport, dataset) -> None:
                 flags.append("**other counts**")
             st.markdown(" · ".join(flags))
             st.caption(f"Hash distances: {row.bits_64} of 64 bits, {row.bits_256} of 256.")
+    both = list(dict.fromkeys(n for pair in zip(ordered["photo"], ordered["other_photo"]) for n in pair))
+    send_to_spot_check(both, "health_pairs_to_spot_check",
+                       f"Check the {len(both):,} photos of these {len(ordered):,} pairs in Spot-check")
     with st.expander(f"All {len(pairs):,} pairs"):
         st.dataframe(ordered, hide_index=True, width="stretch")
 
@@ -155,11 +179,16 @@ def quality_section(report: HealthReport, dataset) -> None:
     if quality.empty:
         st.success("Every photo is readable, bright enough and sharp enough to count.")
         return
-    paths = dataset.frame.set_index("name")["path"]
+    paths = dataset.frame.drop_duplicates("name").set_index("name")["path"]
     columns = st.columns(6)
     for i, row in enumerate(quality.head(12).itertuples(index=False)):
         with columns[i % 6]:
-            show_photo(paths.get(row.photo), f"{row.photo} · {row.problem}: {row.detail}")
+            show_photo(paths.get(row.photo), row.photo, f"{row.photo} · {row.problem}: {row.detail}",
+                       f"quality_open_{i}")
+    readable = [n for n in quality["photo"] if isinstance(paths.get(n), str)]
+    send_to_spot_check(readable, "health_quality_to_spot_check",
+                       f"Check the {len(readable):,} readable ones in Spot-check (count them, or mark them unclear "
+                       "or hidden)")
     if len(quality) > 12:
         st.dataframe(quality, hide_index=True, width="stretch")
 
@@ -172,18 +201,23 @@ st.caption("Inventory records are not visual truth: some recorded counts are wro
            "splits, some cannot be counted by eye. This page finds them; Spot-check is where they get fixed.")
 report = current_report(dataset)
 if report is None:
-    stale = has_cached_checks(dataset.key)
-    st.info(("The labels changed since the last check (a spot-check decision, a new photo or split): run it again "
-             "to see the current findings." if stale else "The data has not been checked yet.")
-            + " The first run computes frozen features of every labelled photo (10–30 minutes on 2 CPU cores for 3,000 "
-              "photos); later runs reuse them and take seconds.")
+    st.info("The data has not been checked yet. The first run computes frozen features of every labelled photo "
+            "(10–30 minutes on 2 CPU cores for 3,000 photos); later runs reuse them and take seconds, and after a "
+            "spot-check decision the check runs again by itself.")
     if st.button("Check the data", type="primary", key="health_run"):
         report = run_report(dataset, label_issues=True)
-    else:
-        st.stop()
+        st.rerun()  # drawn again from the caches, without this note
+    st.stop()
 tiles(report)
-st.download_button("⬇️ Every finding (CSV)", report.csv(), f"data-health-{dataset.key}.csv", "text/csv",
+st.download_button("Every finding (CSV)", report.csv(), f"data-health-{dataset.key}.csv", "text/csv",
+                   icon=":material/download:",
                    key="health_csv")
 label_issues_section(report, dataset)
+st.subheader("How often the flags are right")
+st.caption("From the reviewers' decisions in Spot-check: for each queue, the share of its reviewed bins whose record "
+           "was wrong (corrected), whose items could not be counted from the photo (hidden), whose record was right "
+           "(confirmed, or the model was wrong) or that stayed unclear. On ABID, “looks like another count” is "
+           "often “the items are hidden”.")
+precision_chart(dataset.key)
 duplicates_section(report, dataset)
 quality_section(report, dataset)

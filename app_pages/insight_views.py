@@ -8,7 +8,14 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import cached_thumbnail, current_user, model_for, reload_dataset
+from app_pages.common import (
+    cached_thumbnail,
+    current_user,
+    model_for,
+    reload_dataset,
+    remember_annotator,
+    remembered_annotator,
+)
 from core.data import annotations
 from core.data.browse import page_of
 from core.errors import BinsightError
@@ -17,6 +24,7 @@ from core.evaluation.intervals import interval_text
 from core.evaluation.predictions import model_fingerprint
 
 PHOTOS_PER_PAGE = 12
+SELECTED_PER_PAGE = 6  # the selected photos at a readable size: three a row, two rows a page
 HEATMAP_PHOTOS = 6
 NEW_COUNTS = [0, 1, 2, 3, 4, 5, annotations.MORE_THAN_FIVE]
 # Error 0 (right) is a quiet grey, so the mistakes stand out; the counts get a scale with no white end.
@@ -42,6 +50,27 @@ def photo_grid(photos: pd.DataFrame, key: str, caption=None) -> None:
             else:
                 st.warning(picture)
             st.caption(caption(row) if caption else f"{row['name']} · {row.get('count', '')}")
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """'1 photo', '3 photos' (or the irregular plural given)."""
+    return f"{n:,} {word if n == 1 else words or word + 's'}"
+
+
+def readable_grid(photos: pd.DataFrame, key: str, caption) -> None:
+    """A page of photos at a readable size (three a row, each as wide as its column allows, never blown up past its
+    own pixels), with a page number when there are more."""
+    _, pages = page_of(photos, 1, SELECTED_PER_PAGE)
+    page = st.number_input(f"Page (of {pages})", 1, pages, 1, key=f"{key}_page") if pages > 1 else 1
+    shown, _ = page_of(photos, int(page), SELECTED_PER_PAGE)
+    columns = st.columns(3)
+    for i, (_, row) in enumerate(shown.iterrows()):
+        with columns[i % 3]:
+            try:
+                st.image(row["path"], width="stretch")
+            except (OSError, ValueError) as exc:
+                st.warning(f"{row['name']} cannot be shown: {exc}")
+            st.caption(caption(row))
 
 
 # ---------------------------------------------------------------------------------------------- heatmaps
@@ -102,6 +131,19 @@ def _whole(values) -> list[str]:
     return [str(int(v)) if pd.notna(v) else "—" for v in values]
 
 
+def _steps(scale: str, values) -> tuple[list, list[int]]:
+    """A stepped colour scale with one flat band per whole value (counts 1–5 are five colours, not a gradient),
+    and those values."""
+    from plotly.colors import sample_colorscale
+
+    whole = sorted({int(v) for v in values})
+    colours = sample_colorscale(scale, [i / max(len(whole) - 1, 1) for i in range(len(whole))])
+    steps = []
+    for i, colour in enumerate(colours):
+        steps += [[i / len(whole), colour], [(i + 1) / len(whole), colour]]
+    return steps, whole
+
+
 def _map_figure(frame: pd.DataFrame, colour: str) -> go.Figure:
     predicted = frame["predicted"] if "predicted" in frame else [None] * len(frame)
     custom = pd.DataFrame({"name": frame["name"], "count": _whole(frame["count"]), "predicted": _whole(predicted)},
@@ -113,12 +155,20 @@ def _map_figure(frame: pd.DataFrame, colour: str) -> go.Figure:
         figure.add_trace(go.Scattergl(x=frame.loc[~known, "x"], y=frame.loc[~known, "y"], mode="markers",
                                       name="not known", customdata=custom[~known].to_numpy().tolist(),
                                       hovertemplate=hover, marker=dict(size=6, color="#c8c8c8")))
+    scale, colour_range = SCALES[colour], {}
+    colorbar = dict(title=dict(text=maps.COLOURINGS[colour], side="right"), thickness=12)
+    if colour in ("count", "predicted") and known.any():  # a few whole counts: one colour each, not a gradient
+        scale, whole = _steps(scale, frame.loc[known, colour])
+        colour_range = dict(cmin=whole[0] - 0.5, cmax=whole[0] + len(whole) - 0.5)
+        colorbar |= dict(tickvals=[whole[0] + i for i in range(len(whole))], ticktext=[str(v) for v in whole])
+        positions = {v: whole[0] + i for i, v in enumerate(whole)}
+        values = frame.loc[known, colour].map(lambda v: positions[int(v)])
+    else:
+        values = frame.loc[known, colour]
     figure.add_trace(go.Scattergl(
         x=frame.loc[known, "x"], y=frame.loc[known, "y"], mode="markers", name=maps.COLOURINGS[colour],
         customdata=custom[known].to_numpy().tolist(), hovertemplate=hover,
-        marker=dict(size=6, color=frame.loc[known, colour], colorscale=SCALES[colour], opacity=0.85,
-                    colorbar=dict(title=dict(text=maps.COLOURINGS[colour], side="right"), thickness=12,
-                                  dtick=None if colour == "issue_score" else 1))))
+        marker=dict(size=6, color=values, colorscale=scale, opacity=0.85, colorbar=colorbar, **colour_range)))
     figure.update_layout(height=520, margin=dict(l=0, r=0, t=10, b=0), dragmode="lasso", showlegend=False,
                          xaxis=dict(visible=False), yaxis=dict(visible=False))
     return figure
@@ -149,33 +199,53 @@ def embedding_map_view(rows: pd.DataFrame, map_key: str, key: str, *, dataset=No
             st.rerun()
         return []
     points, info = found
-    issues = None
+    issues, stale_note = None, ""
     if dataset is not None:
-        from core.evaluation.label_issues import latest_label_issues
+        from core.evaluation.label_issues import current_label_issues
 
-        latest = latest_label_issues(dataset)
-        issues = latest.frame if latest is not None else None
+        latest = current_label_issues(dataset)
+        if latest is not None:  # a photo reviewed since the check has no score: its label is a person's now
+            issues = latest.frame[latest.frame["outcome"] == ""]
+            if latest.info.get("stale"):
+                stale_note = (f" Likely-wrong scores: the check of {latest.info.get('computed_at', '')}; the "
+                              f"{plural(len(latest.frame) - len(issues), 'photo')} reviewed since are grey.")
     frame = maps.coloured(points, rows, predictions, issues)
     options = [c for c in maps.COLOURINGS if c in frame and frame[c].notna().any()]
     left, right = st.columns([3, 2])
     colour = left.radio("Colour by", options, format_func=maps.COLOURINGS.get, horizontal=True, key=f"{key}_colour")
     right.caption(f"{info['method']} of {info['photos']:,} photos' frozen {info['recipe']['backbone']} features. "
-                  "Drag a lasso or a box around photos to open them; double-click to clear.")
+                  "Drag a lasso or a box around photos to open them; double-click to clear."
+                  + (stale_note if colour == "issue_score" else ""))
     event = st.plotly_chart(_map_figure(frame, colour), width="stretch", on_select="rerun",
                             selection_mode=("points", "box", "lasso"), key=f"{key}_chart")
-    names = maps.names_in_selection(event)
+    names = with_stacked(frame, maps.names_in_selection(event))
     if dataset is not None:
         last_relabel(dataset, key)
     chosen = frame.set_index("name").loc[[n for n in names if n in set(frame["name"])]].reset_index()
     if chosen.empty:
         st.caption("No photo selected yet.")
         return []
-    st.markdown(f"**{len(chosen):,} photos selected**")
-    photo_grid(chosen, f"{key}_selection", caption=lambda row: f"{row['name']} · {int(row['count'])}" + (
-        f" → {int(row['predicted'])}" if "predicted" in row and pd.notna(row["predicted"]) else ""))
+    st.markdown(f"**{plural(len(chosen), 'photo')} selected**")
+    readable_grid(chosen, f"{key}_selection", caption=lambda row: f"{row['name']} · count {_whole([row['count']])[0]}"
+                  + (f" · predicted {int(row['predicted'])}" if "predicted" in row and pd.notna(row["predicted"])
+                     else ""))
     if dataset is not None:
         bulk_relabel(dataset, chosen, key)
     return list(chosen["name"])
+
+
+def with_stacked(frame: pd.DataFrame, names: list[str]) -> list[str]:
+    """The names selected plus every photo drawn on the same spot as one of them (look-alikes can share a point;
+    a click picks only the top one)."""
+    if not names:
+        return names
+    points = frame.set_index("name")[["x", "y"]]
+    picked = points.loc[[n for n in names if n in points.index]]
+    span = max(float(points["x"].max() - points["x"].min()), float(points["y"].max() - points["y"].min()), 1e-9)
+    near = pd.Series(False, index=points.index)
+    for x, y in picked.itertuples(index=False):
+        near |= ((points["x"] - x).abs() <= span * 1e-4) & ((points["y"] - y).abs() <= span * 1e-4)
+    return list(dict.fromkeys(names + list(points.index[near])))
 
 
 # ---------------------------------------------------------------------------------------------- bulk relabel
@@ -186,14 +256,15 @@ def last_relabel(dataset, key: str) -> None:
     refused = user.why_not("relabel")
     last = st.session_state.get(f"{key}_bulk")
     if last:
-        st.success(f"Relabelled {len(last):,} photos to {annotations.count_label(last[0].new_count)}.")
+        st.success(f"Relabelled {plural(len(last), 'photo')} to {annotations.count_label(last[0].new_count)}.")
         if st.button("Undo this relabel", key=f"{key}_undo", disabled=refused is not None):
             saved, left = annotations.undo_decisions(dataset.key, last, user=user,
                                                      annotator=st.session_state.get("annotator", ""))
             st.session_state.pop(f"{key}_bulk")
-            st.session_state[f"{key}_bulk_note"] = (f"Undone: {len(saved):,} photos have their count back"
-                                                    + (f"; {len(left):,} were decided again since and keep that "
-                                                       "decision." if left else "."))
+            st.session_state[f"{key}_bulk_note"] = (
+                f"Undone: {plural(len(saved), 'photo has its', 'photos have their')} previous label back"
+                + (f"; {plural(len(left), 'was', 'were')} decided again since and keep{'s' if len(left) == 1 else ''} "
+                   "that decision." if left else "."))
             reload_dataset()
             st.rerun()
     if st.session_state.get(f"{key}_bulk_note"):
@@ -204,20 +275,21 @@ def bulk_relabel(dataset, chosen: pd.DataFrame, key: str) -> None:
     """Set one count for the selected photos: confirmed, one audited decision per photo, undoable."""
     user = current_user()
     refused = user.why_not("relabel")
-    with st.expander(f"Relabel these {len(chosen):,} photos", expanded=False):
+    with st.expander(f"Relabel {'this photo' if len(chosen) == 1 else f'these {len(chosen):,} photos'}",
+                     expanded=False):
         if refused:
             st.info(refused)
             return
         left, middle, right = st.columns([1, 2, 3])
         count = left.selectbox("New count", NEW_COUNTS, index=None, format_func=annotations.count_label,
                                placeholder="choose", key=f"{key}_bulk_count")
-        name = middle.text_input("Your name", value=user.name if user.signed_in else
-                                 st.session_state.get("annotator", ""), disabled=user.signed_in,
-                                 key=f"{key}_bulk_name")
+        name = middle.text_input("Your name", value=user.name if user.signed_in else remembered_annotator(),
+                                 disabled=user.signed_in, key=f"{key}_bulk_name")
         note = right.text_input("Why (saved with each decision)", key=f"{key}_bulk_why")
         holds = "the count chosen" if count is None else f"{annotations.count_label(count)} objects"
-        sure = st.checkbox(f"I looked at all {len(chosen):,} photos: each holds {holds}", key=f"{key}_bulk_sure")
-        if st.button(f"Relabel {len(chosen):,} photos", key=f"{key}_bulk_save", type="primary",
+        looked = "this photo: it holds" if len(chosen) == 1 else f"all {len(chosen):,} photos above: each holds"
+        sure = st.checkbox(f"I looked at {looked} {holds}", key=f"{key}_bulk_sure")
+        if st.button(f"Relabel {plural(len(chosen), 'photo')}", key=f"{key}_bulk_save", type="primary",
                      disabled=not sure or count is None):
             current = dataset.frame.drop_duplicates("name").set_index("name")["count"]
             recorded = {n: current.get(n) for n in chosen["name"]}
@@ -228,7 +300,7 @@ def bulk_relabel(dataset, chosen: pd.DataFrame, key: str) -> None:
                 st.error(str(exc))
                 return
             if name and not user.signed_in:
-                st.session_state["annotator"] = name
+                remember_annotator(name)
             st.session_state[f"{key}_bulk"] = saved
             reload_dataset()
             st.rerun()
@@ -280,10 +352,14 @@ def model_card_button(result, run_path: str | Path, meta: dict) -> None:
                        key="model_card_download")
 
 
-def paired_comparison(results: dict) -> None:
-    """The baseline against each other run, photo by photo: McNemar's verdict, recall change, fixed and broken."""
+def paired_comparison(results: dict, names: dict | None = None) -> None:
+    """The baseline against each other run, photo by photo: McNemar's verdict, recall change, fixed and broken.
+    `names`: run id → the name the runs go by elsewhere."""
+    from dataclasses import replace
+
     from core.evaluation.comparison import ComparisonError, compare_paired
 
+    names = names or {}
     baseline, *others = results.values()
     for other in others:
         try:
@@ -291,9 +367,11 @@ def paired_comparison(results: dict) -> None:
         except ComparisonError as exc:
             st.warning(str(exc))
             continue
+        paired = replace(paired, run_a=names.get(paired.run_a, paired.run_a),
+                         run_b=names.get(paired.run_b, paired.run_b))
         st.markdown(f"#### {paired.run_b} against {paired.run_a}, photo by photo")
         st.markdown(paired.verdict())
-        left, right = st.columns([2, 3])
+        left, right = st.columns([1, 1])
         left.dataframe(paired.table(), width="stretch", key=f"paired_table_{other.run}")
         change = paired.recall_change()
         figure = go.Figure(go.Bar(x=change["count"].astype(str), y=change["change"],

@@ -25,7 +25,7 @@ from core.jobs import worker
 from core.jobs.params import describe_dataset, training_problems
 from core.jobs.runs import available_runs, current_run, get_run, register_run, run_label, set_current_run
 from core.models.engines import bf16_supported
-from core.models.inference import CLOSE_CALL, likely_counts, predict_inputs
+from core.models.inference import CLOSE_CALL, likely_counts, predict_inputs, with_ties
 from core.models.networks import ModelError
 
 PHOTOS_PER_PAGE = 12
@@ -159,7 +159,7 @@ def verdict(row: pd.Series, classes: list[int]) -> str:
     if len(counts) == 2:
         return (f"→ **{counts[0]} or {counts[1]} objects** ({probs[counts[0]]:.0%} / {probs[counts[1]]:.0%}: "
                 "too close to call)")
-    return f"→ **{counts[0]} objects** ({probs[counts[0]]:.0%})"
+    return f"→ **{counts[0]} object{'' if counts[0] == 1 else 's'}** ({probs[counts[0]]:.0%})"
 
 
 def gather_inputs() -> tuple[str, list[uploads.PhotoInput], list[str]] | None:
@@ -220,10 +220,17 @@ def serve_hint(run: dict) -> None:
     """The command that serves this model over HTTP, and a curl line to ask it for a photo's count."""
     with st.expander("Predict over HTTP"):
         precision = " --precision bf16" if run["precision"] == "bf16" else ""
-        st.code(f"python -m core serve --model {Path(run['path']) / 'model.pt'} --port 8080{precision}\n"
-                "curl -s -X POST -H 'Content-Type: image/jpeg' --data-binary @photo.jpg "
-                "http://127.0.0.1:8080/invocations", language="bash", wrap_lines=True)
-        st.caption("GET /ping answers 200 once the model is loaded, GET /model describes it, /docs lists the API.")
+        project = Path(__file__).resolve().parents[1]
+        st.markdown(f"**1. Start the service** in a terminal, from the project folder (`{project}`). It keeps "
+                    "that terminal busy while it serves; stop it with Ctrl+C.")
+        st.code(f"cd {project}\npython -m core serve \\\n  --model {Path(run['path']) / 'model.pt'} \\\n"
+                f"  --port 8080{precision}", language="bash")
+        st.markdown("**2. Ask it for a count** from a second terminal, in the folder of the photo, once "
+                    "`curl -s http://127.0.0.1:8080/ping` answers:")
+        st.code("curl -s -X POST -H 'Content-Type: image/jpeg' \\\n  --data-binary @photo.jpg \\\n"
+                "  http://127.0.0.1:8080/invocations", language="bash")
+        st.caption("The answer: count, second_count and tie (a toss-up: “3 or 4”), probabilities, confidence, "
+                   "low_confidence. GET /model describes the model, /docs lists the API.")
 
 
 def predictions_for(run: dict, signature: str, inputs: list[uploads.PhotoInput]) -> pd.DataFrame:
@@ -309,22 +316,29 @@ def show_results(frame: pd.DataFrame, run: dict, notes: list[str]) -> None:
                         help=f"Two counts within {CLOSE_CALL:.0%} of each other are shown as a toss-up.")
             st.plotly_chart(probability_chart(row, classes, threshold), width="stretch", key=f"probs_{i}_{row['name']}")
     st.subheader("Batch table")
-    table = frame.copy()
+    table = with_ties(frame)
+    table["error"] = table["error"].fillna("")
     table["low_confidence"] = (table["confidence"] < threshold).astype("boolean").mask(table["error"].notna())
     probs = probability_columns(table)
     config_columns = {p: st.column_config.ProgressColumn(f"P({p.split('_', 1)[1]})", min_value=0.0, max_value=1.0,
                                                          format="%.2f") for p in probs}
     config_columns["confidence"] = st.column_config.NumberColumn("confidence", format="%.3f", width="small")
     config_columns["predicted"] = st.column_config.NumberColumn("count", width="small")
+    config_columns["second_count"] = st.column_config.NumberColumn("or", width="small",
+                                                                   help="The other count of a toss-up (“3 or 4”: "
+                                                                        f"within {CLOSE_CALL:.0%}); `tie` in the CSV")
     config_columns["low_confidence"] = st.column_config.CheckboxColumn("flagged", width="small",
                                                                        help="Less confident than the threshold")
-    config_columns["error"] = st.column_config.TextColumn("error", width="medium")
+    config_columns["error"] = st.column_config.TextColumn("error", width="medium",
+                                                          help="Each whole message is above the table")
     for p in probs:  # five probability bars fit beside the rest at 1400 px
         config_columns[p]["width"] = "small"
-    shown_columns = ["name", "predicted", "confidence", "low_confidence"] + probs + ["error"]
+    shown_columns = ["name", "predicted", "second_count", "confidence", "low_confidence"] + probs + ["error"]
     st.dataframe(table[shown_columns], hide_index=True, width="stretch", column_config=config_columns,
                  key="predict_table")
-    st.download_button("Download the table (CSV)", table[shown_columns + ["source"]].to_csv(index=False).encode(),
+    exported = (["name", "predicted", "second_count", "tie", "confidence", "low_confidence"] + probs
+                + ["error", "source"])
+    st.download_button("Download the table (CSV)", table[exported].to_csv(index=False).encode(),
                        f"predictions-{run['id']}.csv", "text/csv")
 
 

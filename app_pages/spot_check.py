@@ -6,12 +6,12 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from app_pages.common import current_dataset, current_user, model_for
+from app_pages.common import current_dataset, current_user, model_for, remembered_annotator
+from app_pages.review_views import label_issues_now, precision_tiles, recheck_line
 from core.data import annotations
 from core.data.classes import ClassRange, model_class_range
 from core.data.dataset import photo_items
 from core.data.images import ImageError, load_image
-from core.evaluation.label_issues import cached_label_issues
 from core.jobs.runs import current_model_path
 from core.review.queue import (
     ISSUE_QUEUES,
@@ -29,9 +29,10 @@ from core.review.queue import (
 
 COUNT_FILTERS = [0, 1, 2, 3, 4, 5, annotations.MORE_THAN_FIVE]
 SPLITS = ["train", "valid", "test", "none"]
-STATUS_COLOURS = {"confirmed": "#2ca02c", "corrected": "#e07b00", "unclear": "#7f7f7f"}
-SHORTCUTS = ("Keys: **Y** confirm · **0**–**5** set the count · **M** more than 5 · **U** unclear · **N** next · "
-             "**P** previous")
+STATUS_COLOURS = {"confirmed": "#2ca02c", "corrected": "#e07b00", "unclear": "#7f7f7f", "hidden": "#6f42c1",
+                  "model_wrong": "#1f77b4"}
+SHORTCUTS = ("Keys: **Y** confirm · **0**–**5** set the count · **M** more than 5 · **H** items hidden · "
+             "**W** model wrong · **U** unclear · **N** next · **P** previous")
 
 
 def who_is_annotating() -> str:
@@ -51,15 +52,14 @@ def who_is_annotating() -> str:
         st.info("Log in to spot-check: each decision is saved under your name.")
         st.button("Log in", on_click=st.login, type="primary")
         st.stop()
-    name = st.session_state.get("annotator") or st.query_params.get("annotator", "")
+    name = remembered_annotator()
     if name:
-        st.session_state["annotator"] = name
         return name
     with st.form("annotator_form"):
         typed = st.text_input("Your name — saved with each of your decisions", key="annotator_input")
         started = st.form_submit_button("Start checking", type="primary")
     if started and typed.strip():
-        st.session_state["annotator"] = st.query_params["annotator"] = typed.strip()
+        st.session_state["annotator"] = typed.strip()
         st.rerun()
     if started:
         st.error("Type a name first: every decision records who made it.")
@@ -78,10 +78,13 @@ def decide(choice: str, key: str, name: str, path: str, current: int | None, see
            length: int) -> None:
     """Button callback: save the decision (its own transaction) and go to the next bin."""
     note = st.session_state.get(f"spot_note_{name}", "")
-    count = current if choice == "confirm" else annotations.UNCLEAR if choice == "unclear" else int(choice)
+    outcome = choice if choice in annotations.OUTCOMES else None
+    count = (current if choice == "confirm" or outcome else annotations.UNCLEAR if choice == "unclear"
+             else int(choice))
     try:
         result = annotations.save_decision(key, name, who, count, recorded_count=current, note=note, path=path,
-                                           seen_id=seen_id)
+                                           seen_id=seen_id, outcome=outcome,
+                                           queue=st.session_state.get("spot_kind", ""))
     except annotations.PhotoMissing as exc:
         flash("error", f"**This photo has vanished.** {exc}")
         return
@@ -90,7 +93,8 @@ def decide(choice: str, key: str, name: str, path: str, current: int | None, see
         return
     st.session_state.pop(f"spot_note_{name}", None)
     saved = result.decision
-    message = f"Saved **{name}**: {saved.status}, count {annotations.count_label(saved.new_count)}."
+    message = (f"Saved **{name}**: {annotations.STATUS_WORDS[saved.status]}, count "
+               f"{annotations.count_label(saved.new_count)}.")
     if st.session_state.get("spot_pos", 0) >= length - 1:
         message += " That was the last bin of this queue: draw a **New queue** for more."
     if result.overtaken:
@@ -108,21 +112,22 @@ def decide(choice: str, key: str, name: str, path: str, current: int | None, see
 
 def model_prediction(model_path: Path | None, row: pd.Series) -> None:
     if model_path is None:
-        st.caption("🤖 No model yet: train one (Train page) to see its prediction here.")
+        st.caption(":material/smart_toy: No model yet: train one (Train page) to see its prediction here.")
         return
     from core.models.networks import WeightsError
 
     try:  # read from the prediction store; predicted (and stored) the first time this bin is shown
         known = score_photos(model_path, row.to_frame().T, lambda: model_for(model_path))
     except (OSError, RuntimeError, ValueError, ImageError, WeightsError) as exc:
-        st.caption(f"🤖 The current model could not predict this photo: {exc}")
+        st.caption(f":material/smart_toy: The current model could not predict this photo: {exc}")
         return
     if known.empty or pd.notna(known.iloc[0]["error"]):
-        st.caption("🤖 The current model could not read this photo.")
+        st.caption(":material/smart_toy: The current model could not read this photo.")
         return
     predicted, confidence = known.iloc[0]["predicted"], float(known.iloc[0]["confidence"])
-    verdict = ":green[✓ agrees with the label]" if agrees(row, predicted) else ":red[✗ differs from the label]"
-    st.markdown(f"🤖 Model predicts **{predicted}** ({confidence:.0%} sure) · {verdict}")
+    verdict = (":green[:material/check: agrees with the label]" if agrees(row, predicted)
+               else ":red[:material/close: differs from the label]")
+    st.markdown(f":material/smart_toy: Model predicts **{predicted}** ({confidence:.0%} sure) · {verdict}")
 
 
 def label_issue_hint(health_issues, name: str) -> None:
@@ -135,6 +140,8 @@ def label_issue_hint(health_issues, name: str) -> None:
     row = row.iloc[0]
     probs = {c: float(row[f"prob_{c}"]) for c in health_issues.classes}
     verdict = "likely wrong" if row["flagged"] else "not flagged"
+    if row.get("outcome"):
+        verdict += f" (reviewed: {annotations.STATUS_WORDS[row['outcome']]})"
     st.markdown(f":material/health_and_safety: Data health suggests **{row['suggested']}** · {verdict}, expected "
                 f"{row['score']:.1f} objects off", help="From heads that never saw this photo (cross-fitted on the "
                 "other photos): the expected distance in objects between the recorded count and the true one.")
@@ -158,26 +165,32 @@ def show_progress(key: str, frame: pd.DataFrame) -> None:
     latest = annotations.latest_decisions(key)
     pool = candidates(frame)
     checked = int(pool["name"].isin(latest["photo"]).sum())
-    cols = st.columns(4)
+    cols = st.columns(5)
     cols[0].metric("Bins checked", f"{checked:,} of {len(pool):,}",
                    help=f"{checked / max(len(pool), 1):.1%} of the bins that can be looked at")
     cols[1].metric("Counts corrected", f"{int((latest['status'] == 'corrected').sum()):,}")
-    cols[2].metric("Marked unclear", f"{int((latest['status'] == 'unclear').sum()):,}",
+    cols[2].metric("Items hidden", f"{int((latest['status'] == 'hidden').sum()):,}",
+                   help="The record is right but the items cannot be counted from the photo; training can leave "
+                        "them out (Train → Advanced) and Evaluate reports them apart")
+    cols[3].metric("Marked unclear", f"{int((latest['status'] == 'unclear').sum()):,}",
                    help="Left out of training and evaluation until someone sets a count")
     table = annotations.progress(key)
-    cols[3].metric("Decisions in total", f"{int(table['decisions'].sum()):,}")
+    cols[4].metric("Decisions in total", f"{int(table['decisions'].sum()):,}", help="Undone decisions do not count")
     if table.empty:
         st.info("No decision yet: the chart of each annotator's progress appears after the first one.")
         return
     long = table.melt(id_vars="annotator", value_vars=list(annotations.STATUSES), var_name="status",
                       value_name="n")
-    figure = px.bar(long, x="n", y="annotator", color="status", orientation="h", color_discrete_map=STATUS_COLOURS,
+    long["status"] = long["status"].map(annotations.STATUS_WORDS)
+    colours = {annotations.STATUS_WORDS[s]: c for s, c in STATUS_COLOURS.items()}
+    figure = px.bar(long, x="n", y="annotator", color="status", orientation="h", color_discrete_map=colours,
                     title="Decisions per annotator", labels={"n": "decisions"},
                     height=220 + 40 * len(table))
     figure.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0, title=None))
     st.plotly_chart(figure, width="stretch")
     table["last_at"] = table["last_at"].str.slice(0, 19).str.replace("T", " ") + " UTC"
-    st.dataframe(table.rename(columns={"last_at": "last decision"}), hide_index=True, width="stretch")
+    st.dataframe(table.rename(columns=annotations.STATUS_WORDS | {"last_at": "last decision"}), hide_index=True,
+                 width="stretch")
 
 
 def show_history(key: str) -> None:
@@ -193,13 +206,17 @@ def show_history(key: str) -> None:
     if text.strip():
         trail = trail[trail["photo"].str.contains(text.strip(), case=False, regex=False)]
     st.dataframe(readable(trail).iloc[::-1], hide_index=True, width="stretch")
-    st.download_button("⬇️ Export every decision (CSV)", annotations.export_csv(key), "annotations.csv", "text/csv",
+    st.download_button("Export every decision (CSV)", annotations.export_csv(key), "annotations.csv", "text/csv",
+                       icon=":material/download:",
                        key="export_csv")
 
 
 def readable(trail: pd.DataFrame) -> pd.DataFrame:
     shown = trail[["created_at", "photo", "annotator", "status", "old_count", "new_count", "note"]].copy()
     shown["created_at"] = shown["created_at"].str.slice(0, 19).str.replace("T", " ") + " UTC"
+    shown["status"] = [annotations.STATUS_WORDS[s] + (f" (undone {u[:19].replace('T', ' ')} by {b})"
+                                                      if isinstance(u, str) else "")
+                       for s, u, b in zip(trail["status"], trail["undone_at"], trail["undone_by"])]
     shown["old_count"] = [("—" if pd.isna(c) else str(int(c))) for c in shown["old_count"]]
     shown["new_count"] = [annotations.count_label(None if pd.isna(c) else c) for c in shown["new_count"]]
     return shown.rename(columns={"created_at": "time", "old_count": "from", "new_count": "to"})
@@ -230,7 +247,7 @@ def choose_queue(dataset, model_path: Path | None, checked: set[str], health_iss
     classes = model_classes(model_path) if kind in MODEL_QUEUES or kind == "outside" else None
     if kind in MODEL_QUEUES:
         if model_path is None:
-            st.info("🤖 No model yet: this queue needs the current model's predictions. Train a model on the "
+            st.info(":material/smart_toy: No model yet: this queue needs the current model's predictions. Train a model on the "
                     "Train page (and choose it as current), or pick another queue.")
             st.stop()
         pool = candidates(frame, counts, splits)
@@ -248,8 +265,7 @@ def choose_queue(dataset, model_path: Path | None, checked: set[str], health_iss
     issues = None
     if kind in ISSUE_QUEUES:
         if health_issues is None:
-            st.info("This queue is ordered by the data health check, which has not run on the labels as they are now "
-                    "(or a correction changed them since).")
+            st.info("This queue is ordered by the data health check, which has not run on this dataset yet.")
             st.page_link("app_pages/health.py", label="Open Data health and run the check",
                          icon=":material/health_and_safety:")
             st.stop()
@@ -291,6 +307,8 @@ def show_bin(dataset, name: str, who: str, queue: list[str], model_path: Path | 
             st.caption("Scroll or drag a box to zoom, double-click to reset.")
         except ImageError as exc:
             st.error(f"This photo cannot be shown: {exc}. Mark it unclear or go on with Next.")
+        kind = st.session_state.get("spot_kind", "")
+        precision_tiles(dataset.key, kind, QUEUES.get(kind, kind))  # under the photo: the buttons stay in view
     with right:
         st.markdown(f"#### {name}")
         source = "checked" if row["label_source"] == "annotation" else f"recorded ({row['label_source']})"
@@ -308,7 +326,7 @@ def show_bin(dataset, name: str, who: str, queue: list[str], model_path: Path | 
         context = dict(key=dataset.key, name=name, path=path, current=current,
                        seen_id=None if last is None else int(last["id"]), who=who, length=len(queue))
         buttons = st.container(horizontal=True)
-        buttons.button(f"✅ Confirm {shown_count if current is not None else ''}", type="primary",
+        buttons.button(f"Confirm {shown_count if current is not None else ''}", type="primary", icon=":material/check:",
                        shortcut="Y", key="decide_confirm", disabled=current is None, on_click=decide,
                        kwargs=dict(choice="confirm", **context))
         for n in range(6):
@@ -316,8 +334,19 @@ def show_bin(dataset, name: str, who: str, queue: list[str], model_path: Path | 
                            kwargs=dict(choice=str(n), **context))
         buttons.button("More than 5", shortcut="M", key="decide_more", on_click=decide,
                        kwargs=dict(choice=str(annotations.MORE_THAN_FIVE), **context))
-        buttons.button("❓ Unclear", shortcut="U", key="decide_unclear", on_click=decide,
-                       kwargs=dict(choice="unclear", **context))
+        outcomes = st.container(horizontal=True)
+        outcomes.button("Items hidden", shortcut="H", key="decide_hidden", on_click=decide,
+                        icon=":material/visibility_off:",
+                        disabled=current is None, kwargs=dict(choice="hidden", **context),
+                        help="The recorded count is right, but the items cannot be counted from this photo (hidden "
+                             "under a box or the bands, flat, blurred). The count stays.")
+        outcomes.button("Model wrong", shortcut="W", key="decide_model_wrong", on_click=decide,
+                        icon=":material/smart_toy:", disabled=current is None,
+                        kwargs=dict(choice="model_wrong", **context),
+                        help="The recorded count is right and can be seen: the flag or the model is wrong. The "
+                             "count stays.")
+        outcomes.button("Unclear", shortcut="U", key="decide_unclear", on_click=decide, icon=":material/help:",
+                        kwargs=dict(choice="unclear", **context))
         st.caption(SHORTCUTS)
         items = photo_items(dataset, name)
         if items:  # what counting needs: the item and how many; the dimensions are in Browse
@@ -351,7 +380,8 @@ with check_tab:
         getattr(st, kind)(text)
     model_path = current_model_path()
     checked = set(annotations.latest_decisions(dataset.key)["photo"])
-    health_issues = cached_label_issues(dataset)  # the data health check's label issues, when current (else None)
+    # the data health check's label issues with the reviews since; re-checked in the background when labels changed
+    health_issues = label_issues_now(dataset)
     queue = choose_queue(dataset, model_path, checked, health_issues)
     if not queue:
         st.info("No bin left in this queue: every matching bin is checked, or none matches the filters.")
@@ -363,7 +393,9 @@ with check_tab:
     nav.button("Next ▶", shortcut="N", key="spot_next", disabled=pos >= len(queue) - 1, on_click=move,
                args=(+1, len(queue)))
     nav.progress(done / len(queue), text=f"Bin {pos + 1} of {len(queue)} · {done} checked in this queue")
-    if nav.button("🔀 New queue", key="spot_reshuffle", help="Draw another sample with the same settings"):
+    if nav.button("New queue", icon=":material/shuffle:", key="spot_reshuffle",
+                  help="Draw another sample with the same settings"):
         st.session_state["spot_seed"] = st.session_state.get("spot_seed", 0) + 1
         st.rerun()
     show_bin(dataset, queue[pos], annotator, queue, model_path, health_issues)
+    recheck_line(dataset.key, health_issues)

@@ -15,7 +15,7 @@ from core import gpu
 from core.jobs import hpo, worker
 from core.jobs import queue as jobs
 from core.jobs.describe import duration, params_summary, progress_text, search_params, trial_epochs
-from core.jobs.estimates import estimate_seconds
+from core.jobs.estimates import estimate_seconds, features_cached
 from core.jobs.params import describe_dataset, training_problems
 from core.jobs.runs import (
     current_run,
@@ -122,9 +122,12 @@ def training_form(dataset, facts: dict, on_gpu: bool) -> dict | None:
         return None
     seconds, measured = estimate_seconds(params, facts["n_train"], facts["n_valid"], facts["n_test"],
                                          on_gpu and device != "cpu")
+    cached = features_cached(params)
     st.caption(f"Estimated duration: about **{duration(seconds)}** "
-               + ("(from the images/s measured by earlier runs on this machine)." if measured else
-                  "(a rough guess: the first run measures this machine's images/s and later estimates use it)."))
+               + ("(from the images/s measured by earlier runs on this machine" if measured else
+                  "(a rough guess: the first run measures this machine's images/s and later estimates use it")
+               + ("; the photos' features are cached by an earlier run with this backbone and input, so they are "
+                  "read back, not computed)." if cached else ")."))
     return params
 
 
@@ -325,7 +328,7 @@ def runs_section() -> None:
     for run in runs:
         final = final_metrics(run)
         rows.append({
-            "name": run_name(run), "current": "⭐" if current and current.id == run.id else "",
+            "name": run_name(run), "current": bool(current and current.id == run.id),
             "accuracy": final.get("accuracy"), "off-by-one": final.get("off_by_one"), "MAE": final.get("mae"),
             "balanced accuracy": final.get("balanced_accuracy"), "macro-F1": final.get("macro_f1"),
             "backbone": str(run.params.get("backbone") or "").replace("efficientnet_", ""),
@@ -351,7 +354,8 @@ def runs_section() -> None:
         shown, hide_index=True, width="stretch", key="train_runs_table", column_order=RUN_COLUMNS,
         column_config={c: percent for c in ("balanced accuracy", "accuracy", "macro-F1", "off-by-one")}
         | {"name": st.column_config.TextColumn("name", help="Rename a run below (Evaluate and Predict show it)"),
-           "current": st.column_config.TextColumn("⭐", width="small", help="The current model (used by Predict)"),
+           "current": st.column_config.CheckboxColumn("current", width="small",
+                                                      help="The current model (used by Predict)"),
            "MAE": st.column_config.NumberColumn(format="%.2f", width="small",
                                                 help="Mean absolute error: objects off, on average"),
            "off-by-one": st.column_config.NumberColumn(format="%.1f%%", width="small",
@@ -491,7 +495,7 @@ st.subheader("Runs")
 runs_section()
 
 if facts is not None and facts["n_train"] > 0:
-    with st.expander("🔎 Hyperparameter search", expanded=bool(jobs.list_jobs(kind="hpo", limit=1))):
+    with st.expander("Hyperparameter search", icon=":material/tune:", expanded=bool(jobs.list_jobs(kind="hpo", limit=1))):
         search_form(base_params, facts, on_gpu)
         searches = [j for j in jobs.list_jobs(kind="hpo", limit=3) if not j.active]
         for job in searches:

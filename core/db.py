@@ -81,8 +81,35 @@ MIGRATIONS: list[Migration] = [
     # (NULL for jobs queued before: the current BINSIGHT_JOB_RETRIES applies).
     ("ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
      "ALTER TABLE jobs ADD COLUMN retries INTEGER"),
+    # 4: reviewer outcomes (the record is right but the items are hidden; the model is wrong), the queue a decision
+    # was made from, and undo as a mark on the undone decision (it no longer counts) instead of a new decision.
+    lambda conn: _annotations_v4(conn),
 ]
 LATEST_VERSION = len(MIGRATIONS)
+
+
+def _annotations_v4(conn: sqlite3.Connection) -> None:
+    """SQLite cannot widen a CHECK: the annotations table is rebuilt with the new statuses and columns, rows kept."""
+    conn.execute("""CREATE TABLE annotations_v4 (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        dataset_key TEXT NOT NULL,
+        photo TEXT NOT NULL,
+        annotator TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        old_count INTEGER,
+        new_count INTEGER,
+        status TEXT NOT NULL CHECK (status IN ('confirmed', 'corrected', 'unclear', 'hidden', 'model_wrong')),
+        note TEXT NOT NULL DEFAULT '',
+        queue TEXT NOT NULL DEFAULT '',
+        undone_at TEXT,
+        undone_by TEXT
+    )""")
+    conn.execute("INSERT INTO annotations_v4 (id, dataset_key, photo, annotator, created_at, old_count, new_count, "
+                 "status, note) SELECT id, dataset_key, photo, annotator, created_at, old_count, new_count, status, "
+                 "note FROM annotations")
+    conn.execute("DROP TABLE annotations")
+    conn.execute("ALTER TABLE annotations_v4 RENAME TO annotations")
+    conn.execute("CREATE INDEX annotations_photo ON annotations (dataset_key, photo, id)")
 
 _migrated: set[str] = set()  # database files this process has brought up to date
 _migrated_lock = threading.Lock()

@@ -256,3 +256,64 @@ def test_bins_outside_the_model_classes_leave_its_queues_for_their_own(small_abi
     assert build_queue(frame, "sent", sent=sent) == sent
     with pytest.raises(QueueError, match="Evaluate"):
         build_queue(frame, "sent")
+
+
+def test_reviewer_outcomes_keep_the_count_and_say_why_the_bin_looked_wrong():
+    key = "outcomes"
+    hidden = annotations.save_decision(key, "a.jpg", "ann", 1, recorded_count=3, outcome="hidden",
+                                       queue="likely_wrong").decision
+    wrong = annotations.save_decision(key, "b.jpg", "ann", None, recorded_count=2, outcome="model_wrong",
+                                      queue="likely_wrong").decision
+    corrected = annotations.save_decision(key, "c.jpg", "ann", 4, recorded_count=2, queue="likely_wrong").decision
+    # an outcome keeps the label whatever count is passed; the queue is stored with the decision
+    assert [(d.status, d.old_count, d.new_count, d.queue) for d in (hidden, wrong, corrected)] == [
+        ("hidden", 3, 3, "likely_wrong"), ("model_wrong", 2, 2, "likely_wrong"), ("corrected", 2, 4, "likely_wrong")]
+    assert annotations.label_overrides(key) == {"a.jpg": 3, "b.jpg": 2, "c.jpg": 4}
+    assert annotations.uncountable(key) == {"a.jpg"}
+    annotations.save_decision(key, "a.jpg", "bob", 3, recorded_count=3)  # a later look counts it: countable again
+    assert annotations.uncountable(key) == set()
+    with pytest.raises(annotations.AnnotationError, match="not an outcome"):
+        annotations.save_decision(key, "d.jpg", "ann", 2, recorded_count=2, outcome="blurry")
+    assert set(annotations.export_frame(key)["status"]) == {"hidden", "model_wrong", "corrected", "confirmed"}
+
+
+def test_each_queue_measures_how_often_its_flags_are_right():
+    from core.review.precision import precision_of, queue_precision, wilson_interval
+
+    key = "precision"
+    for i, outcome in enumerate(["corrected", "hidden", "hidden", "model_wrong", "confirmed"]):
+        count = 5 if outcome == "corrected" else 2
+        annotations.save_decision(key, f"{i}.jpg", "ann", count, recorded_count=2,
+                                  outcome=outcome if outcome in annotations.OUTCOMES else None, queue="likely_wrong")
+    annotations.save_decision(key, "r.jpg", "ann", 4, recorded_count=2, queue="random")
+    annotations.save_decision(key, "0.jpg", "bob", 4, recorded_count=2, queue="likely_wrong")  # a second look
+    table = queue_precision(key)
+    found = precision_of(table, "likely_wrong")
+    assert found["reviewed"] == 5  # one row per bin: its latest decision from that queue
+    assert {v: found[v][0] for v in ("record wrong", "items hidden", "record right", "unclear")} == {
+        "record wrong": 1, "items hidden": 2, "record right": 2, "unclear": 0}
+    bins, share, low, high = found["items hidden"]
+    assert share == pytest.approx(0.4) and (low, high) == pytest.approx(wilson_interval(2, 5))
+    assert 0.05 < low < 0.4 < high < 0.9  # Wilson's interval for 2 of 5
+    assert precision_of(table, "random")["record wrong"][:2] == (1, 1.0)
+    assert precision_of(table, "disagreement") is None
+
+
+def test_photos_marked_uncountable_can_be_left_out_of_training_only(small_abid, tmp_path):
+    from core.data.loading import load_dataset
+    from core.training.config import TrainConfig
+    from core.training.loop import train
+
+    dataset = load_dataset(str(small_abid))
+    train_rows, valid_rows = dataset.rows("train"), dataset.rows("valid")
+    hidden = list(train_rows["name"][:2]) + list(valid_rows["name"][:1])
+    for name in hidden:
+        recorded = int(dataset.frame.set_index("name").loc[name, "count"])
+        annotations.save_decision(dataset.key, name, "ann", recorded, recorded_count=recorded, outcome="hidden")
+    out = tmp_path / "run"
+    result = train(TrainConfig(data=str(small_abid), out=str(out), mode="frozen", epochs=1, image_size=96,
+                               batch_size=16, device="cpu", num_workers=0, exclude_uncountable=True))
+    assert result["config"]["exclude_uncountable"] is True and result["config"]["uncountable_excluded"] == 2
+    log = (out / "log.txt").read_text()
+    assert "left out 2 training photos marked as uncountable" in log
+    assert f"{len(train_rows) - 2} train, {len(valid_rows)} valid" in log  # valid keeps its hidden photo

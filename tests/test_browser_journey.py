@@ -223,6 +223,11 @@ def analyst_journey(page, source: Path, tmp_path: Path) -> None:
     new_count = 2 if labels[name] != 2 else 4
     dialog.get_by_role("button", name=str(new_count), exact=True).click()
     dialog.locator('[data-testid="stAlertContentSuccess"]', has_text=f"Saved {name}").wait_for()
+    # the dialog shows the label it saved (not the one evaluated), that count's button lit, and an undo
+    saved_label = re.compile(rf"Label {new_count} \(corrected by ana; {labels[name]} when evaluated\)")
+    dialog.get_by_text(saved_label).wait_for()
+    assert dialog.locator(f".st-key-cm_set_{new_count} button").get_attribute("kind") == "primary"
+    assert dialog.locator(".st-key-cm_undo button").is_visible()
     shot(page, "05-evaluate-correct")
     from core.data import annotations
     from core.data.dataset import dataset_key

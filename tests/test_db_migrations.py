@@ -112,6 +112,11 @@ def test_a_database_from_before_migrations_upgrades_and_keeps_every_row(tmp_path
     assert jobs.get(new.id).user == "bob" and [j.id for j in jobs.list_jobs()] == [new.id, 1]
     saved = annotations.save_decision("demo", "00001.jpg", "bob", 4, recorded_count=2)
     assert saved.decision.old_count == 3  # the history read from the old rows goes on unbroken
+    with db.connection() as conn:  # migration 4: the reviewer outcomes fit the rebuilt table, its index is back
+        assert columns(conn, "annotations")[-3:] == ["queue", "undone_at", "undone_by"]
+        assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'annotations_photo'").fetchone()
+    hidden = annotations.save_decision("demo", "00001.jpg", "bob", None, recorded_count=2, outcome="hidden")
+    assert (hidden.decision.status, hidden.decision.new_count, hidden.decision.id) == ("hidden", 4, 4)
 
 
 def test_a_new_database_starts_at_the_latest_version_and_migrating_again_changes_nothing():

@@ -77,7 +77,8 @@ def test_a_lasso_on_the_map_opens_its_photos_and_an_annotator_relabels_them(tiny
 
     at.button(key="browse_map_undo").click().run()
     after = annotations.history(load_dataset(tiny_abid).key)
-    assert len(after) == 6 and after["new_count"].tolist()[3:] == trail["old_count"].tolist()
+    assert len(after) == 3 and after["undone_at"].notna().all()  # undone, not a new "corrected" decision each
+    assert annotations.label_overrides(load_dataset(tiny_abid).key) == {}
     assert load_dataset(tiny_abid).frame.set_index("name").loc[chosen, "count"].tolist() == \
         [recorded[n] for n in chosen]
 
@@ -95,19 +96,27 @@ def test_a_viewer_sees_the_selection_but_cannot_relabel(tiny_abid):
     assert annotations.history(key).empty
 
 
-def test_bulk_relabel_is_one_transaction_and_undo_leaves_photos_decided_since(small_abid):
+def test_bulk_relabel_is_one_transaction_and_undo_restores_the_previous_decision(small_abid):
     key = load_dataset(small_abid).key
     annotator = User("ann@example.com", "annotator")
     saved = annotations.save_bulk_decision(key, {"a.jpg": 1, "b.jpg": 2, "c.jpg": None}, 3, user=annotator)
     assert [(d.photo, d.old_count, d.new_count, d.status) for d in saved] == [
         ("a.jpg", 1, 3, "corrected"), ("b.jpg", 2, 3, "corrected"), ("c.jpg", None, 3, "corrected")]
     annotations.save_decision(key, "b.jpg", "bob", 5, recorded_count=2)
-    undone, left = annotations.undo_decisions(key, saved, user=annotator)
-    assert left == ["b.jpg"] and [(d.photo, d.new_count) for d in undone] == [("a.jpg", 1), ("c.jpg", None)]
-    assert annotations.label_overrides(key) == {"a.jpg": 1, "b.jpg": 5, "c.jpg": None}
+    annotations.save_decision(key, "c.jpg", "bob", 4, recorded_count=None)
+    again = annotations.save_bulk_decision(key, {"a.jpg": 1, "c.jpg": 4}, 2, user=annotator)
+    undone, left = annotations.undo_decisions(key, saved[:2] + again, user=annotator)
+    # Undo restores what was there: c.jpg goes back to bob's 4, a.jpg to no decision at all (its recorded count);
+    # b.jpg, decided by bob since, keeps his decision. Nothing is added: the undone rows are marked, not counted.
+    assert left == ["a.jpg", "b.jpg"] and [d.photo for d in undone] == ["a.jpg", "c.jpg"]
+    annotations.undo_decisions(key, saved[:1], user=annotator)
+    assert annotations.label_overrides(key) == {"b.jpg": 5, "c.jpg": 4}
+    trail = annotations.history(key)
+    assert len(trail) == 7 and trail["undone_at"].notna().sum() == 3
+    assert annotations.progress(key).set_index("annotator").loc["ann@example.com", "corrected"] == 2  # b, c: not undone
     with pytest.raises(annotations.AnnotationError):
         annotations.save_bulk_decision(key, {"a.jpg": 1}, -2, user=annotator)
-    assert len(annotations.history(key)) == 6  # nothing saved by the refused one
+    assert len(annotations.history(key)) == 7  # nothing saved by the refused one
 
 
 def test_bootstrap_intervals_contain_the_point_and_narrow_with_more_photos(shared):
@@ -244,3 +253,15 @@ def test_compare_says_what_changed_photo_by_photo_and_a_cell_shows_where_the_mod
     assert not at.exception and not at.warning
     cell = results["better"].cell(true, predicted)
     assert len(at.image) == images + 2 * min(len(cell), 6)  # for the count predicted and for the label
+
+
+def test_a_click_on_a_point_opens_every_photo_drawn_on_it():
+    from app_pages.insight_views import _steps, plural, with_stacked
+
+    frame = pd.DataFrame({"name": ["a.jpg", "b.jpg", "c.jpg", "d.jpg"], "x": [0.0, 0.0, 5.0, 10.0],
+                          "y": [1.0, 1.0, 2.0, 3.0]})
+    assert with_stacked(frame, ["a.jpg"]) == ["a.jpg", "b.jpg"]  # b sits under a
+    assert with_stacked(frame, ["c.jpg", "d.jpg"]) == ["c.jpg", "d.jpg"] and with_stacked(frame, []) == []
+    assert (plural(1, "photo"), plural(15, "photo")) == ("1 photo", "15 photos")
+    scale, whole = _steps("Viridis", [3, 1, 5, 5, 2, 4])  # five counts: five flat bands
+    assert whole == [1, 2, 3, 4, 5] and len(scale) == 10 and len({colour for _, colour in scale}) == 5

@@ -196,3 +196,20 @@ def test_device_facts_without_a_gpu():
     assert facts["cuda"] is False and facts["gpus"] == [] and facts["cpu_cores"] >= 1
     assert gpu.training_slots() == ["cpu", "remote"] and gpu.stats_for_device("cpu") is None
     assert gpu.stats_for_device("cuda:0") is None
+
+
+def test_the_estimate_of_a_frozen_training_reads_cached_features_instead_of_computing_them():
+    from core.jobs.estimates import CACHED_READ_SPEED, DEFAULT_SPEED, features_cached
+
+    params = {"backbone": "efficientnet_lite0", "mode": "frozen", "epochs": 5, "image_size": 224, "aspect": 1.0,
+              "dataset_key": "abid", "tta": "none"}
+    first, _ = estimate_seconds(params, 400, 100, 100, on_gpu=False)
+    assert not features_cached(params)
+    register_run(fake_run("frozen-before", 0.5), params=params, extra={"speeds": {}, "on_gpu": False})
+    assert features_cached(params) and features_cached(params | {"epochs": 20})  # epochs do not change features
+    again, _ = estimate_seconds(params, 400, 100, 100, on_gpu=False)
+    assert first - again == pytest.approx(600 / DEFAULT_SPEED["features"] - 600 / CACHED_READ_SPEED)
+    # another input size, dataset or mode computes its own features
+    assert not features_cached(params | {"image_size": 288})
+    assert not features_cached(params | {"dataset_key": "other"})
+    assert not features_cached(params | {"mode": "finetune"})

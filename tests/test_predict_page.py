@@ -2,6 +2,7 @@
 import io
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -11,7 +12,7 @@ from core import config
 from core.data import uploads
 from core.jobs import queue as jobs
 from core.jobs.runs import current_run
-from core.models.inference import predict_inputs, predict_photos
+from core.models.inference import CLOSE_CALL, predict_inputs, predict_photos
 from core.models.networks import load_model
 from tests.moto_s3 import shared_world
 from tests.test_uploads import BAD_FILES
@@ -234,3 +235,10 @@ def test_a_folder_with_subfolders_pages_through_and_serves_the_shown_table(share
     served = pd.read_csv(io.BytesIO(served_files(button)))
     assert list(served["name"]) == list(table["name"])
     assert list(served["predicted"]) == [int(p) for p in table["predicted"]]
+    # The toss-up survives the export: "2 or 3" is predicted 2 or 3, second_count the other, tie true
+    probs = served[[f"prob_{c}" for c in range(1, 6)]].to_numpy()
+    top_two = np.sort(probs, axis=1)[:, -2:]
+    assert list(served["tie"]) == list(top_two[:, 1] - top_two[:, 0] <= CLOSE_CALL)
+    for row, p in zip(served.itertuples(), probs):
+        expected = np.argsort(p)[-2] + 1 if row.tie else None
+        assert (pd.isna(row.second_count) and expected is None) or row.second_count == expected

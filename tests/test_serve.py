@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -251,3 +252,29 @@ def test_cli_predicts_every_photo_under_an_s3_prefix(tmp_path, tmp_path_factory,
     assert frame["path"].str.startswith(f"s3://{PUBLIC_BUCKET}/bin-images/").all()
     assert "photos/s" in capsys.readouterr().err
     assert main(["predict", "--model", str(model), f"s3://{PUBLIC_BUCKET}/nothing-here/"]) == 2
+
+
+def test_a_toss_up_keeps_both_counts_in_the_answer_and_in_the_csv(client, server, photos):
+    from core.models.inference import CLOSE_CALL, with_ties
+
+    body = post_photo(client, photos[0].read_bytes()).json()
+    ranked = sorted(body["probabilities"].items(), key=lambda kv: -kv[1])
+    close = ranked[0][1] - ranked[1][1] <= CLOSE_CALL
+    assert body["tie"] == close and body["second_count"] == (int(ranked[1][0]) if close else None)
+    # The service's answer to probabilities a toss-up apart: "3 or 4" is count 4 (the likelier), second_count 3
+    tied = server.service.answer(np.array([0.05, 0.1, 0.41, 0.43, 0.01]))
+    assert (tied["count"], tied["second_count"], tied["tie"]) == (4, 3, True)
+    clear = server.service.answer(np.array([0.05, 0.1, 0.2, 0.64, 0.01]))
+    assert (clear["count"], clear["second_count"], clear["tie"]) == (4, None, False)
+    schema = client.get("/openapi.json").json()["paths"]["/invocations"]["post"]["responses"]["200"]
+    answer = schema["content"]["application/json"]["schema"]["anyOf"][0]["properties"]
+    assert {"second_count", "tie"} <= set(answer)
+    # The same in a CSV: the columns follow the prediction; an unreadable photo has neither
+    frame = pd.DataFrame({"name": ["a.jpg", "b.jpg", "c.jpg"], "predicted": [4, 4, None],
+                          **{f"prob_{c}": [t, k, None] for c, t, k in zip(range(1, 6), [0.05, 0.1, 0.41, 0.43, 0.01],
+                                                                          [0.05, 0.1, 0.2, 0.64, 0.01])},
+                          "error": [None, None, "not a photo"]})
+    exported = pd.read_csv(io.StringIO(with_ties(frame).to_csv(index=False)))
+    assert list(exported.columns[:4]) == ["name", "predicted", "second_count", "tie"]
+    assert exported["second_count"].tolist()[0] == 3 and exported["second_count"].isna().tolist()[1:] == [True, True]
+    assert exported["tie"].tolist()[:2] == [True, False] and pd.isna(exported["tie"].iloc[2])

@@ -136,7 +136,7 @@ def test_with_a_current_model_its_prediction_shows_and_the_confidence_queue_is_o
     register_run(tmp_path / "run")  # the first run becomes the current model
 
     at = sign_in(open_page())
-    assert not at.exception and any("🤖 Model predicts" in m.value for m in at.markdown)
+    assert not at.exception and any("Model predicts" in m.value for m in at.markdown)
     at.button(key="spot_next").click().run()
     at.button(key="spot_next").click().run()
     assert at.session_state["spot_pos"] == 2  # scoring each bin shown does not reshuffle the queue

@@ -217,8 +217,9 @@ def _predict(args) -> int:
         print(f"{row.photo:<{width}}  {int(row.predicted):>9}  {probs}")
     if args.csv:
         from core.files import atomic_write_text
+        from core.models.inference import with_ties
 
-        atomic_write_text(args.csv, frame.to_csv(index=False))
+        atomic_write_text(args.csv, with_ties(frame).to_csv(index=False))
     if frame["error"].notna().all():
         raise UsageError("none of the photos could be read")
     return 0

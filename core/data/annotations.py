@@ -17,10 +17,19 @@ from core.files import atomic_write_text
 # as class 5. Confirming a recorded count above 5 keeps that exact count instead.
 MORE_THAN_FIVE = 6
 UNCLEAR = None
-STATUSES = ("confirmed", "corrected", "unclear")
+STATUSES = ("confirmed", "corrected", "unclear", "hidden", "model_wrong")
+# What a reviewer may say of a flagged bin besides a count. Both keep the count as it is: "hidden" (the record is
+# right but the items cannot be counted from the photo: a big box hides the rest, flat items under the bands, blur)
+# and "model_wrong" (the record is right and countable; the flag or the model was wrong).
+OUTCOMES = ("hidden", "model_wrong")
+STATUS_WORDS = {"confirmed": "confirmed", "corrected": "corrected", "unclear": "unclear",
+                "hidden": "items hidden", "model_wrong": "model wrong"}
 MAX_NOTE = 2000
+COLUMNS = ["id", "dataset_key", "photo", "annotator", "created_at", "old_count", "new_count", "status", "note",
+           "queue", "undone_at", "undone_by"]
 EXPORT_COLUMNS = ["id", "dataset_key", "photo", "annotator", "created_at", "old_count", "new_count", "new_label",
-                  "status", "note", "is_latest"]
+                  "status", "note", "queue", "undone_at", "undone_by", "is_latest"]
+LIVE = "undone_at IS NULL"  # an undone decision stays in the trail but no longer counts
 
 class AnnotationError(BinsightError, ValueError):
     """A decision that cannot be saved (no annotator, impossible count); the message says why."""
@@ -41,6 +50,9 @@ class Decision:
     new_count: int | None
     status: str
     note: str
+    queue: str = ""
+    undone_at: str | None = None
+    undone_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -68,8 +80,11 @@ def _status(old: int | None, new: int | None) -> str:
 
 
 def save_decision(dataset_key: str, photo: str, annotator: str, count: int | None, *, recorded_count: int | None,
-                  note: str = "", path: str | Path | None = None, seen_id: int | None = None) -> SaveResult:
-    """Append one decision in its own transaction; `count` is 0–5, MORE_THAN_FIVE, a confirmed count, or UNCLEAR.
+                  note: str = "", path: str | Path | None = None, seen_id: int | None = None,
+                  outcome: str | None = None, queue: str = "") -> SaveResult:
+    """Append one decision in its own transaction; `count` is 0–5, MORE_THAN_FIVE, a confirmed count, or UNCLEAR;
+    with an `outcome` (one of OUTCOMES) the count stays the label and the decision says why the bin looked wrong.
+    `queue`: where the decision was made (a spot-check queue, "evaluate", "map"), for the flags' precision.
 
     The old count is the label just before this decision (the previous decision's count, else `recorded_count`),
     read inside the same write transaction, so concurrent annotators form one unbroken history.
@@ -80,36 +95,42 @@ def save_decision(dataset_key: str, photo: str, annotator: str, count: int | Non
     if not annotator:
         raise AnnotationError("Say who you are before saving: the annotator name is empty.")
     _check_count(count)
+    if outcome is not None and outcome not in OUTCOMES:
+        raise AnnotationError(f"{outcome!r} is not an outcome: use one of {', '.join(OUTCOMES)}.")
     note = (note or "").strip()[:MAX_NOTE]
     if path is not None and not Path(path).is_file():
         raise PhotoMissing(f"{photo} is no longer at {path}: it was moved or deleted after it was shown. "
                            "Nothing was saved; go on with the next bin.")
     recorded = None if recorded_count is None or pd.isna(recorded_count) else int(recorded_count)
     with db.transaction() as conn:
-        previous, saved = _append(conn, dataset_key, photo, annotator, count, recorded, note)
+        previous, saved = _append(conn, dataset_key, photo, annotator, count, recorded, note, outcome, queue)
     overtaken = None
     if previous is not None and previous["id"] != seen_id and previous["annotator"] != annotator:
         overtaken = _decision(previous)
     return SaveResult(_decision(saved), overtaken)
 
 
+def _latest_live(conn, dataset_key: str, photo: str):
+    return conn.execute(f"SELECT * FROM annotations WHERE dataset_key = ? AND photo = ? AND {LIVE} "
+                        "ORDER BY id DESC LIMIT 1", (dataset_key, photo)).fetchone()
+
+
 def _append(conn, dataset_key: str, photo: str, annotator: str, count: int | None, recorded: int | None,
-            note: str) -> tuple:
+            note: str, outcome: str | None = None, queue: str = "") -> tuple:
     """(the photo's previous decision row or None, the new one) after appending a decision inside `conn`'s
-    transaction; the old count is the label just before it."""
-    previous = conn.execute(
-        "SELECT * FROM annotations WHERE dataset_key = ? AND photo = ? ORDER BY id DESC LIMIT 1",
-        (dataset_key, photo),
-    ).fetchone()
+    transaction; the old count is the label just before it (an outcome keeps it)."""
+    previous = _latest_live(conn, dataset_key, photo)
     old = previous["new_count"] if previous else recorded
     new = None if count is None else int(count)
     if new == MORE_THAN_FIVE and old is not None and old > 5:
         new = old  # "more than 5" on a bin recorded above 5 confirms its recorded count
+    if outcome is not None:
+        new = old
     created = datetime.now(timezone.utc).isoformat(timespec="microseconds")
     cursor = conn.execute(
-        "INSERT INTO annotations (dataset_key, photo, annotator, created_at, old_count, new_count, status, note)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (dataset_key, photo, annotator, created, old, new, _status(old, new), note),
+        "INSERT INTO annotations (dataset_key, photo, annotator, created_at, old_count, new_count, status, note, queue)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (dataset_key, photo, annotator, created, old, new, outcome or _status(old, new), note, queue or ""),
     )
     return previous, conn.execute("SELECT * FROM annotations WHERE id = ?", (cursor.lastrowid,)).fetchone()
 
@@ -136,52 +157,61 @@ def save_bulk_decision(dataset_key: str, recorded: dict[str, int | None], count:
     with db.transaction() as conn:
         for photo, was in recorded.items():
             was = None if was is None or pd.isna(was) else int(was)
-            saved.append(_decision(_append(conn, dataset_key, photo, annotator, count, was, note[:MAX_NOTE])[1]))
+            saved.append(_decision(_append(conn, dataset_key, photo, annotator, count, was, note[:MAX_NOTE],
+                                           queue="map")[1]))
     return saved
 
 
 def undo_decisions(dataset_key: str, decisions: list[Decision], *, user: User,
                    annotator: str = "") -> tuple[list[Decision], list[str]]:
-    """Put back the count each decision replaced, as new decisions (the trail keeps both). A photo decided again
-    since is left as it is: (the decisions saved, the photos left)."""
+    """Take the decisions back: each is marked undone (the trail keeps it, with who undid it and when) and the
+    photo's previous decision, or its recorded count, is its label again; nothing new is counted as a decision.
+    A photo decided again since is left as it is: (the decisions undone, the photos left)."""
     user.require("relabel")
     annotator = (user.name if user.signed_in else annotator or "").strip() or "unknown"
-    saved, left = [], []
+    undone, left = [], []
+    when = datetime.now(timezone.utc).isoformat(timespec="microseconds")
     with db.transaction() as conn:
         for decision in decisions:
-            latest = conn.execute("SELECT id FROM annotations WHERE dataset_key = ? AND photo = ? ORDER BY id DESC"
-                                  " LIMIT 1", (dataset_key, decision.photo)).fetchone()
+            latest = _latest_live(conn, dataset_key, decision.photo)
             if latest is None or latest["id"] != decision.id:
                 left.append(decision.photo)
                 continue
-            saved.append(_decision(_append(conn, dataset_key, decision.photo, annotator, decision.old_count, None,
-                                           f"undo of decision {decision.id}")[1]))
-    return saved, left
+            conn.execute("UPDATE annotations SET undone_at = ?, undone_by = ? WHERE id = ?",
+                         (when, annotator, decision.id))
+            undone.append(_decision(conn.execute("SELECT * FROM annotations WHERE id = ?",
+                                                 (decision.id,)).fetchone()))
+    return undone, left
 
 
 def _frame(sql: str, params: tuple) -> pd.DataFrame:
     with db.connection() as conn:
         rows = conn.execute(sql, params).fetchall()
-    frame = pd.DataFrame([dict(r) for r in rows],
-                         columns=["id", "dataset_key", "photo", "annotator", "created_at", "old_count", "new_count",
-                                  "status", "note"])
+    frame = pd.DataFrame([dict(r) for r in rows], columns=COLUMNS)
     for column in ("old_count", "new_count"):
         frame[column] = frame[column].astype("Int64")
     return frame
 
 
 def history(dataset_key: str, photo: str | None = None) -> pd.DataFrame:
-    """Every decision of the dataset (or one photo), oldest first: the audit trail."""
+    """Every decision of the dataset (or one photo), oldest first, undone ones included: the audit trail."""
     if photo is None:
         return _frame("SELECT * FROM annotations WHERE dataset_key = ? ORDER BY id", (dataset_key,))
     return _frame("SELECT * FROM annotations WHERE dataset_key = ? AND photo = ? ORDER BY id", (dataset_key, photo))
 
 
+def latest_decision(dataset_key: str, photo: str) -> Decision | None:
+    """The photo's latest decision not undone (its label's origin), or None when it was never decided."""
+    with db.connection() as conn:
+        row = _latest_live(conn, dataset_key, photo)
+    return None if row is None else _decision(row)
+
+
 def latest_decisions(dataset_key: str) -> pd.DataFrame:
-    """One row per checked photo: its latest decision (the highest id, i.e. the last committed)."""
+    """One row per checked photo: its latest decision not undone (the highest id, i.e. the last committed)."""
     return _frame(
         "SELECT a.* FROM annotations a JOIN (SELECT photo, MAX(id) AS id FROM annotations WHERE dataset_key = ?"
-        " GROUP BY photo) latest ON a.id = latest.id ORDER BY a.photo",
+        f" AND {LIVE} GROUP BY photo) latest ON a.id = latest.id ORDER BY a.photo",
         (dataset_key,),
     )
 
@@ -193,9 +223,17 @@ def label_overrides(dataset_key: str) -> dict[str, int | None]:
     return {photo: (None if pd.isna(count) else int(count)) for photo, count in zip(latest["photo"], counts)}
 
 
+def uncountable(dataset_key: str) -> set[str]:
+    """The photos whose latest decision says their items cannot be counted from the photo ("hidden")."""
+    latest = latest_decisions(dataset_key)
+    return set(latest.loc[latest["status"] == "hidden", "photo"])
+
+
 def progress(dataset_key: str) -> pd.DataFrame:
-    """Per annotator: decisions, distinct photos, decisions per status and the time of the last one."""
+    """Per annotator: decisions, distinct photos, decisions per status and the time of the last one (undone
+    decisions do not count)."""
     frame = history(dataset_key)
+    frame = frame[frame["undone_at"].isna()]
     columns = ["annotator", "decisions", "photos", *STATUSES, "last_at"]
     if frame.empty:
         return pd.DataFrame(columns=columns)
@@ -208,10 +246,10 @@ def progress(dataset_key: str) -> pd.DataFrame:
 
 
 def export_frame(dataset_key: str) -> pd.DataFrame:
-    """The full history with a readable count and a flag on each photo's current (latest) decision."""
+    """The full history with a readable count and a flag on each photo's current (latest, not undone) decision."""
     frame = history(dataset_key)
     frame["new_label"] = [count_label(None if pd.isna(c) else c) for c in frame["new_count"]]
-    frame["is_latest"] = frame["id"].isin(frame.groupby("photo")["id"].max()) if not frame.empty else []
+    frame["is_latest"] = frame["id"].isin(latest_decisions(dataset_key)["id"]) if not frame.empty else []
     return frame[EXPORT_COLUMNS]
 
 

@@ -125,7 +125,9 @@ def rank_issues(probs: np.ndarray, labels: np.ndarray, classes: list[int]) -> tu
     from cleanlab.rank import get_label_quality_scores
 
     score = count_scores(probs, labels, classes)
-    doubted = find_label_issues(labels, probs, filter_by="prune_by_noise_rate")
+    # n_jobs=1: cleanlab's default forks a pool, which can deadlock in a process with threads (the app's server,
+    # where the check also re-runs in the background); one process is quick at this size.
+    doubted = find_label_issues(labels, probs, filter_by="prune_by_noise_rate", n_jobs=1)
     _, _, inverse_noise = estimate_latent(compute_confident_joint(labels, probs), labels)
     per_photo = pd.DataFrame({
         "label": np.asarray(classes)[labels], "suggested": np.asarray(classes)[probs.argmax(1)], "score": score,
@@ -191,6 +193,26 @@ def latest_label_issues(dataset) -> LabelIssues | None:
             found.info["stale"] = True
             return found
     return None
+
+
+def current_label_issues(dataset) -> LabelIssues | None:
+    """The latest label issues of the dataset with each photo's review since, for the queue and Data health: the
+    last check's ranking (still valid for the photos not decided since) and, on each row, `outcome` (the status of
+    its latest decision, "" when none) and `current` (its class now, NA when unclear or outside the classes).
+    info['stale'] when labels changed since the check, info['changed'] how many photos' labels did; None when the
+    dataset was never checked."""
+    from core.data.annotations import latest_decisions
+
+    found = latest_label_issues(dataset)
+    if found is None:
+        return None
+    frame = found.frame.drop(columns=["outcome", "current"], errors="ignore")
+    decided = latest_decisions(dataset.key).drop_duplicates("photo").set_index("photo")["status"]
+    now = dataset.frame.drop_duplicates("name").set_index("name")["cls"]
+    frame["outcome"] = frame["name"].map(decided).fillna("").astype(str)
+    frame["current"] = frame["name"].map(now).astype("Float64")
+    changed = int((frame["current"] != frame["label"]).fillna(True).sum())
+    return LabelIssues(frame, found.classes, found.noise, found.info | {"changed": changed})
 
 
 def head_columns() -> list[int]:

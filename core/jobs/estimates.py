@@ -7,6 +7,7 @@ from core.training.config import TrainConfig
 # Rough images/s on 2 CPU cores at 224 px before any run has measured this machine.
 DEFAULT_SPEED = {"features": 25.0, "train": 6.0, "head": 5000.0, "partial": 150.0}
 GPU_SPEEDUP = 25.0
+CACHED_READ_SPEED = 2000.0  # feature vectors read back from the cache per second (photos hashed, shards loaded)
 
 
 def input_shape(params: dict) -> tuple[int, float]:
@@ -34,6 +35,22 @@ def measured_speeds(params: dict, on_gpu: bool) -> dict | None:
     return None
 
 
+def _feature_inputs(params: dict) -> tuple:
+    """What a frozen training's feature vectors depend on besides the photos: dataset, backbone, input and views."""
+    config = TrainConfig.from_params(params, "")
+    return (params.get("dataset_key"), config.backbone, config.weights, config.feature_set, config.input_height,
+            round(float(config.input_aspect), 4), config.test_views)
+
+
+def features_cached(params: dict) -> bool:
+    """Whether an earlier frozen run on the same dataset already computed this frozen training's features (same
+    backbone, weights, feature set, input and views): they are read back from the feature cache, not computed."""
+    if params.get("mode") != "frozen" or not params.get("dataset_key"):
+        return False
+    wanted = _feature_inputs(params)
+    return any(run.params.get("mode") == "frozen" and _feature_inputs(run.params) == wanted for run in list_runs())
+
+
 def estimate_seconds(params: dict, n_train: int, n_valid: int, n_test: int, on_gpu: bool) -> tuple[float, bool]:
     """(seconds, measured): the duration of a training from this machine's measured images/s, else a rough guess."""
     from core.models.preprocess import TTA_VIEWS
@@ -48,6 +65,8 @@ def estimate_seconds(params: dict, n_train: int, n_valid: int, n_test: int, on_g
     features = speeds.get("features") or DEFAULT_SPEED["features"]
     views = len(TTA_VIEWS.get(config.test_views, ("plain",)))  # test-time views scored
     if config.mode == "frozen":
+        if features_cached(params):
+            features = CACHED_READ_SPEED
         head = max(speeds.get("train") or 0, DEFAULT_SPEED["head"]) if measured else DEFAULT_SPEED["head"]
         seconds = views * (n_train + n_valid + n_test) / features + epochs * (n_train + n_valid) / head
     elif config.mode == "partial":

@@ -180,3 +180,26 @@ def likely_counts(probabilities: dict[int, float], margin: float = CLOSE_CALL) -
     if len(ranked) > 1 and ranked[0][1] - ranked[1][1] <= margin:
         return sorted([ranked[0][0], ranked[1][0]])
     return [ranked[0][0]]
+
+
+def second_count(probabilities: dict[int, float], margin: float = CLOSE_CALL) -> int | None:
+    """The other count of a toss-up ("3 or 4": the one that is not the likeliest), None when there is none."""
+    counts = likely_counts(probabilities, margin)
+    if len(counts) < 2:
+        return None
+    best = max(probabilities, key=probabilities.get)
+    return next(c for c in counts if c != best)
+
+
+def with_ties(frame: pd.DataFrame, margin: float = CLOSE_CALL) -> pd.DataFrame:
+    """A predictions frame (prob_<count> columns) with `tie` (the two likeliest counts are a toss-up) and
+    `second_count` (the other count of the toss-up, empty otherwise) after `predicted`, for tables and exports."""
+    probs = [c for c in frame.columns if c.startswith("prob_")]
+    classes = [int(c.split("_", 1)[1]) for c in probs]
+    seconds = [None if pd.isna(values).any() else second_count(dict(zip(classes, values)), margin)
+               for values in frame[probs].to_numpy(dtype=float)] if len(frame) else []
+    out = frame.copy()
+    at = list(out.columns).index("predicted") + 1 if "predicted" in out else len(out.columns)
+    out.insert(at, "second_count", pd.array(seconds, dtype="Int64"))
+    out.insert(at + 1, "tie", out["second_count"].notna().astype("boolean").mask(out[probs].isna().any(axis=1)))
+    return out

@@ -29,6 +29,18 @@ REQUEST_ID = "X-Request-Id"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 
 
+# One photo's answer. A toss-up (the two likeliest counts within 5 points) is "count or second_count": `tie` says so.
+ANSWER_SCHEMA = {"type": "object", "required": ["count", "second_count", "tie", "probabilities", "confidence",
+                                                "low_confidence", "model"], "properties": {
+    "count": {"type": "integer", "description": "the likeliest count"},
+    "second_count": {"type": ["integer", "null"], "description": "the other count when the two likeliest are a "
+                                                                "toss-up (\"3 or 4\"), else null"},
+    "tie": {"type": "boolean", "description": "whether the two likeliest counts are a toss-up"},
+    "probabilities": {"type": "object", "additionalProperties": {"type": "number"}},
+    "confidence": {"type": "number"}, "low_confidence": {"type": "boolean"}, "model": {"type": "string"},
+    "uri": {"type": "string"}, "error": {"type": "string"}}}
+
+
 class ServeError(Exception):
     """A request answered with an error status and a message for the caller."""
 
@@ -83,9 +95,12 @@ class Service:
         return await asyncio.get_running_loop().run_in_executor(self.decoders, self.reader.array, data, name)
 
     def answer(self, probs: np.ndarray) -> dict:
+        from core.models.inference import second_count
+
         best = int(np.argmax(probs))
         confidence = float(probs[best])
-        return {"count": self.classes[best],
+        other = second_count(dict(zip(self.classes, map(float, probs))))
+        return {"count": self.classes[best], "second_count": other, "tie": other is not None,
                 "probabilities": {str(c): float(p) for c, p in zip(self.classes, probs)},
                 "confidence": confidence, "low_confidence": confidence < self.threshold, "model": self.model_id}
 
@@ -196,7 +211,11 @@ def create_app(model_path: str | Path, engine: str = "auto", max_batch: int = 16
         return service(request).description()
 
     @app.post("/invocations", summary="count the objects in a photo, or in photos given as s3:// URIs",
-              responses=_error_responses(400, 413, 415, 503),
+              responses=_error_responses(400, 413, 415, 503) | {200: {"description": "the count of the photo, or of "
+                                                                  "each photo of the list", "content": {
+                  "application/json": {"schema": {"anyOf": [ANSWER_SCHEMA, {"type": "object", "properties": {
+                      "results": {"type": "array", "items": {"type": "object", "properties": ANSWER_SCHEMA[
+                          "properties"]}}, "model": {"type": "string"}}}]}}}}},
               openapi_extra={"requestBody": {"required": True, "content": {
                   "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
                   "image/png": {"schema": {"type": "string", "format": "binary"}},

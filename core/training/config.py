@@ -129,6 +129,9 @@ class TrainConfig:
     exclude_suspects: bool = setting(False, "leave the photos flagged as likely wrong counts (Data health page, "
                                      "`python -m core health`) out of the training split; valid and test keep them",
                                      label="Leave out likely wrong counts")
+    exclude_uncountable: bool = setting(False, "leave the photos a reviewer marked “items hidden” (the record is right "
+                                        "but the items cannot be counted from the photo; Spot-check) out of the "
+                                        "training split; valid and test keep them", label="Leave out uncountable photos")
     augment: bool = setting(True, "augment training photos (crop, left-right and top-bottom flips, colour jitter)",
                             label="Augment training photos")
     tta: str | None = setting(None, "test-time augmentation: average each photo's prediction over its mirror images "

@@ -102,6 +102,11 @@ def train(config: TrainConfig, on_progress=None, should_stop=None) -> dict:
     suspects = 0
     if config.exclude_suspects:
         train_split, suspects = _without_suspects(ds, train_split, config.n_epochs, on_progress, should_stop)
+    uncountable = 0
+    if config.exclude_uncountable:
+        from core.data.annotations import uncountable as marked_uncountable
+
+        train_split, uncountable = _without(train_split, marked_uncountable(ds.key))
     problems = config.validate(len(train_split.paths))
     if problems:
         raise TrainingError("; ".join(problems))
@@ -113,7 +118,7 @@ def train(config: TrainConfig, on_progress=None, should_stop=None) -> dict:
                 (out / stale).unlink(missing_ok=True)
         world.barrier()
         return _train(config, ds, (train_split, valid_split, test_split), out, resume_state, world, on_progress,
-                      should_stop, suspects)
+                      should_stop, suspects, uncountable)
     finally:
         distributed.finish(world)
 
@@ -142,14 +147,18 @@ def _without_suspects(ds, split: Split, epochs: int, on_progress, should_stop) -
         issues = find_label_issues(ds, on_progress=report, should_stop=should_stop)
     except LabelIssuesError as exc:
         raise TrainingError(f"likely wrong counts cannot be found: {exc}") from None
-    flagged = set(issues.frame.loc[issues.frame["flagged"] & (issues.frame["split"] == "train"), "name"])
-    names = [Path(p).name for p in split.paths]
-    keep = [i for i, name in enumerate(names) if name not in flagged]
+    return _without(split, set(issues.frame.loc[issues.frame["flagged"] & (issues.frame["split"] == "train"), "name"]))
+
+
+def _without(split: Split, names: set[str]) -> tuple[Split, int]:
+    """The split without the photos named, and how many were left out."""
+    keep = [i for i, path in enumerate(split.paths) if Path(path).name not in names]
     return Split([split.paths[i] for i in keep], split.labels[keep], split.name, split.shards,
                  split.class_index), len(split.paths) - len(keep)
 
 
-def _train(config, ds, splits, out, resume_state, world, on_progress, should_stop, suspects: int = 0) -> dict:
+def _train(config, ds, splits, out, resume_state, world, on_progress, should_stop, suspects: int = 0,
+           uncountable: int = 0) -> dict:
     train_split, valid_split, test_split = splits
     device = world.device(models.resolve_device(config.device))
     if world.distributed:
@@ -167,12 +176,15 @@ def _train(config, ds, splits, out, resume_state, world, on_progress, should_sto
                               "factor": world.size, "lr": config.learning_rate * world.size}}
     if world.is_main:
         atomic_write_json(out / "config.json", config.to_dict() | scaling | {
-            "dataset": ds.location, "dataset_key": ds.key, "suspects_excluded": suspects})
+            "dataset": ds.location, "dataset_key": ds.key, "suspects_excluded": suspects,
+            "uncountable_excluded": uncountable})
     if world.distributed:
         log(f"{world.size} processes, global batch {scaling['global_batch_size']}, learning rate scaled linearly "
             f"× {world.size} to {scaling['lr_scaling']['lr']:g}")
     if config.exclude_suspects:
         log(f"left out {suspects} training photos flagged as likely wrong counts")
+    if config.exclude_uncountable:
+        log(f"left out {uncountable} training photos marked as uncountable (items hidden)")
     log(f"{'resuming' if resume_state else 'training'} {config.backbone} ({config.mode}) on {ds.location}: "
         f"{len(train_split.paths)} train, {len(valid_split.paths)} valid, {len(test_split.paths)} test photos, "
         f"classes {ds.classes}, device {device}")
@@ -195,7 +207,8 @@ def _train(config, ds, splits, out, resume_state, world, on_progress, should_sto
     result = run.fit(train_split, valid_split, test_split, resume_state)
     result |= {"backbone": config.backbone, "mode": config.mode, "device": str(device), "classes": meta["classes"],
                "dataset": ds.location, "seconds": round(time.perf_counter() - started, 2),
-               "config": config.to_dict() | scaling | {"suspects_excluded": suspects},
+               "config": config.to_dict() | scaling | {"suspects_excluded": suspects,
+                                                       "uncountable_excluded": uncountable},
                "dataset_problems": [{"photo": n, "reason": r} for n, r in ds.problems]}
     if not world.is_main:
         return result
