@@ -26,7 +26,7 @@ from core.models.inference import tempered_probabilities
 from core.training import distributed
 from core.training.config import TrainConfig
 from core.training.distributed import World
-from core.training.losses import CountLoss, class_weights
+from core.training.losses import CountLoss, balanced_sampler, class_weights
 
 PROGRESS_EVERY_S = 0.5
 
@@ -199,6 +199,15 @@ class BaseRun:
                 "temperature": self.temperature, "valid": valid_metrics, "test": test_metrics, "skipped": skipped,
                 **self.timings()}
 
+    def validate_epoch(self) -> dict:
+        """Valid loss and accuracy of the weights kept: the trained ones, or with weight averaging the average, the
+        trained weights' figures beside them (the history shows what averaging adds). `_validate(model)` scores one."""
+        record = self._validate(self.model)
+        if self.averaged is None or record["valid_loss"] is None:
+            return record
+        return self._validate(self.averaged.module) | {"valid_loss_trained": record["valid_loss"],
+                                                       "valid_acc_trained": record["valid_acc"]}
+
     def backbone_parameters(self):
         """The backbone's parameters that train (None: all of them)."""
         return None
@@ -276,6 +285,24 @@ class BaseRun:
 
     def timings(self) -> dict:
         return {}
+
+
+class TensorRun(BaseRun):
+    """A run whose splits are tensors in memory (`self.tensors[split] = (inputs, labels)`): cached features or stage
+    maps, shuffled (or balanced-sampled) per epoch."""
+
+    def train_labels(self):
+        return self.tensors["train"][1].numpy()
+
+    def steps_per_epoch(self):
+        return max(1, math.ceil(len(self.tensors["train"][1]) / self.config.batch_size))
+
+    def epoch_order(self) -> torch.Tensor:
+        """This epoch's order of the training rows."""
+        labels = self.tensors["train"][1]
+        if self.config.balance == "sampler":
+            return torch.as_tensor(list(balanced_sampler(labels.numpy(), self.generator)))
+        return torch.randperm(len(labels), generator=self.generator)
 
 
 def _epoch_line(record: dict, epochs: int) -> str:

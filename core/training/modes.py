@@ -1,7 +1,6 @@
 """The two ways to train: a head on cached frozen-backbone features, or fine-tuning the whole network on photos."""
 from __future__ import annotations
 
-import math
 import os
 import time
 
@@ -17,11 +16,11 @@ from core.models.preprocess import (
     tta_views,
 )
 from core.training import distributed
-from core.training.epochs import BaseRun, batch_correct
+from core.training.epochs import BaseRun, TensorRun, batch_correct
 from core.training.losses import balanced_sampler
 
 
-class FrozenRun(BaseRun):
+class FrozenRun(TensorRun):
     """Backbone frozen: features computed once (or read from the cache), then only the head trains."""
 
     frozen = True
@@ -141,19 +140,10 @@ class FrozenRun(BaseRun):
                           message=f"Computed features of {self.computed} photos")
         return tensors
 
-    def train_labels(self):
-        return self.tensors["train"][1].numpy()
-
-    def steps_per_epoch(self):
-        return max(1, math.ceil(len(self.tensors["train"][1]) / self.config.batch_size))
-
     def train_epoch(self, epoch):
         features, labels = self.tensors["train"]
         n = len(labels)
-        if self.config.balance == "sampler":
-            order = torch.as_tensor(list(balanced_sampler(labels.numpy(), self.generator)))
-        else:
-            order = torch.randperm(n, generator=self.generator)
+        order = self.epoch_order()
         self.model.head.train()
         total_loss, correct, started = 0.0, 0, time.perf_counter()
         for start in range(0, n, self.config.batch_size):
@@ -356,14 +346,6 @@ class FinetuneRun(BaseRun):
                 images, labels, _ = self._batch(images, labels, errors, ids, names)
                 if len(labels):
                     yield images, labels
-
-    def validate_epoch(self):
-        record = self._validate(self.model)
-        if self.averaged is None or record["valid_loss"] is None:
-            return record
-        # The average is what is kept; the trained weights' figures stay in the history to show what it adds.
-        return self._validate(self.averaged.module) | {"valid_loss_trained": record["valid_loss"],
-                                                       "valid_acc_trained": record["valid_acc"]}
 
     def _validate(self, model):
         loader, names = self.valid_loader

@@ -2,7 +2,6 @@
 stages run once per photo, in the stage-map store), several times faster per epoch than the whole network."""
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -10,8 +9,7 @@ import torch
 from core.models import stage_store
 from core.models.inference import tempered_probabilities
 from core.models.stages import STORE_CUT, Tail, block_index
-from core.training.epochs import BaseRun, batch_correct
-from core.training.losses import balanced_sampler
+from core.training.epochs import TensorRun, batch_correct
 
 FEATURES_SHARE = 0.5  # of the progress bar, when the stage maps must be computed
 
@@ -41,7 +39,7 @@ def train_mode(model: torch.nn.Module, tail: Tail, batchnorm: str) -> None:
             inner.training = batchnorm == "train" or not isinstance(inner, torch.nn.modules.batchnorm._BatchNorm)
 
 
-class PartialRun(BaseRun):
+class PartialRun(TensorRun):
     """The stages after `config.cut` and the head train on stage maps; the stages before it stay frozen.
 
     The maps after the store's cut (blocks.4) come from the stage-map store, computed there once in the stored views
@@ -114,19 +112,10 @@ class PartialRun(BaseRun):
     def backbone_parameters(self):
         return self.tail.trained_parameters()
 
-    def train_labels(self):
-        return self.tensors["train"][1].numpy()
-
-    def steps_per_epoch(self):
-        return max(1, math.ceil(len(self.tensors["train"][1]) / self.config.batch_size))
-
     def train_epoch(self, epoch):
         maps, labels = self.tensors["train"]
         n = len(labels)
-        if self.config.balance == "sampler":
-            order = torch.as_tensor(list(balanced_sampler(labels.numpy(), self.generator)))
-        else:
-            order = torch.randperm(n, generator=self.generator)
+        order = self.epoch_order()
         train_mode(self.model, self.tail, self.config.batchnorm)
         total_loss, correct, seen, started = 0.0, 0, 0, time.perf_counter()
         steps = self.steps_per_epoch()
@@ -175,13 +164,6 @@ class PartialRun(BaseRun):
                 logits = model.head(tail(flat)).float().cpu()
                 out.append(logits.view(len(batch), batch.shape[1], -1))
         return torch.cat(out) if out else torch.zeros(0, maps.shape[1], len(self.meta["classes"]))
-
-    def validate_epoch(self):
-        record = self._validate(self.model)
-        if self.averaged is None or record["valid_loss"] is None:
-            return record
-        return self._validate(self.averaged.module) | {"valid_loss_trained": record["valid_loss"],
-                                                       "valid_acc_trained": record["valid_acc"]}
 
     def _validate(self, model):
         labels = self.tensors["valid"][1]
