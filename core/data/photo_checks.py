@@ -228,6 +228,23 @@ def near_duplicate_pairs(checks: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     return table.sort_values(["bits_256", "photo"], kind="stable", ignore_index=True)
 
 
+def cached_pairs(dataset_key: str, checks: pd.DataFrame) -> pd.DataFrame:
+    """near_duplicate_pairs of the checks, computed once per set of hashes (a minute or two at bucket scale) and
+    then read back, so that Data health opens from its caches."""
+    hashed = checks[["name", "sha1", "phash", "phash256"]]
+    digest = hashlib.sha1(pd.util.hash_pandas_object(hashed, index=False).to_numpy().tobytes()).hexdigest()[:16]
+    path = config.home() / "photo_checks" / f"{dataset_key}-pairs-v{CHECKS_VERSION}-{digest}.parquet"
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError):
+        pass
+    pairs = near_duplicate_pairs(checks)
+    for old in path.parent.glob(f"{dataset_key}-pairs-*.parquet"):
+        old.unlink(missing_ok=True)
+    atomic_write_bytes(path, pairs.to_parquet(index=False))
+    return pairs
+
+
 def duplicate_findings(pairs: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
     """The duplicate pairs with each photo's count and split, and what is wrong with the pair: 'leakage' (the two
     in different splits), 'conflicting counts', or just 'duplicate'."""
@@ -244,14 +261,19 @@ def duplicate_findings(pairs: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame
 
 def quality_findings(checks: pd.DataFrame) -> pd.DataFrame:
     """Photos that cannot be read, are very dark or blurred: name, problem, value."""
-    rows = []
-    for record in checks.itertuples(index=False):
-        if isinstance(record.error, str):  # a column of None and strings comes back from parquet with NaN for None
-            rows.append((record.name, "unreadable", np.nan, record.error))
-        elif record.brightness < DARK_BELOW:
-            rows.append((record.name, "very dark", record.brightness,
-                         f"mean brightness {record.brightness:.0f} of 255 (under {DARK_BELOW:.0f})"))
-        elif record.sharpness < BLURRED_BELOW:
-            rows.append((record.name, "blurred", record.sharpness,
-                         f"edge strength {record.sharpness:.1f} (under {BLURRED_BELOW:.0f})"))
-    return pd.DataFrame(rows, columns=["photo", "problem", "value", "detail"])
+    # a column of None and strings comes back from parquet with NaN for None
+    unreadable = checks["error"].map(lambda e: isinstance(e, str)).astype(bool)
+    dark = ~unreadable & (checks["brightness"] < DARK_BELOW)
+    blurred = ~unreadable & ~dark & (checks["sharpness"] < BLURRED_BELOW)
+    parts = [pd.DataFrame({"photo": checks.loc[unreadable, "name"], "problem": "unreadable", "value": np.nan,
+                           "detail": checks.loc[unreadable, "error"]}),
+             pd.DataFrame({"photo": checks.loc[dark, "name"], "problem": "very dark",
+                           "value": checks.loc[dark, "brightness"],
+                           "detail": [f"mean brightness {v:.0f} of 255 (under {DARK_BELOW:.0f})"
+                                      for v in checks.loc[dark, "brightness"]]}),
+             pd.DataFrame({"photo": checks.loc[blurred, "name"], "problem": "blurred",
+                           "value": checks.loc[blurred, "sharpness"],
+                           "detail": [f"edge strength {v:.1f} (under {BLURRED_BELOW:.0f})"
+                                      for v in checks.loc[blurred, "sharpness"]]})]
+    found = pd.concat(parts).sort_index(kind="stable")  # in the checks' order, as photos are listed
+    return found.reset_index(drop=True)[["photo", "problem", "value", "detail"]]
