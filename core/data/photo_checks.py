@@ -3,6 +3,7 @@ conflicting counts, unreadable, very dark or blurred photos; per-photo results c
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,10 +32,10 @@ BLURRED_BELOW = 10.0
 # Near-duplicate search by locality-sensitive hashing (see near_duplicate_pairs): bit-sampling tables of the 256-bit
 # hashes, bits per table; a bucket larger than BUCKET_BLOCK is compared block by block, PAIRS_PER_CHUNK pairs at once.
 # Tuned on ABID's hashes: random pairs of its photos differ by 90+ of 256 bits in 99.9 % of cases, near pairs within
-# only the 256-bit limit by 32–50: 160 tables of 16 bits find a pair 50 bits apart 99.3 % of the time (44 bits: 99.9 %)
-# and compare ~10⁹ candidates at 536 K photos, not 1.4 × 10¹¹ pairs.
-LSH_TABLES = 160
-LSH_BITS = 16
+# only the 256-bit limit by 32–50: 280 tables of 18 bits find a pair 50 bits apart 99.7 % of the time (44 bits: 99.98 %)
+# and compare ~2 × 10⁸ candidates at 536 K photos (bench/bucket_scale.py), not 1.4 × 10¹¹ pairs.
+LSH_TABLES = 280
+LSH_BITS = 18
 BUCKET_BLOCK = 64
 PAIRS_PER_CHUNK = 1_000_000
 ANALYSIS_SIDE = 256
@@ -157,26 +158,28 @@ def _band_keys(small: np.ndarray) -> list[np.ndarray]:
     return keys
 
 
-def _sampled_keys(large: np.ndarray, seed: int = 0) -> list[np.ndarray]:
-    """LSH_TABLES keys of the 256-bit hashes, each LSH_BITS bits picked at random (seeded): two hashes d bits apart
-    share a key with probability (1 − d/256)^LSH_BITS in each table."""
-    bits = np.unpackbits(large.view(">u8").view(np.uint8), axis=1)
+def _sampled_keys(large: np.ndarray, seed: int = 0):
+    """LSH_TABLES keys of the 256-bit hashes, one table at a time, each LSH_BITS bits picked at random (seeded): two
+    hashes d bits apart share a key with probability (1 − d/256)^LSH_BITS in each table."""
+    bits = np.unpackbits(large.view(">u8").view(np.uint8), axis=1).T.copy()  # one row per bit: its photos
     rng = np.random.default_rng(seed)
-    weights = np.uint64(1) << np.arange(LSH_BITS, dtype=np.uint64)
-    keys = []
     for _ in range(LSH_TABLES):
-        chosen = rng.choice(bits.shape[1], LSH_BITS, replace=False)
-        keys.append(bits[:, chosen].astype(np.uint64) @ weights)
-    return keys
+        packed = np.packbits(bits[rng.choice(len(bits), LSH_BITS, replace=False)], axis=0).astype(np.uint64)
+        yield sum(row << np.uint64(8 * (len(packed) - 1 - n)) for n, row in enumerate(packed))
 
 
 def _same_key_pairs(keys: np.ndarray):
     """Index pairs (i, j) of rows that share a key, in chunks of bounded size: neighbours in key order for the
     usual small buckets, block by block inside a bucket larger than BUCKET_BLOCK."""
-    order = np.argsort(keys, kind="stable")
+    order = np.argsort(keys)
     ordered = keys[order]
     starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
     sizes = np.diff(np.r_[starts, len(keys)])
+    shared = np.repeat(sizes > 1, sizes)  # most photos are alone in their bucket: left out before the pairing
+    order, ordered, sizes = order[shared], ordered[shared], sizes[sizes > 1]
+    if not len(sizes):
+        return
+    starts = np.r_[0, np.cumsum(sizes)[:-1]]
     large = np.repeat(sizes > BUCKET_BLOCK, sizes)
     for offset in range(1, min(BUCKET_BLOCK, int(sizes.max()))):
         same = np.flatnonzero((ordered[offset:] == ordered[:-offset]) & ~large[offset:])
@@ -191,6 +194,19 @@ def _same_key_pairs(keys: np.ndarray):
             right = np.tile(np.arange(size), min(step, size - first))
             keep = right > left
             yield members[left[keep]], members[right[keep]]
+
+
+def _within_64(small, large, left, right) -> np.ndarray:
+    return np.bitwise_count(small[left] ^ small[right]) <= NEAR_BITS_64
+
+
+def _within_256(small, large, left, right) -> np.ndarray:
+    bits = np.bitwise_count(large[left, 0] ^ large[right, 0]) + np.bitwise_count(large[left, 1] ^ large[right, 1])
+    maybe = np.flatnonzero(bits <= NEAR_BITS_256)
+    rest = np.bitwise_count(large[left[maybe], 2:] ^ large[right[maybe], 2:]).sum(1, dtype=np.int64)
+    close = np.zeros(len(left), dtype=bool)
+    close[maybe] = bits[maybe] + rest <= NEAR_BITS_256
+    return close
 
 
 def near_duplicate_pairs(checks: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
@@ -208,11 +224,13 @@ def near_duplicate_pairs(checks: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     small = usable["phash"].astype("int64").to_numpy().view(np.uint64)
     large = _hash_words(usable["phash256"])
     found = []
-    for keys in _band_keys(small) + _sampled_keys(large, seed):
+    # A band table only looks for pairs within the 64-bit limit (it holds them all), a sampled table for pairs within
+    # the 256-bit one, its distance summed word by word: most candidates are out after two of the four words.
+    tables = itertools.chain(((keys, _within_64) for keys in _band_keys(small)),
+                             ((keys, _within_256) for keys in _sampled_keys(large, seed)))
+    for keys, within in tables:
         for left, right in _same_key_pairs(keys):
-            bits_64 = np.bitwise_count(small[left] ^ small[right])
-            bits_256 = np.bitwise_count(large[left] ^ large[right]).sum(1, dtype=np.int64)
-            close = (bits_64 <= NEAR_BITS_64) | (bits_256 <= NEAR_BITS_256)
+            close = within(small, large, left, right)
             if close.any():
                 a, b = left[close], right[close]
                 found.append(np.stack([np.minimum(a, b), np.maximum(a, b)], 1))
