@@ -54,8 +54,14 @@ def report(part: str, photos: int, **figures) -> None:
 
 # ---------------------------------------------------------------------------------------------- the set
 
-def real_inputs():
-    """(checks of ../shared/abid's photos, their look-alike pairs, 300 real feature rows, their counts)."""
+def real_inputs(work: Path):
+    """(checks of ../shared/abid's photos, their look-alike pairs, 300 real feature rows, their counts), kept in
+    work's parent folder for the other sizes."""
+    kept = work.parent / "real-inputs"
+    if (kept / "features.npz").is_file():
+        stored = np.load(kept / "features.npz")
+        return (pd.read_parquet(kept / "checks.parquet"), pd.read_parquet(kept / "pairs.parquet"),
+                stored["features"], stored["counts"])
     from core.data.loading import load_dataset
     from core.data.photo_checks import check_photos, near_duplicate_pairs
     from core.evaluation.label_issues import head_columns, photo_features
@@ -65,7 +71,12 @@ def real_inputs():
     checks = checks[checks["phash"].notna()].reset_index(drop=True)
     rows = dataset.rows("all").groupby("cls").sample(REAL_PER_COUNT, random_state=0)
     features, _ = photo_features(dataset, rows)
-    return checks, near_duplicate_pairs(checks), features[..., head_columns()], rows["cls"].to_numpy()
+    kept.mkdir(parents=True, exist_ok=True)
+    found = (checks, near_duplicate_pairs(checks), features[..., head_columns()], rows["cls"].to_numpy())
+    found[0].to_parquet(kept / "checks.parquet", index=False)
+    found[1].to_parquet(kept / "pairs.parquet", index=False)
+    np.savez(kept / "features.npz", features=found[2], counts=found[3])
+    return found
 
 
 def bucket_counts(rng) -> pd.DataFrame:
@@ -95,7 +106,7 @@ def make_set(photos: int, work: Path) -> None:
     from core.evaluation.label_issues import RECIPE
 
     rng = np.random.default_rng(0)
-    checks, pairs, real_features, real_counts = real_inputs()
+    checks, pairs, real_features, real_counts = real_inputs(work)
     table = bucket_counts(rng).sample(photos, random_state=0).reset_index(drop=True)
     inside = table["count"].between(1, 5)
     table["cls"] = table["count"].where(inside)
