@@ -148,11 +148,10 @@ def _hash_words(hex_values) -> np.ndarray:
 
 
 def _band_keys(small: np.ndarray) -> list[np.ndarray]:
-    """The 64-bit hashes cut into NEAR_BITS_64 + 1 bands, each a table's key (with the band's number in its top bits)."""
-    bands = NEAR_BITS_64 + 1
-    edges = np.linspace(0, 64, bands + 1).astype(int)
+    """The 64-bit hashes cut into NEAR_BITS_64 + 1 bands, each band one table's key."""
+    edges = np.linspace(0, 64, NEAR_BITS_64 + 2).astype(int)
     keys = []
-    for band, (low, high) in enumerate(zip(edges[:-1], edges[1:])):
+    for low, high in zip(edges[:-1], edges[1:]):
         mask = np.uint64((1 << int(high - low)) - 1)
         keys.append((small >> np.uint64(low)) & mask)
     return keys
