@@ -175,7 +175,8 @@ def embedding_map_view(rows: pd.DataFrame, map_key: str, key: str, *, dataset=No
     names = maps.names_in_region(frame, event)
     if dataset is not None:
         last_relabel(dataset, key)
-    chosen = frame.drop_duplicates("name").set_index("name").loc[names].reset_index()
+    indexed = frame.drop_duplicates("name").set_index("name")
+    chosen = indexed.loc[[n for n in names if n in indexed.index]].reset_index()
     if chosen.empty:
         st.caption("No photo selected yet.")
         return []
