@@ -21,7 +21,7 @@ PCA_DIMS = 50  # the features (thousands of numbers) are reduced to this many fi
 # Seeded, so the same photos give the same map (UMAP then runs on one thread).
 UMAP_PARAMS = {"n_neighbors": 15, "min_dist": 0.1, "metric": "euclidean", "random_state": 0, "n_jobs": 1}
 MIN_PHOTOS = 5
-# Above SAMPLE_FIT photos the layout is fitted on a stratified sample and the rest placed by UMAP's transform, in chunks.
+# Above SAMPLE_FIT photos the layout is fitted on a stratified sample; the rest go beside their nearest fitted photos.
 SAMPLE_FIT = 50_000
 PLACE_CHUNK = 25_000
 # The browser is sent at most DRAWN_POINTS points (WebGL); the others show as a density layer of DENSITY_BINS² cells.
