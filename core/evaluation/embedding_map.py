@@ -38,8 +38,9 @@ class MapError(BinsightError):
 def project(features, seed: int = 0, strata=None, on_progress=None) -> tuple[np.ndarray, str]:
     """(n × 2 coordinates, method) of feature vectors (n × dim, or n × views × dim: each photo the mean of its views;
     in memory or memory-mapped): UMAP when the package is there, else t-SNE (scikit-learn). Above SAMPLE_FIT photos
-    the layout is fitted on a sample stratified by `strata` (e.g. the counts) and the other photos are placed by the
-    fitted transform, PLACE_CHUNK at a time: minutes at bucket scale, memory bounded by the sample."""
+    the layout is fitted on a sample stratified by `strata` (e.g. the counts) and the other photos are placed beside
+    their nearest fitted photos, PLACE_CHUNK at a time: minutes at bucket scale, memory bounded by the sample (UMAP
+    needs the package)."""
     from sklearn.decomposition import PCA
     from sklearn.preprocessing import StandardScaler
 
