@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
@@ -145,30 +146,36 @@ def _steps(scale: str, values) -> tuple[list, list[int]]:
 
 
 def _map_figure(frame: pd.DataFrame, colour: str) -> go.Figure:
-    predicted = frame["predicted"] if "predicted" in frame else [None] * len(frame)
-    custom = pd.DataFrame({"name": frame["name"], "count": _whole(frame["count"]), "predicted": _whole(predicted)},
-                          index=frame.index)
+    """The map in WebGL: every point up to maps.DRAWN_POINTS, else that many over a grey density layer of all."""
+    drawn, density = maps.map_view(frame, colour)
+    predicted = drawn["predicted"] if "predicted" in drawn else [None] * len(drawn)
+    custom = pd.DataFrame({"name": drawn["name"], "count": _whole(drawn["count"]), "predicted": _whole(predicted)},
+                          index=drawn.index)
     hover = "%{customdata[0]}<br>count %{customdata[1]}<br>predicted %{customdata[2]}<extra></extra>"
     figure = go.Figure()
-    known = frame[colour].notna()
+    if density is not None:
+        figure.add_trace(go.Heatmap(x=density["x"], y=density["y"], z=np.log10(density["z"]), showscale=False,
+                                    colorscale=[[0, "#eeeeee"], [1, "#8a8a8a"]], hoverinfo="skip", name="photos"))
+    known = drawn[colour].notna()
+    size = 6 if density is None else 4
     if (~known).any():
-        figure.add_trace(go.Scattergl(x=frame.loc[~known, "x"], y=frame.loc[~known, "y"], mode="markers",
+        figure.add_trace(go.Scattergl(x=drawn.loc[~known, "x"], y=drawn.loc[~known, "y"], mode="markers",
                                       name="not known", customdata=custom[~known].to_numpy().tolist(),
-                                      hovertemplate=hover, marker=dict(size=6, color="#c8c8c8")))
+                                      hovertemplate=hover, marker=dict(size=size, color="#c8c8c8")))
     scale, colour_range = SCALES[colour], {}
     colorbar = dict(title=dict(text=maps.COLOURINGS[colour], side="right"), thickness=12)
     if colour in ("count", "predicted") and known.any():  # a few whole counts: one colour each, not a gradient
-        scale, whole = _steps(scale, frame.loc[known, colour])
+        scale, whole = _steps(scale, drawn.loc[known, colour])
         colour_range = dict(cmin=whole[0] - 0.5, cmax=whole[0] + len(whole) - 0.5)
         colorbar |= dict(tickvals=[whole[0] + i for i in range(len(whole))], ticktext=[str(v) for v in whole])
         positions = {v: whole[0] + i for i, v in enumerate(whole)}
-        values = frame.loc[known, colour].map(lambda v: positions[int(v)])
+        values = drawn.loc[known, colour].map(lambda v: positions[int(v)])
     else:
-        values = frame.loc[known, colour]
+        values = drawn.loc[known, colour]
     figure.add_trace(go.Scattergl(
-        x=frame.loc[known, "x"], y=frame.loc[known, "y"], mode="markers", name=maps.COLOURINGS[colour],
+        x=drawn.loc[known, "x"], y=drawn.loc[known, "y"], mode="markers", name=maps.COLOURINGS[colour],
         customdata=custom[known].to_numpy().tolist(), hovertemplate=hover,
-        marker=dict(size=6, color=values, colorscale=scale, opacity=0.85, colorbar=colorbar, **colour_range)))
+        marker=dict(size=size, color=values, colorscale=scale, opacity=0.85, colorbar=colorbar, **colour_range)))
     figure.update_layout(height=520, margin=dict(l=0, r=0, t=10, b=0), dragmode="lasso", showlegend=False,
                          xaxis=dict(visible=False), yaxis=dict(visible=False))
     return figure
@@ -213,15 +220,17 @@ def embedding_map_view(rows: pd.DataFrame, map_key: str, key: str, *, dataset=No
     options = [c for c in maps.COLOURINGS if c in frame and frame[c].notna().any()]
     left, right = st.columns([3, 2])
     colour = left.radio("Colour by", options, format_func=maps.COLOURINGS.get, horizontal=True, key=f"{key}_colour")
-    right.caption(f"{info['method']} of {info['photos']:,} photos' frozen {info['recipe']['backbone']} features. "
-                  "Drag a lasso or a box around photos to open them; double-click to clear."
-                  + (stale_note if colour == "issue_score" else ""))
+    shown = (f"; {maps.DRAWN_POINTS:,} drawn, grey where the others lie" if len(frame) > maps.DRAWN_POINTS else "")
+    right.caption(f"{info['photos']:,} photos placed by their frozen {info['recipe']['backbone']} features "
+                  f"({info['method']}){shown}. Drag a lasso or a box to open every photo inside; double-click to "
+                  "clear." + (stale_note if colour == "issue_score" else ""))
     event = st.plotly_chart(_map_figure(frame, colour), width="stretch", on_select="rerun",
                             selection_mode=("points", "box", "lasso"), key=f"{key}_chart")
-    names = with_stacked(frame, maps.names_in_selection(event))
+    names = with_stacked(frame, maps.names_in_region(frame, event))
     if dataset is not None:
         last_relabel(dataset, key)
-    chosen = frame.set_index("name").loc[[n for n in names if n in set(frame["name"])]].reset_index()
+    indexed = frame.drop_duplicates("name").set_index("name")
+    chosen = indexed.loc[[n for n in names if n in indexed.index]].reset_index()
     if chosen.empty:
         st.caption("No photo selected yet.")
         return []

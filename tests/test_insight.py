@@ -42,10 +42,11 @@ def open_browse(email: str | None = None) -> AppTest:
 
 
 def select_on_map(at: AppTest, names: list[str]) -> AppTest:
-    """What the browser sends after a lasso around these photos: each point carries its name as customdata."""
+    """What the browser sends after clicking these photos (a lasso or a box sends its region too, which selects every
+    photo inside, drawn or not: tests/test_bounded_memory.py): each point carries its name as customdata."""
     at.session_state["browse_map_chart"] = {"selection": {
         "points": [{"customdata": [n, 1, "—"], "x": 0.0, "y": 0.0} for n in names],
-        "point_indices": list(range(len(names))), "box": [], "lasso": [{"x": [0, 1, 1], "y": [0, 0, 1]}]}}
+        "point_indices": list(range(len(names))), "box": [], "lasso": []}}
     return at.run()
 
 

@@ -3,6 +3,7 @@ conflicting counts, unreadable, very dark or blurred photos; per-photo results c
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +29,15 @@ NEAR_BITS_256 = 50
 DARK_BELOW = 35.0
 # Variance of the Laplacian of the 256-px grey photo under which edges are smeared (motion blur, out of focus).
 BLURRED_BELOW = 10.0
+# Near-duplicate search by locality-sensitive hashing (see near_duplicate_pairs): bit-sampling tables of the 256-bit
+# hashes, bits per table; a bucket larger than BUCKET_BLOCK is compared block by block, PAIRS_PER_CHUNK pairs at once.
+# Tuned on ABID's hashes: random pairs of its photos differ by 90+ of 256 bits in 99.9 % of cases, near pairs within
+# only the 256-bit limit by 32–50: 280 tables of 18 bits find a pair 50 bits apart 99.7 % of the time (44 bits: 99.98 %)
+# and compare ~2 × 10⁸ candidates at 536 K photos (bench/bucket_scale.py), not 1.4 × 10¹¹ pairs.
+LSH_TABLES = 280
+LSH_BITS = 18
+BUCKET_BLOCK = 64
+PAIRS_PER_CHUNK = 1_000_000
 ANALYSIS_SIDE = 256
 COLUMNS = ["name", "sha1", "phash", "phash256", "brightness", "sharpness", "error"]
 
@@ -131,34 +141,125 @@ def check_photos(dataset_key: str, rows: pd.DataFrame, on_progress=None, should_
     return PhotoChecks(frame, time.perf_counter() - started, len(todo))
 
 
-def _hash_bytes(hex_values) -> np.ndarray:
-    return np.stack([np.frombuffer(bytes.fromhex(value), np.uint8) for value in hex_values])
+def _hash_words(hex_values) -> np.ndarray:
+    """Hex hashes as rows of uint64 words (n × bits/64), for XOR and popcount."""
+    joined = bytes.fromhex("".join(hex_values))
+    return np.frombuffer(joined, ">u8").astype(np.uint64).reshape(len(hex_values), -1)
 
 
-def near_duplicate_pairs(checks: pd.DataFrame) -> pd.DataFrame:
+def _band_keys(small: np.ndarray) -> list[np.ndarray]:
+    """The 64-bit hashes cut into NEAR_BITS_64 + 1 bands, each band one table's key."""
+    edges = np.linspace(0, 64, NEAR_BITS_64 + 2).astype(int)
+    keys = []
+    for low, high in zip(edges[:-1], edges[1:]):
+        mask = np.uint64((1 << int(high - low)) - 1)
+        keys.append((small >> np.uint64(low)) & mask)
+    return keys
+
+
+def _sampled_keys(large: np.ndarray, seed: int = 0):
+    """LSH_TABLES keys of the 256-bit hashes, one table at a time, each LSH_BITS bits picked at random (seeded): two
+    hashes d bits apart share a key with probability (1 − d/256)^LSH_BITS in each table."""
+    bits = np.unpackbits(large.view(">u8").view(np.uint8), axis=1).T.copy()  # one row per bit: its photos
+    rng = np.random.default_rng(seed)
+    for _ in range(LSH_TABLES):
+        packed = np.packbits(bits[rng.choice(len(bits), LSH_BITS, replace=False)], axis=0).astype(np.uint64)
+        yield sum(row << np.uint64(8 * (len(packed) - 1 - n)) for n, row in enumerate(packed))
+
+
+def _same_key_pairs(keys: np.ndarray):
+    """Index pairs (i, j) of rows that share a key, in chunks of bounded size: neighbours in key order for the
+    usual small buckets, block by block inside a bucket larger than BUCKET_BLOCK."""
+    order = np.argsort(keys)
+    ordered = keys[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    sizes = np.diff(np.r_[starts, len(keys)])
+    shared = np.repeat(sizes > 1, sizes)  # most photos are alone in their bucket: left out before the pairing
+    order, ordered, sizes = order[shared], ordered[shared], sizes[sizes > 1]
+    if not len(sizes):
+        return
+    starts = np.r_[0, np.cumsum(sizes)[:-1]]
+    large = np.repeat(sizes > BUCKET_BLOCK, sizes)
+    for offset in range(1, min(BUCKET_BLOCK, int(sizes.max()))):
+        same = np.flatnonzero((ordered[offset:] == ordered[:-offset]) & ~large[offset:])
+        for first in range(0, len(same), PAIRS_PER_CHUNK):
+            part = same[first:first + PAIRS_PER_CHUNK]
+            yield order[part], order[part + offset]
+    for start, size in zip(starts[sizes > BUCKET_BLOCK], sizes[sizes > BUCKET_BLOCK]):
+        members = order[start:start + size]
+        step = max(1, PAIRS_PER_CHUNK // size)
+        for first in range(0, size, step):
+            left = np.repeat(np.arange(first, min(first + step, size)), size)
+            right = np.tile(np.arange(size), min(step, size - first))
+            keep = right > left
+            yield members[left[keep]], members[right[keep]]
+
+
+def _within_64(small, large, left, right) -> np.ndarray:
+    return np.bitwise_count(small[left] ^ small[right]) <= NEAR_BITS_64
+
+
+def _within_256(small, large, left, right) -> np.ndarray:
+    bits = np.bitwise_count(large[left, 0] ^ large[right, 0]) + np.bitwise_count(large[left, 1] ^ large[right, 1])
+    maybe = np.flatnonzero(bits <= NEAR_BITS_256)
+    rest = np.bitwise_count(large[left[maybe], 2:] ^ large[right[maybe], 2:]).sum(1, dtype=np.int64)
+    close = np.zeros(len(left), dtype=bool)
+    close[maybe] = bits[maybe] + rest <= NEAR_BITS_256
+    return close
+
+
+def near_duplicate_pairs(checks: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     """Pairs of photos (photo before other_photo in the table) that are byte-identical ('exact') or show the same
-    scene ('near', see NEAR_BITS_64), with both hash distances. Every pair is compared, in blocks: fine to ~50 K
-    photos; a bucket-scale set would need hashing into buckets first."""
+    scene ('near', see NEAR_BITS_64), with both hash distances. Candidates come from hash tables (locality-sensitive
+    hashing), then only they are compared: the work grows with the photos, not with their pairs. Every pair within
+    the 64-bit limit is found (its hash agrees with the other's on one of NEAR_BITS_64 + 1 bands); a pair within only
+    the 256-bit limit is found with the probability of LSH_TABLES bit-sampling tables (all of them on ABID's photos;
+    bench/bucket_scale.py measures the recall at bucket scale)."""
     usable = checks[checks["phash"].notna() & checks["phash256"].notna()].reset_index(drop=True)
+    columns = ["photo", "other_photo", "kind", "bits_64", "bits_256"]
     if usable.empty:
-        return pd.DataFrame(columns=["photo", "other_photo", "kind", "bits_64", "bits_256"])
+        return pd.DataFrame(columns=columns)
     names, sha = usable["name"].to_numpy(), usable["sha1"].to_numpy()
     small = usable["phash"].astype("int64").to_numpy().view(np.uint64)
-    small = small[:, None].view(np.uint8).reshape(len(small), 8)
-    large = _hash_bytes(usable["phash256"])
+    large = _hash_words(usable["phash256"])
     found = []
-    block = 256
-    for start in range(0, len(names), block):
-        bits_64 = np.unpackbits(small[start:start + block, None] ^ small[None], axis=-1).sum(-1)
-        bits_256 = np.unpackbits(large[start:start + block, None] ^ large[None], axis=-1).sum(-1)
-        close = (bits_64 <= NEAR_BITS_64) | (bits_256 <= NEAR_BITS_256)
-        for i, j in zip(*np.nonzero(close)):
-            a = start + i
-            if j > a:
-                kind = "exact" if sha[a] == sha[j] else "near"
-                found.append((names[a], names[j], kind, int(bits_64[i, j]), int(bits_256[i, j])))
-    pairs = pd.DataFrame(found, columns=["photo", "other_photo", "kind", "bits_64", "bits_256"])
-    return pairs.sort_values(["bits_256", "photo"], kind="stable", ignore_index=True)
+    # A band table only looks for pairs within the 64-bit limit (it holds them all), a sampled table for pairs within
+    # the 256-bit one, its distance summed word by word: most candidates are out after two of the four words.
+    tables = itertools.chain(((keys, _within_64) for keys in _band_keys(small)),
+                             ((keys, _within_256) for keys in _sampled_keys(large, seed)))
+    for keys, within in tables:
+        for left, right in _same_key_pairs(keys):
+            close = within(small, large, left, right)
+            if close.any():
+                a, b = left[close], right[close]
+                found.append(np.stack([np.minimum(a, b), np.maximum(a, b)], 1))
+    if not found:
+        return pd.DataFrame(columns=columns)
+    pairs = np.unique(np.concatenate(found), axis=0)  # a pair found by several tables once; sorted by (photo, other)
+    first, second = pairs[:, 0], pairs[:, 1]
+    bits_64 = np.bitwise_count(small[first] ^ small[second]).astype(int)
+    bits_256 = np.bitwise_count(large[first] ^ large[second]).sum(1).astype(int)
+    kind = np.where(sha[first] == sha[second], "exact", "near")
+    table = pd.DataFrame({"photo": names[first], "other_photo": names[second], "kind": kind, "bits_64": bits_64,
+                          "bits_256": bits_256})
+    return table.sort_values(["bits_256", "photo"], kind="stable", ignore_index=True)
+
+
+def cached_pairs(dataset_key: str, checks: pd.DataFrame) -> pd.DataFrame:
+    """near_duplicate_pairs of the checks, computed once per set of hashes (a minute or two at bucket scale) and
+    then read back, so that Data health opens from its caches."""
+    hashed = checks[["name", "sha1", "phash", "phash256"]]
+    digest = hashlib.sha1(pd.util.hash_pandas_object(hashed, index=False).to_numpy().tobytes()).hexdigest()[:16]
+    path = config.home() / "photo_checks" / f"{dataset_key}-pairs-v{CHECKS_VERSION}-{digest}.parquet"
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError):
+        pass
+    pairs = near_duplicate_pairs(checks)
+    for old in path.parent.glob(f"{dataset_key}-pairs-*.parquet"):
+        old.unlink(missing_ok=True)
+    atomic_write_bytes(path, pairs.to_parquet(index=False))
+    return pairs
 
 
 def duplicate_findings(pairs: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
@@ -177,14 +278,19 @@ def duplicate_findings(pairs: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame
 
 def quality_findings(checks: pd.DataFrame) -> pd.DataFrame:
     """Photos that cannot be read, are very dark or blurred: name, problem, value."""
-    rows = []
-    for record in checks.itertuples(index=False):
-        if isinstance(record.error, str):  # a column of None and strings comes back from parquet with NaN for None
-            rows.append((record.name, "unreadable", np.nan, record.error))
-        elif record.brightness < DARK_BELOW:
-            rows.append((record.name, "very dark", record.brightness,
-                         f"mean brightness {record.brightness:.0f} of 255 (under {DARK_BELOW:.0f})"))
-        elif record.sharpness < BLURRED_BELOW:
-            rows.append((record.name, "blurred", record.sharpness,
-                         f"edge strength {record.sharpness:.1f} (under {BLURRED_BELOW:.0f})"))
-    return pd.DataFrame(rows, columns=["photo", "problem", "value", "detail"])
+    # a column of None and strings comes back from parquet with NaN for None
+    unreadable = checks["error"].map(lambda e: isinstance(e, str)).astype(bool)
+    dark = ~unreadable & (checks["brightness"] < DARK_BELOW)
+    blurred = ~unreadable & ~dark & (checks["sharpness"] < BLURRED_BELOW)
+    parts = [pd.DataFrame({"photo": checks.loc[unreadable, "name"], "problem": "unreadable", "value": np.nan,
+                           "detail": checks.loc[unreadable, "error"]}),
+             pd.DataFrame({"photo": checks.loc[dark, "name"], "problem": "very dark",
+                           "value": checks.loc[dark, "brightness"],
+                           "detail": [f"mean brightness {v:.0f} of 255 (under {DARK_BELOW:.0f})"
+                                      for v in checks.loc[dark, "brightness"]]}),
+             pd.DataFrame({"photo": checks.loc[blurred, "name"], "problem": "blurred",
+                           "value": checks.loc[blurred, "sharpness"],
+                           "detail": [f"edge strength {v:.1f} (under {BLURRED_BELOW:.0f})"
+                                      for v in checks.loc[blurred, "sharpness"]]})]
+    found = pd.concat(parts).sort_index(kind="stable")  # in the checks' order, as photos are listed
+    return found.reset_index(drop=True)[["photo", "problem", "value", "detail"]]

@@ -29,6 +29,11 @@ RECIPE = {"backbone": "efficientnet_lite0", "features": "multilevel", "image_siz
 # alone doubts half the labels (the heads' own errors) and an expected error of one object 40 %; of two, 7 %: a
 # spot-check list, not a verdict.
 MIN_FLAGGED_SCORE = 2.0
+# Bounds that keep cross-fitting's memory flat at bucket scale (536 K photos): each head trains on a stratified sample
+# of at most FIT_SAMPLE photos of its folds (every photo below that, as on ABID's few thousand), and photos are read
+# and predicted CHUNK_PHOTOS at a time. bench/bucket_scale.py measures both.
+FIT_SAMPLE = 40_000
+CHUNK_PHOTOS = 8_192
 
 
 class LabelIssuesError(BinsightError):
@@ -81,19 +86,23 @@ def count_scores(probs: np.ndarray, labels: np.ndarray, classes: list[int]) -> n
 
 
 def cross_fit(features: np.ndarray, labels: np.ndarray, fit_on: np.ndarray, folds: int = DEFAULT_FOLDS, seed: int = 0,
-              c: float = RECIPE["C"], n_classes: int | None = None, on_fold=None) -> np.ndarray:
+              c: float = RECIPE["C"], n_classes: int | None = None, on_fold=None, fit_sample: int = FIT_SAMPLE,
+              chunk: int = CHUNK_PHOTOS) -> np.ndarray:
     """Out-of-fold class probabilities (n × classes) from standardised logistic-regression heads.
 
     `features` is n × views × dim (each photo seen in each of its views; a head trains on every view and its
-    prediction averages them). Photos in `fit_on` are split into stratified, seeded folds, each predicted by the head
-    fitted on the other folds; the others (e.g. the test split) get the mean of the fold heads, none of which saw them.
+    prediction averages them), in memory or memory-mapped (np.load(..., mmap_mode="r")). Photos in `fit_on` are split
+    into stratified, seeded folds, each predicted by the head fitted on the other folds; the others (e.g. the test
+    split) get the mean of the fold heads, none of which saw them. Memory stays bounded at any size: a head trains on
+    at most `fit_sample` photos of its folds (a stratified, seeded sample; all of them below that) and photos are
+    read and predicted `chunk` at a time.
     """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedKFold, train_test_split
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    n, views, _ = features.shape
+    n, views, dim = features.shape
     n_classes = n_classes or int(labels.max()) + 1
     fit_index = np.flatnonzero(fit_on)
     rest = np.flatnonzero(~fit_on)
@@ -105,14 +114,18 @@ def cross_fit(features: np.ndarray, labels: np.ndarray, fit_on: np.ndarray, fold
     splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
     for fold, (train, held) in enumerate(splitter.split(fit_index, labels[fit_index])):
         train, held = fit_index[train], fit_index[held]
+        if len(train) > fit_sample:
+            train, _ = train_test_split(train, train_size=fit_sample, stratify=labels[train], random_state=seed + fold)
+            train = np.sort(train)  # in file order: a memory map reads it front to back
         head = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000, class_weight="balanced"))
-        head.fit(features[train].reshape(-1, features.shape[-1]), np.repeat(labels[train], views))
+        head.fit(np.asarray(features[train]).reshape(-1, dim), np.repeat(labels[train], views))
         for rows, weight in ((held, 1.0), (rest, 1.0 / folds)):
-            if len(rows):
-                seen = head.predict_proba(features[rows].reshape(-1, features.shape[-1]))
+            for start in range(0, len(rows), chunk):
+                part = rows[start:start + chunk]
+                seen = head.predict_proba(np.asarray(features[part]).reshape(-1, dim))
                 full = np.zeros((len(seen), n_classes))
                 full[:, head.classes_] = seen
-                probs[rows] += weight * full.reshape(len(rows), views, n_classes).mean(1)
+                probs[part] += weight * full.reshape(len(part), views, n_classes).mean(1)
         if on_fold:
             on_fold(fold + 1, folds)
     return probs

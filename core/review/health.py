@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from core.data.photo_checks import check_photos, duplicate_findings, near_duplicate_pairs, quality_findings
+from core.data.photo_checks import cached_pairs, check_photos, duplicate_findings, quality_findings
 from core.evaluation.label_issues import LabelIssues, LabelIssuesError, find_label_issues
 
 CSV_COLUMNS = ["photo", "finding", "detail", "count", "suggested_count", "score", "split", "other_photo"]
@@ -124,7 +124,7 @@ def health_report(dataset, label_issues: bool = True, on_progress=None, should_s
 
     frame = dataset.frame
     checks = check_photos(dataset.key, frame, on_progress=part(0.0, 0.3), should_stop=should_stop)
-    duplicates = duplicate_findings(near_duplicate_pairs(checks.frame), frame)
+    duplicates = duplicate_findings(cached_pairs(dataset.key, checks.frame), frame)
     issues, problem = None, ""
     if found_issues is not None:
         issues = found_issues

@@ -12,6 +12,7 @@ from core.data.annotations import MORE_THAN_FIVE
 from core.data.classes import ClassRange
 from core.errors import BinsightError
 from core.evaluation.predictions import PredictionStore
+from core.review import queue_store
 
 QUEUES = {
     "unchecked": "Not yet checked",
@@ -67,6 +68,8 @@ def build_queue(frame: pd.DataFrame, kind: str, checked: set[str] | None = None,
     likely wrong first; "sent" holds the `sent` names (e.g. a confusion cell's photos) in their order."""
     if kind not in QUEUES:
         raise QueueError(f"unknown queue {kind!r}: choose one of {', '.join(QUEUES)}")
+    if len(frame) >= queue_store.LARGE_POOL and kind != "sent":
+        return paged_queue(frame, kind, checked, scores, counts, splits, size, seed, issues, classes)
     rows = candidates(frame, counts, splits)
     if kind == "sent":
         if not sent:
@@ -101,6 +104,39 @@ def build_queue(frame: pd.DataFrame, kind: str, checked: set[str] | None = None,
         return scored.sort_values("confidence", kind="stable")["name"].head(size).tolist()
     disputed = scored[~agreement(scored).fillna(True)]
     return disputed.sort_values("confidence", ascending=False, kind="stable")["name"].head(size).tolist()
+
+
+def paged_queue(frame: pd.DataFrame, kind: str, checked: set[str] | None = None, scores: pd.DataFrame | None = None,
+                counts=(), splits=(), size: int = 50, seed: int = 0, issues: pd.DataFrame | None = None,
+                classes: ClassRange | None = None, offset: int = 0) -> list[str]:
+    """build_queue's queue `kind` from `offset` on, paged from an indexed table of the pool (made once per pool,
+    model scores and label issues): what a bucket-scale pool needs, where sorting it on each page would not do.
+    Random orders are the pool's own seeded shuffle, so they differ from build_queue's in-memory ones."""
+    if kind in ISSUE_QUEUES and issues is None:
+        raise QueueError(f"“{QUEUES[kind]}” needs the data health check: run it on the Data health page (or "
+                         "`python -m core health`) first.")
+    if kind in MODEL_QUEUES and (scores is None or scores.empty):
+        raise QueueError(f"“{QUEUES[kind]}” needs the current model's predictions: score the photos first.")
+    used = ["name", "path", "problem", "count"] + [c for c in ("cls", "split") if c in frame]
+    parts = [frame[used], seed, classes.describe() if classes else None]
+    parts += [scores[SCORE_COLUMNS[:3] + ["error"]] if scores is not None else None]
+    parts += [issues[["name", "flagged", "score"]] if issues is not None else None]
+
+    def make_pool() -> pd.DataFrame:
+        pool = candidates(frame).reset_index(drop=True)
+        pool["inside"] = inside_classes(pool, classes).to_numpy()
+        pool["shuffled"] = queue_store.shuffled_ranks(len(pool), seed)
+        if scores is not None and len(scores):
+            kept = scores[scores["error"].isna()][["name", "predicted", "confidence"]].drop_duplicates("name")
+            pool = pool.merge(kept, on="name", how="left")
+            pool["disputed"] = (~agreement(pool).fillna(True)).to_numpy()
+        if issues is not None:
+            pool = pool.merge(issues[["name", "flagged", "score"]].drop_duplicates("name"), on="name", how="left")
+        return pool.assign(flagged=pool.get("flagged", False), disputed=pool.get("disputed", False)).fillna(
+            {"flagged": False, "disputed": False})
+
+    return queue_store.paged_queue(queue_store.digest(*parts), make_pool, kind, checked or set(), counts, splits,
+                                   offset, size, more_than=MORE_THAN_FIVE)
 
 
 def agreement(scored: pd.DataFrame) -> pd.Series:
