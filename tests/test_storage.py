@@ -95,8 +95,8 @@ def test_caps_come_from_defaults_settings_and_the_environment(monkeypatch):
     assert storage.cache_caps()["features"] == 100 * storage.MB
     monkeypatch.setenv("BINSIGHT_CACHE_CAP_MB", "300, uploads=2.5, predictions=0")
     caps = storage.cache_caps()
-    assert caps == {"predictions": None, "features": 300 * storage.MB, "s3-cache": 300 * storage.MB,
-                    "uploads": int(2.5 * storage.MB)}
+    assert caps == {"predictions": None, "features": 300 * storage.MB, "stage_maps": 300 * storage.MB,
+                    "s3-cache": 300 * storage.MB, "uploads": int(2.5 * storage.MB)}
     for bad in ("lots", "thumbnails=3", "features=-1"):
         monkeypatch.setenv("BINSIGHT_CACHE_CAP_MB", bad)
         with pytest.raises(storage.StorageError, match="BINSIGHT_CACHE_CAP_MB"):
