@@ -92,7 +92,7 @@ def test_a_cache_hit_skips_the_backbone(data):
     assert (mirrored.hits, mirrored.computed) == (0, 2)
     with torch.no_grad():
         flipped = backbone.eval()(torch.stack([photo_tensor(p, meta) for p in paths[:2]]).flip(-2))
-    assert torch.allclose(mirrored.features, flipped, atol=1e-4)
+    assert torch.allclose(mirrored.features, flipped, rtol=1e-3, atol=1e-3)  # via the fp16 stage-map store
     assert not torch.allclose(mirrored.features, first.features[:2], atol=1e-3)
 
 
