@@ -110,7 +110,7 @@ def test_threshold_flags_low_confidence_without_predicting_again(shared, monkeyp
     middle = round(float(table["confidence"].median()) * 20) / 20  # on the slider's 0.05 steps
     at.slider(key="predict_threshold").set_value(middle).run()
     flagged = batch_table(at)
-    assert list(flagged["low_confidence"]) == list(table["confidence"] < middle)
+    assert flagged["low_confidence"].fillna(False).astype(bool).tolist() == (table["confidence"] < middle).tolist()
     assert shown_metrics(at)["Low confidence"] == str(int((table["confidence"] < middle).sum()))
     assert calls == [1]  # one prediction for the batch, whatever the threshold
     run_id = at.selectbox(key="predict_run").value
