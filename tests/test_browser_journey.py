@@ -227,7 +227,7 @@ def analyst_journey(page, source: Path, tmp_path: Path) -> None:
     saved_label = re.compile(rf"Label {new_count} \(corrected by ana; {labels[name]} when evaluated\)")
     dialog.get_by_text(saved_label).wait_for()
     assert dialog.locator(f".st-key-cm_set_{new_count} button").get_attribute("kind") == "primary"
-    assert dialog.locator(".st-key-cm_undo button").first.is_visible()
+    dialog.locator(".st-key-cm_undo button:visible").first.wait_for()
     shot(page, "05-evaluate-correct")
     from core.data import annotations
     from core.data.dataset import dataset_key
