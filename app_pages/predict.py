@@ -224,7 +224,7 @@ def serve_hint(run: dict) -> None:
         st.markdown(f"**1. Start the service** in a terminal, from the project folder (`{project}`). It keeps "
                     "that terminal busy while it serves; stop it with Ctrl+C.")
         st.code(f"cd {project}\npython -m core serve \\\n  --model {Path(run['path']) / 'model.pt'} \\\n"
-                f"  --port 8080{precision}", language="bash")
+                f"  --port 8080{precision}", language="bash", wrap_lines=True)
         st.markdown("**2. Ask it for a count** from a second terminal, in the folder of the photo, once "
                     "`curl -s http://127.0.0.1:8080/ping` answers:")
         st.code("curl -s -X POST -H 'Content-Type: image/jpeg' \\\n  --data-binary @photo.jpg \\\n"
