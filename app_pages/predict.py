@@ -333,7 +333,7 @@ def show_results(frame: pd.DataFrame, run: dict, notes: list[str]) -> None:
                                                           help="Each whole message is above the table")
     for p in probs:  # five probability bars fit beside the rest at 1400 px
         config_columns[p]["width"] = "small"
-    shown_columns = ["name", "predicted", "second_count", "confidence", "low_confidence"] + probs + ["error"]
+    shown_columns = ["name", "predicted", "confidence", "low_confidence"] + probs + ["error"]
     st.dataframe(table[shown_columns], hide_index=True, width="stretch", column_config=config_columns,
                  key="predict_table")
     exported = (["name", "predicted", "second_count", "tie", "confidence", "low_confidence"] + probs
