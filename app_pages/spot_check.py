@@ -236,9 +236,16 @@ def choose_queue(dataset, model_path: Path | None, checked: set[str], health_iss
     """The queue controls; the queue is rebuilt only when they change, so it stays put while you work."""
     frame, key = dataset.frame, dataset.key
     c1, c2, c3, c4 = st.columns([3, 2, 2, 1])
+    linked = st.query_params.get("queue")
+    if "spot_kind" not in st.session_state and linked in QUEUES and linked != "sent":
+        st.session_state["spot_kind"] = linked  # a reload (a new session) goes on with the queue in the address
     kind = c1.selectbox("Queue", list(QUEUES), format_func=QUEUES.get, key="spot_kind",
                         help="Model queues hold only the bins whose count is one of the model's classes; the others "
                              "are in “Outside the classes”.")
+    if kind == "sent":  # a list sent from another page lives in this session only
+        st.query_params.pop("queue", None)
+    elif linked != kind:
+        st.query_params["queue"] = kind
     counts = c2.multiselect("Current count", COUNT_FILTERS, format_func=annotations.count_label,
                             placeholder="all counts", key="spot_counts")
     splits = c3.multiselect("Split", SPLITS, placeholder="all splits", key="spot_splits")

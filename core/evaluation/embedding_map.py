@@ -12,7 +12,7 @@ import pandas as pd
 
 from core import config
 from core.errors import BinsightError
-from core.evaluation.label_issues import RECIPE, photo_features
+from core.evaluation.label_issues import RECIPE, head_columns, photo_features
 from core.evaluation.predictions import photos_fingerprint
 from core.files import atomic_write_bytes
 
@@ -158,14 +158,14 @@ def cached_map(dataset_key: str, rows: pd.DataFrame, seed: int = 0) -> tuple[pd.
 def embedding_map(dataset_key: str, rows: pd.DataFrame, seed: int = 0, on_progress=None,
                   should_stop=None) -> tuple[pd.DataFrame, dict]:
     """(name, x, y; info) of `rows`' photos (name, path): cached, else from their frozen features (the label-issue
-    recipe's, from the feature cache; each photo the mean of its views) projected to 2-D, then cached.
+    recipe's columns, from the feature cache; each photo the mean of its views) projected to 2-D, then cached.
     Unreadable photos are left out (info['unreadable']). on_progress(fraction, text)."""
     found = cached_map(dataset_key, rows, seed)
     if found is not None:
         return found
     started = time.perf_counter()
     rows = rows[rows["path"].notna()].reset_index(drop=True)
-    features, errors = photo_features(None, rows, on_progress, should_stop)
+    features, errors = photo_features(None, rows, on_progress, should_stop, columns=head_columns())
     readable = np.array([i not in errors for i in range(len(rows))], dtype=bool)
     feature_seconds = time.perf_counter() - started
     if on_progress:

@@ -237,9 +237,11 @@ def head_columns() -> list[int]:
     return FEATURE_SETS[RECIPE["features"]].columns(channels, RECIPE["parts"])
 
 
-def photo_features(dataset, rows: pd.DataFrame, on_progress=None, should_stop=None) -> tuple[np.ndarray, dict]:
-    """The recipe's frozen features of `rows`' photos (n × views × dim; unreadable rows are zeros) from the feature
-    cache, computing the missing ones; and {row: error} of the photos that cannot be read."""
+def photo_features(dataset, rows: pd.DataFrame, on_progress=None, should_stop=None,
+                   columns: list[int] | None = None) -> tuple[np.ndarray, dict]:
+    """The recipe's frozen features of `rows`' photos (n × views × dim, float32; unreadable rows are zeros) from the
+    feature cache, computing the missing ones; and {row: error} of the photos that cannot be read. `columns` keeps
+    only those (e.g. head_columns()): memory then holds the result and one cache shard, at any dataset size."""
     import torch
 
     from core.models.features import extract_features
@@ -249,7 +251,9 @@ def photo_features(dataset, rows: pd.DataFrame, on_progress=None, should_stop=No
     backbone, info = build_backbone(RECIPE["backbone"], features=RECIPE["features"])
     meta = info | preprocessing(info, RECIPE["image_size"], RECIPE["aspect"])
     paths = list(rows["path"])
-    views, errors = [], {}
+    width = meta["feature_dim"] if columns is None else len(columns)
+    features = np.zeros((len(paths), len(RECIPE["views"]), width), np.float32)
+    errors = {}
     for n, view in enumerate(RECIPE["views"]):
         def report(state, n=n):
             fraction = (n + state["done"] / max(state["total"], 1)) / len(RECIPE["views"])
@@ -258,10 +262,10 @@ def photo_features(dataset, rows: pd.DataFrame, on_progress=None, should_stop=No
 
         if on_progress:
             on_progress(0.9 * n / len(RECIPE["views"]), f"Reading cached features ({view})")
-        result = extract_features(backbone, meta, paths, view=view, on_progress=report, should_stop=should_stop)
+        result = extract_features(backbone, meta, paths, view=view, on_progress=report, should_stop=should_stop,
+                                  columns=columns, out=torch.from_numpy(features)[:, n])
         errors.update(result.errors)
-        views.append(result.features)
-    return torch.stack(views, 1).numpy(), errors
+    return features, errors
 
 
 def find_label_issues(dataset, folds: int = DEFAULT_FOLDS, seed: int = 0, on_progress=None,
@@ -274,9 +278,10 @@ def find_label_issues(dataset, folds: int = DEFAULT_FOLDS, seed: int = 0, on_pro
     started = time.perf_counter()
     rows = _labelled_rows(dataset)
     digest = _cache_digest(dataset, rows, folds, seed)  # of every labelled photo, as cached_label_issues computes it
-    features, errors = photo_features(dataset, rows, on_progress, should_stop)
-    readable = np.array([i not in errors for i in range(len(rows))])
-    rows, features = rows[readable], features[readable]
+    features, errors = photo_features(dataset, rows, on_progress, should_stop, columns=head_columns())
+    if errors:  # (a copy: only when some photos cannot be read)
+        readable = np.array([i not in errors for i in range(len(rows))])
+        rows, features = rows[readable], features[readable]
     classes = [int(c) for c in dataset.classes]
     labels = np.array([classes.index(int(c)) for c in rows["cls"]])
     fit_on = (rows["split"] != "test").to_numpy()
@@ -287,7 +292,7 @@ def find_label_issues(dataset, folds: int = DEFAULT_FOLDS, seed: int = 0, on_pro
         if on_progress:
             on_progress(0.9 + 0.1 * fold / total, f"Cross-fitting heads (fold {fold} of {total})")
 
-    probs = cross_fit(features[..., head_columns()], labels, fit_on, folds, seed, n_classes=len(classes),
+    probs = cross_fit(features, labels, fit_on, folds, seed, n_classes=len(classes),
                       on_fold=fold_done)
     per_photo, noise = rank_issues(probs, labels, classes)
     frame = pd.concat([rows[["name", "split"]].reset_index(drop=True), per_photo], axis=1)

@@ -68,6 +68,27 @@ class FeatureCache:
             vectors.update(zip(data["hashes"], data["features"]))
         return vectors
 
+    def read_into(self, hashes: list, out: torch.Tensor, columns=None) -> set[int]:
+        """Copy the stored tensor of each photo hash (its `columns` only, when given) into its row of `out`, reading
+        one shard at a time, so memory holds `out` and one shard whatever the cache's size; the rows found."""
+        rows: dict[str, list[int]] = {}
+        for i, digest in enumerate(hashes):
+            if digest is not None:
+                rows.setdefault(digest, []).append(i)
+        found: set[int] = set()
+        for shard in sorted(self.folder.glob("*.pt")):
+            try:
+                data = torch.load(shard, map_location="cpu", weights_only=True)
+            except Exception:
+                continue  # a damaged shard only costs recomputing its photos
+            storage.touch(shard)
+            stored = data["features"] if columns is None else data["features"][:, columns]
+            for k, digest in enumerate(data["hashes"]):
+                for i in rows.get(digest, ()):
+                    out[i] = stored[k]
+                    found.add(i)
+        return found
+
     def add(self, hashes: list[str], features: torch.Tensor) -> None:
         if not hashes:
             return

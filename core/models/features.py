@@ -17,6 +17,9 @@ from core.models.preprocess import PhotoDataset, default_workers, eval_transform
 from core.models.stages import Tail
 
 
+SHARD_ROWS = 8192  # vectors per cache shard written from stage maps (a few tens of MB)
+
+
 @dataclass
 class Features:
     """Features of a list of photos, in order; rows of photos in `errors` are zeros."""
@@ -26,34 +29,38 @@ class Features:
     hits: int = 0
     computed: int = 0
     seconds: float = 0.0
+    columns: list[int] | None = None  # the feature columns kept (None: all)
+
+    def keep(self, rows: list[int], vectors: torch.Tensor) -> None:
+        """Put freshly computed whole vectors into their rows (their kept columns)."""
+        self.features[rows] = vectors if self.columns is None else vectors[:, self.columns]
 
 
 def extract_features(backbone: torch.nn.Module, meta: dict, paths: list, device: str = "cpu",
                      batch_size: int = 64, num_workers: int | None = None, view: str = "plain",
-                     on_progress=None, should_stop=None) -> Features:
+                     on_progress=None, should_stop=None, columns=None, out: torch.Tensor | None = None) -> Features:
     """Backbone features of `paths`: cached ones are read back, the others computed (one pass) and cached.
 
     An EfficientNet-Lite's features are computed from the stage-map store (core.models.stage_store): maps stored by
     an earlier pass at this preprocessing are read back, and the maps computed now are stored for the next reader
     (partial fine-tuning, another feature set), unless they would not fit under the store's disk budget.
 
+    `columns` keeps only those feature columns (the cache stores whole vectors); `out` (len(paths) × columns) is
+    filled instead of a new tensor: with both, memory holds `out` and one cache shard at a time, at any dataset size.
     on_progress(dict(done, total, images_per_s, data_wait_fraction)) is called after each batch;
     should_stop() returning True raises core.errors.Cancelled (what was computed so far stays cached).
     """
     started = time.perf_counter()
     cache = FeatureCache(cache_key(meta, view))
-    known = cache.load()
     hashes = [photo_hash(p) for p in paths]
-    dim = meta["feature_dim"]
-    out = torch.zeros(len(paths), dim)
-    result = Features(out)
+    width = meta["feature_dim"] if columns is None else len(columns)
+    result = Features(torch.zeros(len(paths), width) if out is None else out, columns=columns)
+    cached = cache.read_into(hashes, result.features, columns)
     missing = []
     for i, digest in enumerate(hashes):
         if digest is None:
             result.errors[i] = f"{Path(paths[i]).name}: no such file or not readable"
-        elif digest in known:
-            out[i] = known[digest]
-        else:
+        elif i not in cached:
             missing.append(i)
     result.hits = len(paths) - len(missing) - len(result.errors)
     if missing:
@@ -74,15 +81,19 @@ def _from_stage_maps(backbone, meta, paths, hashes, missing, result, cache, devi
     tail = Tail(backbone).to(device).eval()
     good = [j for j in range(len(missing)) if j not in found.errors]
     result.errors.update({missing[j]: error for j, error in found.errors.items()})
+    pending_hashes, pending = [], []
     with torch.inference_mode():
         for start in range(0, len(good), 256):
             rows = good[start:start + 256]
             with torch.autocast("cuda", enabled=str(device).startswith("cuda")):
                 vectors = tail(found.maps[view][rows].to(device).float()).float().cpu()
-            result.features[[missing[j] for j in rows]] = vectors
-    originals = [missing[j] for j in good]
-    cache.add([hashes[i] for i in originals], result.features[originals])
-    result.computed = len(originals)
+            result.keep([missing[j] for j in rows], vectors)
+            pending_hashes += [hashes[missing[j]] for j in rows]
+            pending.append(vectors)
+            if len(pending_hashes) >= SHARD_ROWS or start + 256 >= len(good):
+                cache.add(pending_hashes, torch.cat(pending))
+                pending_hashes, pending = [], []
+    result.computed = len(good)
 
 
 def _compute(backbone, meta, paths, hashes, missing, result, cache, device, batch_size, num_workers, view,
@@ -112,7 +123,7 @@ def _compute(backbone, meta, paths, hashes, missing, result, cache, device, batc
                 if error:
                     result.errors[original] = error
                     continue
-                result.features[original] = row
+                result.keep([original], row[None])
                 pending_hashes.append(hashes[original])
                 pending.append(row)
             done += len(index)
