@@ -29,7 +29,7 @@ BAD_SOURCES = {"missing": "nowhere", "empty": "empty", "unknown": "unknown", "te
 
 def build_fixtures(root: Path) -> None:
     """Every layout under `root` (the working directory, so sources are relative and frames hold no tmp path)."""
-    from core.data.demo import generate_demo
+    from core.data.layouts.demo import generate_demo
 
     demo = generate_demo(root / "abid", counts={0: 1, 1: 3, 2: 3, 3: 3, 4: 2, 7: 1})
     (demo / "metadata" / "00002.json").write_text("{not json")
@@ -77,9 +77,9 @@ def stamp(root: Path) -> None:
 
 def pack(root: Path):
     """The shard set and the version, made from the ABID fixture (after it is indexed)."""
-    from core.data.loading import load_dataset
-    from core.data.shards import pack_shards
-    from core.data.versions import create_version, version_frame
+    from core.data.layouts.registry import load_dataset
+    from core.data.remote.shards import pack_shards
+    from core.data.labels.versions import create_version, version_frame
 
     dataset = load_dataset(Path("abid"))
     pack_shards(dataset, root / "shards", shard_size="20k")
@@ -89,7 +89,7 @@ def pack(root: Path):
 
 def loaded(home: Path, version: Path) -> dict:
     """What load_dataset makes of each fixture: {name: (frame, layout, notes, fingerprint or None)}."""
-    from core.data.loading import load_dataset
+    from core.data.layouts.registry import load_dataset
 
     found = {}
     for name, source in SOURCES.items():
@@ -112,7 +112,7 @@ def comparable(frame: pd.DataFrame, home: Path) -> pd.DataFrame:
 
 
 def messages() -> dict:
-    from core.data.loading import load_dataset
+    from core.data.layouts.registry import load_dataset
     from core.errors import BinsightError
 
     found = {}

@@ -42,7 +42,7 @@ def _source_photos(tmp_root: Path) -> tuple[Path, pd.DataFrame]:
 
     if (ABID / "bin-images").is_dir():
         return ABID, pd.read_csv(ABID / "labels.csv")
-    from core.data.demo import generate_demo
+    from core.data.layouts.demo import generate_demo
 
     folder = generate_demo(tmp_root / "demo_for_s3")
     rows = [{"image": p.stem + ".jpg", "count": json.loads(p.read_text())["EXPECTED_QUANTITY"]}
