@@ -1,1 +1,1 @@
-"""Photos: safe image loading, the photo checks (duplicates, blur, exposure) and photos handed to Predict."""
+"""Photos: safe image loading, the photo health checks (duplicates, dark or blurred photos) and photos handed to Predict."""
