@@ -194,6 +194,14 @@ def shared_world(tmp_path_factory) -> S3World:
     return _WORLD
 
 
+def public_world(tmp_path_factory, monkeypatch) -> S3World:
+    """The shared server, with this test's S3 settings pointing at it, unsigned (the public bucket needs no keys)."""
+    world = shared_world(tmp_path_factory)
+    monkeypatch.setenv("BINSIGHT_S3_ENDPOINT_URL", world.url)
+    monkeypatch.setenv("BINSIGHT_S3_UNSIGNED", "1")
+    return world
+
+
 def stop_shared_world() -> None:
     """Stop the shared server and free the closed port (conftest calls this when the session ends)."""
     global _WORLD, _CLOSED

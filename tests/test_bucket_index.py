@@ -8,15 +8,12 @@ import pytest
 from core.data.remote.bucket_index import build_bucket_index
 from core.data.layouts.registry import load_dataset
 from core.errors import Cancelled
-from tests.moto_s3 import PUBLIC_BUCKET, shared_world
+from tests.moto_s3 import PUBLIC_BUCKET, public_world
 
 
 @pytest.fixture
 def world(tmp_path_factory, monkeypatch):
-    world = shared_world(tmp_path_factory)
-    monkeypatch.setenv("BINSIGHT_S3_ENDPOINT_URL", world.url)
-    monkeypatch.setenv("BINSIGHT_S3_UNSIGNED", "1")
-    return world
+    return public_world(tmp_path_factory, monkeypatch)
 
 
 def expected_counts(world) -> dict[str, int]:

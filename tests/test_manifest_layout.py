@@ -7,15 +7,12 @@ from PIL import Image
 from core.data.dataset import DatasetError
 from core.data.layouts.manifest import MANIFEST
 from core.data.layouts.registry import READERS, load_dataset, reader_for
-from tests.moto_s3 import PUBLIC_BUCKET, shared_world
+from tests.moto_s3 import PUBLIC_BUCKET, public_world
 
 
 @pytest.fixture
 def world(tmp_path_factory, monkeypatch):
-    world = shared_world(tmp_path_factory)
-    monkeypatch.setenv("BINSIGHT_S3_ENDPOINT_URL", world.url)
-    monkeypatch.setenv("BINSIGHT_S3_UNSIGNED", "1")
-    return world
+    return public_world(tmp_path_factory, monkeypatch)
 
 
 def test_a_manifest_of_bucket_photos_is_a_dataset(world, tmp_path):
