@@ -9,10 +9,11 @@ import streamlit as st
 
 from app_pages.common import checked_path, current_dataset, current_user, reload_dataset
 from core import config
-from core.data import balancing, pools, versions
+from core.data.curation import balancing, pools
+from core.data.labels import versions
 from core.data.dataset import DatasetError
 from core.data.overview import SPLIT_COLOURS
-from core.data.s3 import S3Error, S3Settings, S3Source, endpoint_problem, s3_settings, save_s3_settings
+from core.data.remote.s3 import S3Error, S3Settings, S3Source, endpoint_problem, s3_settings, save_s3_settings
 from core.jobs import queue as jobs
 from core.jobs import worker
 
@@ -58,7 +59,7 @@ if dataset is None:
     st.stop()
 for note in dataset.notes:
     st.warning(note)
-if dataset.layout == "version":
+if dataset.version:
     info = dataset.split_info
     st.info(f"This is version **{info.get('version')}** ({info.get('strategy')}) of `{info.get('base_source')}`. "
             "Balancing it makes another version.")
@@ -76,7 +77,7 @@ with st.expander(f"Versions of this dataset ({len(saved)})", expanded=bool(saved
             "manifest": str(v.path),
         } for v in saved]), hide_index=True, width="stretch")
         options = ["original"] + [v.name for v in saved]
-        current = dataset.split_info.get("version") if dataset.layout == "version" else "original"
+        current = dataset.version or "original"
         chosen = st.selectbox("Dataset to work and train on", options, index=options.index(current)
                               if current in options else 0, key="balance_use_version")
         refused = current_user().why_not("change_dataset")

@@ -12,8 +12,8 @@ from core import config
 from core.access import LOCAL_USER, PathRefused, User, allowed_path, role_for
 from core.data.classes import ClassRange
 from core.data.dataset import Dataset, DatasetError
-from core.data.images import ImageError, thumbnail
-from core.data.loading import load_dataset
+from core.data.photos.images import ImageError, thumbnail
+from core.data.layouts.registry import load_dataset
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)

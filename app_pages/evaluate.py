@@ -18,11 +18,11 @@ from app_pages.common import (
     remembered_annotator,
     training_progress,
 )
-from core.data import annotations
+from core.data.labels import annotations
 from core.data.browse import page_of
 from core.data.classes import ClassRange, model_class_range
 from core.data.dataset import DatasetError
-from core.data.loading import load_dataset
+from core.data.layouts.registry import load_dataset
 from core.evaluation import reports
 from core.evaluation.calibration import LEGACY_THRESHOLD, chosen_threshold
 from core.evaluation.predictions import PredictionStore, probability_columns

@@ -13,7 +13,7 @@ from app_pages.review_views import (
     recheck_line,
     send_to_spot_check,
 )
-from core.data.photo_checks import has_cached_checks
+from core.data.photos.photo_checks import has_cached_checks
 from core.evaluation.label_issues import MIN_FLAGGED_SCORE
 from core.review.health import HealthReport, health_report
 

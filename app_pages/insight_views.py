@@ -17,7 +17,7 @@ from app_pages.common import (
     remember_annotator,
     remembered_annotator,
 )
-from core.data import annotations
+from core.data.labels import annotations
 from core.data.browse import page_of
 from core.errors import BinsightError
 from core.evaluation import embedding_map as maps

@@ -6,7 +6,7 @@ import streamlit as st
 from app_pages.common import current_dataset, current_user, reload_dataset
 from core import storage
 from core.data import overview
-from core.data.splits import resplit
+from core.data.labels.splits import resplit
 
 st.title("Overview")
 dataset = current_dataset()

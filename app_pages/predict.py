@@ -15,7 +15,8 @@ from app_pages.common import (
     predictor_for,
     training_progress,
 )
-from core.data import uploads
+from core.data.photos import uploads
+from core.data.remote import s3_photos
 from core.data.browse import page_of
 from core.evaluation.calibration import FLAG_SHARE, calibrated_threshold, chosen_threshold, save_chosen_threshold, \
     share_below
@@ -205,7 +206,7 @@ def gather_inputs() -> tuple[str, list[uploads.PhotoInput], list[str]] | None:
                 return cached
             slot = st.empty()
             try:
-                inputs, notes = uploads.s3_inputs(uri, int(limit), on_progress=lambda f, text: slot.progress(
+                inputs, notes = s3_photos.s3_inputs(uri, int(limit), on_progress=lambda f, text: slot.progress(
                     min(max(float(f), 0.0), 1.0), text=text))
             finally:
                 slot.empty()

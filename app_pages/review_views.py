@@ -140,6 +140,6 @@ def photo_with_open(path, name: str, caption: str, key: str, thumbnail) -> None:
 
 
 def outcome_word(outcome: str) -> str:
-    from core.data.annotations import STATUS_WORDS
+    from core.data.labels.annotations import STATUS_WORDS
 
     return STATUS_WORDS.get(outcome, "") if isinstance(outcome, str) and outcome and not pd.isna(outcome) else ""

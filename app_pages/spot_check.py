@@ -8,10 +8,10 @@ import streamlit as st
 
 from app_pages.common import current_dataset, current_user, model_for, remembered_annotator
 from app_pages.review_views import label_issues_now, precision_tiles, recheck_line
-from core.data import annotations
+from core.data.labels import annotations
 from core.data.classes import ClassRange, model_class_range
 from core.data.dataset import photo_items
-from core.data.images import ImageError, load_image
+from core.data.photos.images import ImageError, load_image
 from core.jobs.runs import current_model_path
 from core.review.queue import (
     ISSUE_QUEUES,

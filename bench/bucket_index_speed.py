@@ -40,7 +40,7 @@ def main() -> int:
             body = metadata[i % len(metadata)].read_bytes()
             s3.put_object(Bucket="bench-bucket", Key=f"metadata/{i:06d}.json", Body=body)
         print(f"{'requests in flight':>18}  {'objects/s':>10}  {'seconds':>8}")
-        from core.data.bucket_index import build_bucket_index
+        from core.data.remote.bucket_index import build_bucket_index
 
         for in_flight in (1, 8, 32):
             os.environ["BINSIGHT_HOME"] = tempfile.mkdtemp(prefix="bench-index-")

@@ -62,8 +62,8 @@ def real_inputs(work: Path):
         stored = np.load(kept / "features.npz")
         return (pd.read_parquet(kept / "checks.parquet"), pd.read_parquet(kept / "pairs.parquet"),
                 stored["features"], stored["counts"])
-    from core.data.loading import load_dataset
-    from core.data.photo_checks import check_photos, near_duplicate_pairs
+    from core.data.layouts.registry import load_dataset
+    from core.data.photos.photo_checks import check_photos, near_duplicate_pairs
     from core.evaluation.label_issues import head_columns, photo_features
 
     dataset = load_dataset(str(ABID))
@@ -156,7 +156,7 @@ def make_set(photos: int, work: Path) -> None:
 # ---------------------------------------------------------------------------------------------- the parts
 
 def bench_duplicates(photos: int, work: Path) -> None:
-    from core.data.photo_checks import near_duplicate_pairs
+    from core.data.photos.photo_checks import near_duplicate_pairs
 
     table = pd.read_parquet(work / "table.parquet", columns=["name", "sha1", "phash", "phash256", "twin_of"])
     clock = Clock()
@@ -226,7 +226,7 @@ def bench_open(photos: int, work: Path) -> None:
     import plotly.io
 
     from app_pages.insight_views import _map_figure
-    from core.data.photo_checks import duplicate_findings, quality_findings
+    from core.data.photos.photo_checks import duplicate_findings, quality_findings
     from core.evaluation.embedding_map import coloured
     from core.review.queue import build_queue, paged_queue
 
@@ -299,7 +299,7 @@ def plotly_js() -> Path:
 
 
 def cache_pairs(photos: int, work: Path) -> None:
-    from core.data.photo_checks import near_duplicate_pairs
+    from core.data.photos.photo_checks import near_duplicate_pairs
 
     near_duplicate_pairs(pd.read_parquet(work / "table.parquet")).to_parquet(work / "pairs.parquet", index=False)
 

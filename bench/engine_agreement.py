@@ -29,7 +29,7 @@ def main() -> int:
     import numpy as np
     from sklearn.metrics import balanced_accuracy_score
 
-    from core.data.loading import load_dataset
+    from core.data.layouts.registry import load_dataset
     from predict_speed import load_engine
 
     from core.models.inference import predict_photos

@@ -24,7 +24,7 @@ def main():
     os.environ["BINSIGHT_HOME"] = tempfile.mkdtemp(prefix="binsight-bench-")
     from streamlit.testing.v1 import AppTest
 
-    from core.data.loading import load_dataset
+    from core.data.layouts.registry import load_dataset
 
     for label, source in [("ABID folder (2,244 photos)", ABID),
                           ("counting list (324,735 pairs)", ABID / "lists" / "counting_train.json")]:

@@ -25,7 +25,7 @@ ABID = (ROOT / ".." / "shared" / "abid").resolve()
 
 def bench_map(data: str | None) -> None:
     from core import config
-    from core.data.loading import load_dataset
+    from core.data.layouts.registry import load_dataset
     from core.evaluation.embedding_map import embedding_map, project
     from core.evaluation.label_issues import photo_features
 

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.data.loading import load_dataset  # noqa: E402
+from core.data.layouts.registry import load_dataset  # noqa: E402
 from core.evaluation.label_issues import RECIPE, cross_fit, head_columns, photo_features, rank_issues  # noqa: E402
 from core.models.catalog import FEATURE_SETS, STAGE_CHANNELS  # noqa: E402
 from core.models.networks import backbone_spec  # noqa: E402

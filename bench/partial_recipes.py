@@ -61,7 +61,7 @@ def main() -> int:
 
     import torch
 
-    from core.data.loading import load_dataset
+    from core.data.layouts.registry import load_dataset
     from core.models import networks as models
     from core.training.config import TrainConfig
     from core.training.epochs import Progress, seed_everything

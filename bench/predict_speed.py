@@ -27,7 +27,7 @@ ABID = (ROOT / ".." / "shared" / "abid").resolve()
 def bench_photos(n: int) -> list[str]:
     if (ABID / "bin-images").is_dir():
         return [str(p) for p in sorted((ABID / "bin-images").glob("*.jpg"))[:n]]
-    from core.data.demo import generate_demo
+    from core.data.layouts.demo import generate_demo
 
     demo = generate_demo(Path(tempfile.mkdtemp(prefix="binsight-bench-demo-")))
     return [str(p) for p in sorted((demo / "bin-images").glob("*.jpg"))[:n]]

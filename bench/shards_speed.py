@@ -51,7 +51,7 @@ class BucketPhotos(torch.utils.data.Dataset):
     """One GET per photo, as training from the bucket without shards would do, with the shard reader's S3 client."""
 
     def __init__(self, names, deliver):
-        from core.data.shard_store import S3Store
+        from core.data.remote.shard_store import S3Store
 
         self.names, self.deliver = names, deliver
         self.store = S3Store(f"s3://{BUCKET}/bin-images")
@@ -68,7 +68,7 @@ def make_deliver(decode: bool):
         return bytes
     from torchvision.transforms import v2
 
-    from core.data.images import load_image
+    from core.data.photos.images import load_image
 
     transform = v2.Compose([v2.ToImage(), v2.Resize((224, 224), antialias=True), v2.ToDtype(torch.float32, scale=True)])
     return lambda data: transform(load_image(data))
@@ -103,9 +103,9 @@ def main() -> int:
         import webdataset as wds
 
         from bench.moto_process import moto_server
-        from core.data.loading import load_dataset
-        from core.data.shards import pack_shards
-        from core.data.streaming import photo_stream
+        from core.data.layouts.registry import load_dataset
+        from core.data.remote.shards import pack_shards
+        from core.data.remote.streaming import photo_stream
         from tests.conftest import make_abid_subset
 
         folder = make_abid_subset(tmp / "photos", per_class=max(1, args.photos // 5))

@@ -57,7 +57,7 @@ def prepare(home: Path, data: Path | None) -> Path:
 
 def start_training(data: Path, mode: str):
     """Queue a long training (its worker starts now); it is cancelled when the soak ends."""
-    from core.data.loading import load_dataset
+    from core.data.layouts.registry import load_dataset
     from core.jobs import worker
     from core.jobs.params import describe_dataset
 
@@ -92,8 +92,8 @@ def stop_workers() -> None:
 
 
 def saved_decisions(data: Path, annotators: set[str]) -> int:
-    from core.data import annotations
-    from core.data.loading import load_dataset
+    from core.data.labels import annotations
+    from core.data.layouts.registry import load_dataset
 
     trail = annotations.history(load_dataset(str(data)).key)
     return int(trail["annotator"].isin(annotators).sum()) if len(trail) else 0

@@ -104,7 +104,7 @@ def abid_dir() -> Path:
 @pytest.fixture(scope="session")
 def demo_source(tmp_path_factory) -> Path:
     """The embedded demo set, generated once per session (read-only for tests)."""
-    from core.data.demo import generate_demo
+    from core.data.layouts.demo import generate_demo
 
     return generate_demo(tmp_path_factory.mktemp("demo_source"))
 
@@ -115,7 +115,7 @@ def make_abid_subset(target: Path, per_class: int, counts=(1, 2, 3, 4, 5), with_
 
     source = ABID if (ABID / "bin-images").is_dir() else None
     if source is None:
-        from core.data.demo import generate_demo
+        from core.data.layouts.demo import generate_demo
 
         source = generate_demo(target.parent / f"{target.name}_demo_source")
         labels = pd.DataFrame(

@@ -42,7 +42,7 @@ def _source_photos(tmp_root: Path) -> tuple[Path, pd.DataFrame]:
 
     if (ABID / "bin-images").is_dir():
         return ABID, pd.read_csv(ABID / "labels.csv")
-    from core.data.demo import generate_demo
+    from core.data.layouts.demo import generate_demo
 
     folder = generate_demo(tmp_root / "demo_for_s3")
     rows = [{"image": p.stem + ".jpg", "count": json.loads(p.read_text())["EXPECTED_QUANTITY"]}
@@ -192,6 +192,14 @@ def shared_world(tmp_path_factory) -> S3World:
     if _WORLD is None:
         _WORLD = start_world(tmp_path_factory.mktemp("s3_world"))
     return _WORLD
+
+
+def public_world(tmp_path_factory, monkeypatch) -> S3World:
+    """The shared server, with this test's S3 settings pointing at it, unsigned (the public bucket needs no keys)."""
+    world = shared_world(tmp_path_factory)
+    monkeypatch.setenv("BINSIGHT_S3_ENDPOINT_URL", world.url)
+    monkeypatch.setenv("BINSIGHT_S3_UNSIGNED", "1")
+    return world
 
 
 def stop_shared_world() -> None:

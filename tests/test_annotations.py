@@ -12,9 +12,9 @@ import pytest
 
 from core import db
 from core.cli import main as cli_main
-from core.data import annotations
+from core.data.labels import annotations
 from core.data.classes import ClassRange
-from core.data.loading import load_dataset
+from core.data.layouts.registry import load_dataset
 from core.review.queue import QueueError, build_queue
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # A writer says "ready" once imported, waits for a line on stdin (the start signal), then saves and prints each id.
 WRITER = """
 import sys
-from core.data.annotations import save_decision
+from core.data.labels.annotations import save_decision
 who, n = sys.argv[1], int(sys.argv[2])
 print("ready", flush=True)
 sys.stdin.readline()
@@ -300,7 +300,7 @@ def test_each_queue_measures_how_often_its_flags_are_right():
 
 
 def test_photos_marked_uncountable_can_be_left_out_of_training_only(small_abid, tmp_path):
-    from core.data.loading import load_dataset
+    from core.data.layouts.registry import load_dataset
     from core.training.config import TrainConfig
     from core.training.loop import train
 

@@ -11,6 +11,9 @@ CORE = Path(__file__).resolve().parents[1] / "core"
 LAYERS = ["foundation", "data", "models", "evaluation", "training", "jobs", "review", "serving", "cli"]
 FOUNDATION = {"core.allocator", "core", "core.errors", "core.config", "core.files", "core.db", "core.gpu", "core.access", "core.storage"}
 MAX_LINES = 400
+# Inside core/data the rooms depend one way too: the dataset itself (modules directly in core/data), then photos, labels,
+# remote (S3 and shards), layouts (the readers) and curation (pools and balancing).
+DATA_ROOMS = ["", "photos", "labels", "remote", "layouts", "curation"]
 
 
 def module_name(path: Path) -> str:
@@ -50,6 +53,36 @@ def test_every_package_is_a_known_layer():
 def test_dependencies_point_one_way():
     wrong = [f"{name} → {dep}" for name, deps in GRAPH.items() for dep in deps if layer(dep) > layer(name)]
     assert not wrong, "imports against the layer order " + " < ".join(LAYERS) + ":\n" + "\n".join(sorted(wrong))
+
+
+def data_room(module: str) -> int:
+    parts = module.split(".")
+    is_room = len(parts) > 3 or (len(parts) == 3 and (CORE / "data" / parts[2] / "__init__.py").is_file())
+    return DATA_ROOMS.index(parts[2] if is_room else "")
+
+
+def test_every_data_room_is_known():
+    rooms = {p.name for p in (CORE / "data").iterdir() if (p / "__init__.py").is_file()}
+    assert rooms == set(DATA_ROOMS[1:]), rooms ^ set(DATA_ROOMS[1:])
+
+
+def test_data_rooms_depend_one_way():
+    data = [name for name in GRAPH if name.startswith("core.data")]
+    wrong = [f"{name} → {dep}" for name in data for dep in GRAPH[name]
+             if dep.startswith("core.data") and data_room(dep) > data_room(name)]
+    assert not wrong, "imports against the order of core/data's rooms " + " < ".join(r or "core.data" for r in DATA_ROOMS) \
+        + ":\n" + "\n".join(sorted(wrong))
+
+
+def test_the_room_check_finds_a_wrong_import():
+    """The checker itself: a label module importing a reader must be reported."""
+    saved = GRAPH["core.data.labels.splits"]
+    try:
+        GRAPH["core.data.labels.splits"] = saved | {"core.data.layouts.registry"}
+        with pytest.raises(AssertionError, match="splits → core.data.layouts.registry"):
+            test_data_rooms_depend_one_way()
+    finally:
+        GRAPH["core.data.labels.splits"] = saved
 
 
 def test_no_import_cycles():

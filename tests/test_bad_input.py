@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from core.data.dataset import DatasetError
-from core.data.loading import load_dataset
+from core.data.layouts.registry import load_dataset
 
 
 def test_missing_folder(tmp_path):

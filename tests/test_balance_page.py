@@ -5,8 +5,9 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core import config
-from core.data import versions
-from core.data.loading import load_dataset
+from core.data.labels import versions
+from core.data.layouts.registry import load_dataset
+from core.data.layouts.saved_version import load_version
 from tests.moto_s3 import closed_port_url, held_subset, shared_world
 
 PAGE = str(Path(__file__).resolve().parents[1] / "app_pages" / "balance.py")
@@ -48,7 +49,7 @@ def test_page_fetches_more_from_the_bucket_into_a_new_version(world, dataset_fol
 
     base = load_dataset(dataset_folder)
     [version] = versions.list_versions(base)
-    made = versions.load_version(version.path)
+    made = load_version(version.path)
     added = made.frame[~made.frame["name"].isin(base.frame["name"])]
     assert len(added) == 6 and set(added["count"]) == {3} and set(added["split"]) <= {"train", "valid"}
     test_before = base.frame[base.frame["split"] == "test"]["name"].tolist()
@@ -101,6 +102,6 @@ def test_page_fetches_from_a_local_pool_folder(world, dataset_folder):
     at.button(key="balance_apply").click().run()
     assert not at.exception and "Saved version" in at.success[0].value
     [version] = versions.list_versions(load_dataset(dataset_folder))
-    made = versions.load_version(version.path)
+    made = load_version(version.path)
     base = load_dataset(dataset_folder)
     assert made.rows("train")["cls"].value_counts()[3] > base.rows("train")["cls"].value_counts()[3]

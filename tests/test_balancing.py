@@ -5,9 +5,11 @@ import pandas as pd
 import pytest
 
 from core.cli import main as cli_main
-from core.data import balancing, pools, versions
-from core.data.loading import load_dataset
-from core.data.s3 import S3Error, S3Source, s3_settings
+from core.data.curation import balancing, pools
+from core.data.labels import versions
+from core.data.layouts.registry import load_dataset
+from core.data.layouts.saved_version import load_version
+from core.data.remote.s3 import S3Error, S3Source, s3_settings
 from tests.moto_s3 import held_subset, shared_world
 
 HELD = {1: 10, 2: 10, 3: 3, 4: 10, 5: 10}  # class 3 is scarce, as in ../shared/abid
@@ -49,7 +51,7 @@ def test_fetch_more_from_the_bucket_adds_new_photos_to_train_and_valid(world, im
 
     plan = balancing.preview(dataset, "fetch", {"pool": pool, "more": {3: 8, 1: 2}, "seed": 1})
     version = balancing.apply(dataset, "fetch", {"pool": pool, "more": {3: 8, 1: 2}, "seed": 1}, name="more3")
-    made = versions.load_version(version.path)
+    made = load_version(version.path)
 
     added = made.frame[~made.frame["name"].isin(dataset.frame["name"])]
     assert sorted(added["count"].tolist()) == [1, 1] + [3] * 8
@@ -95,7 +97,7 @@ def test_no_strategy_touches_the_test_split(world, imbalanced, strategy):
         params = {"pool": pools.folder_pool(world.source), "more": {c: 5 for c in dataset.classes}}
     plan = balancing.preview(dataset, strategy, params)
     version = balancing.apply(dataset, strategy, params, name=f"v-{strategy}")
-    made = versions.load_version(version.path)
+    made = load_version(version.path)
 
     assert rows_of_test_split(made) == rows_of_test_split(dataset)
     before, after = plan.before, balancing.current_distribution(made)
@@ -125,7 +127,7 @@ def test_the_test_split_cannot_be_chosen_and_bad_parameters_are_explained(imbala
     balancing.apply(dataset, "sampler", {}, name="same")
     with pytest.raises(balancing.BalanceError, match="already exists"):
         balancing.apply(dataset, "loss_weights", {}, name="same")
-    assert versions.load_version(versions.list_versions(dataset)[0].path).split_info["weight_use"] == "sampler"
+    assert load_version(versions.list_versions(dataset)[0].path).split_info["weight_use"] == "sampler"
 
 
 def test_server_stopped_while_fetching_makes_no_version_and_no_partial_files(world, imbalanced, relay, tmp_path):
@@ -153,7 +155,7 @@ def test_versions_chain_and_load_as_a_data_path(world, imbalanced):
     over = load_dataset(first.path)  # a manifest is usable wherever a dataset folder is (e.g. train --data)
     assert over.layout == "version" and over.split_info["version"] == "over12"
     second = balancing.apply(over, "loss_weights", {}, name="over12-weighted")
-    weighted = versions.load_version(second.path)
+    weighted = load_version(second.path)
     assert second.info["parent"] == "over12" and weighted.key == dataset.key
     assert [v.name for v in versions.list_versions(weighted)] == ["over12", "over12-weighted"]
     assert len(versions.training_rows(weighted)) == 12 * len(dataset.classes)

@@ -229,7 +229,7 @@ def analyst_journey(page, source: Path, tmp_path: Path) -> None:
     assert dialog.locator(f".st-key-cm_set_{new_count} button").get_attribute("kind") == "primary"
     dialog.locator(".st-key-cm_undo button:visible").first.wait_for()
     shot(page, "05-evaluate-correct")
-    from core.data import annotations
+    from core.data.labels import annotations
     from core.data.dataset import dataset_key
 
     history = annotations.history(dataset_key(source), name)

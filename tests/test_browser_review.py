@@ -53,7 +53,7 @@ def shown_bin(page) -> str:
 
 
 def review_loop(page, source: Path) -> None:
-    from core.data.loading import load_dataset
+    from core.data.layouts.registry import load_dataset
     from core.evaluation.label_issues import cached_label_issues
 
     page.get_by_role("heading", name="Overview", exact=True).wait_for(timeout=120_000)

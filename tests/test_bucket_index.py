@@ -5,18 +5,15 @@ import json
 
 import pytest
 
-from core.data.bucket_index import build_bucket_index
-from core.data.loading import load_dataset
+from core.data.remote.bucket_index import build_bucket_index
+from core.data.layouts.registry import load_dataset
 from core.errors import Cancelled
-from tests.moto_s3 import PUBLIC_BUCKET, shared_world
+from tests.moto_s3 import PUBLIC_BUCKET, public_world
 
 
 @pytest.fixture
 def world(tmp_path_factory, monkeypatch):
-    world = shared_world(tmp_path_factory)
-    monkeypatch.setenv("BINSIGHT_S3_ENDPOINT_URL", world.url)
-    monkeypatch.setenv("BINSIGHT_S3_UNSIGNED", "1")
-    return world
+    return public_world(tmp_path_factory, monkeypatch)
 
 
 def expected_counts(world) -> dict[str, int]:
@@ -45,7 +42,7 @@ def test_a_stopped_indexing_resumes_without_reading_again(world, monkeypatch):
         build_bucket_index(f"s3://{PUBLIC_BUCKET}", in_flight=2, chunk=5,
                            on_progress=lambda done, total, text: seen.append(done), should_stop=lambda: len(seen) > 1)
     assert seen[-1] == 5  # one part of five saved before the stop
-    from core.data import s3
+    from core.data.remote import s3
 
     reads: list[str] = []
     real = s3.S3Source._make_client

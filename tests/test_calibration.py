@@ -8,7 +8,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from core.cli import main
-from core.data.loading import load_dataset
+from core.data.layouts.registry import load_dataset
 from core.evaluation.calibration import (
     FLAG_SHARE,
     LEGACY_THRESHOLD,

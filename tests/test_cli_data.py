@@ -7,10 +7,11 @@ import pandas as pd
 
 from core import config
 from core.cli import main as cli_main
-from core.data import annotations, balancing
+from core.data.labels import annotations
+from core.data.curation import balancing
 from core.data.classes import ClassRange
-from core.data.loading import load_dataset
-from core.data.splits import make_split
+from core.data.layouts.registry import load_dataset
+from core.data.labels.splits import make_split
 
 
 def splits_of(dataset) -> dict:
@@ -64,7 +65,7 @@ def test_split_with_a_class_range_splits_only_those_classes(small_abid, capsys):
 
 
 def test_demo_is_generated_once_into_the_home(capsys):
-    from core.data.demo import DEMO_COUNTS
+    from core.data.layouts.demo import DEMO_COUNTS
 
     assert cli_main(["demo"]) == 0
     folder = capsys.readouterr().out.strip()

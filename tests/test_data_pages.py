@@ -41,7 +41,7 @@ def metrics(at: AppTest) -> dict:
 
 
 def test_overview_on_demo_set_generates_it_and_shows_distribution():
-    from core.data.demo import DEMO_COUNTS
+    from core.data.layouts.demo import DEMO_COUNTS
 
     at = run_page("overview.py")
     assert not at.exception and not at.error
@@ -57,7 +57,7 @@ def test_overview_on_real_abid_shows_totals_read_from_labels_csv(abid_dir, monke
     import pandas as pd
 
     from core.data.overview import IMBALANCE_WARNING
-    from core.data.splits import MAX_TEST_FRACTION
+    from core.data.labels.splits import MAX_TEST_FRACTION
 
     labels = pd.read_csv(abid_dir / "labels.csv")
     per_class = labels[labels["count"].between(1, 5)].groupby("count").size()
@@ -75,8 +75,8 @@ def test_overview_on_real_abid_shows_totals_read_from_labels_csv(abid_dir, monke
 
 
 def test_overview_resplit_changes_the_saved_split(monkeypatch, small_abid):
-    from core.data.loading import load_dataset
-    from core.data.splits import make_split
+    from core.data.layouts.registry import load_dataset
+    from core.data.labels.splits import make_split
 
     monkeypatch.setenv("BINSIGHT_DATA", str(small_abid))
     before = load_dataset(small_abid)
@@ -118,7 +118,7 @@ def test_browse_filters_by_count_and_item_text(abid_dir, monkeypatch):
     at.multiselect[0].set_value([3]).run()
     labels = [b.label for b in at.button if b.key and b.key.startswith("open_")]
     assert labels and all(label.endswith("· count 3") for label in labels)
-    from core.data.loading import load_dataset
+    from core.data.layouts.registry import load_dataset
 
     frame = load_dataset(abid_dir).frame
     # the word: the longest one in the items of the first count-3 photo (by name) that has items

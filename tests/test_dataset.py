@@ -7,10 +7,10 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from core.data import abid
+from core.data.labels import abid
 from core.data.classes import ClassRange
-from core.data.loading import load_dataset
-from core.data.splits import make_split
+from core.data.layouts.registry import load_dataset
+from core.data.labels.splits import make_split
 
 
 def test_real_metadata_parses_items_and_quantity(abid_dir):
@@ -119,7 +119,7 @@ def test_class_range_bucket_and_zero():
 
 
 def test_demo_set_is_generated_once_in_abid_layout():
-    from core.data.demo import ensure_demo
+    from core.data.layouts.demo import ensure_demo
 
     folder = ensure_demo()
     ds = load_dataset(folder)

@@ -4,7 +4,7 @@ import sqlite3
 import pytest
 
 from core import db
-from core.data import annotations
+from core.data.labels import annotations
 from core.jobs import queue as jobs
 from core.jobs import runs
 

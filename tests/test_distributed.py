@@ -54,7 +54,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(small_abid, tmp
     # each rank trained on its own share; together they cover the train split (the sampler pads an odd split
     # with at most one repeated photo)
     seen = [set(r["seen"]) for r in ranks]
-    from core.data.loading import load_dataset
+    from core.data.layouts.registry import load_dataset
 
     train_photos = {str(p) for p in load_dataset(small_abid).rows("train")["path"]}
     assert seen[0] | seen[1] == train_photos
@@ -151,8 +151,8 @@ def test_settings_that_do_not_distribute_are_refused_with_the_reason(tmp_path):
 
 def test_training_from_shards_matches_training_from_the_folder(small_abid, tmp_path, monkeypatch):
     monkeypatch.setenv(distributed.TEST_NO_DROPOUT_ENV, "1")  # dropout masks follow the order photos arrive in
-    from core.data.loading import load_dataset
-    from core.data.shards import pack_shards
+    from core.data.layouts.registry import load_dataset
+    from core.data.remote.shards import pack_shards
 
     pack_shards(load_dataset(small_abid), tmp_path / "shards", shard_size="100kB")
     n_train = len(load_dataset(small_abid).rows("train"))
@@ -170,7 +170,7 @@ def test_training_from_shards_matches_training_from_the_folder(small_abid, tmp_p
 
 
 def test_a_job_of_two_processes_runs_under_torchrun_and_follows_rank_0s_progress(small_abid):
-    from core.data.loading import load_dataset
+    from core.data.layouts.registry import load_dataset
     from core.jobs import queue as jobs
     from core.jobs import runners
     from core.jobs.params import describe_dataset

@@ -6,7 +6,7 @@ import pytest
 from sklearn.metrics import confusion_matrix
 from streamlit.testing.v1 import AppTest
 
-from core.data.loading import load_dataset
+from core.data.layouts.registry import load_dataset
 from core.evaluation.metrics import compute_metrics
 from core.evaluation.results import evaluate
 from core.models.inference import predict_photos

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.data.loading import load_dataset
+from core.data.layouts.registry import load_dataset
 from core.errors import Cancelled
 from core.evaluation.predictions import PredictionStore
 from core.evaluation.results import EvaluationResult, score

@@ -8,8 +8,8 @@ import tarfile
 import pytest
 import torch
 
-from core.data.loading import load_dataset
-from core.data.shards import ShardError, pack_shards
+from core.data.layouts.registry import load_dataset
+from core.data.remote.shards import ShardError, pack_shards
 from core.models.networks import load_model
 from core.training import distributed
 from core.training.config import TrainConfig
@@ -127,7 +127,7 @@ def test_frozen_from_shards_on_s3(s3_world, small_abid, tmp_path):  # noqa: F811
 
 
 def test_stream_features_decode_once_for_every_view_and_a_stop_keeps_what_was_computed(packed):
-    from core.data.streaming import photo_stream
+    from core.data.remote.streaming import photo_stream
     from core.errors import Cancelled
     from core.models.features import extract_stream_features
     from core.models.networks import build_backbone

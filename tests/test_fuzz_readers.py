@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from core import config
-from core.data import abid
-from core.data.loading import load_dataset
+from core.data.labels import abid
+from core.data.layouts.registry import load_dataset
 from core.errors import BinsightError
 from tests.test_fuzz_service import images
 
@@ -221,7 +221,7 @@ def test_any_imagefolder_names_give_counts_from_digit_folders_only(tmp_path, cla
 # -- shards.json and tar shards --------------------------------------------------------------------------------
 
 def good_index(photos: list[list]) -> dict:
-    from core.data.shard_store import INDEX_FORMAT
+    from core.data.remote.shard_store import INDEX_FORMAT
 
     return {"format": INDEX_FORMAT, "complete": True, "fingerprint": "f", "seed": 0, "shard_bytes": 1000,
             "classes": [1, 2, 3, 4, 5], "class_range": {"lo": 1, "hi": 5, "top_bucket": False},
@@ -287,8 +287,8 @@ GOOD_SHARD = shard_tar([("a", JPEG), ("b", JPEG)])
                                                                      st.integers(1, 255)), max_size=4),
        junk=st.binary(max_size=80))
 def test_a_damaged_tar_shard_gives_its_photos_or_one_error_naming_it(tmp_path, cut, flips, junk):
-    from core.data.shard_store import ShardError, open_store
-    from core.data.streaming import shard_samples
+    from core.data.remote.shard_store import ShardError, open_store
+    from core.data.remote.streaming import shard_samples
 
     data = bytearray(GOOD_SHARD)
     for where, mask in flips:
@@ -308,7 +308,7 @@ def test_a_damaged_tar_shard_gives_its_photos_or_one_error_naming_it(tmp_path, c
 # -- dataset versions ----------------------------------------------------------------------------------------
 
 def version_bytes(frame: pd.DataFrame, info) -> bytes:
-    from core.data.versions import INFO_KEY
+    from core.data.labels.versions import INFO_KEY
 
     table = pa.Table.from_pandas(frame, preserve_index=False)
     metadata = dict(table.schema.metadata or {})
@@ -359,7 +359,7 @@ settings_documents = st.one_of(
 @FUZZ
 @given(document=settings_documents)
 def test_any_settings_json_leaves_the_app_usable_and_is_never_lost(tmp_path, document, monkeypatch):
-    from core.data.s3 import s3_settings
+    from core.data.remote.s3 import s3_settings
     from core.evaluation.calibration import chosen_threshold
     from core.jobs.runs import current_run
     from core.storage import cache_caps
@@ -395,7 +395,7 @@ def test_any_settings_json_leaves_the_app_usable_and_is_never_lost(tmp_path, doc
 @settings(FUZZ, max_examples=150 * SCALE)
 @given(data=st.one_of(images, st.binary(max_size=400)))
 def test_any_bytes_open_as_an_upright_rgb_photo_or_one_image_error_naming_it(data):
-    from core.data.images import MAX_PIXELS, MAX_SIDE, ImageError, load_image
+    from core.data.photos.images import MAX_PIXELS, MAX_SIDE, ImageError, load_image
 
     try:
         image = load_image(data, "bin 523.jpg")

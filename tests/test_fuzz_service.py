@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from core.data.uploads import photo_problem
+from core.data.photos.uploads import photo_problem
 from tests.test_serve import small_model
 
 MAX_BODY = 512 * 1024

@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from streamlit.testing.v1 import AppTest
 
-from core.data import uploads
-from core.data.images import unreadable_name
-from core.data.uploads import photo_problem
+from core.data.photos import uploads
+from core.data.photos.images import unreadable_name
+from core.data.photos.uploads import photo_problem
 from tests.test_fuzz_service import declared_png, encode, images, photos
 from tests.test_serve import small_model
 
@@ -84,8 +84,8 @@ damage = st.one_of(images.filter(lambda data: photo_problem(data, "x") is not No
 
 
 def test_spot_check_on_photos_damaged_after_indexing_says_so_and_saves_every_decision(tmp_path, monkeypatch):
-    from core.data import annotations
-    from core.data.loading import load_dataset
+    from core.data.labels import annotations
+    from core.data.layouts.registry import load_dataset
 
     @settings(FUZZ, max_examples=4)
     @given(damaged=st.lists(damage, min_size=1, max_size=3))

@@ -10,7 +10,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core import config
-from core.data.demo import generate_demo
+from core.data.layouts.demo import generate_demo
 from core.evaluation import label_issues
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +77,7 @@ def test_the_health_check_runs_from_the_page_and_leads_to_the_likely_wrong_queue
     captions = texts(at, "caption")
     assert any(queue[0] in t and "reviewed: **corrected**" in t for t in captions)
     assert any("Likely wrong count 100%" in t for t in captions), "the queue's measured precision"
-    from core.data.loading import load_dataset
+    from core.data.layouts.registry import load_dataset
     from core.evaluation.label_issues import cached_label_issues
     from core.review.recheck import recheck_state
 

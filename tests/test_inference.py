@@ -120,7 +120,7 @@ def test_photos_the_model_gives_no_number_for_are_not_stored_as_predicted(run, m
     out, data, _ = run
     monkeypatch.setenv("BINSIGHT_HOME", str(tmp_path / "home"))
     model, meta = load_model(out / "model.pt")
-    rows = __import__("core.data.loading", fromlist=["load_dataset"]).load_dataset(str(data)).rows("test")
+    rows = __import__("core.data.layouts.registry", fromlist=["load_dataset"]).load_dataset(str(data)).rows("test")
 
     class Broken(torch.nn.Module):  # what a model in a broken state gives: not a number
         def __init__(self, inner):

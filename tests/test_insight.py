@@ -9,9 +9,9 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core.access import AccessDenied, User
-from core.data import annotations
-from core.data.images import load_image
-from core.data.loading import load_dataset
+from core.data.labels import annotations
+from core.data.photos.images import load_image
+from core.data.layouts.registry import load_dataset
 from core.evaluation.comparison import compare_paired, mcnemar
 from core.evaluation.intervals import _from_confusions, bootstrap_intervals
 from core.evaluation.metrics import compute_metrics

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from core.data.loading import load_dataset
+from core.data.layouts.registry import load_dataset
 from core.jobs import queue as jobs
 from core.jobs import worker
 from core.jobs.params import describe_dataset

@@ -3,7 +3,7 @@
 import pytest
 
 from core import config
-from core.data.loading import load_dataset
+from core.data.layouts.registry import load_dataset
 from core.jobs import hpo, runners
 from core.jobs import queue as jobs
 from core.jobs.estimates import estimate_seconds

@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.data import annotations
-from core.data.demo import generate_demo
-from core.data.loading import load_dataset
-from core.data.photo_checks import check_photos, duplicate_findings, near_duplicate_pairs, quality_findings
+from core.data.labels import annotations
+from core.data.layouts.demo import generate_demo
+from core.data.layouts.registry import load_dataset
+from core.data.photos.photo_checks import check_photos, duplicate_findings, near_duplicate_pairs, quality_findings
 from core.evaluation import label_issues
 from core.evaluation.label_issues import (
     LabelIssuesError,

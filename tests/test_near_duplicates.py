@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.data import photo_checks
-from core.data.photo_checks import NEAR_BITS_64, NEAR_BITS_256, near_duplicate_pairs
+from core.data.photos import photo_checks
+from core.data.photos.photo_checks import NEAR_BITS_64, NEAR_BITS_256, near_duplicate_pairs
 
 from tests.conftest import ABID
 
@@ -85,7 +85,7 @@ def test_hashed_search_compares_far_fewer_pairs_than_all(monkeypatch):
 @pytest.mark.skipif(not (ABID / "labels.csv").is_file(), reason="needs the real ABID photos in ../shared/abid")
 def test_hashed_search_finds_the_same_pairs_as_all_pairs_on_real_photos():
     """Every photo of ../shared/abid analysed (about 20 s on 2 cores), then both searches on their hashes."""
-    from core.data.loading import load_dataset
+    from core.data.layouts.registry import load_dataset
 
     dataset = load_dataset(str(ABID))
     checks = photo_checks.check_photos(dataset.key, dataset.frame).frame

@@ -87,7 +87,7 @@ def test_a_partial_run_saves_a_whole_network_that_predicts_as_the_map_path(data,
     model, meta = load_model(tmp_path / "run")
     assert meta["mode"] == "partial" and meta["tta"] == "hflip"
     # The whole network on the photos gives what the training's map path gave (fp16 maps: within rounding).
-    from core.data.loading import load_dataset
+    from core.data.layouts.registry import load_dataset
     from core.training.loop import _split_rows
 
     test = _split_rows(load_dataset(data), "test")
@@ -153,7 +153,7 @@ def test_partial_settings_are_checked():
 
 def test_readers_of_features_reuse_the_stored_pass(data, tmp_path):
     """Data health fills the store; the map, a frozen run at the same input and a partial run add no trunk pass."""
-    from core.data.loading import load_dataset
+    from core.data.layouts.registry import load_dataset
     from core.evaluation import label_issues
 
     ds = load_dataset(data)

@@ -9,7 +9,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from core import config
-from core.data import uploads
+from core.data.photos import uploads
 from core.jobs import queue as jobs
 from core.jobs.runs import current_run
 from core.models.inference import CLOSE_CALL, predict_inputs, predict_photos

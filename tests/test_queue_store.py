@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from core import config
-from core.data.annotations import MORE_THAN_FIVE
+from core.data.labels.annotations import MORE_THAN_FIVE
 from core.review import queue_store
 from core.review.queue import build_queue, paged_queue
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import confusion_matrix, f1_score
 
-from core.data.loading import load_dataset
+from core.data.layouts.registry import load_dataset
 from core.evaluation import reports
 from core.evaluation.predictions import PredictionStore
 from core.evaluation.results import EvaluationResult, score

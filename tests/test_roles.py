@@ -9,8 +9,8 @@ from streamlit.testing.v1 import AppTest
 
 from core import config
 from core.access import LOCAL_USER
-from core.data import annotations, versions
-from core.data.loading import load_dataset
+from core.data.labels import annotations, versions
+from core.data.layouts.registry import load_dataset
 from core.jobs import queue as jobs
 from core.jobs import worker
 

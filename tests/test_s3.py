@@ -5,7 +5,7 @@ import pytest
 
 from core import config
 from core.cli import main as cli_main
-from core.data.s3 import S3Error, S3Source, s3_settings
+from core.data.remote.s3 import S3Error, S3Source, s3_settings
 from tests.moto_s3 import PRIVATE_BUCKET, closed_port_url, shared_world
 
 
@@ -137,7 +137,7 @@ def test_a_body_cut_midway_is_retried_and_reported_when_it_keeps_failing(world, 
 
 
 def test_fetch_dataset_makes_an_abid_folder_that_indexes(world, tmp_path):
-    from core.data.loading import load_dataset
+    from core.data.layouts.registry import load_dataset
 
     photos = {n: world.labels[n] for c in (1, 3, 5) for n in names_of(world, c, 2)}
     folder = S3Source(s3_settings(endpoint_url=world.url)).fetch_dataset(photos, tmp_path / "fetched")

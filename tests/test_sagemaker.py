@@ -200,8 +200,8 @@ def test_the_train_page_launches_a_sagemaker_job(small_abid, monkeypatch):
 
 def test_the_container_trains_on_two_processes_from_shards_on_the_local_s3_server(aws, small_abid, tmp_path):
     """As SageMaker would run it with torch_distributed: torchrun, 2 processes, the shard channel read from S3."""
-    from core.data.loading import load_dataset
-    from core.data.shards import pack_shards
+    from core.data.layouts.registry import load_dataset
+    from core.data.remote.shards import pack_shards
 
     world, s3 = aws
     if "my-shards" not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:

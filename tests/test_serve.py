@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from core.data.uploads import photo_problem
+from core.data.photos.uploads import photo_problem
 from core.models.catalog import FEATURE_SETS
 from core.models.inference import predict_photos
 from core.models.networks import backbone_spec, build_model, load_model, save_model

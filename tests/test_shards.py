@@ -10,9 +10,9 @@ from pathlib import Path
 import boto3
 import pytest
 
-from core.data.loading import load_dataset
-from core.data.shards import INDEX_NAME, ShardError, pack_shards
-from core.data.streaming import photo_stream
+from core.data.layouts.registry import load_dataset
+from core.data.remote.shards import INDEX_NAME, ShardError, pack_shards
+from core.data.remote.streaming import photo_stream
 from tests.moto_s3 import shared_world
 
 SHARD_SIZE = "120k"  # a few real photos a shard, so every split spans several shards
@@ -239,7 +239,7 @@ def test_a_counting_list_packs_its_mirror_and_the_bucket(s3_world, tmp_path):
     assert {n for n, p in on_disk.items() if p} == set(names[:5])
 
     index = pack_shards(dataset, tmp_path / "out", shard_size=SHARD_SIZE)
-    from core.data.s3 import S3Source
+    from core.data.remote.s3 import S3Source
 
     assert not any(S3Source().cached(f"bin-images/{name}") for name in names)  # fetched for packing only
     labelled = dataset.labelled()
@@ -266,7 +266,7 @@ def test_training_stream_gives_every_rank_equal_whole_batches(packed, monkeypatc
     import torch
     from torchvision.transforms import v2
 
-    from core.data.streaming import training_stream
+    from core.data.remote.streaming import training_stream
 
     dataset, out, index = packed
     transform = v2.Compose([v2.ToImage(), v2.Resize((32, 32), antialias=True), v2.ToDtype(torch.float32, scale=True)])
@@ -319,7 +319,7 @@ def test_the_training_stream_is_reshuffled_every_epoch_and_sees_every_photo_once
     import torch
     from torchvision.transforms import v2
 
-    from core.data.streaming import training_stream
+    from core.data.remote.streaming import training_stream
 
     dataset, out, index = packed
     transform = v2.Compose([v2.ToImage(), v2.Resize((8, 8), antialias=True), v2.ToDtype(torch.float32, scale=True)])

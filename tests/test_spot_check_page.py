@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core.data import annotations
-from core.data.loading import load_dataset
+from core.data.labels import annotations
+from core.data.layouts.registry import load_dataset
 from core.jobs.runs import register_run
 from tests.conftest import make_abid_subset
 
@@ -155,7 +155,7 @@ def test_with_a_current_model_its_prediction_shows_and_the_confidence_queue_is_o
 def test_queue_filters_and_the_exported_csv_are_exactly_the_decisions(spot_source, served_files):
     import pandas as pd
 
-    from core.data.loading import load_dataset
+    from core.data.layouts.registry import load_dataset
 
     frame = load_dataset(spot_source).frame
     at = sign_in(open_page())

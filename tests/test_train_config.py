@@ -11,8 +11,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core.cli import build_parser
-from core.data import balancing
-from core.data.loading import load_dataset
+from core.data.curation import balancing
+from core.data.layouts.registry import load_dataset
 from core.jobs import hpo, worker
 from core.jobs import queue as jobs
 from core.training import config as training

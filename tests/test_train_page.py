@@ -7,7 +7,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core import config
-from core.data.loading import load_dataset
+from core.data.layouts.registry import load_dataset
 from core.jobs import hpo, runners, worker
 from core.jobs import queue as jobs
 from core.jobs.context import JobContext

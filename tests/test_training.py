@@ -66,7 +66,7 @@ def test_frozen_run_writes_a_complete_run_folder_and_reports_progress(data, tmp_
 
 
 def test_a_cache_hit_skips_the_backbone(data):
-    from core.data.loading import load_dataset
+    from core.data.layouts.registry import load_dataset
     from core.models.networks import build_backbone
     from core.models.preprocess import photo_tensor, preprocessing
 
@@ -149,7 +149,7 @@ def test_finetune_one_epoch_with_count_aware_loss(data, tmp_path):
     result = train(config)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (saved["image_size"], saved["aspect"]) == (96, 1.37)  # fine-tuning keeps the bins' shape by default
-    from core.data.loading import load_dataset
+    from core.data.layouts.registry import load_dataset
     from core.models.networks import load_model
     from core.models.preprocess import input_size, photo_tensor
 
@@ -189,8 +189,8 @@ def test_validate_lists_every_problem():
 
 
 def test_training_on_an_oversampled_version_reads_the_repeats(tmp_path):
-    from core.data import balancing
-    from core.data.loading import load_dataset
+    from core.data.curation import balancing
+    from core.data.layouts.registry import load_dataset
 
     folder = make_abid_subset(tmp_path / "data", per_class=8)
     dataset = load_dataset(folder)

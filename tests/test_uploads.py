@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from core import config
-from core.data.images import load_image
-from core.data.uploads import InputError, folder_inputs, safe_name, stage_uploads, uploads_dir
+from core.data.photos.images import load_image
+from core.data.photos.uploads import InputError, folder_inputs, safe_name, stage_uploads, uploads_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ def real_jpeg() -> bytes:
     abid = (ROOT / ".." / "shared" / "abid" / "bin-images").resolve()
     if abid.is_dir():
         return sorted(abid.glob("*.jpg"))[0].read_bytes()
-    from core.data.demo import generate_demo
+    from core.data.layouts.demo import generate_demo
 
     demo = generate_demo(config.home() / "demo_for_uploads")
     return sorted((demo / "bin-images").glob("*.jpg"))[0].read_bytes()

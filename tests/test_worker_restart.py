@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core.data.loading import load_dataset
+from core.data.layouts.registry import load_dataset
 from core.jobs import queue as jobs
 from core.jobs import worker
 from core.jobs.params import describe_dataset

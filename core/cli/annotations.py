@@ -10,7 +10,7 @@ CHOICES = "0–5, 'more' (more than 5), 'unclear' or 'confirm'"
 
 def parse_choice(text: str, current: int | None) -> int | None:
     """The count a command-line choice stands for (see CHOICES); UsageError when it is none of them."""
-    from core.data.annotations import MORE_THAN_FIVE, UNCLEAR
+    from core.data.labels.annotations import MORE_THAN_FIVE, UNCLEAR
 
     value = text.strip().lower()
     if value in ("unclear", "?"):
@@ -34,13 +34,13 @@ def _os_user() -> str:
 
 
 def _dataset(data):
-    from core.data.loading import load_dataset
+    from core.data.layouts.registry import load_dataset
 
     return load_dataset(data)
 
 
 def _export(args) -> int:
-    from core.data.annotations import export_csv, export_frame
+    from core.data.labels.annotations import export_csv, export_frame
 
     dataset = _dataset(args.data)
     export_csv(dataset.key, args.csv)
@@ -51,7 +51,7 @@ def _export(args) -> int:
 def _annotate(args) -> int:
     import pandas as pd
 
-    from core.data.annotations import AnnotationError, count_label, save_decision
+    from core.data.labels.annotations import AnnotationError, count_label, save_decision
 
     dataset = _dataset(args.data)
     row = dataset.frame[dataset.frame["name"] == args.photo]

@@ -19,7 +19,7 @@ def parse_class_range(text: str | None) -> ClassRange | None:
 
 
 def _index(args) -> int:
-    from core.data.loading import load_dataset
+    from core.data.layouts.registry import load_dataset
 
     source = args.source or args.data
     if str(source or "").startswith("s3://"):
@@ -38,8 +38,8 @@ def _index_bucket(uri: str, in_flight: int) -> None:
 
     from tqdm import tqdm
 
-    from core.data.bucket_index import build_bucket_index
-    from core.data.shard_store import open_store
+    from core.data.remote.bucket_index import build_bucket_index
+    from core.data.remote.shard_store import open_store
 
     if open_store(uri).read_index() is not None:
         return
@@ -53,8 +53,8 @@ def _index_bucket(uri: str, in_flight: int) -> None:
 
 
 def _split(args) -> int:
-    from core.data.loading import load_dataset
-    from core.data.splits import resplit
+    from core.data.layouts.registry import load_dataset
+    from core.data.labels.splits import resplit
 
     ds = load_dataset(args.data, parse_class_range(args.classes))
     frame, info = resplit(ds.frame, ds.key, args.test_per_class, args.valid_fraction, args.seed)
@@ -65,7 +65,7 @@ def _split(args) -> int:
 
 
 def _demo(args) -> int:
-    from core.data.demo import ensure_demo
+    from core.data.layouts.demo import ensure_demo
 
     print(ensure_demo())
     return 0

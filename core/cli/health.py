@@ -9,7 +9,7 @@ from core.cli.data import add_class_range, parse_class_range
 def _health(args) -> int:
     from tqdm import tqdm
 
-    from core.data.loading import load_dataset
+    from core.data.layouts.registry import load_dataset
     from core.files import atomic_write_bytes
     from core.review.health import health_report
 

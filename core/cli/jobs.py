@@ -71,7 +71,7 @@ def _submit(args) -> int:
     if args.kind == "sleep":
         params = {"seconds": args.seconds, "device": args.device}
     else:
-        from core.data.loading import load_dataset
+        from core.data.layouts.registry import load_dataset
         from core.jobs.describe import search_params, trial_epochs
 
         if not args.data:

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from core.data.images import SUPPORTED_SUFFIXES
+from core.data.photos.images import SUPPORTED_SUFFIXES
 from core.errors import UsageError
 from core.training import config as training_config
 
@@ -249,7 +249,7 @@ def _predict_s3(model, meta, uri: str, batch_size: int, limit: int | None):
     import pandas as pd
     from tqdm import tqdm
 
-    from core.data.s3 import S3Error, S3Source, s3_settings
+    from core.data.remote.s3 import S3Error, S3Source, s3_settings
     from core.models.inference import predict_probabilities, predictions_frame
 
     match = re.match(r"^s3://([A-Za-z0-9.\-_]{3,63})(?:/(.*))?$", uri.strip())

@@ -9,8 +9,8 @@ from core.cli.data import add_class_range, parse_class_range
 def _shards(args) -> int:
     from tqdm import tqdm
 
-    from core.data.loading import load_dataset
-    from core.data.shards import DEFAULT_SHARD_BYTES, pack_shards
+    from core.data.layouts.registry import load_dataset
+    from core.data.remote.shards import DEFAULT_SHARD_BYTES, pack_shards
 
     dataset = load_dataset(args.data, parse_class_range(args.classes))
     with tqdm(total=1000, unit="‰", desc="packing", bar_format="{l_bar}{bar}| {postfix}") as bar:

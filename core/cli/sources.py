@@ -23,7 +23,7 @@ def add_s3_options(parser) -> None:
 
 
 def _source(args):
-    from core.data.s3 import S3Error, S3Source, s3_settings
+    from core.data.remote.s3 import S3Error, S3Source, s3_settings
 
     try:
         settings = s3_settings(bucket=args.bucket, endpoint_url=args.endpoint_url, region=args.region,
@@ -51,9 +51,9 @@ def _progress(quiet: bool):
 
 
 def _fetch(args) -> int:
-    from core.data import abid
-    from core.data.pools import list_pool
-    from core.data.s3 import S3Error
+    from core.data.labels import abid
+    from core.data.curation.pools import list_pool
+    from core.data.remote.s3 import S3Error
 
     source = _source(args)
     try:
@@ -105,10 +105,12 @@ def _parse_more(items: list[str]) -> dict[int, int]:
 
 
 def _balance(args) -> int:
-    from core.data import balancing, versions
-    from core.data.loading import load_dataset
-    from core.data.pools import folder_pool, list_pool
-    from core.data.s3 import S3Error
+    from core.data.curation import balancing
+    from core.data.labels import versions
+    from core.data.curation.pools import folder_pool, list_pool
+    from core.data.layouts.registry import load_dataset
+    from core.data.layouts.saved_version import load_version
+    from core.data.remote.s3 import S3Error
 
     dataset = load_dataset(args.data, parse_class_range(args.classes))
     if args.list_versions:
@@ -155,7 +157,7 @@ def _balance(args) -> int:
         return 1
     print(f"version {version.name}: {version.path}")
     print(f"train on it with: python -m core train --data {version.path} --out RUN_DIR "
-          f"--balance {versions.recommended_balance(versions.load_version(version.path))}")
+          f"--balance {versions.recommended_balance(load_version(version.path))}")
     return 0
 
 

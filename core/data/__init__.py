@@ -1,1 +1,1 @@
-"""Datasets: the ABID formats, photos, the index, splits, versions, balancing, pools, S3 and the label store."""
+"""Datasets: what a dataset is (here), and rooms for its photos, labels, remote stores, layout readers and curation."""

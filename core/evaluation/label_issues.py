@@ -214,7 +214,7 @@ def current_label_issues(dataset) -> LabelIssues | None:
     its latest decision, "" when none) and `current` (its class now, NA when unclear or outside the classes).
     info['stale'] when labels changed since the check, info['changed'] how many photos' labels did; None when the
     dataset was never checked."""
-    from core.data.annotations import latest_decisions
+    from core.data.labels.annotations import latest_decisions
 
     found = latest_label_issues(dataset)
     if found is None:

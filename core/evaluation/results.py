@@ -261,7 +261,7 @@ def evaluate(model_path, data, split: str = "test", on_progress=None) -> Evaluat
     (found by the index, or failing to decode now) are in `skipped` and left out of the metrics.
     """
     from core.data.classes import model_class_range
-    from core.data.loading import load_dataset
+    from core.data.layouts.registry import load_dataset
     from core.models.networks import load_model
 
     if split not in SPLITS:

@@ -17,7 +17,7 @@ from core.training.config import TrainConfig
 
 def run_training(ctx: JobContext) -> None:
     # torch is imported only when a job runs, so starting a worker (and the app's first page) stays light
-    from core.data.loading import load_dataset
+    from core.data.layouts.registry import load_dataset
     from core.training import loop as training
 
     job = ctx.job
@@ -75,9 +75,9 @@ def run_sleep(ctx: JobContext) -> None:
 
 
 def run_shards(ctx: JobContext) -> None:
-    """Packs a dataset into WebDataset shards (core.data.shards), reporting each photo; a stopped packing resumes."""
-    from core.data.loading import load_dataset
-    from core.data.shards import pack_shards
+    """Packs a dataset into WebDataset shards (core.data.remote.shards), reporting each photo; a stopped packing resumes."""
+    from core.data.layouts.registry import load_dataset
+    from core.data.remote.shards import pack_shards
 
     params = ctx.job.params
     check_dataset(params)

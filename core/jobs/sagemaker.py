@@ -9,7 +9,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from core.data.s3 import S3Source, s3_settings
+from core.data.remote.s3 import S3Source, s3_settings
 from core.errors import BinsightError
 from core.files import atomic_write_bytes
 

@@ -150,7 +150,7 @@ def check_photos(model_path: Path, n: int = CHECK_PHOTOS) -> list[Path]:
 
 
 def demo_photos(n: int) -> list[Path]:
-    from core.data.demo import ensure_demo
+    from core.data.layouts.demo import ensure_demo
 
     return sorted((ensure_demo() / "bin-images").glob("*.jpg"))[:2 * n]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from core.data.images import ImageError, load_image
+from core.data.photos.images import ImageError, load_image
 from core.errors import BinsightError, Cancelled
 from core.models import stage_store
 from core.models.caches import SHARD_EVERY_S, FeatureCache, cache_key, content_hash, photo_hash
@@ -159,7 +159,7 @@ class StreamFeatures:
 def extract_stream_features(backbone: torch.nn.Module, meta: dict, samples, views=("plain",), device: str = "cpu",
                             batch_size: int = 64, num_workers: int | None = None, total: int | None = None,
                             on_progress=None, should_stop=None) -> StreamFeatures:
-    """Backbone features of streamed photos (dicts with key, name, count and image bytes, as core.data.streaming
+    """Backbone features of streamed photos (dicts with key, name, count and image bytes, as core.data.remote.streaming
     yields them) in each of `views`, reading the stream once.
 
     A photo is keyed by content_hash of its bytes, as photo_hash keys a file, so photos packed into shards share

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from core.data.images import load_image
+from core.data.photos.images import load_image
 from core.models.networks import CountingModel, ModelError, MultiLevelBackbone, SimpleCNN
 from core.models.preprocess import eval_transform
 

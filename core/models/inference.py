@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from core.data.uploads import PhotoInput
+from core.data.photos.uploads import PhotoInput
 from core.models.networks import resolve_device
 from core.models.preprocess import PhotoDataset, default_workers, eval_transform, tta_views, view_of
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from core.data.images import ImageError, load_image
+from core.data.photos.images import ImageError, load_image
 from core.gpu import cpu_cores
 from core.models.catalog import TTA_VIEWS, VIEW_DIMS
 

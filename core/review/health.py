@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from core.data.photo_checks import cached_pairs, check_photos, duplicate_findings, quality_findings
+from core.data.photos.photo_checks import cached_pairs, check_photos, duplicate_findings, quality_findings
 from core.evaluation.label_issues import LabelIssues, LabelIssuesError, find_label_issues
 
 CSV_COLUMNS = ["photo", "finding", "detail", "count", "suggested_count", "score", "split", "other_photo"]
@@ -83,7 +83,7 @@ def contact_sheet(issues: LabelIssues, paths: dict, photos: int = 24, columns: i
     count, suggested count and score; a photo that cannot be read shows as a grey tile saying so."""
     from PIL import Image, ImageDraw, ImageOps
 
-    from core.data.images import ImageError, load_image
+    from core.data.photos.images import ImageError, load_image
 
     shown = issues.flagged().head(photos)
     if shown.empty:

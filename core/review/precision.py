@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from core.data import annotations
+from core.data.labels import annotations
 from core.review.queue import QUEUES
 
 # Where a decision can be made besides the spot-check queues.

@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from core.data.annotations import MORE_THAN_FIVE
+from core.data.labels.annotations import MORE_THAN_FIVE
 from core.data.classes import ClassRange
 from core.errors import BinsightError
 from core.evaluation.predictions import PredictionStore

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from core.data.images import ImageError, load_image
-from core.data.uploads import photo_problem, safe_name
+from core.data.photos.images import ImageError, load_image
+from core.data.photos.uploads import photo_problem, safe_name
 from core.models.preprocess import eval_transform
 
 IMAGE_TYPES = {"image/jpeg", "image/png", "application/x-image", "image/webp", "image/bmp"}
@@ -55,7 +55,7 @@ def uri_list(body: bytes) -> list[str]:
 
 def fetch_s3(uris: list[str], sources: dict | None = None) -> dict[str, Path | str]:
     """uri → local path of the downloaded photo, or the message saying why it cannot be had."""
-    from core.data.s3 import S3Error, S3Source, s3_settings
+    from core.data.remote.s3 import S3Error, S3Source, s3_settings
 
     found: dict[str, Path | str] = {}
     by_bucket: dict[str, list[str]] = {}

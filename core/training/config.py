@@ -290,7 +290,7 @@ def _one_of(choices) -> str:
 
 def default_balance(dataset) -> str:
     """The balance a training on this dataset gets by default: its version's recommendation, else FALLBACK_BALANCE."""
-    from core.data.versions import recommended_balance
+    from core.data.labels.versions import recommended_balance
 
     recommended = recommended_balance(dataset)
     return recommended if recommended != "none" else FALLBACK_BALANCE

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.data.versions import training_rows
+from core.data.labels.versions import training_rows
 from core.evaluation.metrics import format_table
 from core.files import atomic_write_json
 from core.models import networks as models
@@ -37,14 +37,14 @@ class Split:
 def _split_rows(ds, split: str) -> Split:
     # A balanced dataset version repeats oversampled training photos; other splits are read once. Packed photos
     # have no file (path None), so a shard set's rows are its labelled photos of the split.
-    if ds.layout == "shards":
+    if ds.streams:
         rows = ds.labelled()
         rows = rows[rows["split"] == split]
     else:
         rows = training_rows(ds, split) if split == "train" else ds.rows(split)
     index = {c: i for i, c in enumerate(ds.classes)}
     labels = np.array([index[int(c)] for c in rows["cls"]], dtype=np.int64)
-    if ds.layout == "shards":
+    if ds.streams:
         return Split(list(rows["name"]), labels, split, ds.location, index)
     return Split(list(rows["path"]), labels, split)
 
@@ -81,7 +81,7 @@ def train(config: TrainConfig, on_progress=None, should_stop=None) -> dict:
     core.data.dataset.DatasetError for an unusable dataset, models.WeightsError for missing weights and
     Cancelled when should_stop() returns True.
     """
-    from core.data.loading import load_dataset
+    from core.data.layouts.registry import load_dataset
 
     if distributed.wants_launch(config):
         return distributed.launch(config, on_progress, should_stop)
@@ -104,7 +104,7 @@ def train(config: TrainConfig, on_progress=None, should_stop=None) -> dict:
         train_split, suspects = _without_suspects(ds, train_split, config.n_epochs, on_progress, should_stop)
     uncountable = 0
     if config.exclude_uncountable:
-        from core.data.annotations import uncountable as marked_uncountable
+        from core.data.labels.annotations import uncountable as marked_uncountable
 
         train_split, uncountable = _without(train_split, marked_uncountable(ds.key))
     problems = config.validate(len(train_split.paths))
@@ -134,7 +134,7 @@ def _without_suspects(ds, split: Split, epochs: int, on_progress, should_stop) -
     many were left out. Computing them (once per labels) shows as the features stage of the progress."""
     from core.evaluation.label_issues import LabelIssuesError, find_label_issues
 
-    if ds.layout == "shards":
+    if ds.streams:
         raise TrainingError("--exclude-suspects needs the photos as files: train from the dataset folder the shards "
                             "were packed from")
 

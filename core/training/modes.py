@@ -89,8 +89,8 @@ class FrozenRun(TensorRun):
         rows in the split's photo order; photos whose count has no class left out, unreadable ones skipped."""
         import webdataset as wds
 
-        from core.data.shard_store import open_store, read_complete_index
-        from core.data.streaming import photo_stream
+        from core.data.remote.shard_store import open_store, read_complete_index
+        from core.data.remote.streaming import photo_stream
         from core.models.features import extract_stream_features
 
         store = open_store(self.splits["train"].shards)
@@ -224,7 +224,7 @@ class FinetuneRun(BaseRun):
         self.record_seen = bool(os.environ.get(distributed.TEST_DUMP_ENV))
         batch = self.config.batch_size
         if train_split.shards:
-            from core.data.streaming import training_stream
+            from core.data.remote.streaming import training_stream
 
             stream = training_stream(train_split.shards, transform, train_split.class_index, batch, workers,
                                      on_bad_shard=self.config.on_bad_shard, seed=self.config.seed,
@@ -257,7 +257,7 @@ class FinetuneRun(BaseRun):
             return None, None
         cuda = self.device.type == "cuda"
         if split.shards:
-            from core.data.streaming import eval_stream
+            from core.data.remote.streaming import eval_stream
 
             stream = eval_stream(split.shards, eval_transform(self.meta), split.class_index, split.name,
                                  self.config.on_bad_shard)

@@ -100,7 +100,7 @@ def create_version(dataset: Dataset, frame: pd.DataFrame, name: str, strategy: s
         raise DatasetError(check_name(base_key, name) or f"{name!r} cannot be a version name")
     if weight_use not in WEIGHT_USES:
         raise DatasetError(f"weight_use must be one of {WEIGHT_USES}")
-    parent_info = dataset.split_info if dataset.layout == "version" else {}
+    parent_info = dataset.split_info if dataset.version else {}
     usable = frame[frame["cls"].notna() & frame["problem"].isna() & frame["split"].notna()]
     info = {
         "name": name,
@@ -182,7 +182,7 @@ def _info_problem(info) -> str | None:
     return None
 
 
-def _frame_problem(frame: pd.DataFrame) -> str | None:
+def frame_problem(frame: pd.DataFrame) -> str | None:
     """What makes a version's rows unusable, or None; `count` is made Int64 on the way."""
     missing = [c for c in FRAME_COLUMNS if c not in frame]
     if missing:
@@ -211,40 +211,6 @@ def list_versions(dataset_or_key: Dataset | str) -> list[Version]:
             continue
         found.append(Version(path.stem, path, info))
     return sorted(found, key=lambda v: (v.created, v.path.stat().st_mtime_ns))
-
-
-def load_version(path: str | Path, class_range: ClassRange | None = None) -> Dataset:
-    """A version manifest → Dataset (layout "version") with its frozen split; usable wherever a dataset is."""
-    from core.data.dataset import apply_overrides
-
-    path = Path(path).expanduser()
-    info = read_info(path)
-    try:
-        frame = pq.read_table(path).to_pandas()
-    except (OSError, pa.ArrowException) as exc:
-        raise DatasetError(f"{path.name}: cannot be read ({exc})") from None
-    problem = _frame_problem(frame)
-    if problem:
-        raise DatasetError(f"{path.name}: a damaged dataset version ({problem})")
-    stored = ClassRange.from_dict(info.get("class_range"))
-    notes = []
-    if class_range is not None and class_range != stored:
-        notes.append(f"This version was made for classes {stored.describe()} and keeps them "
-                     f"(the chosen range {class_range.describe()} does not apply to a saved version).")
-    # Counts corrected by annotators since the version was made still apply.
-    frame = apply_overrides(frame, info["base_key"])
-    frame["cls"] = stored.assign(frame["count"])
-    frame["split"] = frame["split"].where(frame["cls"].notna(), None)
-    gone = frame["path"].map(lambda p: bool(p) and not Path(p).is_file()) & frame["problem"].isna()
-    if gone.any():
-        notes.append(f"{int(gone.sum()):,} photos of this version are no longer on disk (moved or deleted) "
-                     "and are skipped.")
-        frame.loc[gone, "problem"] = "photo missing on disk"
-    split_info = {**info.get("split_info", {}), "source": "version", "version": info["name"],
-                  "base_key": info["base_key"], "base_source": info.get("base_source"),
-                  "weight_use": info.get("weight_use"), "strategy": info.get("strategy"),
-                  "dropped": info.get("dropped", []), "parent": info.get("parent")}
-    return Dataset(path, "version", info["base_key"], frame, stored, notes, split_info)
 
 
 def delete_version(version: Version) -> None:

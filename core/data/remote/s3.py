@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 
 from core import config, storage
-from core.data import abid
+from core.data.labels import abid
 from core.errors import BinsightError
 from core.files import atomic_write_text
 

@@ -14,7 +14,7 @@ import pandas as pd
 from PIL import ImageFilter
 
 from core import config
-from core.data.images import ImageError, load_image
+from core.data.photos.images import ImageError, load_image
 from core.errors import Cancelled
 from core.files import atomic_write_bytes
 

@@ -5,7 +5,7 @@ import random
 import warnings
 from itertools import chain, islice
 
-from core.data.shard_store import ShardError, ShardStore, open_store, read_complete_index
+from core.data.remote.shard_store import ShardError, ShardStore, open_store, read_complete_index
 
 IMAGE_EXTS = ("jpg", "png", "webp", "bmp")
 BAD_SHARD_CHOICES = ("stop", "skip")
@@ -116,7 +116,7 @@ def decode_sample(sample: dict, transform, class_index: dict[int, int]):
     """A streamed photo → (tensor, label, key, error); an unreadable photo is a zero tensor with its error."""
     import torch
 
-    from core.data.images import load_image
+    from core.data.photos.images import load_image
 
     try:
         return transform(load_image(sample["image"], sample["name"])), class_index[sample["count"]], sample["key"], ""

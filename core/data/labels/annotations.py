@@ -261,3 +261,16 @@ def export_csv(dataset_key: str, path: str | Path | None = None) -> str:
     if path is not None:
         atomic_write_text(path, text)
     return text
+
+
+def apply_overrides(frame: pd.DataFrame, key: str) -> pd.DataFrame:
+    """Counts corrected by annotators replace the recorded ones (the latest decision wins)."""
+    overrides = label_overrides(key)
+    if not overrides:
+        return frame
+    frame = frame.copy()
+    corrected = frame["name"].map(overrides)
+    hit = corrected.notna() | frame["name"].isin([n for n, c in overrides.items() if c is None])
+    frame.loc[hit, "count"] = pd.array(corrected[hit], dtype="Int64")
+    frame.loc[hit, "label_source"] = "annotation"
+    return frame

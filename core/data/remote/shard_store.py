@@ -96,7 +96,7 @@ class S3Store(ShardStore):
     """s3://bucket/prefix on the configured endpoint, with the configured credentials."""
 
     def __init__(self, url: str, settings=None):
-        from core.data.s3 import S3Source, s3_settings
+        from core.data.remote.s3 import S3Source, s3_settings
 
         bucket, _, prefix = url[len("s3://"):].partition("/")
         if not bucket:

@@ -1,4 +1,4 @@
-"""WebDataset shard sets: packing a dataset into per-split tar shards (resumable), and a packed set as a Dataset."""
+"""WebDataset shard sets: packing a dataset into per-split tar shards (resumable); core.data.layouts.shard_set reads them."""
 from __future__ import annotations
 
 import hashlib
@@ -10,15 +10,14 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from core.data import abid
+from core.data.labels import abid
 from core.data.dataset import Dataset
-from core.data.shard_store import (  # noqa: F401 — ShardError, INDEX_NAME are part of this module's interface
+from core.data.remote.shard_store import (  # noqa: F401 — ShardError, INDEX_NAME are part of this module's interface
     INDEX_FORMAT,
     INDEX_NAME,
     ShardError,
     ShardStore,
     open_store,
-    read_complete_index,
 )
 
 SPLITS = ("train", "valid", "test")
@@ -87,7 +86,7 @@ def photo_problem(data: bytes) -> str | None:
     """Why these bytes are not a usable photo, or None."""
     from PIL import Image
 
-    from core.data.images import SUPPORTED_FORMATS
+    from core.data.photos.images import SUPPORTED_FORMATS
 
     if not data:
         return "the file is empty (0 bytes)"
@@ -119,7 +118,7 @@ class _Files:
         if not remote:
             return
         if self.bucket is None:
-            from core.data.s3 import S3Source
+            from core.data.remote.s3 import S3Source
 
             self.bucket = S3Source()
         keys = [abid.image_key(p.name) for p in remote] + [abid.metadata_key(p.name) for p in remote]
@@ -248,33 +247,3 @@ def pack_shards(dataset: Dataset, dest: str | Path, shard_size: str | int = DEFA
     store.write_index(index)
     report("done")
     return index
-
-
-# -- a shard set as a dataset ---------------------------------------------------------------------------
-
-def load_shards_dataset(source: str | Path, class_range=None) -> Dataset:
-    """A packed shard set → Dataset (layout "shards"): one row per packed photo, path None, split and shard kept."""
-    import pandas as pd
-
-    from core.data.classes import ClassRange
-    from core.data.dataset import finish_index
-
-    store = open_store(source)
-    index = read_complete_index(store)
-    rows = [{"name": name, "count": count, "split": shard["split"], "shard": shard["name"], "key": key,
-             "label_source": "shards"} for shard in index["shards"] for key, name, count in shard["photos"]]
-    frame = finish_index(pd.DataFrame(rows, columns=["name", "count", "split", "shard", "key", "label_source"]))
-    stored = ClassRange.from_dict(index.get("class_range"))
-    frame["cls"] = stored.assign(frame["count"])
-    frame["split"] = frame["split"].astype(object).where(frame["cls"].notna(), None)
-    notes = [f"{len(frame):,} photos packed in {len(index['shards'])} shards at {store.location}: "
-             "training streams them; they are not separate files."]
-    if class_range is not None and class_range != stored:
-        notes.append(f"These shards were packed for classes {stored.describe()} and keep them.")
-    skipped = [entry for entry in index["skipped"] if entry["split"]]
-    if skipped:
-        notes.append(f"{len(skipped):,} unreadable photos were left out when packing (listed in {INDEX_NAME}).")
-    key = hashlib.sha1(store.location.encode()).hexdigest()[:12]
-    split_info = {"source": "shards", "shards": store.location, "seed": index["seed"],
-                  "fingerprint": index["fingerprint"]}
-    return Dataset(Path(store.location), "shards", key, frame, stored, notes, split_info)

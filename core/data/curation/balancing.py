@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from core.data import splits, versions
+from core.data.labels import splits, versions
 from core.data.classes import ClassRange
-from core.data.dataset import Dataset, build_index
+from core.data.dataset import Dataset
+from core.data.layouts.abid_folder import ABID_FOLDER
 from core.data.overview import SPLIT_ORDER
-from core.data.pools import Pool, pick
+from core.data.curation.pools import Pool, pick
 from core.errors import BinsightError
 
 STRATEGIES = {
@@ -260,7 +261,7 @@ def _fetched_frame(plan: Plan, base_key: str, name: str, on_progress) -> pd.Data
     try:
         plan.params["pool"].materialise(plan.picks[["name", "count"]], staging, on_progress=on_progress)
         staging.rename(final)
-        added = build_index(final, "abid")
+        added = ABID_FOLDER.index(final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(final, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""The embedded demo dataset: synthetic bin photos drawn in code, written in the ABID bucket layout."""
+"""The embedded demo dataset: synthetic bin photos drawn in code, written in the ABID bucket layout; read when no source is set."""
 from __future__ import annotations
 
 import io
@@ -9,6 +9,10 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFilter
 
 from core import config
+from core.data.classes import ClassRange
+from core.data.dataset import Dataset
+from core.data.layouts.abid_folder import ABID_FOLDER
+from core.data.layouts.base import Layout
 from core.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 DEMO_VERSION = 1
@@ -98,3 +102,24 @@ def ensure_demo(on_progress=None) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
     return folder
+
+
+class Demo(Layout):
+    """No source at all: the demo set, generated once under BINSIGHT_HOME and read as an ABID folder."""
+
+    name = ABID_FOLDER.name
+
+    def detect(self, source) -> bool:
+        return source is None
+
+    def fingerprint(self, source) -> str:
+        return ABID_FOLDER.fingerprint(ensure_demo())
+
+    def index(self, source, on_progress=None):
+        return ABID_FOLDER.index(ensure_demo(on_progress), on_progress)
+
+    def open(self, source, class_range: ClassRange, on_progress=None) -> Dataset:
+        return ABID_FOLDER.open(ensure_demo(on_progress), class_range, on_progress)
+
+
+DEMO = Demo()

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.data import abid
-from core.data.dataset import Dataset, DatasetError, build_index, detect_layout
-from core.data.s3 import S3Source, place_file, write_labels
+from core.data.labels import abid
+from core.data.dataset import Dataset, DatasetError
+from core.data.layouts.registry import reader_for
+from core.data.remote.s3 import S3Source, place_file, write_labels
 
 
 @dataclass
@@ -51,12 +52,7 @@ def list_pool(lists: str | Path | list, source: S3Source | None = None) -> Pool:
     for path in paths:
         if not path.is_file():
             raise DatasetError(f"{path} does not exist: give a file_list.json or a counting list (.json)")
-        layout = detect_layout(path)
-        if layout == "counting_list":
-            frames.append(abid.read_counting_list(path))
-        else:
-            labels = abid.read_file_list(path)
-            frames.append(pd.DataFrame({"name": list(labels), "count": pd.array(list(labels.values()), dtype="Int64")}))
+        frames.append(reader_for(path).pool_photos(path))
     photos = pd.concat(frames, ignore_index=True).drop_duplicates("name").reset_index(drop=True)
     source = source or S3Source()
     names = " + ".join(p.name for p in paths)
@@ -68,7 +64,7 @@ def folder_pool(folder: str | Path) -> Pool:
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise DatasetError(f"{folder} is not a folder: a local pool is a folder of photos with labels")
-    frame = build_index(folder, detect_layout(folder))
+    frame = reader_for(folder).index(folder)
     usable = frame[frame["count"].notna() & frame["problem"].isna() & frame["path"].notna()]
     photos = pd.DataFrame({"name": usable["path"].map(lambda p: Path(p).name), "count": usable["count"],
                            "path": usable["path"]}).drop_duplicates("name").reset_index(drop=True)

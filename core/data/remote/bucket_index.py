@@ -9,9 +9,9 @@ from pathlib import PurePosixPath
 import pandas as pd
 
 from core import config
-from core.data import abid
+from core.data.labels import abid
 from core.data.dataset import DatasetError, finish_index
-from core.data.s3 import S3Error, S3Source, s3_settings
+from core.data.remote.s3 import S3Error, S3Source, s3_settings
 from core.errors import Cancelled
 from core.files import atomic_write_bytes, atomic_write_json
 
@@ -103,8 +103,3 @@ def bucket_frame(uri: str, on_progress=None) -> pd.DataFrame:
                                   if on_progress else None)
     except S3Error as exc:
         raise DatasetError(f"{uri}: {exc}") from None
-
-
-def bucket_notes(frame: pd.DataFrame) -> list[str]:
-    return [f"{len(frame):,} photos listed by the bucket's metadata; each photo is fetched on demand "
-            "(pack them into shards to train at bucket scale: python -m core shards)."]

@@ -1,0 +1,130 @@
+"""The reader of a data layout (`Layout`): detect, fingerprint, index, notes; and the index cache every reader shares."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from core import config
+from core.data.classes import ClassRange
+from core.data.dataset import Dataset, DatasetError, dataset_key, finish_index
+from core.data.labels import splits
+from core.data.labels.annotations import apply_overrides
+from core.data.photos.images import image_size
+from core.files import atomic_write_bytes, atomic_write_json
+
+INDEX_VERSION = 4
+
+
+def local_path(source) -> Path | None:
+    """`source` as a local path, or None when it is nothing local (no source, an s3:// URI)."""
+    if source is None or str(source).startswith("s3://"):
+        return None
+    return Path(source).expanduser()
+
+
+class Layout:
+    """A reader of one data layout. `name` is the Dataset's layout; a new layout is a subclass and a registry line.
+
+    `detect(source)` says whether the source is in this layout; `index(source, on_progress)` reads it into the one
+    index shape (`finish_index`); `fingerprint(source)` changes whenever the index would; `notes(frame)` are what the
+    user should know about it. `open` makes the Dataset: by default from the index cached under BINSIGHT_HOME.
+    """
+
+    name = ""
+    fetched_on_demand = True  # a photo listed but not on disk comes from the ABID bucket when it is needed
+
+    def detect(self, source) -> bool:
+        raise NotImplementedError
+
+    def index(self, source: Path, on_progress=None) -> pd.DataFrame:
+        raise NotImplementedError
+
+    def digest(self, source: Path):
+        """The fingerprint's hash: the layout, and the size and time of the source file or of every file below it."""
+        digest = hashlib.sha1(f"{INDEX_VERSION}:{self.name}".encode())
+        if source.is_file():
+            stat = source.stat()
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+            return digest
+        for root, dirs, files in os.walk(source):
+            dirs.sort()
+            for name in sorted(files):
+                try:
+                    stat = os.stat(os.path.join(root, name))
+                except OSError:
+                    continue
+                digest.update(os.fsencode(f"{root}/{name}:{stat.st_size}:{stat.st_mtime_ns}\n"))
+        return digest
+
+    def fingerprint(self, source: Path) -> str:
+        return self.digest(source).hexdigest()
+
+    def notes(self, frame: pd.DataFrame) -> list[str]:
+        notes = []
+        if frame.empty:
+            notes.append("No photos found.")
+        elif frame["count"].isna().all():
+            notes.append("No labels found: add metadata/*.json (EXPECTED_QUANTITY) or a labels.csv of image,count.")
+        remote = int(frame["path"].isna().sum())
+        if remote and self.fetched_on_demand:
+            notes.append(f"{remote:,} photos are listed but not on disk; they can be fetched from the ABID bucket.")
+        bad = int(frame["problem"].notna().sum())
+        if bad:
+            notes.append(f"{bad:,} photos or labels could not be used and are skipped (see the list of problems).")
+        return notes
+
+    def open(self, source: Path, class_range: ClassRange, on_progress=None) -> Dataset:
+        key = dataset_key(source)
+        frame = self.cached_index(source, key, on_progress)
+        return labelled_dataset(source, self.name, key, frame, class_range, self.notes(frame))
+
+    def cached_index(self, source: Path, key: str, on_progress=None) -> pd.DataFrame:
+        """The index saved under BINSIGHT_HOME/index/<key> while its fingerprint holds, else indexed anew and saved."""
+        folder = config.home() / "index"
+        cache, stamp_file = folder / f"{key}.parquet", folder / f"{key}.json"
+        stamp = self.fingerprint(source)
+        try:
+            if json.loads(stamp_file.read_text()).get("fingerprint") == stamp:
+                return finish_index(pd.read_parquet(cache))
+        except (OSError, ValueError):
+            pass
+        frame = self.index(source, on_progress)
+        atomic_write_bytes(cache, frame.to_parquet(index=False))
+        atomic_write_json(stamp_file, {"fingerprint": stamp, "source": str(source), "layout": self.name})
+        return frame
+
+    def pool_photos(self, source: Path) -> pd.DataFrame:
+        """The bucket photos a list names (name, count): what a candidate pool offers. Only lists have them."""
+        raise DatasetError(f"{source.name}: not a list of bucket photos: give a file_list.json or a counting list (.json)")
+
+
+def labelled_dataset(source: Path, layout: str, key: str, frame: pd.DataFrame, class_range: ClassRange,
+                     notes: list[str], info: dict | None = None, uri: str | None = None) -> Dataset:
+    """An index made a dataset: counts corrected by annotators, the classes, and the saved split."""
+    frame = apply_overrides(frame, key)
+    frame["cls"] = class_range.assign(frame["count"])
+    frame, split_info = splits.attach_split(frame, key, class_range)
+    frame["split"] = frame["split"].astype(object).where(frame["split"].notna(), None)
+    return Dataset(source, layout, key, frame, class_range, notes, split_info | (info or {}), uri=uri)
+
+
+def read_sizes(frame: pd.DataFrame, on_progress=None) -> pd.DataFrame:
+    """Each photo's width and height read from its file; an unreadable file becomes the row's problem."""
+    widths, heights, problems = [], [], list(frame["problem"])
+    total = len(frame)
+    for i, path in enumerate(frame["path"]):
+        size = image_size(path) if path else None
+        if path and size is None and problems[i] is None:
+            problems[i] = "not a readable image (corrupt or not a JPEG/PNG)"
+        widths.append(size[0] if size else None)
+        heights.append(size[1] if size else None)
+        if on_progress and (i % 200 == 0 or i == total - 1):
+            on_progress((i + 1) / total, f"Indexing photos {i + 1}/{total}")
+    frame["width"] = pd.array(widths, dtype="Int32")
+    frame["height"] = pd.array(heights, dtype="Int32")
+    frame["problem"] = problems
+    return frame
