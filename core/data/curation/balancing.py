@@ -113,14 +113,18 @@ def _target(params: dict, sizes: pd.Series, default) -> int:
     return int(target)
 
 
-def _undersample(frame, dataset, params, rng, notes):
-    dropped = []
+def _split_targets(frame, params, default):
+    """(split, its usable rows, photos per class, the target per class) of each split to balance that has photos."""
     for split in _balanced_splits(params):
         rows = frame[_usable(frame) & (frame["split"] == split)]
         sizes = rows["cls"].value_counts()
-        if sizes.empty:
-            continue
-        target = _target(params, sizes, lambda s: s.min())
+        if not sizes.empty:
+            yield split, rows, sizes, _target(params, sizes, default)
+
+
+def _undersample(frame, dataset, params, rng, notes):
+    dropped = []
+    for split, rows, sizes, target in _split_targets(frame, params, lambda s: s.min()):
         missing = [c for c in dataset.classes if c not in sizes.index]
         if missing:
             notes.append(f"{split}: classes {missing} have no photo; undersampling cannot fix that — fetch more.")
@@ -135,12 +139,7 @@ def _undersample(frame, dataset, params, rng, notes):
 
 
 def _oversample(frame, dataset, params, rng, notes):
-    for split in _balanced_splits(params):
-        rows = frame[_usable(frame) & (frame["split"] == split)]
-        sizes = rows["cls"].value_counts()
-        if sizes.empty:
-            continue
-        target = _target(params, sizes, lambda s: s.max())
+    for split, rows, sizes, target in _split_targets(frame, params, lambda s: s.max()):
         for cls, group in rows.groupby("cls"):
             n = len(group)
             repeat = np.ones(n, dtype=int)
