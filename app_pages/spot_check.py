@@ -232,13 +232,23 @@ def model_classes(model_path: Path | None) -> ClassRange | None:
         return None
 
 
+QUEUE_CONTROLS = ("spot_kind", "spot_counts", "spot_splits", "spot_size")
+
+
 def choose_queue(dataset, model_path: Path | None, checked: set[str], health_issues) -> list[str]:
     """The queue controls; the queue is rebuilt only when they change, so it stays put while you work."""
     frame, key = dataset.frame, dataset.key
     c1, c2, c3, c4 = st.columns([3, 2, 2, 1])
     linked = st.query_params.get("queue")
+    # Streamlit forgets a widget's value when another page is shown: coming back goes on with the queue as it was
+    # (and a reload, a new session, with the queue in the address)
+    for control in QUEUE_CONTROLS:
+        if control not in st.session_state and f"{control}_kept" in st.session_state:
+            st.session_state[control] = st.session_state[f"{control}_kept"]
     if "spot_kind" not in st.session_state and linked in QUEUES and linked != "sent":
-        st.session_state["spot_kind"] = linked  # a reload (a new session) goes on with the queue in the address
+        st.session_state["spot_kind"] = linked
+    if st.session_state.get("spot_kind") == "sent" and not st.session_state.get("spot_sent"):
+        del st.session_state["spot_kind"]
     kind = c1.selectbox("Queue", list(QUEUES), format_func=QUEUES.get, key="spot_kind",
                         help="Model queues hold only the bins whose count is one of the model's classes; the others "
                              "are in “Outside the classes”.")
@@ -250,6 +260,7 @@ def choose_queue(dataset, model_path: Path | None, checked: set[str], health_iss
                             placeholder="all counts", key="spot_counts")
     splits = c3.multiselect("Split", SPLITS, placeholder="all splits", key="spot_splits")
     size = int(c4.number_input("Bins", 1, 1000, 50, key="spot_size"))
+    st.session_state.update({f"{control}_kept": st.session_state[control] for control in QUEUE_CONTROLS})
     scores = None
     classes = model_classes(model_path) if kind in MODEL_QUEUES or kind == "outside" else None
     if kind in MODEL_QUEUES:

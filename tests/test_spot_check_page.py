@@ -175,3 +175,20 @@ def test_queue_filters_and_the_exported_csv_are_exactly_the_decisions(spot_sourc
     assert served_files(export) == annotations.export_csv(key).encode()
     assert len(served) == 2 and list(served["annotator"]) == ["alice", "alice"]
 
+
+
+def test_the_queue_survives_another_page_and_a_reload(spot_source):
+    at = AppTest.from_file(str(Path(PAGE).parents[1] / "app.py"), default_timeout=120)
+    at.user = {}
+    at.query_params["queue"] = "random"  # a reload: a new session with the queue in the address
+    at = sign_in(at.switch_page("app_pages/spot_check.py").run())
+    assert not at.exception and at.selectbox(key="spot_kind").value == "random"
+    at.multiselect(key="spot_splits").set_value(["train"]).run()
+    at.button(key="spot_next").click().run()
+    queue, position = at.session_state["spot_queue"], at.session_state["spot_pos"]
+    assert position == 1
+    at.switch_page("app_pages/overview.py").run()  # Streamlit forgets the queue's widgets while another page shows
+    at.switch_page("app_pages/spot_check.py").run()
+    assert not at.exception and at.selectbox(key="spot_kind").value == "random"
+    assert at.multiselect(key="spot_splits").value == ["train"]
+    assert at.session_state["spot_queue"] == queue and at.session_state["spot_pos"] == position
