@@ -410,7 +410,7 @@ with check_tab:
     nav.button("◀ Previous", shortcut="P", key="spot_prev", disabled=pos == 0, on_click=move, args=(-1, len(queue)))
     nav.button("Next ▶", shortcut="N", key="spot_next", disabled=pos >= len(queue) - 1, on_click=move,
                args=(+1, len(queue)))
-    nav.progress(done / len(queue), text=f"Bin {pos + 1} of {len(queue)} · {done} checked in this queue")
+    nav.progress(done / len(queue), text=f"Bin {pos + 1} of {len(queue)} · {done} of these {len(queue)} checked")
     if nav.button("New queue", icon=":material/shuffle:", key="spot_reshuffle",
                   help="Draw another sample with the same settings"):
         st.session_state["spot_seed"] = st.session_state.get("spot_seed", 0) + 1
