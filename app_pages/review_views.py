@@ -101,7 +101,8 @@ def precision_chart(dataset_key: str) -> None:
                           "%{customdata[2]:.0%}–%{customdata[3]:.0%})<extra></extra>"))
     figure.update_layout(barmode="stack", height=90 + 38 * len(names), margin=dict(l=0, r=10, t=30, b=10),
                          xaxis=dict(tickformat=".0%", range=[0, 1]), yaxis=dict(autorange="reversed"),
-                         legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0, title=None))
+                         legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0, title=None,
+                                     traceorder="normal"))  # (stacked bars list their legend reversed by default)
     st.plotly_chart(figure, width="stretch", key="precision_chart")
     wrong = table[table["verdict"] == "record wrong"]
     st.caption("Bins reviewed per queue (in brackets) and what the reviewer found. Record wrong, with its 95 % "
