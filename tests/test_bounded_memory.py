@@ -96,3 +96,21 @@ def test_the_photos_most_likely_wrong_are_always_drawn(colour):
                            "y": rng.normal(size=30_000), colour: rng.random(30_000)})
     drawn, _ = maps.map_view(points, colour, limit=1_000)
     assert set(points.nlargest(200, colour)["name"]) <= set(drawn["name"])
+
+
+def test_cached_features_are_read_shard_by_shard_into_the_rows_and_columns_asked(tmp_path):
+    import torch
+
+    from core.models.caches import FeatureCache
+
+    cache = FeatureCache("lite0-test", root=tmp_path)
+    shards = [torch.randn(50, 16) for _ in range(3)]
+    for n, vectors in enumerate(shards):
+        cache.add([f"photo-{n}-{k}" for k in range(50)], vectors)
+    (cache.folder / "0-damaged.pt").write_bytes(b"not a shard")  # skipped: its photos count as missing
+    wanted = ["photo-2-7", None, "photo-0-3", "never-stored", "photo-2-7"]
+    columns = [5, 1, 12]
+    out = torch.zeros(len(wanted), len(columns))
+    assert cache.read_into(wanted, out, columns) == {0, 2, 4}
+    assert torch.equal(out[0], shards[2][7, columns]) and torch.equal(out[4], shards[2][7, columns])
+    assert torch.equal(out[2], shards[0][3, columns]) and not out[[1, 3]].any()

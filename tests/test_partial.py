@@ -160,10 +160,12 @@ def test_readers_of_features_reuse_the_stored_pass(data, tmp_path):
     recipe = label_issues.RECIPE
     rows = label_issues._labelled_rows(ds)
     before = stage_store.trunk_photos
-    label_issues.photo_features(ds, rows)
+    whole, _ = label_issues.photo_features(ds, rows)
     filled = stage_store.trunk_photos - before
     assert filled == len(rows) * len(recipe["views"])
-    label_issues.photo_features(ds, rows)  # the feature cache answers
+    columns = label_issues.head_columns()
+    kept, _ = label_issues.photo_features(ds, rows, columns=columns)  # the feature cache answers, in those columns
+    assert kept.shape == whole[..., columns].shape and np.array_equal(kept, whole[..., columns])
     train(TrainConfig(data=str(data), out=str(tmp_path / "frozen"), mode="frozen", image_size=recipe["image_size"],
                       aspect=recipe["aspect"], epochs=2, batch_size=8, num_workers=0))
     train(TrainConfig(data=str(data), out=str(tmp_path / "partial"), mode="partial", epochs=1, batch_size=8,
