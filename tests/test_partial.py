@@ -141,6 +141,29 @@ def test_an_ensemble_loads_predicts_calibrates_and_exports(data, tmp_path):
     assert np.abs(exported - reference).max() < 1e-4
 
 
+def test_a_stopped_ensemble_resumes_keeping_the_members_it_trained(data, tmp_path):
+    from core.errors import Cancelled
+
+    out = tmp_path / "run"
+    seen = []
+
+    def stop_in_the_second_member():  # as a worker killed during member 2's second epoch
+        return any("Model 2 of 2: Epoch 1/2 done" in message for message in seen)
+
+    with pytest.raises(Cancelled):
+        train(TrainConfig(data=str(data), out=str(out), ensemble=2, **SMALL),
+              on_progress=lambda update: seen.append(str(update.get("message", ""))),
+              should_stop=stop_in_the_second_member)
+    before = (out / "log.txt").read_text()
+    result = train(TrainConfig(data=str(data), out=str(out), resume=True, **SMALL))
+    resumed = (out / "log.txt").read_text()[len(before):]
+    assert "[model 1/2] resumed after epoch 2" in resumed and "[model 1/2] epoch 1/2" not in resumed
+    assert "[model 2/2] resumed after epoch 1" in resumed and "[model 2/2] epoch 2/2" in resumed
+    assert len(result["members"]) == 2 and result["test"]["n"] > 0
+    model, meta = load_model(out)
+    assert meta["ensemble"]["members"] == 2
+
+
 def test_partial_settings_are_checked():
     problems = TrainConfig(data="d", out="o", mode="partial", backbone="resnet18", tta="flips", ensemble=0).validate()
     assert any("EfficientNet-Lite" in p for p in problems)

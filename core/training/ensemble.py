@@ -3,10 +3,12 @@ network), or, when the maps do not fit the store's budget or the photos are stre
 stages run on every batch."""
 from __future__ import annotations
 
+import io
 from dataclasses import replace
 
 import torch
 
+from core.files import atomic_write_bytes
 from core.models import networks as models
 from core.models import stage_store
 from core.models.ensemble import ensemble_parts
@@ -62,6 +64,8 @@ class EnsembleRun(BaseRun):
         self.members: list[PartialRun] = []
 
     def fit(self, train_split, valid_split, test_split, resume_state) -> dict:
+        if self.world.is_main:
+            self.save_checkpoint(0)
         maps, results = None, []
         for k in range(self.config.ensemble):
             seed = self.config.seed + k
@@ -73,7 +77,8 @@ class EnsembleRun(BaseRun):
                              _MemberProgress(self.progress, k, self.config.ensemble), self.should_stop,
                              seed_everything(seed), self.world)
             run.shared_maps = maps
-            results.append(run.fit(train_split, valid_split, test_split, None))
+            member_state = _member_checkpoint(folder, member_log) if resume_state else None
+            results.append(run.fit(train_split, valid_split, test_split, member_state))
             maps = run.tensors
             self.members.append(run)
         self.tensors = maps
@@ -100,11 +105,30 @@ class EnsembleRun(BaseRun):
                             for k, r in enumerate(results)],
                 **self.members[0].timings()}
 
+    def save_checkpoint(self, epoch: int):
+        """The ensemble's own checkpoint says what to resume (its settings); each member keeps its epochs' in
+        members/N/checkpoint.pt, so a resumed ensemble (a requeued job, --resume) keeps the members it trained."""
+        buffer = io.BytesIO()
+        torch.save({"epoch": epoch, "config": self.config.to_dict(), "meta": self.meta, "ensemble": True}, buffer)
+        atomic_write_bytes(self.out / "checkpoint.pt", buffer.getvalue())
+
     def compute_logits(self, name, split):
         """The ensemble's output (log mean probability) per stored view, from each member's logits."""
         logits = torch.stack([run.map_logits(run.model, name) for run in self.members])
         combined = torch.logsumexp(logits.float().log_softmax(-1), 0) - torch.log(torch.tensor(float(len(logits))))
         return combined, self.tensors[name][1]
+
+
+def _member_checkpoint(folder, log) -> dict | None:
+    """A member's last epoch to resume from, or None to train it from the start (none written, or unreadable)."""
+    path = folder / "checkpoint.pt"
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        log(f"its checkpoint cannot be read ({exc.__class__.__name__}): trained again from the start")
+        return None
 
 
 def _headline(metrics: dict) -> dict:

@@ -151,10 +151,12 @@ class BaseRun:
         if self.config.ema_decay and not self.frozen:
             self.averaged = make_averaged(self.model, self.config.ema_decay)
         first = 1
+        epochs = self.config.n_epochs
         if resume_state:
             first = self.restore(resume_state) + 1
             self.log(f"resumed after epoch {first - 1}")
-        epochs = self.config.n_epochs
+            if self.config.patience and self.bad_epochs >= self.config.patience:
+                first = epochs + 1  # it had stopped early: nothing more to train
         for epoch in range(first, epochs + 1):
             self.check_stop()
             self.progress(force=True, stage="train", epoch=epoch, message=f"Epoch {epoch}/{epochs}")
