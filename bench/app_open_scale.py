@@ -178,16 +178,28 @@ def open_pages(photos: int, emit: bool = True, profile: str | None = None) -> No
     timed_run(at, "app_start_overview", photos, emit, note="first run: the dataset read from the index cache")
     for name, page in PAGES:
         at.switch_page(page)
-        if profile == name:
+        if name in (profile or "").split(","):
             import cProfile
             import pstats
 
-            profiler = cProfile.Profile()
-            profiler.enable()
-            timed_run(at, f"{name}_first_open_profiled", photos, emit)
-            profiler.disable()
+            from streamlit import Page as StreamlitPage
+
+            profiler, page_run = cProfile.Profile(), StreamlitPage.run
+
+            def profiled(self):  # the script runs in AppTest's own thread: profile it there
+                profiler.enable()
+                try:
+                    return page_run(self)
+                finally:
+                    profiler.disable()
+
+            StreamlitPage.run = profiled
+            try:
+                timed_run(at, f"{name}_first_open_profiled", photos, emit)
+            finally:
+                StreamlitPage.run = page_run
             stats = pstats.Stats(profiler, stream=sys.stdout).sort_stats("cumulative")
-            stats.print_stats(45)
+            stats.print_stats(60)
             stats.sort_stats("tottime").print_stats(25)
             at.switch_page("app_pages/overview.py").run()
             at.switch_page(page)
@@ -204,7 +216,8 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/bucket-bench")
     parser.add_argument("--folder", default="/tmp/app-open-bench")
     parser.add_argument("--parts", default="setup,open")
-    parser.add_argument("--profile", choices=[name for name, _ in PAGES], help="cProfile this page's first open")
+    parser.add_argument("--profile", help="cProfile these pages' first opens (comma-separated: "
+                        + ", ".join(name for name, _ in PAGES) + ")")
     parser.add_argument("--part", help=argparse.SUPPRESS)
     args = parser.parse_args()
     work, folder = Path(args.work) / str(args.photos), Path(args.folder) / str(args.photos)
