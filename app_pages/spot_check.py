@@ -259,7 +259,8 @@ def choose_queue(dataset, model_path: Path | None, checked: set[str], health_iss
     counts = c2.multiselect("Current count", COUNT_FILTERS, format_func=annotations.count_label,
                             placeholder="all counts", key="spot_counts")
     splits = c3.multiselect("Split", SPLITS, placeholder="all splits", key="spot_splits")
-    size = int(c4.number_input("Bins", 1, 1000, 50, key="spot_size"))
+    st.session_state.setdefault("spot_size", 50)  # (not as the widget's default: restored values would clash)
+    size = int(c4.number_input("Bins", 1, 1000, key="spot_size"))
     st.session_state.update({f"{control}_kept": st.session_state[control] for control in QUEUE_CONTROLS})
     scores = None
     classes = model_classes(model_path) if kind in MODEL_QUEUES or kind == "outside" else None
