@@ -27,11 +27,13 @@ def _cached_dataset(source: str | None, range_tuple: tuple, token: str) -> Datas
 
 
 def _freshness_token(source: str | None) -> str:
-    """Changes whenever the index, the split or the labels may have changed, so the cache reloads."""
+    """Changes whenever the index, the split or the labels may have changed, so the cache reloads (a job's progress
+    written to the database does not: at 536 K photos a reload takes ~12 s)."""
+    from core.data.labels import annotations
+
     home = config.home()
-    parts = []
-    for path in [home / "index", home / "datasets", config.demo_dir(), home / "binsight.sqlite3-wal",
-                 home / "binsight.sqlite3"] + ([Path(source)] if source else []):
+    parts = [annotations.state()]
+    for path in [home / "index", home / "datasets", config.demo_dir()] + ([Path(source)] if source else []):
         try:
             parts.append(str(path.stat().st_mtime_ns))
         except OSError:

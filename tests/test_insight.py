@@ -266,3 +266,18 @@ def test_a_click_on_a_point_opens_every_photo_drawn_on_it():
     assert (plural(1, "photo"), plural(15, "photo")) == ("1 photo", "15 photos")
     scale, whole = _steps("Viridis", [3, 1, 5, 5, 2, 4])  # five counts: five flat bands
     assert whole == [1, 2, 3, 4, 5] and len(scale) == 10 and len({colour for _, colour in scale}) == 5
+
+
+def test_the_labels_state_moves_with_decisions_and_undos_but_not_with_other_writes(small_abid):
+    from core.jobs import queue as jobs
+
+    key = load_dataset(small_abid).key
+    annotator = User("ann@example.com", "annotator")
+    states = [annotations.state()]
+    jobs.submit("sleep", {"seconds": 0})  # the database changes; the labels do not
+    assert annotations.state() == states[-1]
+    saved = annotations.save_bulk_decision(key, {"a.jpg": 1}, 3, user=annotator)
+    states.append(annotations.state())
+    annotations.undo_decisions(key, saved, user=annotator)
+    states.append(annotations.state())
+    assert len(set(states)) == 3

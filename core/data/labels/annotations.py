@@ -193,6 +193,14 @@ def _frame(sql: str, params: tuple) -> pd.DataFrame:
     return frame
 
 
+def state() -> str:
+    """Changes with every decision and every undo, of any dataset: what a loaded dataset's labels depend on (other
+    writes to the database, such as a job's progress, leave it as it is)."""
+    with db.connection() as conn:
+        row = conn.execute("SELECT count(*), coalesce(max(id), 0), count(undone_at) FROM annotations").fetchone()
+    return ":".join(str(value) for value in tuple(row))
+
+
 def history(dataset_key: str, photo: str | None = None) -> pd.DataFrame:
     """Every decision of the dataset (or one photo), oldest first, undone ones included: the audit trail."""
     if photo is None:
