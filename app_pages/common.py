@@ -47,6 +47,26 @@ def _freshness_token(source: str | None) -> str:
     return ":".join(parts)
 
 
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _cached_label_issues(home: str, dataset_key: str, dataset_id: int, labels: str, checks: int, _dataset):
+    from core.evaluation.label_issues import current_label_issues
+
+    return current_label_issues(_dataset)
+
+
+def label_issues_of(dataset: Dataset):
+    """current_label_issues, read once while the loaded dataset, the decisions and the saved checks stay the same
+    (at 536 K photos reading and keying them takes ~2 s, and every review page needs them on every run)."""
+    from core.data.labels import annotations
+
+    folder = config.home() / "label_issues" / dataset.key
+    try:
+        checks = folder.stat().st_mtime_ns  # a check's files are written into it (and renamed: the folder changes)
+    except OSError:
+        checks = 0
+    return _cached_label_issues(str(config.home()), dataset.key, id(dataset), annotations.state(), checks, dataset)
+
+
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
 def _cached_model(model_path: str, stamp: str):
     from core.models.networks import load_model

@@ -12,6 +12,7 @@ import streamlit as st
 from app_pages.common import (
     cached_thumbnail,
     current_user,
+    label_issues_of,
     model_for,
     reload_dataset,
     remember_annotator,
@@ -208,9 +209,7 @@ def embedding_map_view(rows: pd.DataFrame, map_key: str, key: str, *, dataset=No
     points, info = found
     issues, stale_note = None, ""
     if dataset is not None:
-        from core.evaluation.label_issues import current_label_issues
-
-        latest = current_label_issues(dataset)
+        latest = label_issues_of(dataset)
         if latest is not None:  # a photo reviewed since the check has no score: its label is a person's now
             issues = latest.frame[latest.frame["outcome"] == ""]
             if latest.info.get("stale"):

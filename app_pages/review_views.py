@@ -8,8 +8,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import current_user
-from core.evaluation.label_issues import current_label_issues
+from app_pages.common import current_user, label_issues_of
 from core.review.precision import VERDICT_ORDER, precision_of, queue_precision
 from core.review.recheck import recheck, recheck_state
 
@@ -27,7 +26,7 @@ VERDICT_HELP = {"record wrong": "The reviewer corrected the count: the flag was 
 def label_issues_now(dataset):
     """The label issues with the reviews since (None when never checked); a stale ranking starts a background
     re-check (recheck_line shows it)."""
-    issues = current_label_issues(dataset)
+    issues = label_issues_of(dataset)
     if issues is not None and issues.info.get("stale"):
         recheck(dataset, issues)
     return issues
