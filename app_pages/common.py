@@ -54,17 +54,21 @@ def _cached_label_issues(home: str, dataset_key: str, dataset_id: int, labels: s
     return current_label_issues(_dataset)
 
 
+def folder_stamp(folder: Path) -> int:
+    """Changes when a file is written into the folder (results are written beside and renamed in); 0 when none."""
+    try:
+        return folder.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
 def label_issues_of(dataset: Dataset):
     """current_label_issues, read once while the loaded dataset, the decisions and the saved checks stay the same
     (at 536 K photos reading and keying them takes ~2 s, and every review page needs them on every run)."""
     from core.data.labels import annotations
 
-    folder = config.home() / "label_issues" / dataset.key
-    try:
-        checks = folder.stat().st_mtime_ns  # a check's files are written into it (and renamed: the folder changes)
-    except OSError:
-        checks = 0
-    return _cached_label_issues(str(config.home()), dataset.key, id(dataset), annotations.state(), checks, dataset)
+    return _cached_label_issues(str(config.home()), dataset.key, id(dataset), annotations.state(),
+                                folder_stamp(config.home() / "label_issues" / dataset.key), dataset)
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
