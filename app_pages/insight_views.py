@@ -163,7 +163,7 @@ def _map_figure(frame: pd.DataFrame, colour: str) -> go.Figure:
     size = 6 if density is None else 4
     if (~known).any():
         figure.add_trace(go.Scattergl(x=drawn.loc[~known, "x"], y=drawn.loc[~known, "y"], mode="markers",
-                                      name="not known", customdata=custom[~known].to_numpy().tolist(),
+                                      name="not known", customdata=custom[~known].to_numpy(),
                                       hovertemplate=hover, marker=dict(size=size, color="#c8c8c8")))
     scale, colour_range = SCALES[colour], {}
     colorbar = dict(title=dict(text=maps.COLOURINGS[colour], side="right"), thickness=12)
@@ -177,7 +177,7 @@ def _map_figure(frame: pd.DataFrame, colour: str) -> go.Figure:
         values = drawn.loc[known, colour]
     figure.add_trace(go.Scattergl(
         x=drawn.loc[known, "x"], y=drawn.loc[known, "y"], mode="markers", name=maps.COLOURINGS[colour],
-        customdata=custom[known].to_numpy().tolist(), hovertemplate=hover,
+        customdata=custom[known].to_numpy(), hovertemplate=hover,
         marker=dict(size=size, color=values, colorscale=scale, opacity=0.85, colorbar=colorbar, **colour_range)))
     figure.update_layout(height=520, margin=dict(l=0, r=0, t=10, b=0), dragmode="lasso", showlegend=False,
                          xaxis=dict(visible=False), yaxis=dict(visible=False))
