@@ -141,3 +141,21 @@ def test_index_is_rebuilt_when_the_folder_changes(small_abid):
     assert len(after.frame) == len(before.frame)  # still labelled in labels.csv ...
     assert after.frame.set_index("name").loc[victim, "path"] is None  # ... but no longer on disk
     assert victim not in set(after.rows()["name"])
+
+
+def test_a_loaded_dataset_relabelled_equals_a_reload(small_abid):
+    from core.data.labels import annotations
+    from core.data.layouts.base import relabelled
+
+    loaded = load_dataset(small_abid)
+    name = loaded.frame["name"].iloc[0]
+    recorded = int(loaded.frame["count"].iloc[0])
+    annotations.save_decision(loaded.key, name, "ana", recorded % 5 + 1, recorded_count=recorded)
+    annotations.save_decision(loaded.key, loaded.frame["name"].iloc[1], "ana", None,
+                              recorded_count=int(loaded.frame["count"].iloc[1]))  # unclear: out of the classes
+    again = relabelled(loaded)
+    reread = load_dataset(small_abid)
+    pd.testing.assert_frame_equal(again.frame, reread.frame)
+    assert again.split_info == reread.split_info and again.key == reread.key
+    assert int(again.frame.set_index("name").loc[name, "count"]) == recorded % 5 + 1
+    assert int(loaded.frame.set_index("name").loc[name, "count"]) == recorded  # the loaded one is left as it was

@@ -36,6 +36,10 @@ class Dataset:
     uri: str | None = None
     streams: bool = False
     version: str | None = None
+    # the index as read (before annotators' corrections and the split) and what its reader added to split_info:
+    # core.data.layouts.base.relabelled applies the labels again from them
+    indexed: pd.DataFrame | None = field(default=None, repr=False)
+    reader_info: dict = field(default_factory=dict)
 
     @property
     def classes(self) -> list[int]:
