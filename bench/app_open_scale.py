@@ -21,37 +21,21 @@ shared machine the wall seconds are upper bounds. No model is trained: Browse's 
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.bucket_scale import Clock, report  # noqa: E402 (after the path above)
+
 ABID = (ROOT / ".." / "shared" / "abid").resolve()
 REAL_PHOTOS = 60
 GOAL_S = 2.0
-
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class Clock:
-    def __init__(self):
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-
-    def seconds(self) -> dict:
-        return {"wall_s": round(time.perf_counter() - self.wall, 2), "cpu_s": round(time.process_time() - self.cpu, 2)}
-
-
-def report(part: str, photos: int, **figures) -> None:
-    print(json.dumps({"part": part, "photos": photos, "peak_mb": round(peak_mb()), **figures}), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- setup
