@@ -66,28 +66,32 @@ def _freshness_token(source: str | None) -> str:
     return ":".join(parts)
 
 
+def view_key(dataset: Dataset, *folders: Path) -> tuple:
+    """What a view made from the loaded dataset depends on, to keep it in st.cache_resource: the dataset as loaded
+    (its identity and its labels' state: a decision relabels it), and the folders its saved results are written to
+    (a result is written beside and renamed in, so the folder's time changes)."""
+    from core.data.labels import annotations
+
+    stamps = []
+    for folder in folders:
+        try:
+            stamps.append(folder.stat().st_mtime_ns)
+        except OSError:
+            stamps.append(0)
+    return (str(config.home()), dataset.key, id(dataset), annotations.state(), *stamps)
+
+
 @st.cache_resource(show_spinner=False, max_entries=4)
-def _cached_label_issues(home: str, dataset_key: str, dataset_id: int, labels: str, checks: int, _dataset):
+def _cached_label_issues(key: tuple, _dataset):
     from core.evaluation.label_issues import current_label_issues
 
     return current_label_issues(_dataset)
 
 
-def folder_stamp(folder: Path) -> int:
-    """Changes when a file is written into the folder (results are written beside and renamed in); 0 when none."""
-    try:
-        return folder.stat().st_mtime_ns
-    except OSError:
-        return 0
-
-
 def label_issues_of(dataset: Dataset):
     """current_label_issues, read once while the loaded dataset, the decisions and the saved checks stay the same
     (at 536 K photos reading and keying them takes ~2 s, and every review page needs them on every run)."""
-    from core.data.labels import annotations
-
-    return _cached_label_issues(str(config.home()), dataset.key, id(dataset), annotations.state(),
-                                folder_stamp(config.home() / "label_issues" / dataset.key), dataset)
+    return _cached_label_issues(view_key(dataset, config.home() / "label_issues" / dataset.key), dataset)
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)

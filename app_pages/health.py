@@ -4,7 +4,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from app_pages.common import cached_thumbnail, current_dataset, current_user, folder_stamp
+from app_pages.common import cached_thumbnail, current_dataset, current_user, view_key
 from app_pages.review_views import (
     label_issues_now,
     outcome_word,
@@ -14,7 +14,6 @@ from app_pages.review_views import (
     send_to_spot_check,
 )
 from core import config
-from core.data.labels import annotations
 from core.data.photos.photo_checks import has_cached_checks
 from core.evaluation.label_issues import MIN_FLAGGED_SCORE
 from core.review.health import HealthReport, health_report
@@ -39,14 +38,13 @@ def current_report(dataset) -> HealthReport | None:
     if not has_cached_checks(dataset.key):
         return None
     issues = label_issues_now(dataset)
-    return _cached_report(str(config.home()), dataset.key, id(dataset), annotations.state(),
-                          folder_stamp(config.home() / "label_issues" / dataset.key),
-                          folder_stamp(config.home() / "photo_checks"), dataset, issues)
+    home = config.home()
+    return _cached_report(view_key(dataset, home / "label_issues" / dataset.key, home / "photo_checks"), dataset,
+                          issues)
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)
-def _cached_report(home: str, dataset_key: str, dataset_id: int, labels: str, issues_stamp: int, checks_stamp: int,
-                   _dataset, _issues) -> HealthReport:
+def _cached_report(key: tuple, _dataset, _issues) -> HealthReport:
     """The report made once while the loaded dataset (its photos as indexed), the decisions and the saved checks
     stay the same: at 536 K photos stamping every photo and keying the pairs takes ~8 s a run."""
     return health_report(_dataset, label_issues=False, found_issues=_issues)

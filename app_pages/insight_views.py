@@ -12,12 +12,12 @@ import streamlit as st
 from app_pages.common import (
     cached_thumbnail,
     current_user,
-    folder_stamp,
     label_issues_of,
     model_for,
     reload_dataset,
     remember_annotator,
     remembered_annotator,
+    view_key,
 )
 from core import config
 from core.data.labels import annotations
@@ -195,7 +195,7 @@ def _compute_map(map_key: str, rows: pd.DataFrame) -> None:
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)
-def _dataset_map(home: str, map_key: str, dataset_id: int, maps_stamp: int, _rows: pd.DataFrame):
+def _dataset_map(key: tuple, map_key: str, _rows: pd.DataFrame):
     return maps.cached_map(map_key, _rows)
 
 
@@ -207,8 +207,7 @@ def embedding_map_view(rows: pd.DataFrame, map_key: str, key: str, *, dataset=No
     keying it by every photo's file takes ~6 s). Returns the names selected."""
     st.subheader("Embeddings map")
     if whole_dataset:
-        found = _dataset_map(str(config.home()), map_key, id(dataset), folder_stamp(config.home() / "embedding_maps"
-                                                                                      / map_key), rows)
+        found = _dataset_map(view_key(dataset, config.home() / "embedding_maps" / map_key), map_key, rows)
     else:
         found = maps.cached_map(map_key, rows)
     if found is None:
