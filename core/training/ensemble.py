@@ -3,12 +3,10 @@ network), or, when the maps do not fit the store's budget or the photos are stre
 stages run on every batch."""
 from __future__ import annotations
 
-import io
 from dataclasses import replace
 
 import torch
 
-from core.files import atomic_write_bytes
 from core.models import networks as models
 from core.models import stage_store
 from core.models.ensemble import ensemble_parts
@@ -108,9 +106,7 @@ class EnsembleRun(BaseRun):
     def save_checkpoint(self, epoch: int):
         """The ensemble's own checkpoint says what to resume (its settings); each member keeps its epochs' in
         members/N/checkpoint.pt, so a resumed ensemble (a requeued job, --resume) keeps the members it trained."""
-        buffer = io.BytesIO()
-        torch.save({"epoch": epoch, "config": self.config.to_dict(), "meta": self.meta, "ensemble": True}, buffer)
-        atomic_write_bytes(self.out / "checkpoint.pt", buffer.getvalue())
+        self.write_checkpoint({"epoch": epoch, "config": self.config.to_dict(), "meta": self.meta, "ensemble": True})
 
     def compute_logits(self, name, split):
         """The ensemble's output (log mean probability) per stored view, from each member's logits."""

@@ -266,6 +266,10 @@ class BaseRun:
                       "config": self.config.to_dict(), "torch_rng": torch.get_rng_state(),
                       "averaged": self.averaged.state_dict() if self.averaged is not None else None,
                       "generator": self.generator.get_state()}
+        self.write_checkpoint(checkpoint)
+
+    def write_checkpoint(self, checkpoint: dict) -> None:
+        """checkpoint.pt in the run folder, written whole or not at all (what --resume and a requeued job read)."""
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         atomic_write_bytes(self.out / "checkpoint.pt", buffer.getvalue())
