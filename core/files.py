@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of either."""
+"""Files: atomic writes (a reader sees the old file or the new one, never half of either), and the stamp that says
+whether a file changed."""
 from __future__ import annotations
 
 import json
@@ -29,3 +30,22 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, default=str))
+
+
+def file_stamp(path) -> str:
+    """"size:modification time in ns" of a file: it changes when the file does; "" when it cannot be read."""
+    try:
+        stat = os.stat(path)
+    except (OSError, TypeError, ValueError):
+        return ""
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def file_stamps(paths, known=None) -> list[str]:
+    """file_stamp of each path, from `known` (a Series of stamps by path, as a dataset's index check found them)
+    where it has it: at 536 K photos one stat each is ~5 s, the look-up ~0.2 s."""
+    paths = list(paths)
+    if known is None or not len(known):
+        return [file_stamp(path) for path in paths]
+    found = known.reindex(paths).tolist()
+    return [stamp if isinstance(stamp, str) and stamp else file_stamp(path) for path, stamp in zip(paths, found)]

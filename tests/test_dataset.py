@@ -159,3 +159,34 @@ def test_a_loaded_dataset_relabelled_equals_a_reload(small_abid):
     assert again.split_info == reread.split_info and again.key == reread.key
     assert int(again.frame.set_index("name").loc[name, "count"]) == recorded % 5 + 1
     assert int(loaded.frame.set_index("name").loc[name, "count"]) == recorded  # the loaded one is left as it was
+
+
+def test_the_views_read_the_file_stamps_taken_while_loading_and_a_reload_sees_a_changed_photo(small_abid, monkeypatch):
+    from core import files
+    from core.data.photos.photo_checks import check_photos
+    from core.evaluation import embedding_map
+    from core.review.health import health_report
+
+    ds = load_dataset(small_abid)
+    paths = ds.frame["path"].dropna().tolist()
+    assert paths and [files.file_stamp(p) for p in paths] == ds.stamps[paths].tolist()
+    first = health_report(ds, label_issues=False)
+    stats = []
+    real_stamp = files.file_stamp
+    monkeypatch.setattr(files, "file_stamp", lambda path: stats.append(path) or real_stamp(path))
+    rows = ds.frame[["name", "path", "cls"]]
+    # Data health's photo checks and the map's key: not one stat per photo (at 536 K photos ~5 s each)
+    again = health_report(ds, label_issues=False)
+    assert again.quality.equals(first.quality) and again.duplicates.equals(first.duplicates)
+    assert embedding_map.cached_map(ds.key, rows, known_stamps=ds.stamps) is None
+    assert stats == []
+    assert embedding_map._digest(ds.key, rows, 0, ds.stamps) == embedding_map._digest(ds.key, rows, 0)
+    assert len(stats) == len(paths)  # without them each file is stat'ed, to the same key
+    # A photo damaged on disk: the next load takes its new stamp, and the checks look at it again
+    damaged = Path(paths[0])
+    damaged.write_bytes(b"not a photo any more")
+    os.utime(damaged, ns=(1, 1))
+    reloaded = load_dataset(small_abid)
+    assert reloaded.stamps[str(damaged)] != ds.stamps[str(damaged)]
+    checks = check_photos(reloaded.key, reloaded.frame, known_stamps=reloaded.stamps).frame.set_index("name")
+    assert isinstance(checks.loc[damaged.name, "error"], str)

@@ -10,6 +10,7 @@ import pandas as pd
 
 from core.data.classes import ClassRange
 from core.errors import BinsightError
+from core.files import file_stamps
 
 COLUMNS = ["name", "path", "count", "label_source", "width", "height", "n_items", "item_names", "problem", "folder_split"]
 
@@ -40,6 +41,9 @@ class Dataset:
     # core.data.layouts.base.relabelled applies the labels again from them
     indexed: pd.DataFrame | None = field(default=None, repr=False)
     reader_info: dict = field(default_factory=dict)
+    # each photo file's stamp (core.files.file_stamp) as the reader's index check found it while loading: the views
+    # that key their caches by the files (photo checks, the map) read them here instead of one stat per photo
+    stamps: pd.Series | None = field(default=None, repr=False)
 
     @property
     def classes(self) -> list[int]:
@@ -54,6 +58,10 @@ class Dataset:
     def problems(self) -> list[tuple[str, str]]:
         bad = self.frame[self.frame["problem"].notna()]
         return list(zip(bad["name"], bad["problem"]))
+
+    def file_stamps(self, paths) -> list[str]:
+        """The stamps of these photo files: as loaded where the reader found them, else read now."""
+        return file_stamps(paths, self.stamps)
 
     def labelled(self) -> pd.DataFrame:
         """Usable photos whose count is inside the class range: what training and evaluation see."""

@@ -134,10 +134,10 @@ def _project_sampled(features, seed: int, strata, on_progress) -> tuple[np.ndarr
     return coordinates, f"UMAP of a {len(sample):,}-photo sample, the others placed beside their nearest neighbours"
 
 
-def _digest(dataset_key: str, rows: pd.DataFrame, seed: int) -> str:
+def _digest(dataset_key: str, rows: pd.DataFrame, seed: int, known_stamps: pd.Series | None = None) -> str:
     described = {"version": MAP_VERSION, "dataset": dataset_key, "recipe": RECIPE, "umap": UMAP_PARAMS,
                  "pca": PCA_DIMS, "seed": seed,
-                 "photos": photos_fingerprint(rows.loc[rows["path"].notna(), ["name", "path"]])}
+                 "photos": photos_fingerprint(rows.loc[rows["path"].notna(), ["name", "path"]], known_stamps)}
     return hashlib.sha1(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -146,9 +146,11 @@ def _paths(dataset_key: str, digest: str):
     return folder / f"{digest}.parquet", folder / f"{digest}.json"
 
 
-def cached_map(dataset_key: str, rows: pd.DataFrame, seed: int = 0) -> tuple[pd.DataFrame, dict] | None:
-    """(name, x, y of each readable photo; info) when the map of exactly these photos (same files) was computed."""
-    table, info_file = _paths(dataset_key, _digest(dataset_key, rows, seed))
+def cached_map(dataset_key: str, rows: pd.DataFrame, seed: int = 0,
+               known_stamps: pd.Series | None = None) -> tuple[pd.DataFrame, dict] | None:
+    """(name, x, y of each readable photo; info) when the map of exactly these photos (same files) was computed.
+    known_stamps: the files' stamps as the dataset's loading read them (Dataset.stamps), else each is stat'ed."""
+    table, info_file = _paths(dataset_key, _digest(dataset_key, rows, seed, known_stamps))
     try:
         return pd.read_parquet(table), json.loads(info_file.read_text())
     except (OSError, ValueError):
@@ -156,11 +158,11 @@ def cached_map(dataset_key: str, rows: pd.DataFrame, seed: int = 0) -> tuple[pd.
 
 
 def embedding_map(dataset_key: str, rows: pd.DataFrame, seed: int = 0, on_progress=None,
-                  should_stop=None) -> tuple[pd.DataFrame, dict]:
+                  should_stop=None, known_stamps: pd.Series | None = None) -> tuple[pd.DataFrame, dict]:
     """(name, x, y; info) of `rows`' photos (name, path): cached, else from their frozen features (the label-issue
     recipe's columns, from the feature cache; each photo the mean of its views) projected to 2-D, then cached.
     Unreadable photos are left out (info['unreadable']). on_progress(fraction, text)."""
-    found = cached_map(dataset_key, rows, seed)
+    found = cached_map(dataset_key, rows, seed, known_stamps)
     if found is not None:
         return found
     started = time.perf_counter()
@@ -180,7 +182,7 @@ def embedding_map(dataset_key: str, rows: pd.DataFrame, seed: int = 0, on_progre
             "feature_seconds": round(feature_seconds, 1),
             "map_seconds": round(time.perf_counter() - started - feature_seconds, 1),
             "computed_at": time.strftime("%Y-%m-%d %H:%M:%S")}
-    table, info_file = _paths(dataset_key, _digest(dataset_key, rows, seed))
+    table, info_file = _paths(dataset_key, _digest(dataset_key, rows, seed, known_stamps))
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
     atomic_write_bytes(table, buffer.getvalue())

@@ -7,10 +7,11 @@ import re
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 
 from core import config, storage
-from core.files import atomic_write_bytes
+from core.files import atomic_write_bytes, file_stamps
 
 STORE_VERSION = 2  # 2: raw_<count> columns, the probabilities at temperature 1
 KEY_COLUMNS = ["name", "path", "size", "mtime_ns"]
@@ -41,13 +42,32 @@ def photo_stamps(paths) -> tuple[list[int], list[int]]:
     return sizes, times
 
 
-def photos_fingerprint(rows: pd.DataFrame) -> str:
-    """The version of a set of photos: their names, paths, sizes and modification times."""
-    sizes, times = photo_stamps(rows["path"])
+def photos_fingerprint(rows: pd.DataFrame, known_stamps: pd.Series | None = None) -> str:
+    """The version of a set of photos: their names, paths, sizes and modification times. known_stamps: the files'
+    stamps as the dataset's loading read them (Dataset.stamps), else each file is stat'ed."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    stamps = [f"{stamp or '-1:-1'}\n" for stamp in file_stamps(rows["path"], known_stamps)]
+    # each row "name\0path\0size:mtime\n", joined by Arrow: the bytes are its string array's data buffer
+    lines = pc.binary_join_element_wise(_as_text(rows["name"]), _as_text(rows["path"]),
+                                        pa.array(stamps, pa.large_string()), pa.scalar("\0", pa.large_string()))
     digest = hashlib.sha1(f"v{STORE_VERSION}".encode())
-    for name, path, size, mtime in zip(rows["name"], rows["path"], sizes, times):
-        digest.update(f"{name}\0{path}\0{size}:{mtime}\n".encode())
+    if len(lines):
+        offsets = np.frombuffer(lines.buffers()[1], np.int64)[lines.offset:lines.offset + len(lines) + 1]
+        digest.update(memoryview(lines.buffers()[2])[offsets[0]:offsets[-1]])
     return digest.hexdigest()[:16]
+
+
+def _as_text(column: pd.Series):
+    """A column as an Arrow large_string array of str(value) of each value (a text column without gaps as it is)."""
+    import pyarrow as pa
+
+    if column.dtype != object and pd.api.types.is_string_dtype(column.dtype) and not column.isna().any():
+        array = pa.array(column)
+        array = array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+        return array.cast(pa.large_string())
+    return pa.array(list(map(str, column)), pa.large_string())
 
 
 def probability_columns(frame: pd.DataFrame) -> list[str]:

@@ -123,7 +123,8 @@ def health_report(dataset, label_issues: bool = True, on_progress=None, should_s
         return (lambda f, text: on_progress(start + share * f, text)) if on_progress else None
 
     frame = dataset.frame
-    checks = check_photos(dataset.key, frame, on_progress=part(0.0, 0.3), should_stop=should_stop)
+    checks = check_photos(dataset.key, frame, on_progress=part(0.0, 0.3), should_stop=should_stop,
+                          known_stamps=dataset.stamps)
     duplicates = duplicate_findings(cached_pairs(dataset.key, checks.frame), frame)
     issues, problem = None, ""
     if found_issues is not None:

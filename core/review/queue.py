@@ -10,6 +10,7 @@ import pandas as pd
 
 from core.data.labels.annotations import MORE_THAN_FIVE
 from core.data.classes import ClassRange
+from core.digests import frame_digest
 from core.errors import BinsightError
 from core.evaluation.predictions import PredictionStore
 from core.review import queue_store
@@ -135,7 +136,7 @@ def paged_queue(frame: pd.DataFrame, kind: str, checked: set[str] | None = None,
         return pool.assign(flagged=pool.get("flagged", False), disputed=pool.get("disputed", False)).fillna(
             {"flagged": False, "disputed": False})
 
-    return queue_store.paged_queue(queue_store.digest(*parts), make_pool, kind, checked or set(), counts, splits,
+    return queue_store.paged_queue(frame_digest(*parts), make_pool, kind, checked or set(), counts, splits,
                                    offset, size, more_than=MORE_THAN_FIVE)
 
 

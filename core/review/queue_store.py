@@ -1,7 +1,6 @@
 """Spot-check queues of a large pool paged from an indexed SQLite table: built once per pool, each page one query."""
 from __future__ import annotations
 
-import hashlib
 import os
 import sqlite3
 import uuid
@@ -36,41 +35,6 @@ QUEUES = {
 INDEXES = ["shuffled", "inside, confidence, shuffled", "inside, disputed, confidence DESC, shuffled",
            "flagged, score DESC, name", "inside, shuffled"]
 TABLE_VERSION = 2  # in the file name: tables built with other indexes are not read
-
-
-def digest(*parts) -> str:
-    """A key of everything a pool is made of: frames (by their content) and plain values."""
-    hasher = hashlib.sha1()
-    for part in parts:
-        if isinstance(part, pd.DataFrame):
-            hasher.update(",".join(map(str, part.columns)).encode())
-            for _, column in part.items():
-                _hash_column(column, hasher)
-        else:
-            hasher.update(repr(part).encode())
-    return hasher.hexdigest()[:20]
-
-
-def _hash_column(column: pd.Series, hasher) -> None:
-    """Feed a column's values to `hasher`: its Arrow buffers as they are (536 K names in ~0.03 s, where pandas'
-    row-by-row hashing takes ~0.4 s); pandas' hashing for what Arrow cannot hold."""
-    import pyarrow as pa
-
-    if isinstance(column.dtype, np.dtype) and column.dtype.kind in "biufmM":
-        hasher.update(f"{column.dtype}:{len(column)}".encode())
-        hasher.update(np.ascontiguousarray(column.to_numpy()).tobytes())
-        return
-    try:
-        array = pa.array(column, from_pandas=True)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-        hasher.update(pd.util.hash_pandas_object(column, index=False).to_numpy().tobytes())
-        return
-    for chunk in array.chunks if isinstance(array, pa.ChunkedArray) else [array]:
-        # a slice shares its parent's buffers: its offset and length say which part of them it is
-        hasher.update(f"{chunk.type}:{chunk.offset}:{len(chunk)}".encode())
-        for buffer in chunk.buffers():
-            if buffer is not None:
-                hasher.update(memoryview(buffer))
 
 
 def shuffled_ranks(n: int, seed: int) -> np.ndarray:

@@ -13,7 +13,7 @@ from core.data.classes import ClassRange
 from core.data.dataset import Dataset, DatasetError, dataset_key, finish_index
 from core.data.labels import splits
 from core.data.labels.annotations import apply_overrides
-from core.data.photos.images import image_size
+from core.data.photos.images import SUPPORTED_SUFFIXES, image_size
 from core.files import atomic_write_bytes, atomic_write_json
 
 INDEX_VERSION = 4
@@ -43,8 +43,9 @@ class Layout:
     def index(self, source: Path, on_progress=None) -> pd.DataFrame:
         raise NotImplementedError
 
-    def digest(self, source: Path):
-        """The fingerprint's hash: the layout, and the size and time of the source file or of every file below it."""
+    def digest(self, source: Path, stamps: dict | None = None):
+        """The fingerprint's hash: the layout, and the size and time of the source file or of every file below it.
+        stamps: filled with the photos' stamps (path: "size:mtime") the walk read, for the views keyed by them."""
         digest = hashlib.sha1(f"{INDEX_VERSION}:{self.name}".encode())
         if source.is_file():
             stat = source.stat()
@@ -53,15 +54,20 @@ class Layout:
         for root, dirs, files in os.walk(source):
             dirs.sort()
             for name in sorted(files):
+                path = os.path.join(root, name)
                 try:
-                    stat = os.stat(os.path.join(root, name))
+                    stat = os.stat(path)
                 except OSError:
                     continue
-                digest.update(os.fsencode(f"{root}/{name}:{stat.st_size}:{stat.st_mtime_ns}\n"))
+                stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+                digest.update(os.fsencode(f"{root}/{name}:{stamp}\n"))
+                if stamps is not None and os.path.splitext(name)[1].lower() in SUPPORTED_SUFFIXES:
+                    stamps[path] = stamp
         return digest
 
-    def fingerprint(self, source: Path) -> str:
-        return self.digest(source).hexdigest()
+    def fingerprint(self, source: Path, stamps: dict | None = None) -> str:
+        """Changes whenever the index would; fills `stamps` (see digest) when it walks the photos."""
+        return self.digest(source, stamps).hexdigest()
 
     def notes(self, frame: pd.DataFrame) -> list[str]:
         notes = []
@@ -79,14 +85,17 @@ class Layout:
 
     def open(self, source: Path, class_range: ClassRange, on_progress=None) -> Dataset:
         key = dataset_key(source)
-        frame = self.cached_index(source, key, on_progress)
-        return labelled_dataset(source, self.name, key, frame, class_range, self.notes(frame))
+        stamps: dict[str, str] = {}
+        frame = self.cached_index(source, key, on_progress, stamps)
+        return labelled_dataset(source, self.name, key, frame, class_range, self.notes(frame),
+                                stamps=pd.Series(stamps, dtype="string[pyarrow]") if stamps else None)
 
-    def cached_index(self, source: Path, key: str, on_progress=None) -> pd.DataFrame:
-        """The index saved under BINSIGHT_HOME/index/<key> while its fingerprint holds, else indexed anew and saved."""
+    def cached_index(self, source: Path, key: str, on_progress=None, stamps: dict | None = None) -> pd.DataFrame:
+        """The index saved under BINSIGHT_HOME/index/<key> while its fingerprint holds, else indexed anew and saved;
+        `stamps` gets the photos' stamps that checking the fingerprint read."""
         folder = config.home() / "index"
         cache, stamp_file = folder / f"{key}.parquet", folder / f"{key}.json"
-        stamp = self.fingerprint(source)
+        stamp = self.fingerprint(source, stamps)
         try:
             if json.loads(stamp_file.read_text()).get("fingerprint") == stamp:
                 return finish_index(pd.read_parquet(cache))
@@ -103,7 +112,8 @@ class Layout:
 
 
 def labelled_dataset(source: Path, layout: str, key: str, frame: pd.DataFrame, class_range: ClassRange,
-                     notes: list[str], info: dict | None = None, uri: str | None = None) -> Dataset:
+                     notes: list[str], info: dict | None = None, uri: str | None = None,
+                     stamps: pd.Series | None = None) -> Dataset:
     """An index made a dataset: counts corrected by annotators, the classes, and the saved split."""
     indexed = frame
     frame = apply_overrides(frame.copy(), key)  # (a copy: the index stays as read)
@@ -111,7 +121,7 @@ def labelled_dataset(source: Path, layout: str, key: str, frame: pd.DataFrame, c
     frame, split_info = splits.attach_split(frame, key, class_range)
     frame["split"] = frame["split"].astype(object).where(frame["split"].notna(), None)
     return Dataset(source, layout, key, frame, class_range, notes, split_info | (info or {}), uri=uri, indexed=indexed,
-                   reader_info=dict(info or {}))
+                   reader_info=dict(info or {}), stamps=stamps)
 
 
 def relabelled(dataset: Dataset) -> Dataset | None:
@@ -121,7 +131,7 @@ def relabelled(dataset: Dataset) -> Dataset | None:
     if dataset.indexed is None:
         return None
     return labelled_dataset(dataset.source, dataset.layout, dataset.key, dataset.indexed, dataset.class_range,
-                            dataset.notes, dataset.reader_info, uri=dataset.uri)
+                            dataset.notes, dataset.reader_info, uri=dataset.uri, stamps=dataset.stamps)
 
 
 def read_sizes(frame: pd.DataFrame, on_progress=None) -> pd.DataFrame:

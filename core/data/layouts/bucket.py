@@ -17,7 +17,7 @@ class Bucket(Layout):
     def detect(self, source) -> bool:
         return source is not None and str(source).startswith("s3://")
 
-    def fingerprint(self, source) -> str:
+    def fingerprint(self, source, stamps: dict | None = None) -> str:
         return index_key(str(source))  # the index resumes by its saved parts (bucket_index), not by a fingerprint
 
     def index(self, source, on_progress=None) -> pd.DataFrame:

@@ -28,8 +28,8 @@ class CountingList(Layout):
         except OSError as exc:
             raise DatasetError(f"{path}: cannot be read ({exc})") from None
 
-    def digest(self, source: Path):
-        digest = super().digest(source)
+    def digest(self, source: Path, stamps: dict | None = None):
+        digest = super().digest(source, stamps)
         if mirror(source).is_dir():
             digest.update(f":{mirror(source).stat().st_mtime_ns}".encode())
         return digest

@@ -112,8 +112,8 @@ class Demo(Layout):
     def detect(self, source) -> bool:
         return source is None
 
-    def fingerprint(self, source) -> str:
-        return ABID_FOLDER.fingerprint(ensure_demo())
+    def fingerprint(self, source, stamps: dict | None = None) -> str:
+        return ABID_FOLDER.fingerprint(ensure_demo(), stamps)
 
     def index(self, source, on_progress=None):
         return ABID_FOLDER.index(ensure_demo(on_progress), on_progress)

@@ -29,7 +29,7 @@ class ShardSet(Layout):
             return open_store(str(source)).read_index() is not None
         return is_shard_source(source)
 
-    def fingerprint(self, source) -> str:
+    def fingerprint(self, source, stamps: dict | None = None) -> str:
         return read_complete_index(open_store(source))["fingerprint"]
 
     def index(self, source, on_progress=None) -> pd.DataFrame:

@@ -16,7 +16,8 @@ from PIL import ImageFilter
 from core import config
 from core.data.photos.images import ImageError, load_image
 from core.errors import Cancelled
-from core.files import atomic_write_bytes
+from core.digests import frame_digest
+from core.files import atomic_write_bytes, file_stamps
 
 CHECKS_VERSION = 3
 # Two photos look alike (the same bin from the same angle: re-shot, shifted, or before and after a pick) when their
@@ -88,23 +89,16 @@ def has_cached_checks(dataset_key: str) -> bool:
     return _cache_path(dataset_key).is_file()
 
 
-def _stamp(path: str) -> str:
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return ""
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
-
-
 def check_photos(dataset_key: str, rows: pd.DataFrame, on_progress=None, should_stop=None,
-                 threads: int | None = None) -> PhotoChecks:
+                 threads: int | None = None, known_stamps: pd.Series | None = None) -> PhotoChecks:
     """Per-photo checks of `rows` (name, path): photos unchanged since the last call are read from the cache,
-    the others decoded (on a few threads) and the cache rewritten atomically every few hundred photos."""
+    the others decoded (on a few threads) and the cache rewritten atomically every few hundred photos.
+    known_stamps: the files' stamps as the dataset's loading read them (Dataset.stamps), else each file is stat'ed."""
     import time
 
     started = time.perf_counter()
     rows = rows[rows["path"].notna()][["name", "path"]]
-    stamps = [_stamp(p) for p in rows["path"]]
+    stamps = file_stamps(rows["path"], known_stamps)
     cache_file = _cache_path(dataset_key)
     try:
         cached = pd.read_parquet(cache_file)
@@ -258,8 +252,7 @@ def near_duplicate_pairs(checks: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
 def cached_pairs(dataset_key: str, checks: pd.DataFrame) -> pd.DataFrame:
     """near_duplicate_pairs of the checks, computed once per set of hashes (a minute or two at bucket scale) and
     then read back, so that Data health opens from its caches."""
-    hashed = checks[["name", "sha1", "phash", "phash256"]]
-    digest = hashlib.sha1(pd.util.hash_pandas_object(hashed, index=False).to_numpy().tobytes()).hexdigest()[:16]
+    digest = frame_digest(checks[["name", "sha1", "phash", "phash256"]])[:16]
     path = config.home() / "photo_checks" / f"{dataset_key}-pairs-v{CHECKS_VERSION}-{digest}.parquet"
     try:
         return pd.read_parquet(path)
