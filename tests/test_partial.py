@@ -141,31 +141,6 @@ def test_an_ensemble_loads_predicts_calibrates_and_exports(data, tmp_path):
     assert np.abs(exported - reference).max() < 1e-4
 
 
-def test_a_cross_fitted_ensemble_holds_out_each_pooled_photo_once(data, tmp_path):
-    import re
-
-    from core.training.config import settings
-    from core.training.ensemble import CrossFitFolds
-
-    labels = torch.tensor([0] * 7 + [1] * 5 + [2] * 9)
-    part = CrossFitFolds(labels, 3, seed=4).part
-    for label in range(3):  # stratified: each part gets its share of every count
-        counts = torch.bincount(part[labels == label], minlength=3)
-        assert counts.max() - counts.min() <= 1
-    result = train(TrainConfig(data=str(data), out=str(tmp_path / "run"), ensemble=3, cross_fit=True, **SMALL))
-    log = (tmp_path / "run" / "log.txt").read_text()
-    n_train, n_valid, n_test = map(int, re.search(r"(\d+) train, (\d+) valid, (\d+) test photos", log).groups())
-    assert f"cross-fitting: the {n_train + n_valid:,} train and valid photos pooled" in log
-    held_out = [m["valid"]["n"] for m in result["members"]]
-    # Every pooled photo is held out by exactly one model, and the ensemble is validated on all of them.
-    assert sum(held_out) == n_train + n_valid == result["valid"]["n"] and min(held_out) > 0
-    assert result["test"]["n"] == n_test
-    model, meta = load_model(tmp_path / "run")
-    assert meta["ensemble"]["members"] == 3 and meta["temperature"] > 0
-    assert "--cross-fit" in {s.flag for s in settings()}
-    assert any("--ensemble" in p for p in TrainConfig(data="d", out="o", mode="partial", cross_fit=True).validate())
-
-
 def test_a_stopped_ensemble_resumes_keeping_the_members_it_trained(data, tmp_path):
     from core.errors import Cancelled
 

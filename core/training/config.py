@@ -126,10 +126,6 @@ class TrainConfig:
     ensemble: int = setting(1, "partial: train this many models with seeds seed, seed+1, … on the same stage maps and "
                             "average their probabilities (one model file, one calibration)",
                             label="Ensemble size (partial)", what="the ensemble size")
-    cross_fit: bool = setting(False, "partial ensembles: the train and valid photos are pooled and cut in as many "
-                              "parts as there are models; each model trains on all parts but one and is validated on "
-                              "that one, so the ensemble learns from every labelled photo outside test and is "
-                              "calibrated on the held-out predictions", label="Cross-fit the ensemble (partial)")
     exclude_suspects: bool = setting(False, "leave the photos flagged as likely wrong counts (Data health page, "
                                      "`python -m core health`) out of the training split; valid and test keep them",
                                      label="Leave out likely wrong counts")
@@ -224,8 +220,6 @@ class TrainConfig:
         check(self.ensemble >= 1, f"the ensemble size must be at least 1 (got {self.ensemble})")
         check(self.ensemble == 1 or self.mode == "partial", "ensembles (--ensemble) are of partial fine-tunes: use "
               "--mode partial")
-        check(not self.cross_fit or self.ensemble > 1, "cross-fitting (--cross-fit) splits the photos between the "
-              "models of an ensemble: set --ensemble to 2 or more")
         if self.mode == "partial":
             check(self.backbone.startswith("efficientnet_lite"), "partial fine-tuning reads the EfficientNet-Lite "
                   "stages: choose efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2")

@@ -64,29 +64,20 @@ class EnsembleRun(BaseRun):
     def fit(self, train_split, valid_split, test_split, resume_state) -> dict:
         if self.world.is_main:
             self.save_checkpoint(0)
-        maps, results, self.folds = None, [], None
+        maps, results = None, []
         for k in range(self.config.ensemble):
             seed = self.config.seed + k
             folder = self.out / "members" / str(k + 1)
             folder.mkdir(parents=True, exist_ok=True)
             member_log = lambda line, k=k: self.log(f"[model {k + 1}/{self.config.ensemble}] {line}")
-            run = PartialRun(replace(self.config, seed=seed, ensemble=1, cross_fit=False),
-                             self.model if k == 0 else self.make_model(), self.meta, self.device, folder, member_log,
+            run = PartialRun(replace(self.config, seed=seed, ensemble=1), self.model if k == 0 else self.make_model(),
+                             self.meta, self.device, folder, member_log,
                              _MemberProgress(self.progress, k, self.config.ensemble), self.should_stop,
                              seed_everything(seed), self.world)
-            if self.config.cross_fit:
-                if maps is None:
-                    run.prepare(train_split, valid_split, test_split)
-                    maps = self.cross_fit_pool(run.tensors)
-                run.shared_maps = self.folds.member_tensors(maps, k)
-            else:
-                run.shared_maps = maps
+            run.shared_maps = maps
             member_state = _member_checkpoint(folder, member_log) if resume_state else None
             results.append(run.fit(train_split, valid_split, test_split, member_state))
-            if self.config.cross_fit:
-                run.tensors.pop("train")  # its own copy of the pool less its part; the held-out part stays for scoring
-            else:
-                maps = run.tensors
+            maps = run.tensors
             self.members.append(run)
         self.tensors = maps
         cut = self.config.cut
@@ -117,50 +108,11 @@ class EnsembleRun(BaseRun):
         members/N/checkpoint.pt, so a resumed ensemble (a requeued job, --resume) keeps the members it trained."""
         self.write_checkpoint({"epoch": epoch, "config": self.config.to_dict(), "meta": self.meta, "ensemble": True})
 
-    def cross_fit_pool(self, tensors: dict) -> dict:
-        """The train and valid maps pooled ("pool") beside the test ones, and the parts each model holds out."""
-        pool = (torch.cat([tensors["train"][0], tensors["valid"][0]]), torch.cat([tensors["train"][1], tensors["valid"][1]]))
-        self.folds = CrossFitFolds(pool[1], self.config.ensemble, self.config.seed)
-        self.log(f"cross-fitting: the {len(pool[1]):,} train and valid photos pooled; each of the "
-                 f"{self.config.ensemble} models trains on all but one part of about "
-                 f"{len(pool[1]) // self.config.ensemble:,} photos and is validated on that part; the ensemble is "
-                 f"calibrated and validated on the held-out predictions")
-        return {"pool": pool, "test": tensors["test"]}
-
     def compute_logits(self, name, split):
-        """The ensemble's output (log mean probability) per stored view, from each member's logits. Cross-fitted,
-        "valid" is the pool, each photo scored by the one model that did not train on it."""
-        if self.folds is not None and name == "valid":
-            return self.folds.held_out_logits([run.map_logits(run.model, "valid") for run in self.members]), \
-                self.tensors["pool"][1]
+        """The ensemble's output (log mean probability) per stored view, from each member's logits."""
         logits = torch.stack([run.map_logits(run.model, name) for run in self.members])
         combined = torch.logsumexp(logits.float().log_softmax(-1), 0) - torch.log(torch.tensor(float(len(logits))))
         return combined, self.tensors[name][1]
-
-
-class CrossFitFolds:
-    """Each pooled photo's part, stratified by count and seeded: part k is model k's validation, the rest its
-    training set."""
-
-    def __init__(self, labels: torch.Tensor, parts: int, seed: int):
-        generator = torch.Generator().manual_seed(seed)
-        self.part = torch.empty(len(labels), dtype=torch.long)
-        for label in labels.unique():
-            where = torch.nonzero(labels == label).flatten()
-            shuffled = where[torch.randperm(len(where), generator=generator)]
-            self.part[shuffled] = torch.arange(len(shuffled)) % parts
-
-    def member_tensors(self, maps: dict, k: int) -> dict:
-        inputs, labels = maps["pool"]
-        held = self.part == k
-        return {"train": (inputs[~held], labels[~held]), "valid": (inputs[held], labels[held]), "test": maps["test"]}
-
-    def held_out_logits(self, member_logits: list[torch.Tensor]) -> torch.Tensor:
-        """Per pooled photo, the logits of the model that held it out (member_logits[k]: model k's part, in order)."""
-        out = torch.empty(len(self.part), *member_logits[0].shape[1:])
-        for k, logits in enumerate(member_logits):
-            out[self.part == k] = logits
-        return out
 
 
 def _member_checkpoint(folder, log) -> dict | None:
