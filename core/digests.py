@@ -22,22 +22,24 @@ def frame_digest(*parts) -> str:
 
 
 def hash_column(column: pd.Series, hasher) -> None:
-    """Feed a column's values to `hasher`: its Arrow buffers as they are (536 K names in ~0.03 s, where pandas'
-    row-by-row hashing takes ~0.4 s); pandas' hashing for what Arrow cannot hold."""
+    """Feed a column's values to `hasher` through Arrow (536 K names in a few hundredths of a second, where pandas'
+    row-by-row hashing takes ~0.4 s). The same values give the same bytes however they are held: numpy or nullable
+    integers, one chunk or several (as parquet reads them), a slice or a whole array, with or without a validity map."""
     import pyarrow as pa
 
-    if isinstance(column.dtype, np.dtype) and column.dtype.kind in "biufmM":
-        hasher.update(f"{column.dtype}:{len(column)}".encode())
-        hasher.update(np.ascontiguousarray(column.to_numpy()).tobytes())
-        return
     try:
-        array = pa.array(column, from_pandas=True)
+        array = pa.array(column.to_numpy() if isinstance(column.dtype, np.dtype) and column.dtype.kind in "biufmM"
+                         else column, from_pandas=True)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
         hasher.update(pd.util.hash_pandas_object(column, index=False).to_numpy().tobytes())
         return
-    for chunk in array.chunks if isinstance(array, pa.ChunkedArray) else [array]:
-        # a slice shares its parent's buffers: its offset and length say which part of them it is
-        hasher.update(f"{chunk.type}:{chunk.offset}:{len(chunk)}".encode())
-        for buffer in chunk.buffers():
-            if buffer is not None:
-                hasher.update(memoryview(buffer))
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    if pa.types.is_string(array.type):
+        array = array.cast(pa.large_string())
+    array = pa.concat_arrays([array])  # its own buffers from offset 0 (a slice's buffers are its parent's)
+    hasher.update(f"{array.type}:{len(array)}:{array.null_count}".encode())
+    buffers = array.buffers()
+    for buffer in buffers[1:] if array.null_count == 0 else buffers:  # no gaps: the validity map says nothing
+        if buffer is not None:
+            hasher.update(memoryview(buffer))

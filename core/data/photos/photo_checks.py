@@ -293,7 +293,7 @@ def duplicate_findings(pairs: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame
 def quality_findings(checks: pd.DataFrame) -> pd.DataFrame:
     """Photos that cannot be read, are very dark or blurred: name, problem, value."""
     # a column of None and strings comes back from parquet with NaN for None
-    unreadable = checks["error"].map(lambda e: isinstance(e, str)).astype(bool)
+    unreadable = checks["error"].notna()
     dark = ~unreadable & (checks["brightness"] < DARK_BELOW)
     blurred = ~unreadable & ~dark & (checks["sharpness"] < BLURRED_BELOW)
     parts = [pd.DataFrame({"photo": checks.loc[unreadable, "name"], "problem": "unreadable", "value": np.nan,
