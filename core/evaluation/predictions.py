@@ -50,8 +50,9 @@ def photos_fingerprint(rows: pd.DataFrame, known_stamps: pd.Series | None = None
 
     stamps = [f"{stamp or '-1:-1'}\n" for stamp in file_stamps(rows["path"], known_stamps)]
     # each row "name\0path\0size:mtime\n", joined by Arrow: the bytes are its string array's data buffer
-    lines = pc.binary_join_element_wise(_as_text(rows["name"]), _as_text(rows["path"]),
-                                        pa.array(stamps, pa.large_string()), pa.scalar("\0", pa.large_string()))
+    lines = pc.binary_join_element_wise(_as_bytes(rows["name"]), _as_bytes(rows["path"]),
+                                        pa.array([stamp.encode() for stamp in stamps], pa.large_binary()),
+                                        pa.scalar(b"\0", pa.large_binary()))
     digest = hashlib.sha1(f"v{STORE_VERSION}".encode())
     if len(lines):
         offsets = np.frombuffer(lines.buffers()[1], np.int64)[lines.offset:lines.offset + len(lines) + 1]
@@ -59,15 +60,16 @@ def photos_fingerprint(rows: pd.DataFrame, known_stamps: pd.Series | None = None
     return digest.hexdigest()[:16]
 
 
-def _as_text(column: pd.Series):
-    """A column as an Arrow large_string array of str(value) of each value (a text column without gaps as it is)."""
+def _as_bytes(column: pd.Series):
+    """A column as an Arrow large_binary array of the UTF-8 of str(value) of each value (a text column without gaps
+    as it is; a file name that is not valid UTF-8 keeps its own bytes)."""
     import pyarrow as pa
 
     if column.dtype != object and pd.api.types.is_string_dtype(column.dtype) and not column.isna().any():
         array = pa.array(column)
         array = array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
-        return array.cast(pa.large_string())
-    return pa.array(list(map(str, column)), pa.large_string())
+        return array.cast(pa.large_string()).cast(pa.large_binary())
+    return pa.array([str(value).encode("utf-8", "surrogateescape") for value in column], pa.large_binary())
 
 
 def probability_columns(frame: pd.DataFrame) -> list[str]:

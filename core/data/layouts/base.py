@@ -88,7 +88,7 @@ class Layout:
         stamps: dict[str, str] = {}
         frame = self.cached_index(source, key, on_progress, stamps)
         return labelled_dataset(source, self.name, key, frame, class_range, self.notes(frame),
-                                stamps=pd.Series(stamps, dtype="string[pyarrow]") if stamps else None)
+                                stamps=_stamp_series(stamps) if stamps else None)
 
     def cached_index(self, source: Path, key: str, on_progress=None, stamps: dict | None = None) -> pd.DataFrame:
         """The index saved under BINSIGHT_HOME/index/<key> while its fingerprint holds, else indexed anew and saved;
@@ -109,6 +109,11 @@ class Layout:
     def pool_photos(self, source: Path) -> pd.DataFrame:
         """The bucket photos a list names (name, count): what a candidate pool offers. Only lists have them."""
         raise DatasetError(f"{source.name}: not a list of bucket photos: give a file_list.json or a counting list (.json)")
+
+
+def _stamp_series(stamps: dict) -> pd.Series:
+    """The stamps by path, held as Python strings: a file name need not be valid UTF-8, which Arrow requires."""
+    return pd.Series(list(stamps.values()), index=pd.Index(list(stamps), dtype=object), dtype=object)
 
 
 def labelled_dataset(source: Path, layout: str, key: str, frame: pd.DataFrame, class_range: ClassRange,
