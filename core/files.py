@@ -32,13 +32,17 @@ def atomic_write_json(path: str | Path, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, default=str))
 
 
+def stamp_of(stat: os.stat_result) -> str:
+    """"size:modification time in ns": it changes when the file does (one format for every stamp compared)."""
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def file_stamp(path) -> str:
-    """"size:modification time in ns" of a file: it changes when the file does; "" when it cannot be read."""
+    """stamp_of a file; "" when it cannot be read."""
     try:
-        stat = os.stat(path)
+        return stamp_of(os.stat(path))
     except (OSError, TypeError, ValueError):
         return ""
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def file_stamps(paths, known=None) -> list[str]:

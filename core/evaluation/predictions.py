@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from pathlib import Path
 from typing import Callable
@@ -30,16 +29,8 @@ def model_fingerprint(model_path: str | Path) -> str:
 
 def photo_stamps(paths) -> tuple[list[int], list[int]]:
     """(sizes, modification times in ns) of the photo files; -1 for a file that cannot be read."""
-    sizes, times = [], []
-    for path in paths:
-        try:
-            stat = os.stat(path)
-            sizes.append(int(stat.st_size))
-            times.append(int(stat.st_mtime_ns))
-        except (OSError, TypeError, ValueError):
-            sizes.append(-1)
-            times.append(-1)
-    return sizes, times
+    parts = [stamp.split(":") if stamp else ("-1", "-1") for stamp in file_stamps(paths)]
+    return [int(size) for size, _ in parts], [int(mtime) for _, mtime in parts]
 
 
 def photos_fingerprint(rows: pd.DataFrame, known_stamps: pd.Series | None = None) -> str:
@@ -48,11 +39,10 @@ def photos_fingerprint(rows: pd.DataFrame, known_stamps: pd.Series | None = None
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    stamps = [f"{stamp or '-1:-1'}\n" for stamp in file_stamps(rows["path"], known_stamps)]
-    # each row "name\0path\0size:mtime\n", joined by Arrow: the bytes are its string array's data buffer
+    stamps = [f"{stamp or '-1:-1'}\n".encode() for stamp in file_stamps(rows["path"], known_stamps)]
+    # each row "name\0path\0size:mtime\n", joined by Arrow: the bytes are its binary array's data buffer
     lines = pc.binary_join_element_wise(_as_bytes(rows["name"]), _as_bytes(rows["path"]),
-                                        pa.array([stamp.encode() for stamp in stamps], pa.large_binary()),
-                                        pa.scalar(b"\0", pa.large_binary()))
+                                        pa.array(stamps, pa.large_binary()), pa.scalar(b"\0", pa.large_binary()))
     digest = hashlib.sha1(f"v{STORE_VERSION}".encode())
     if len(lines):
         offsets = np.frombuffer(lines.buffers()[1], np.int64)[lines.offset:lines.offset + len(lines) + 1]

@@ -14,7 +14,7 @@ from core.data.dataset import Dataset, DatasetError, dataset_key, finish_index
 from core.data.labels import splits
 from core.data.labels.annotations import apply_overrides
 from core.data.photos.images import SUPPORTED_SUFFIXES, image_size
-from core.files import atomic_write_bytes, atomic_write_json
+from core.files import atomic_write_bytes, atomic_write_json, stamp_of
 
 INDEX_VERSION = 4
 
@@ -49,7 +49,7 @@ class Layout:
         digest = hashlib.sha1(f"{INDEX_VERSION}:{self.name}".encode())
         if source.is_file():
             stat = source.stat()
-            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+            digest.update(stamp_of(stat).encode())
             return digest
         for root, dirs, files in os.walk(source):
             dirs.sort()
@@ -59,7 +59,7 @@ class Layout:
                     stat = os.stat(path)
                 except OSError:
                     continue
-                stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+                stamp = stamp_of(stat)
                 digest.update(os.fsencode(f"{root}/{name}:{stamp}\n"))
                 if stamps is not None and os.path.splitext(name)[1].lower() in SUPPORTED_SUFFIXES:
                     stamps[path] = stamp
