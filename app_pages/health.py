@@ -125,7 +125,7 @@ def label_issues_section(report: HealthReport, dataset) -> None:
     if flagged.empty:
         st.success("No photo is flagged: the recorded counts agree with what the photos look like.")
         return
-    paths = dataset.frame.drop_duplicates("name").set_index("name")["path"]
+    paths = dataset.paths_of(flagged["name"].head(CONTACT_SHEET))
     st.markdown(f"**The {min(CONTACT_SHEET, len(flagged))} most likely wrong counts** (most likely first)")
     columns = st.columns(6)
     for i, row in enumerate(flagged.head(CONTACT_SHEET).itertuples(index=False)):
@@ -149,10 +149,11 @@ def duplicates_section(report: HealthReport, dataset) -> None:
         st.success("No duplicate or look-alike photos.")
         return
     ordered = pairs.sort_values(["leakage", "conflicting_counts", "bits_256"], ascending=[False, False, True])
-    paths = dataset.frame.set_index("name")["path"]
+    shown = ordered.head(PAIRS_SHOWN)
+    paths = dataset.paths_of(list(shown["photo"]) + list(shown["other_photo"]))
     st.caption("Pairs across splits first (leakage), then pairs with other counts. Look-alikes need a look: ABID's "
                "bins share elastic bands and labels, so a neighbouring bin can pass for the same one.")
-    for row in ordered.head(PAIRS_SHOWN).itertuples(index=False):
+    for row in shown.itertuples(index=False):
         left, middle, right = st.columns([2, 2, 3])
         with left:
             show_photo(paths.get(row.photo), row.photo, f"{row.photo} · count {_count(row.count)} · "
@@ -190,7 +191,7 @@ def quality_section(report: HealthReport, dataset) -> None:
     if quality.empty:
         st.success("Every photo is readable, bright enough and sharp enough to count.")
         return
-    paths = dataset.frame.drop_duplicates("name").set_index("name")["path"]
+    paths = dataset.paths_of(quality["photo"])
     columns = st.columns(6)
     for i, row in enumerate(quality.head(12).itertuples(index=False)):
         with columns[i % 6]:

@@ -184,20 +184,27 @@ def _map_figure(frame: pd.DataFrame, colour: str) -> go.Figure:
     return figure
 
 
-def _compute_map(map_key: str, rows: pd.DataFrame, stamps: pd.Series | None) -> None:
+def _compute_map(map_key: str, rows: pd.DataFrame, dataset) -> None:
     bar = st.progress(0.0, text="Reading the photos' features…")
     try:
         maps.embedding_map(map_key, rows, on_progress=lambda f, text: bar.progress(min(max(f, 0.0), 1.0), text=text),
-                           known_stamps=stamps)
+                           **_file_versions(dataset))
     except BinsightError as exc:
         st.error(f"**The map cannot be drawn.** {exc}")
     finally:
         bar.empty()
 
 
+def _file_versions(dataset) -> dict:
+    """What the map's key reads of the photo files as the dataset's loading found them (no stat per photo)."""
+    if dataset is None:
+        return {}
+    return {"known_stamps": dataset.stamps, "files_fingerprint": dataset.files_fingerprint}
+
+
 @st.cache_resource(show_spinner=False, max_entries=2)
-def _dataset_map(key: tuple, map_key: str, _rows: pd.DataFrame, _stamps: pd.Series | None):
-    return maps.cached_map(map_key, _rows, known_stamps=_stamps)
+def _dataset_map(key: tuple, map_key: str, _rows: pd.DataFrame, _dataset):
+    return maps.cached_map(map_key, _rows, **_file_versions(_dataset))
 
 
 def embedding_map_view(rows: pd.DataFrame, map_key: str, key: str, *, dataset=None,
@@ -207,16 +214,15 @@ def embedding_map_view(rows: pd.DataFrame, map_key: str, key: str, *, dataset=No
     whole_dataset: `rows` are all of `dataset`'s, so the map is looked up once per loaded dataset (at 536 K photos
     keying it by every photo's file takes ~6 s). Returns the names selected."""
     st.subheader("Embeddings map")
-    stamps = dataset.stamps if dataset is not None else None  # the files as loaded: no stat per photo
     if whole_dataset:
-        found = _dataset_map(view_key(dataset, config.home() / "embedding_maps" / map_key), map_key, rows, stamps)
+        found = _dataset_map(view_key(dataset, config.home() / "embedding_maps" / map_key), map_key, rows, dataset)
     else:
-        found = maps.cached_map(map_key, rows, known_stamps=stamps)
+        found = maps.cached_map(map_key, rows, **_file_versions(dataset))
     if found is None:
         st.caption(f"Photos that look alike to the backbone lie together: {len(rows):,} photos, placed once from "
                    "their features (minutes for thousands of photos whose features are not cached yet).")
         if st.button("Draw the map", key=f"{key}_compute"):
-            _compute_map(map_key, rows, stamps)
+            _compute_map(map_key, rows, dataset)
             st.rerun()
         return []
     points, info = found

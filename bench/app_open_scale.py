@@ -14,6 +14,7 @@ map.parquet, pairs.parquet: run that first) and
          the three pages once (AppTest) so that the Spot-check queue's table is built (once per pool);
   open:  in a fresh process (empty st.cache_*), starts the app (the Overview page: the dataset read from the index
          cache), then opens each page (AppTest.switch_page) and reruns it, printing one JSON line per page.
+Then three decisions on the Spot-check page, and Data health and Browse opened again after them.
 Server side only: AppTest runs each script in this process; what the browser does with the page is not timed here
 (the map's drawing is bench/bucket_scale.py's `draw` part). CPU seconds are the process's (all its threads); on a
 shared machine the wall seconds are upper bounds. No model is trained: Browse's map has no predictions to colour by.
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -121,7 +123,7 @@ def fill_caches(photos: int, work: Path, folder: Path) -> None:
     # the map of every labelled photo (Browse's rows), under embedding_map's digest of those rows
     rows = dataset.rows("all")
     points = pd.read_parquet(work / "map.parquet")
-    points = points[points["name"].isin(set(rows["name"]))].reset_index(drop=True)
+    points = rows[["name"]].merge(points, on="name", how="inner")  # in the rows' order, as embedding_map saves it
     map_file, map_info = embedding_map._paths(key, embedding_map._digest(key, rows, 0))
     map_file.parent.mkdir(parents=True, exist_ok=True)
     points.to_parquet(map_file, index=False)
@@ -192,6 +194,19 @@ def open_pages(photos: int, emit: bool = True, profile: str | None = None) -> No
     if emit:
         queue = at.session_state["spot_queue"] if "spot_queue" in at.session_state else []
         report("spot_check_queue", photos, bins=len(queue), first=queue[:3])
+    # A reviewer's decisions on the Spot-check page (the bin shown counted as 3), then each page opened again: the
+    # labels changed, so the dataset is relabelled and every view keyed by the labels is looked up anew. The
+    # background re-check of the label issues that a decision starts is not run here (it is bench/bucket_scale.py's
+    # label-issues part, minutes at this size, and would share the CPU with the pages timed).
+    import app_pages.review_views as review_views
+
+    review_views.recheck = lambda dataset, issues: review_views.recheck_state(dataset.key)
+    for decision in range(1, 4):
+        at.button(key="decide_3").click()
+        timed_run(at, f"spot_check_decision_{decision}", photos, emit, note="the decision saved, the next bin shown")
+    for name, page in PAGES[:2]:
+        at.switch_page(page)
+        timed_run(at, f"{name}_open_after_decisions", photos, emit)
 
 
 def main() -> None:
@@ -221,9 +236,20 @@ def main() -> None:
           f"BINSIGHT_HOME {os.environ['BINSIGHT_HOME']}", flush=True)
     for part in args.parts.split(","):
         started = time.perf_counter()
+        if part == "open":  # the decisions it makes are undone after it, so that every run opens the same state
+            database = Path(os.environ["BINSIGHT_HOME"]) / "binsight.sqlite3"
+            kept = database.with_name("binsight.before-open.sqlite3")
+            with sqlite3.connect(database) as source, sqlite3.connect(kept) as copy:
+                source.backup(copy)
         command = [sys.executable, __file__, "--photos", str(args.photos), "--work", args.work, "--folder",
                    args.folder, "--part", part] + (["--profile", args.profile] if args.profile else [])
-        subprocess.run(command, check=True)
+        try:
+            subprocess.run(command, check=True)
+        finally:
+            if part == "open":
+                for extra in ("-wal", "-shm"):
+                    database.with_name(database.name + extra).unlink(missing_ok=True)
+                kept.replace(database)
         print(f"  ({part}: {time.perf_counter() - started:.0f} s with the process's start)", flush=True)
     print(f"load average {os.getloadavg()[0]:.1f}")
 

@@ -3,6 +3,8 @@ second, where pandas' row-by-row hashing takes a second."""
 from __future__ import annotations
 
 import hashlib
+import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -43,3 +45,28 @@ def hash_column(column: pd.Series, hasher) -> None:
     for buffer in buffers[1:] if array.null_count == 0 else buffers:  # no gaps: the validity map says nothing
         if buffer is not None:
             hasher.update(memoryview(buffer))
+
+
+def same_values(left: pd.Series, right: pd.Series) -> bool:
+    """Whether two columns hold the same values in the same order (however they are held): lets a view take a
+    column of an aligned table by position instead of joining 536 K rows by name."""
+    return len(left) == len(right) and np.array_equal(left.to_numpy(dtype=object), right.to_numpy(dtype=object))
+
+
+def remembered_digest(memo_file: Path, alias: str, compute, kept: int = 50) -> str:
+    """compute() (a slow digest: every photo's stamp, or a JSON of every row) remembered in `memo_file` under a quick
+    `alias` of the same inputs (frame_digest of the columns it reads), so a page opening after a restart looks it up
+    instead of computing it again. The value is the same either way: nothing saved under it is lost."""
+    from core.files import atomic_write_json
+
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if not isinstance(memo, dict):
+        memo = {}
+    if isinstance(memo.get(alias), str):
+        return memo[alias]
+    digest = compute()
+    atomic_write_json(memo_file, dict(list(memo.items())[-(kept - 1):]) | {alias: digest})
+    return digest

@@ -190,3 +190,51 @@ def test_the_views_read_the_file_stamps_taken_while_loading_and_a_reload_sees_a_
     assert reloaded.stamps[str(damaged)] != ds.stamps[str(damaged)]
     checks = check_photos(reloaded.key, reloaded.frame, known_stamps=reloaded.stamps).frame.set_index("name")
     assert isinstance(checks.loc[damaged.name, "error"], str)
+
+
+def test_the_views_key_their_saved_results_by_the_loaded_files_and_look_at_no_photo_until_one_changes(
+        small_abid, monkeypatch):
+    from core.data.layouts.base import files_fingerprint
+    from core.data.photos import photo_checks
+    from core.evaluation import embedding_map, label_issues
+    from core.review.health import health_report
+
+    ds = load_dataset(small_abid)
+    assert ds.files_fingerprint
+    first = health_report(ds, label_issues=False)  # the photos checked, the findings saved by the files' version
+    rows = ds.rows("all")
+    map_key = embedding_map._map_digest(ds.key, rows, 0, ds.stamps, ds.files_fingerprint)
+    issues_key = label_issues._cache_digest(ds, rows, 5, 0)
+    assert map_key == embedding_map._digest(ds.key, rows, 0)  # the same keys as before: no saved result lost
+    assert issues_key == label_issues._json_digest(ds, rows, 5, 0)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a page opening from its caches looked at each photo")
+
+    # After a restart (the dataset loaded again, the files unchanged): two small tables read, two keys looked up
+    reloaded = load_dataset(small_abid)
+    assert reloaded.files_fingerprint == ds.files_fingerprint
+    with monkeypatch.context() as patched:
+        for module, name in ((photo_checks, "check_photos"), (embedding_map, "_digest"),
+                             (label_issues, "_json_digest")):
+            patched.setattr(module, name, refused)
+        again = health_report(reloaded, label_issues=False)
+        pd.testing.assert_frame_equal(again.duplicates, first.duplicates)
+        pd.testing.assert_frame_equal(again.quality, first.quality)
+        assert embedding_map._map_digest(ds.key, reloaded.rows("all"), 0, reloaded.stamps,
+                                         reloaded.files_fingerprint) == map_key
+        assert label_issues._cache_digest(reloaded, reloaded.rows("all"), 5, 0) == issues_key
+    # A photo damaged on disk: another version of the files, so the photos are checked again and it is found
+    damaged = Path(rows["path"].iloc[0])
+    damaged.write_bytes(b"not a photo any more")
+    changed = load_dataset(small_abid)
+    assert changed.files_fingerprint not in (None, ds.files_fingerprint)
+    report = health_report(changed, label_issues=False)
+    assert damaged.name in set(report.quality.loc[report.quality["problem"] == "unreadable", "photo"])
+    assert embedding_map._map_digest(ds.key, changed.rows("all"), 0, changed.stamps,
+                                     changed.files_fingerprint) == embedding_map._digest(ds.key, changed.rows("all"), 0)
+    # A photo the loading's walk did not stamp: the files' version is unknown, and each view looks at the files
+    outside = changed.frame.copy()
+    outside.loc[0, "path"] = "/elsewhere/photo.jpg"
+    assert files_fingerprint(outside, "fingerprint", changed.stamps) is None
+    assert files_fingerprint(changed.frame, "fingerprint", None) is None

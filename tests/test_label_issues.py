@@ -21,6 +21,7 @@ from core.evaluation import label_issues
 from core.evaluation.label_issues import (
     LabelIssuesError,
     cached_label_issues,
+    current_label_issues,
     count_scores,
     cross_fit,
     find_label_issues,
@@ -120,6 +121,21 @@ def test_planted_flips_are_ranked_first_and_a_correction_invalidates_them(plante
                               recorded_count=int(worst["label"]), path=str(folder / "bin-images" / worst["name"]))
     corrected = load_dataset(str(folder))
     assert cached_label_issues(corrected) is None
+    # The queue's view until the re-check: the last ranking with each photo's review and its count now, taken by
+    # position while the labelled photos are those ranked, by name once a decision moved one out of the classes
+    unclear = issues.ranked().iloc[-1]
+    for labels_now in (corrected, None):
+        if labels_now is None:
+            annotations.save_decision(dataset.key, unclear["name"], "tester", None, recorded_count=int(unclear["label"]))
+            labels_now = load_dataset(str(folder))
+            assert len(labels_now.rows("all")) == len(issues.frame) - 1
+        shown = current_label_issues(labels_now).frame.set_index("name")
+        expected = labels_now.frame.drop_duplicates("name").set_index("name")["cls"].reindex(shown.index)
+        pd.testing.assert_series_equal(shown["current"], expected.astype("Float64"), check_names=False)
+        reviewed = shown[shown["outcome"] != ""]
+        assert worst["name"] in reviewed.index and shown.loc[worst["name"], "current"] == worst["suggested"]
+        assert set(reviewed.index) <= {worst["name"], unclear["name"]}
+    assert pd.isna(shown.loc[unclear["name"], "current"]) and shown.loc[unclear["name"], "outcome"] != ""
     again = find_label_issues(corrected)
     row = again.frame.set_index("name").loc[worst["name"]]
     assert row["label"] == worst["suggested"]

@@ -44,6 +44,9 @@ class Dataset:
     # each photo file's stamp (core.files.file_stamp) as the reader's index check found it while loading: the views
     # that key their caches by the files (photo checks, the map) read them here instead of one stat per photo
     stamps: pd.Series | None = field(default=None, repr=False)
+    # the version of every photo file the index has on disk, as loaded (the reader's fingerprint, when its walk stamped
+    # them all): the views key their saved results by it instead of by each photo's file; None when unknown
+    files_fingerprint: str | None = None
 
     @property
     def classes(self) -> list[int]:
@@ -62,6 +65,13 @@ class Dataset:
     def file_stamps(self, paths) -> list[str]:
         """The stamps of these photo files: as loaded where the reader found them, else read now."""
         return file_stamps(paths, self.stamps)
+
+    def paths_of(self, names) -> dict:
+        """{name: path (None when not on disk)} of these photos (the first row of a name listed twice): a look-up
+        of a few names, not an index of every photo (~0.3 s at 536 K)."""
+        names = set(names)
+        found = self.frame.loc[self.frame["name"].isin(names), ["name", "path"]].drop_duplicates("name")
+        return dict(zip(found["name"], found["path"]))
 
     def labelled(self) -> pd.DataFrame:
         """Usable photos whose count is inside the class range: what training and evaluation see."""

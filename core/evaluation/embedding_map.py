@@ -14,6 +14,7 @@ from core import config
 from core.errors import BinsightError
 from core.evaluation.label_issues import RECIPE, head_columns, photo_features
 from core.evaluation.predictions import photos_fingerprint
+from core.digests import frame_digest, remembered_digest, same_values
 from core.files import atomic_write_bytes
 
 MAP_VERSION = 1
@@ -141,16 +142,29 @@ def _digest(dataset_key: str, rows: pd.DataFrame, seed: int, known_stamps: pd.Se
     return hashlib.sha1(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _map_digest(dataset_key: str, rows: pd.DataFrame, seed: int, known_stamps: pd.Series | None = None,
+                files_fingerprint: str | None = None) -> str:
+    """_digest of `rows`, remembered by the dataset's files fingerprint and the rows' names and paths: at 536 K
+    photos the digest reads every photo's stamp (~1 s), the look-up hashes two columns (~0.1 s)."""
+    if not files_fingerprint:
+        return _digest(dataset_key, rows, seed, known_stamps)
+    alias = frame_digest(MAP_VERSION, RECIPE, UMAP_PARAMS, PCA_DIMS, seed, files_fingerprint,
+                         rows.loc[rows["path"].notna(), ["name", "path"]])
+    return remembered_digest(config.home() / "embedding_maps" / f"{dataset_key}.digests", alias,
+                             lambda: _digest(dataset_key, rows, seed, known_stamps))
+
+
 def _paths(dataset_key: str, digest: str):
     folder = config.home() / "embedding_maps" / dataset_key
     return folder / f"{digest}.parquet", folder / f"{digest}.json"
 
 
-def cached_map(dataset_key: str, rows: pd.DataFrame, seed: int = 0,
-               known_stamps: pd.Series | None = None) -> tuple[pd.DataFrame, dict] | None:
+def cached_map(dataset_key: str, rows: pd.DataFrame, seed: int = 0, known_stamps: pd.Series | None = None,
+               files_fingerprint: str | None = None) -> tuple[pd.DataFrame, dict] | None:
     """(name, x, y of each readable photo; info) when the map of exactly these photos (same files) was computed.
-    known_stamps: the files' stamps as the dataset's loading read them (Dataset.stamps), else each is stat'ed."""
-    table, info_file = _paths(dataset_key, _digest(dataset_key, rows, seed, known_stamps))
+    known_stamps: the files' stamps as the dataset's loading read them (Dataset.stamps), else each is stat'ed;
+    files_fingerprint: the dataset's (Dataset.files_fingerprint), when `rows` are its photos."""
+    table, info_file = _paths(dataset_key, _map_digest(dataset_key, rows, seed, known_stamps, files_fingerprint))
     try:
         return pd.read_parquet(table), json.loads(info_file.read_text())
     except (OSError, ValueError):
@@ -158,11 +172,12 @@ def cached_map(dataset_key: str, rows: pd.DataFrame, seed: int = 0,
 
 
 def embedding_map(dataset_key: str, rows: pd.DataFrame, seed: int = 0, on_progress=None,
-                  should_stop=None, known_stamps: pd.Series | None = None) -> tuple[pd.DataFrame, dict]:
+                  should_stop=None, known_stamps: pd.Series | None = None,
+                  files_fingerprint: str | None = None) -> tuple[pd.DataFrame, dict]:
     """(name, x, y; info) of `rows`' photos (name, path): cached, else from their frozen features (the label-issue
     recipe's columns, from the feature cache; each photo the mean of its views) projected to 2-D, then cached.
     Unreadable photos are left out (info['unreadable']). on_progress(fraction, text)."""
-    found = cached_map(dataset_key, rows, seed, known_stamps)
+    found = cached_map(dataset_key, rows, seed, known_stamps, files_fingerprint)
     if found is not None:
         return found
     started = time.perf_counter()
@@ -182,7 +197,7 @@ def embedding_map(dataset_key: str, rows: pd.DataFrame, seed: int = 0, on_progre
             "feature_seconds": round(feature_seconds, 1),
             "map_seconds": round(time.perf_counter() - started - feature_seconds, 1),
             "computed_at": time.strftime("%Y-%m-%d %H:%M:%S")}
-    table, info_file = _paths(dataset_key, _digest(dataset_key, rows, seed, known_stamps))
+    table, info_file = _paths(dataset_key, _map_digest(dataset_key, rows, seed, known_stamps, files_fingerprint))
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
     atomic_write_bytes(table, buffer.getvalue())
@@ -198,15 +213,24 @@ def coloured(points: pd.DataFrame, rows: pd.DataFrame, predictions: pd.DataFrame
     error (from a predictions frame with name and predicted), issue_score (from a label-issues frame: name, score)."""
     label = "truth" if "truth" in rows and "cls" not in rows else "cls"
     keep = rows[["name", "path", label] + [c for c in ["split"] if c in rows]].rename(columns={label: "count"})
-    frame = points.merge(keep, on="name", how="inner")
+    frame = _joined(points, keep, how="inner")
     frame["count"] = pd.to_numeric(frame["count"], errors="coerce")
     if predictions is not None and len(predictions):
-        frame = frame.merge(predictions[["name", "predicted"]].drop_duplicates("name"), on="name", how="left")
+        frame = _joined(frame, predictions[["name", "predicted"]].drop_duplicates("name"), how="left")
         frame["predicted"] = pd.to_numeric(frame["predicted"], errors="coerce")
         frame["error"] = (frame["predicted"] - frame["count"]).abs()
     if issues is not None and len(issues):
-        frame = frame.merge(issues[["name", "score"]].rename(columns={"score": "issue_score"}), on="name", how="left")
+        frame = _joined(frame, issues[["name", "score"]].rename(columns={"score": "issue_score"}), how="left")
     return frame
+
+
+def _joined(left: pd.DataFrame, right: pd.DataFrame, how: str) -> pd.DataFrame:
+    """left.merge(right, on="name", how=how); when both list the same photos in the same order (a map of every
+    labelled photo and its rows), the columns are taken by position (a join of 351 K names takes ~0.4 s)."""
+    if same_values(left["name"], right["name"]):
+        added = right.drop(columns="name").reset_index(drop=True)
+        return pd.concat([left.reset_index(drop=True), added], axis=1)
+    return left.merge(right, on="name", how=how)
 
 
 def map_view(frame: pd.DataFrame, colour: str, limit: int = DRAWN_POINTS,

@@ -13,6 +13,7 @@ import pandas as pd
 
 from core import config
 from core.errors import BinsightError, Cancelled
+from core.digests import frame_digest, remembered_digest, same_values
 from core.files import atomic_write_bytes, atomic_write_json
 
 ISSUES_VERSION = 1
@@ -161,6 +162,15 @@ def _labelled_rows(dataset) -> pd.DataFrame:
 
 
 def _cache_digest(dataset, rows: pd.DataFrame, folds: int, seed: int) -> str:
+    """The key of the label issues of `rows` (their names, counts and splits), remembered by a quick hash of the same
+    columns (the JSON of 351 K rows takes ~0.4 s, the hash ~0.05 s)."""
+    alias = frame_digest(ISSUES_VERSION, dataset.key, RECIPE, folds, seed, MIN_FLAGGED_SCORE, dataset.classes,
+                         rows[["name", "cls", "split"]])
+    return remembered_digest(config.home() / "label_issues" / f"{dataset.key}.digests", alias,
+                             lambda: _json_digest(dataset, rows, folds, seed))
+
+
+def _json_digest(dataset, rows: pd.DataFrame, folds: int, seed: int) -> str:
     described = {"version": ISSUES_VERSION, "dataset": dataset.key, "recipe": RECIPE, "folds": folds, "seed": seed,
                  "min_flagged_score": MIN_FLAGGED_SCORE,
                  "classes": [int(c) for c in dataset.classes],
@@ -226,9 +236,16 @@ def current_label_issues(dataset) -> LabelIssues | None:
         return None
     frame = found.frame.drop(columns=["outcome", "current"], errors="ignore")
     decided = latest_decisions(dataset.key).drop_duplicates("photo").set_index("photo")["status"]
-    now = dataset.frame.drop_duplicates("name").set_index("name")["cls"]
-    frame["outcome"] = frame["name"].map(decided).fillna("").astype(str)
-    frame["current"] = frame["name"].map(now).astype("Float64")
+    outcome = np.full(len(frame), "", dtype=object)
+    reviewed = frame["name"].isin(decided.index).to_numpy()
+    outcome[reviewed] = frame.loc[reviewed, "name"].map(decided).fillna("").astype(str).to_numpy()
+    frame["outcome"] = outcome
+    rows = dataset.rows("all")
+    if same_values(rows["name"], frame["name"]):  # the photos checked are the labelled ones in the same order
+        frame["current"] = rows["cls"].astype("Float64").array
+    else:
+        now = dataset.frame.drop_duplicates("name").set_index("name")["cls"]
+        frame["current"] = frame["name"].map(now).astype("Float64")
     changed = int((frame["current"] != frame["label"]).fillna(True).sum())
     return LabelIssues(frame, found.classes, found.noise, found.info | {"changed": changed})
 

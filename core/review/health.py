@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from core.data.photos.photo_checks import cached_pairs, check_photos, duplicate_findings, quality_findings
+from core.data.photos.photo_checks import duplicate_findings, photo_findings
 from core.evaluation.label_issues import LabelIssues, LabelIssuesError, find_label_issues
 
 CSV_COLUMNS = ["photo", "finding", "detail", "count", "suggested_count", "score", "split", "other_photo"]
@@ -123,9 +123,9 @@ def health_report(dataset, label_issues: bool = True, on_progress=None, should_s
         return (lambda f, text: on_progress(start + share * f, text)) if on_progress else None
 
     frame = dataset.frame
-    checks = check_photos(dataset.key, frame, on_progress=part(0.0, 0.3), should_stop=should_stop,
-                          known_stamps=dataset.stamps)
-    duplicates = duplicate_findings(cached_pairs(dataset.key, checks.frame), frame)
+    photos = photo_findings(dataset.key, frame, dataset.files_fingerprint, dataset.stamps,
+                            on_progress=part(0.0, 0.3), should_stop=should_stop)
+    duplicates = duplicate_findings(photos.pairs, frame)
     issues, problem = None, ""
     if found_issues is not None:
         issues = found_issues
@@ -134,7 +134,7 @@ def health_report(dataset, label_issues: bool = True, on_progress=None, should_s
             issues = find_label_issues(dataset, on_progress=part(0.3, 0.7), should_stop=should_stop)
         except LabelIssuesError as exc:
             problem = str(exc)
-    quality = quality_findings(checks.frame)
+    quality = photos.quality
     listed = frame[frame["path"].isna() & frame["problem"].notna()]  # unusable labels or photos the index found
     if len(listed):
         quality = pd.concat([quality, pd.DataFrame({"photo": listed["name"], "problem": "unreadable",

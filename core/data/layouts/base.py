@@ -86,16 +86,17 @@ class Layout:
     def open(self, source: Path, class_range: ClassRange, on_progress=None) -> Dataset:
         key = dataset_key(source)
         stamps: dict[str, str] = {}
-        frame = self.cached_index(source, key, on_progress, stamps)
-        return labelled_dataset(source, self.name, key, frame, class_range, self.notes(frame),
-                                stamps=_stamp_series(stamps) if stamps else None)
+        stamp = self.fingerprint(source, stamps)  # fills `stamps` with the photos' stamps it read
+        frame = self.cached_index(source, key, stamp, on_progress)
+        stamp_series = _stamp_series(stamps) if stamps else None
+        return labelled_dataset(source, self.name, key, frame, class_range, self.notes(frame), stamps=stamp_series,
+                                files_fingerprint=files_fingerprint(frame, stamp, stamp_series))
 
-    def cached_index(self, source: Path, key: str, on_progress=None, stamps: dict | None = None) -> pd.DataFrame:
-        """The index saved under BINSIGHT_HOME/index/<key> while its fingerprint holds, else indexed anew and saved;
-        `stamps` gets the photos' stamps that checking the fingerprint read."""
+    def cached_index(self, source: Path, key: str, stamp: str, on_progress=None) -> pd.DataFrame:
+        """The index saved under BINSIGHT_HOME/index/<key> while its fingerprint (`stamp`) holds, else indexed
+        anew and saved."""
         folder = config.home() / "index"
         cache, stamp_file = folder / f"{key}.parquet", folder / f"{key}.json"
-        stamp = self.fingerprint(source, stamps)
         try:
             if json.loads(stamp_file.read_text()).get("fingerprint") == stamp:
                 return finish_index(pd.read_parquet(cache))
@@ -111,6 +112,17 @@ class Layout:
         raise DatasetError(f"{source.name}: not a list of bucket photos: give a file_list.json or a counting list (.json)")
 
 
+def files_fingerprint(frame: pd.DataFrame, fingerprint: str, stamps: pd.Series | None) -> str | None:
+    """The fingerprint as a version of the photo files, when the walk that made it stamped every photo the index has
+    on disk (then a view keyed by it needs no look at each file); None when some photo lies outside that walk."""
+    if stamps is None:
+        return None
+    on_disk = frame["path"].dropna()
+    if len(on_disk) > len(stamps) or not on_disk.isin(stamps.index).all():
+        return None
+    return fingerprint
+
+
 def _stamp_series(stamps: dict) -> pd.Series:
     """The stamps by path, held as Python strings: a file name need not be valid UTF-8, which Arrow requires."""
     return pd.Series(list(stamps.values()), index=pd.Index(list(stamps), dtype=object), dtype=object)
@@ -118,7 +130,7 @@ def _stamp_series(stamps: dict) -> pd.Series:
 
 def labelled_dataset(source: Path, layout: str, key: str, frame: pd.DataFrame, class_range: ClassRange,
                      notes: list[str], info: dict | None = None, uri: str | None = None,
-                     stamps: pd.Series | None = None) -> Dataset:
+                     stamps: pd.Series | None = None, files_fingerprint: str | None = None) -> Dataset:
     """An index made a dataset: counts corrected by annotators, the classes, and the saved split."""
     indexed = frame
     frame = apply_overrides(frame.copy(), key)  # (a copy: the index stays as read)
@@ -126,7 +138,7 @@ def labelled_dataset(source: Path, layout: str, key: str, frame: pd.DataFrame, c
     frame, split_info = splits.attach_split(frame, key, class_range)
     frame["split"] = frame["split"].astype(object).where(frame["split"].notna(), None)
     return Dataset(source, layout, key, frame, class_range, notes, split_info | (info or {}), uri=uri, indexed=indexed,
-                   reader_info=dict(info or {}), stamps=stamps)
+                   reader_info=dict(info or {}), stamps=stamps, files_fingerprint=files_fingerprint)
 
 
 def relabelled(dataset: Dataset) -> Dataset | None:
@@ -136,7 +148,8 @@ def relabelled(dataset: Dataset) -> Dataset | None:
     if dataset.indexed is None:
         return None
     return labelled_dataset(dataset.source, dataset.layout, dataset.key, dataset.indexed, dataset.class_range,
-                            dataset.notes, dataset.reader_info, uri=dataset.uri, stamps=dataset.stamps)
+                            dataset.notes, dataset.reader_info, uri=dataset.uri, stamps=dataset.stamps,
+                            files_fingerprint=dataset.files_fingerprint)
 
 
 def read_sizes(frame: pd.DataFrame, on_progress=None) -> pd.DataFrame:
