@@ -295,6 +295,11 @@ def test_each_queue_measures_how_often_its_flags_are_right():
     bins, share, low, high = found["items hidden"]
     assert share == pytest.approx(0.4) and (low, high) == pytest.approx(wilson_interval(2, 5))
     assert 0.05 < low < 0.4 < high < 0.9  # Wilson's interval for 2 of 5
+    from scipy.stats import binomtest
+
+    for hits, total in ((0, 1), (2, 5), (5, 5), (7, 30), (150, 151)):  # written out, it is scipy's Wilson interval
+        ci = binomtest(hits, total).proportion_ci(0.95, method="wilson")
+        assert wilson_interval(hits, total) == pytest.approx((ci.low, ci.high), abs=1e-9)
     assert precision_of(table, "random")["record wrong"][:2] == (1, 1.0)
     assert precision_of(table, "disagreement") is None
 

@@ -277,8 +277,8 @@ def apply_overrides(frame: pd.DataFrame, key: str) -> pd.DataFrame:
     if not overrides:
         return frame
     frame = frame.copy()
-    corrected = frame["name"].map(overrides)
-    hit = corrected.notna() | frame["name"].isin([n for n, c in overrides.items() if c is None])
-    frame.loc[hit, "count"] = pd.array(corrected[hit], dtype="Int64")
+    hit = frame["name"].isin(list(overrides)).to_numpy()  # a few decisions among 536 K photos: look up only those
+    corrected = frame.loc[hit, "name"].map(overrides)
+    frame.loc[hit, "count"] = pd.array(corrected, dtype="Int64")
     frame.loc[hit, "label_source"] = "annotation"
     return frame

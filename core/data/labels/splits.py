@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from core import config
+from core.digests import same_values
 from core.files import atomic_write_bytes, atomic_write_json
 
 DEFAULT_RECIPE = {"test_per_class": 100, "valid_fraction": 0.2, "seed": 0}
@@ -66,7 +67,13 @@ def attach_split(frame: pd.DataFrame, key: str, class_range) -> tuple[pd.DataFra
     if saved is None:
         return resplit(frame, key)
     assigned, info = saved
-    frame["split"] = frame["name"].map(assigned).where(usable, None)
+    if same_values(frame.loc[usable, "name"], assigned.index.to_series()):
+        # the saved split lists exactly the usable photos in their order (it is saved so): taken by position, where
+        # matching 536 K names takes ~0.7 s on every relabel
+        frame["split"] = None
+        frame.loc[usable, "split"] = assigned.to_numpy(dtype=object)
+    else:
+        frame["split"] = frame["name"].map(assigned).where(usable, None)
     missing = usable & frame["split"].isna()
     if missing.any():
         # Photos new since the split (or newly in range) join train/valid only, so the test set never changes.
