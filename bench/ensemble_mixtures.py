@@ -5,7 +5,7 @@ valid and test splits from the stored stage maps, without training anything: doe
         --models RUN/members/1/model.pt … --mix ens-a+l2-0 …
 
 Each model's probabilities (its photo and mirror averaged, as it predicts) are computed once from the stage-map store
-(maps after blocks.4, one pass per backbone) and kept in --out as NPZ; a mixture averages its models' probabilities
+(maps after blocks.4, one pass per backbone and input size) and kept in --out as NPZ; a mixture averages its models' probabilities
 with equal weight. A model is named by its run folder (RUN-members-N for an ensemble's member); a mixture names
 models or groups (a run folder's members), joined by "+". Prints balanced accuracy per model, per group and per
 mixture. Choose on valid; test is for the record."""
@@ -45,14 +45,15 @@ def score_models(data: str, models: list[str], out: Path) -> None:
         if not (out / "labels.npz").is_file():
             np.savez(out / "labels.npz", **{name: np.array([classes.index(int(c)) for c in rows["cls"]])
                                             for name, rows in splits.items()})
-        if meta["backbone"] not in maps_of:
+        kind = (meta["backbone"], tuple(meta["input_size"]))  # the store keeps one set of maps per backbone and size
+        if kind not in maps_of:
             found = {name: stage_store.stage_maps(model.backbone, meta, list(rows["path"]))
                      for name, rows in splits.items()}
-            maps_of[meta["backbone"]] = {name: torch.stack([f.maps[v] for v in stage_store.STORE_VIEWS], 1)
-                                         for name, f in found.items()}
+            maps_of[kind] = {name: torch.stack([f.maps[v] for v in stage_store.STORE_VIEWS], 1)
+                             for name, f in found.items()}
         tail, probs = Tail(model.backbone, stage_store.STORE_CUT), {}
         with torch.inference_mode():
-            for name, maps in maps_of[meta["backbone"]].items():
+            for name, maps in maps_of[kind].items():
                 chunks = []
                 for start in range(0, len(maps), 64):
                     batch = maps[start:start + 64]
