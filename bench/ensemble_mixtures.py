@@ -5,10 +5,10 @@ valid and test splits from the stored stage maps, without training anything: doe
         --models RUN/members/1/model.pt … --mix ens-a+l2-0 …
 
 Each model's probabilities (its photo and mirror averaged, as it predicts) are computed once from the stage-map store
-(maps after blocks.4, one pass per backbone and input size) and kept in --out as NPZ; a mixture averages its models' probabilities
-with equal weight. A model is named by its run folder (RUN-members-N for an ensemble's member); a mixture names
-models or groups (a run folder's members), joined by "+". Prints balanced accuracy per model, per group and per
-mixture. Choose on valid; test is for the record."""
+(maps after blocks.4, one pass per backbone and input size) and kept in --out as NPZ; a mixture averages its models'
+probabilities with equal weight. A model is named by its run folder (RUN-members-N for an ensemble's member); a
+mixture names models or groups (a run folder's members), joined by "+". Prints balanced accuracy per model, per group
+and per mixture. Choose on valid; test is for the record."""
 import argparse
 import os
 import sys
@@ -30,8 +30,9 @@ def model_name(path: str) -> str:
 def score_models(data: str, models: list[str], out: Path) -> None:
     from core.data.layouts.registry import load_dataset
     from core.models import stage_store
+    from core.models.inference import tempered_probabilities
     from core.models.networks import load_model
-    from core.models.stages import Tail
+    from core.training.partial import stage_map_logits
 
     dataset = load_dataset(data)
     splits = {name: dataset.rows(name) for name in ("valid", "test")}
@@ -51,16 +52,8 @@ def score_models(data: str, models: list[str], out: Path) -> None:
                      for name, rows in splits.items()}
             maps_of[kind] = {name: torch.stack([f.maps[v] for v in stage_store.STORE_VIEWS], 1)
                              for name, f in found.items()}
-        tail, probs = Tail(model.backbone, stage_store.STORE_CUT), {}
-        with torch.inference_mode():
-            for name, maps in maps_of[kind].items():
-                chunks = []
-                for start in range(0, len(maps), 64):
-                    batch = maps[start:start + 64]
-                    logits = model.head(tail(batch.flatten(0, 1).float())).float()
-                    chunks.append(torch.softmax(logits.view(len(batch), batch.shape[1], -1), -1).mean(1))
-                probs[name] = torch.cat(chunks).numpy()
-        np.savez(target, **probs)
+        logits = {name: stage_map_logits(model, maps, stage_store.STORE_CUT) for name, maps in maps_of[kind].items()}
+        np.savez(target, **{name: tempered_probabilities(z).numpy() for name, z in logits.items()})
         print(f"scored {model_name(path)}", flush=True)
 
 

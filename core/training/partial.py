@@ -39,6 +39,21 @@ def train_mode(model: torch.nn.Module, tail: Tail, batchnorm: str) -> None:
             inner.training = batchnorm == "train" or not isinstance(inner, torch.nn.modules.batchnorm._BatchNorm)
 
 
+def stage_map_logits(model: torch.nn.Module, maps: torch.Tensor, cut: str,
+                     device: torch.device | str = "cpu", batch_size: int = 128) -> torch.Tensor:
+    """`model`'s logits from its stage maps after `cut` (n × views × C × H × W): n × views × classes, on the CPU.
+    Only the model's stages after the cut and its head run."""
+    tail = Tail(model.backbone, cut)
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(maps), batch_size):
+            batch = maps[start:start + batch_size]
+            logits = model.head(tail(batch.flatten(0, 1).to(device).float())).float().cpu()
+            out.append(logits.view(len(batch), batch.shape[1], -1))
+    return torch.cat(out)
+
+
 class PartialRun(TensorRun):
     """The stages after `config.cut` and the head train on stage maps; the stages before it stay frozen.
 
@@ -154,16 +169,9 @@ class PartialRun(TensorRun):
     def map_logits(self, model: torch.nn.Module, name: str) -> torch.Tensor:
         """`model`'s logits on a split's stored maps, n × views × classes, on the CPU."""
         maps, _ = self.tensors[name]
-        tail = Tail(model.backbone, self.cut)
-        model.eval()
-        out = []
-        with torch.inference_mode():
-            for start in range(0, len(maps), 128):
-                batch = maps[start:start + 128]
-                flat = batch.flatten(0, 1).to(self.device).float()
-                logits = model.head(tail(flat)).float().cpu()
-                out.append(logits.view(len(batch), batch.shape[1], -1))
-        return torch.cat(out) if out else torch.zeros(0, maps.shape[1], len(self.meta["classes"]))
+        if not len(maps):
+            return torch.zeros(0, maps.shape[1], len(self.meta["classes"]))
+        return stage_map_logits(model, maps, self.cut, self.device)
 
     def _validate(self, model):
         labels = self.tensors["valid"][1]
