@@ -5,6 +5,10 @@ prints valid and test balanced accuracy, the best epoch and the training time, a
 
 A recipe is a name from RECIPES (changes to the partial defaults). The store is filled first when it lacks photos
 (`python -m core health --data D` fills it too). Choose on valid; read test once.
+
+`--refit-epochs K` trains on the train and valid photos together and keeps the weights after epoch K of the recipe's
+schedule (K chosen on valid beforehand: the best valid epoch of the recipe's runs), so its valid figure is in-sample;
+`--keep DIR` keeps each run's model as DIR/DIR-RECIPE/members/SEED/model.pt, for bench/ensemble_mixtures.py.
 """
 from __future__ import annotations
 
@@ -57,6 +61,9 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], help="extra setting for every recipe, KEY=VALUE")
     parser.add_argument("--out", default="bench-partial.jsonl")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--refit-epochs", type=int, default=0,
+                        help="train on train + valid and keep the weights after this epoch (0: train only, best valid)")
+    parser.add_argument("--keep", default="", help="keep each run's model under this folder")
     args = parser.parse_args()
 
     import torch
@@ -67,6 +74,29 @@ def main() -> int:
     from core.training.epochs import Progress, seed_everything
     from core.training.loop import _build_meta, _split_rows
     from core.training.partial import PartialRun
+
+    class RefitRun(PartialRun):
+        """Trains on train + valid (the maps' train part holds both) and keeps the weights after epoch `keep_epoch`:
+        the epochs after it are skipped, and valid, seen in training, no longer chooses."""
+
+        keep_epoch = args.refit_epochs
+
+        def prepare(self, train_split, valid_split, test_split):
+            super().prepare(train_split, valid_split, test_split)
+            self.stored = self.tensors  # what the next run shares
+            maps, labels = self.tensors["train"]
+            valid_maps, valid_labels = self.tensors["valid"]
+            self.tensors = self.tensors | {"train": (torch.cat([maps, valid_maps]), torch.cat([labels, valid_labels]))}
+
+        def train_epoch(self, epoch):
+            if epoch > self.keep_epoch:
+                return {"train_loss": 0.0, "train_acc": 0.0, "images_per_s": 0.0, "data_wait_fraction": 0.0,
+                        "seconds": 0.0}
+            return super().train_epoch(epoch)
+
+        def validate_epoch(self):
+            epoch = len(self.history) + 1
+            return {"valid_loss": -float(epoch) if epoch <= self.keep_epoch else 0.0, "valid_acc": None}
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -80,27 +110,36 @@ def main() -> int:
     for recipe in args.recipes.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
             settings = {"mode": "partial", "num_workers": 1} | RECIPES[recipe] | extra | {"seed": seed}
-            out = Path(tempfile.mkdtemp(prefix=f"partial-{recipe}-{seed}-"))
+            if args.refit_epochs:
+                settings["patience"] = 1  # the skipped epoch after the kept one ends the run
+            if args.keep:
+                out = Path(args.keep) / f"{Path(args.keep).name}-{recipe}" / "members" / str(seed)
+                out.mkdir(parents=True, exist_ok=True)
+            else:
+                out = Path(tempfile.mkdtemp(prefix=f"partial-{recipe}-{seed}-"))
             config = TrainConfig(data=args.data, out=str(out), **settings).for_dataset(ds)
             backbone, info = models.build_backbone(config.backbone, config.weights, config.feature_set)
             meta = _build_meta(config, ds, info)
             model = models.CountingModel(backbone, models.make_head(config.head, info["feature_dim"],
                                                                     len(ds.classes), config.backbone))
             log = lambda line: print(f"  [{recipe} seed {seed}] {line}", flush=True)
-            run = PartialRun(config, model, meta, models.resolve_device("auto"), out, log,
-                             Progress(None, "cpu", config.n_epochs), None, seed_everything(seed))
+            run_class = RefitRun if args.refit_epochs else PartialRun
+            run = run_class(config, model, meta, models.resolve_device("auto"), out, log,
+                            Progress(None, "cpu", config.n_epochs), None, seed_everything(seed))
             key = (config.cut, config.input_height, config.input_aspect, config.backbone)
             run.shared_maps = maps_by_key.get(key)
             started = time.perf_counter()
             result = run.fit(*splits, None)
             seconds = time.perf_counter() - started
-            maps_by_key[key] = run.tensors
-            row = {"recipe": recipe, "seed": seed, "settings": replace(config, data=None, out=None).to_dict(),
+            maps_by_key[key] = getattr(run, "stored", run.tensors)
+            row = {"recipe": recipe, "seed": seed, "refit_epochs": args.refit_epochs,
+                   "settings": replace(config, data=None, out=None).to_dict(),
                    "valid": result["valid"]["balanced_accuracy"], "test": result["test"]["balanced_accuracy"],
                    "test_off_by_one": result["test"].get("off_by_one"), "test_mae": result["test"].get("mae"),
                    "best_epoch": result["best_epoch"], "seconds": round(seconds, 1),
                    "epoch_seconds": [round(h["seconds"], 1) for h in result["history"]],
-                   "valid_history": [round(h["valid_acc"], 3) for h in result["history"]]}
+                   "valid_history": [None if h["valid_acc"] is None else round(h["valid_acc"], 3)
+                                     for h in result["history"]]}
             print(f"{recipe:16s} seed {seed}: valid {row['valid']:.3f}  test {row['test']:.3f}  best epoch "
                   f"{row['best_epoch']}  {seconds / 60:.1f} min", flush=True)
             with open(args.out, "a") as handle:
