@@ -48,6 +48,8 @@ def setting_widget(container, item: training.Setting, value, key: str, **extra):
     common = {"help": item.help or None, "key": key}
     if item.choices:
         options = list(item.choices)
+        if value is None and item.default is None and "format_func" not in extra:  # an optional choice: "none" too
+            options, extra = [None, *options], extra | {"format_func": lambda v: "none" if v is None else str(v)}
         index = options.index(value) if value in options else None
         return container.selectbox(item.label, options, index=index, **common, **extra)
     if item.type is bool:

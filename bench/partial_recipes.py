@@ -73,30 +73,7 @@ def main() -> int:
     from core.training.config import TrainConfig
     from core.training.epochs import Progress, seed_everything
     from core.training.loop import _build_meta, _split_rows
-    from core.training.partial import PartialRun
-
-    class RefitRun(PartialRun):
-        """Trains on train + valid (the maps' train part holds both) and keeps the weights after epoch `keep_epoch`:
-        the epochs after it are skipped, and valid, seen in training, no longer chooses."""
-
-        keep_epoch = args.refit_epochs
-
-        def prepare(self, train_split, valid_split, test_split):
-            super().prepare(train_split, valid_split, test_split)
-            self.stored = self.tensors  # what the next run shares
-            maps, labels = self.tensors["train"]
-            valid_maps, valid_labels = self.tensors["valid"]
-            self.tensors = self.tensors | {"train": (torch.cat([maps, valid_maps]), torch.cat([labels, valid_labels]))}
-
-        def train_epoch(self, epoch):
-            if epoch > self.keep_epoch:
-                return {"train_loss": 0.0, "train_acc": 0.0, "images_per_s": 0.0, "data_wait_fraction": 0.0,
-                        "seconds": 0.0}
-            return super().train_epoch(epoch)
-
-        def validate_epoch(self):
-            epoch = len(self.history) + 1
-            return {"valid_loss": -float(epoch) if epoch <= self.keep_epoch else 0.0, "valid_acc": None}
+    from core.training.partial import PartialRun, RefitRun
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,8 +87,6 @@ def main() -> int:
     for recipe in args.recipes.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
             settings = {"mode": "partial", "num_workers": 1} | RECIPES[recipe] | extra | {"seed": seed}
-            if args.refit_epochs:
-                settings["patience"] = 1  # the skipped epoch after the kept one ends the run
             if args.keep:
                 out = Path(args.keep) / f"{Path(args.keep).name}-{recipe}" / "members" / str(seed)
                 out.mkdir(parents=True, exist_ok=True)
@@ -126,6 +101,7 @@ def main() -> int:
             run_class = RefitRun if args.refit_epochs else PartialRun
             run = run_class(config, model, meta, models.resolve_device("auto"), out, log,
                             Progress(None, "cpu", config.n_epochs), None, seed_everything(seed))
+            run.stop_after = args.refit_epochs or None
             key = (config.cut, config.input_height, config.input_aspect, config.backbone)
             run.shared_maps = maps_by_key.get(key)
             started = time.perf_counter()

@@ -208,3 +208,40 @@ def test_a_dataset_over_the_store_budget_trains_with_the_frozen_stages_run_live(
     assert not torch.equal(trained.backbone.conv_head.weight, fresh.conv_head.weight)
     with pytest.raises(TrainingError, match="ensemble trains on stored stage maps"):
         train(TrainConfig(data=str(data), out=str(tmp_path / "ens"), ensemble=2, **SMALL))
+
+
+def test_a_refit_ensemble_of_two_backbones_learns_from_valid_and_is_one_network(data, tmp_path):
+    import onnxruntime
+
+    from core.models import export
+
+    out = tmp_path / "run"
+    result = train(TrainConfig(data=str(data), out=str(out), ensemble=2, also_backbone="efficientnet_lite2",
+                               refit=True, cut="blocks.5", **SMALL))
+    kinds = ["efficientnet_lite0"] * 2 + ["efficientnet_lite2"] * 2
+    assert [m["backbone"] for m in result["members"]] == kinds and [m["seed"] for m in result["members"]] == [0, 1] * 2
+    chosen = result["refit_epochs"]
+    assert set(chosen) == set(kinds) and all(1 <= epoch <= SMALL["epochs"] for epoch in chosen.values())
+    # Each member trained on train and valid for the epochs its backbone's choosing run picked, and no longer.
+    assert all(len(m["history"]) == chosen[m["backbone"]] and m["valid"] is None for m in result["members"])
+    log = (out / "log.txt").read_text()
+    from core.data.layouts.registry import load_dataset
+
+    dataset = load_dataset(str(data))
+    n_train, n_valid = (len(dataset.rows(split)) for split in ("train", "valid"))
+    assert log.count(f"refit: trains on {n_train + n_valid} photos (train {n_train} + valid {n_valid})") == 4
+    assert all((out / "choosing" / kind / "model.pt").is_file() for kind in set(kinds))
+    # One network: each backbone's frozen stages once, the mean of the four members' probabilities.
+    model, meta = load_model(out)
+    assert meta["ensemble"]["backbones"] == kinds and meta["temperature"] > 0
+    paths = sorted(str(p) for p in (data / "bin-images").glob("*.jpg"))[:4]
+    photos = torch.stack([photo_tensor(p, meta) for p in paths])
+    with torch.no_grad():
+        members = [load_model(out / "members" / str(k))[0] for k in (1, 2, 3, 4)]
+        mean = torch.stack([m(photos).softmax(1) for m in members]).mean(0)
+        assert torch.allclose(model(photos).softmax(1), mean, atol=1e-5)
+    session = onnxruntime.InferenceSession(str(export.ensure_onnx(out / "model.pt")))
+    exported = session.run(None, {session.get_inputs()[0].name: photos.numpy()})[0]
+    with torch.no_grad():
+        reference = export.ViewAveragedModel.of(model, meta)(photos).numpy()
+    assert np.abs(exported - reference).max() < 1e-4

@@ -222,3 +222,21 @@ def test_the_partial_mode_is_offered_by_name_and_its_launched_job_trains(started
     assert job.params["mode"] == "partial" and config.cut == "blocks.5"
     result = train(config)
     assert result["mode"] == "partial" and result["test"]["n"] > 0
+
+
+def test_a_refit_ensemble_of_two_backbones_is_chosen_in_advanced_and_launched(started, dataset, tmp_path):
+    from core.training.config import TrainConfig
+
+    at = page()
+    at.radio(key="train_mode").set_value("partial").run()
+    second = at.selectbox(key="train_also_backbone")
+    assert second.value is None and "efficientnet_lite2" in second.options and "none" in second.options
+    second.set_value("efficientnet_lite2")
+    at.checkbox(key="train_refit").check()
+    at.number_input(key="train_ensemble").set_value(2).run()
+    assert not at.error
+    at.button(key="train_launch").click().run()
+    [job] = jobs.list_jobs()
+    config = TrainConfig.from_params(job.params | {"num_workers": 0}, tmp_path / "run")
+    assert (config.member_backbones, config.refit, config.ensemble) == (
+        ["efficientnet_lite0", "efficientnet_lite2"], True, 2)

@@ -75,12 +75,17 @@ def estimate_seconds(params: dict, n_train: int, n_valid: int, n_test: int, on_g
         from core.models.stage_store import STORE_VIEWS, stored_share
 
         photos = n_train + n_valid + n_test
-        missing = photos * (1 - stored_share(config.backbone, config.weights, config.input_height,
-                                             config.input_aspect, photos))
+        backbones = config.member_backbones
+        missing = sum(photos * (1 - stored_share(backbone, config.weights, config.input_height, config.input_aspect,
+                                                 photos)) for backbone in backbones)
         train = speeds.get("train") if measured else DEFAULT_SPEED["partial"] * 224 ** 2 / _pixels(params)
         scored = n_valid * (2 if config.ema_decay else 1) * len(STORE_VIEWS)
-        seconds = len(STORE_VIEWS) * missing / features + photos * len(STORE_VIEWS) / (3 * train) \
-            + config.ensemble * epochs * (n_train / train + scored / (3 * train))
+        one_run = epochs * (n_train / train + scored / (3 * train))
+        # A refit: one run per backbone on train chooses the epoch (about half the schedule, measured), then each
+        # member trains on train and valid that long without validating.
+        member = epochs / 2 * (n_train + n_valid) / train if config.refit else one_run
+        seconds = len(STORE_VIEWS) * missing / features + len(backbones) * photos * len(STORE_VIEWS) / (3 * train) \
+            + len(backbones) * (config.ensemble * member + (one_run if config.refit else 0))
     else:
         train = speeds.get("train") or DEFAULT_SPEED["train"]
         evaluate = speeds.get("features") or 3 * train  # a forward pass costs about a third of a training step

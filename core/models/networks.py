@@ -314,20 +314,24 @@ def build_model(meta: dict, weights: str | Path | None = None, pretrained: bool 
     features = meta.get("features")
     if meta.get("feature_taps"):  # the stages the model was trained on, even if the named set changed since
         features = FeatureSet.from_taps(features, meta["feature_taps"])
-    spec = backbone_spec(name)
-    members = int((meta.get("ensemble") or {}).get("members", 1))
-    backbones, heads = [], []
-    for _ in range(members):
+    ensemble = meta.get("ensemble") or {}
+    members = int(ensemble.get("members", 1))
+    kinds = ensemble.get("backbones") or [name] * members  # each member's backbone (ensembles of several backbones)
+    backbones, heads, dims = [], [], []
+    for kind in kinds:
+        spec = backbone_spec(kind)
         if pretrained:
-            backbones.append(build_backbone(name, weights, features)[0])
+            backbones.append(build_backbone(kind, weights if kind == name else None, features)[0])
         else:
             backbones.append(with_features(_build_architecture(spec), spec, features))
-        heads.append(make_head(meta.get("head", "linear"), feature_dim(spec, features), len(meta["classes"]), name))
+        dims.append(feature_dim(spec, features))
+        heads.append(make_head(meta.get("head", "linear"), dims[-1], len(meta["classes"]), kind))
     if members == 1:
         return CountingModel(backbones[0], heads[0])
     from core.models.ensemble import ensemble_parts
 
-    return CountingModel(*ensemble_parts(backbones, heads, meta["ensemble"]["cut"], feature_dim(spec, features)))
+    return CountingModel(*ensemble_parts(backbones, heads, ensemble["cut"], dims,
+                                         kinds if ensemble.get("backbones") else None))
 
 
 def imagenet_classifier(name: str = "efficientnet_lite0") -> nn.Module:

@@ -34,6 +34,7 @@ DEFAULT_EMA = {"frozen": 0.0, "finetune": 0.0, "partial": 0.99}
 CUTS = ("blocks.4", "blocks.5")
 DEFAULT_CUT = "blocks.5"
 PARTIAL_VIEWS = ("none", "hflip")
+PARTIAL_BACKBONES = tuple(name for name in BACKBONES if name.startswith("efficientnet_lite"))
 # Without a dataset version's own recommendation, the loss is weighted by inverse class frequency.
 FALLBACK_BALANCE = "weights"
 
@@ -126,6 +127,14 @@ class TrainConfig:
     ensemble: int = setting(1, "partial: train this many models with seeds seed, seed+1, … on the same stage maps and "
                             "average their probabilities (one model file, one calibration)",
                             label="Ensemble size (partial)", what="the ensemble size")
+    also_backbone: str | None = setting(None, "partial ensembles: train as many members again on this second "
+                                        "EfficientNet-Lite (e.g. efficientnet_lite2) and average all of them; each "
+                                        "backbone's frozen stages run once", choices=PARTIAL_BACKBONES,
+                                        label="Second backbone (partial ensemble)", what="the second backbone")
+    refit: bool = setting(False, "partial ensembles: one run per backbone chooses the epoch on valid, then every "
+                          "member trains on train and valid together for that many epochs; the choosing runs' valid "
+                          "predictions calibrate the ensemble and give its valid figures",
+                          label="Refit on train and valid (partial ensemble)")
     exclude_suspects: bool = setting(False, "leave the photos flagged as likely wrong counts (Data health page, "
                                      "`python -m core health`) out of the training split; valid and test keep them",
                                      label="Leave out likely wrong counts")
@@ -156,6 +165,11 @@ class TrainConfig:
                                flag="--rendezvous", page=HIDDEN, what="the rendezvous address")
     on_bad_shard: str = setting("stop", "training from shards: stop at a damaged shard, or skip the rest of it",
                                 choices=("stop", "skip"), label="On a damaged shard", what="the bad-shard choice")
+
+    @property
+    def member_backbones(self) -> list[str]:
+        """The backbones an ensemble's members train on, `ensemble` members each."""
+        return [self.backbone] + ([self.also_backbone] if self.also_backbone else [])
 
     @property
     def n_epochs(self) -> int:
@@ -227,6 +241,12 @@ class TrainConfig:
                   f"left-right: choose the test-time views none or hflip (got {self.test_views})")
             check(not (self.feature_set == "multilevel" and self.cut == "blocks.5"),
                   "the multilevel features read the stride-16 stage (blocks.4): cut at blocks.4 for them")
+        check(self.also_backbone is None or (self.mode == "partial" and self.also_backbone != self.backbone),
+              "a second backbone (--also-backbone) is for partial ensembles, and another than --backbone")
+        check(self.also_backbone is None or self.weights is None,
+              "a second backbone reads its packaged ImageNet weights: leave out --weights")
+        check(not self.refit or self.mode == "partial", "refitting (--refit) is for partial fine-tunes: use "
+              "--mode partial")
         check(self.patience >= 0, "patience cannot be negative")
         check(self.num_workers is None or self.num_workers >= 0, "num_workers cannot be negative")
         device = str(self.device)

@@ -12,7 +12,7 @@ from core.models import stage_store
 from core.models.ensemble import ensemble_parts
 from core.training.epochs import BaseRun, seed_everything
 from core.training.modes import FinetuneRun
-from core.training.partial import PartialRun, train_mode
+from core.training.partial import PartialRun, RefitRun, train_mode
 
 
 class LivePartialRun(FinetuneRun):
@@ -39,68 +39,106 @@ class LivePartialRun(FinetuneRun):
 class _MemberProgress:
     """A member's progress as its share of the ensemble's bar, its messages prefixed with which member it is."""
 
-    def __init__(self, progress, member: int, members: int):
-        self.progress, self.member, self.members = progress, member, members
+    def __init__(self, progress, member: int, members: int, name: str):
+        self.progress, self.member, self.members, self.name = progress, member, members, name
 
     def __call__(self, force: bool = False, **changes):
         if "fraction" in changes:
             changes["fraction"] = 0.95 * (self.member + changes["fraction"]) / self.members
         if changes.get("message"):
-            changes["message"] = f"Model {self.member + 1} of {self.members}: {changes['message']}"
+            changes["message"] = f"{self.name}: {changes['message']}"
         self.progress(force=force, **changes)
 
 
 class EnsembleRun(BaseRun):
-    """`config.ensemble` partial fine-tunes with seeds seed, seed+1, … on the same stage maps (loaded once), each
-    kept at its best valid epoch in members/N/; then one network of them all, calibrated once on valid, scored, and
-    saved as model.pt."""
+    """`config.ensemble` partial fine-tunes per backbone (`config.member_backbones`) with seeds seed, seed+1, …, on
+    the same stage maps (loaded once per backbone), each kept at its best valid epoch in members/N/; then one network of
+    them all, calibrated once on valid, scored, and saved as model.pt.
+
+    With `config.refit`, a run per backbone on train alone (in choosing/BACKBONE/) chooses the epoch on valid, and
+    the members train on train and valid together up to that epoch. Valid being in their training data, the choosing
+    runs' valid predictions (averaged) calibrate the ensemble and are its valid figures.
+    """
 
     def __init__(self, config, model, meta, device, out, log, progress, should_stop, generator, world=None,
                  make_model=None):
         super().__init__(config, model, meta, device, out, log, progress, should_stop, generator, world)
-        self.make_model = make_model
+        self.make_model = make_model  # backbone name → (a fresh model, its meta)
         self.members: list[PartialRun] = []
+        self.choosers: list[PartialRun] = []
+
+    def _runs(self) -> list[tuple[str, int | None, str, int]]:
+        """(kind: "choose" or "member", the seed, the backbone, the folder's number) of every run, in order."""
+        runs, number = [], 0
+        for backbone in self.config.member_backbones:
+            if self.config.refit:
+                runs.append(("choose", self.config.seed, backbone, 0))
+            for k in range(self.config.ensemble):
+                number += 1
+                runs.append(("member", self.config.seed + k, backbone, number))
+        return runs
 
     def fit(self, train_split, valid_split, test_split, resume_state) -> dict:
         if self.world.is_main:
             self.save_checkpoint(0)
-        maps, results = None, []
-        for k in range(self.config.ensemble):
-            seed = self.config.seed + k
-            folder = self.out / "members" / str(k + 1)
+        runs = self._runs()
+        maps_of, chosen_epoch, results, kinds = {}, {}, [], []
+        for index, (kind, seed, backbone, number) in enumerate(runs):
+            folder = self.out / ("choosing" if kind == "choose" else "members") / (backbone if kind == "choose"
+                                                                                    else str(number))
             folder.mkdir(parents=True, exist_ok=True)
-            member_log = lambda line, k=k: self.log(f"[model {k + 1}/{self.config.ensemble}] {line}")
-            run = PartialRun(replace(self.config, seed=seed, ensemble=1), self.model if k == 0 else self.make_model(),
-                             self.meta, self.device, folder, member_log,
-                             _MemberProgress(self.progress, k, self.config.ensemble), self.should_stop,
-                             seed_everything(seed), self.world)
-            run.shared_maps = maps
+            total = self.config.ensemble * len(self.config.member_backbones)
+            name = f"Choosing the epoch on valid ({backbone})" if kind == "choose" else f"Model {number} of {total}"
+            tag = f"choosing run, {backbone}" if kind == "choose" else f"model {number}/{total}"
+            member_log = lambda line, tag=tag: self.log(f"[{tag}] {line}")
+            model, meta = (self.model, self.meta) if index == 0 else self.make_model(backbone)
+            config = replace(self.config, seed=seed, ensemble=1, backbone=backbone, also_backbone=None, refit=False)
+            run_class = RefitRun if kind == "member" and self.config.refit else PartialRun
+            run = run_class(config, model, meta, self.device, folder, member_log,
+                            _MemberProgress(self.progress, index, len(runs), name), self.should_stop,
+                            seed_everything(seed), self.world)
+            if run_class is RefitRun:
+                run.stop_after = chosen_epoch[backbone]
+            run.shared_maps = maps_of.get(backbone)
             member_state = _member_checkpoint(folder, member_log) if resume_state else None
-            results.append(run.fit(train_split, valid_split, test_split, member_state))
-            maps = run.tensors
-            self.members.append(run)
-        self.tensors = maps
+            result = run.fit(train_split, valid_split, test_split, member_state)
+            maps_of[backbone] = getattr(run, "stored", run.tensors)
+            if kind == "choose":
+                chosen_epoch[backbone] = result["best_epoch"]
+                member_log(f"valid chose epoch {result['best_epoch']}: the members train on train and valid up to it")
+                self.choosers.append(run)
+            else:
+                results.append(result)
+                kinds.append(backbone)
+                self.members.append(run)
+        self.tensors = maps_of[self.config.backbone]
         cut = self.config.cut
+        several = len(self.config.member_backbones) > 1
         backbone, head = ensemble_parts([run.model.backbone for run in self.members],
-                                        [run.model.head for run in self.members], cut, self.meta["feature_dim"])
+                                        [run.model.head for run in self.members], cut,
+                                        [run.meta["feature_dim"] for run in self.members], kinds if several else None)
         self.model = models.CountingModel(backbone, head)
         self.meta = self.meta | {"ensemble": {"members": len(self.members), "cut": cut,
-                                              "seeds": [self.config.seed + k for k in range(len(self.members))]}}
+                                              "seeds": [run.config.seed for run in self.members],
+                                              **({"backbones": kinds} if several else {}),
+                                              **({"refit_epochs": chosen_epoch} if self.config.refit else {})}}
         self.temperature = self.calibrate(valid_split, self.meta)
         self.progress(force=True, stage="evaluate", fraction=0.97, message="Scoring the test split")
         valid_metrics = self.score("valid", valid_split)
         test_metrics = self.score("test", test_split)
         skipped = results[0]["skipped"]
         test_metrics["skipped"] = skipped
-        self.log(f"ensemble of {len(self.members)}: valid balanced accuracy "
-                 f"{valid_metrics['balanced_accuracy']:.3f} (members: "
-                 + ", ".join(f"{r['valid']['balanced_accuracy']:.3f}" for r in results) + ")")
+        self.log(f"ensemble of {len(self.members)}: valid balanced accuracy {valid_metrics['balanced_accuracy']:.3f}"
+                 + (" (of the choosing runs on train alone: the members learnt from valid)" if self.config.refit else
+                    " (members: " + ", ".join(f"{r['valid']['balanced_accuracy']:.3f}" for r in results) + ")"))
         return {"history": results[0]["history"], "best_epoch": results[0]["best_epoch"],
                 "epochs_run": results[0]["epochs_run"], "temperature": self.temperature, "valid": valid_metrics,
                 "test": test_metrics, "skipped": skipped,
-                "members": [{"seed": self.config.seed + k, "best_epoch": r["best_epoch"], "history": r["history"],
-                             "valid": _headline(r["valid"]), "test": _headline(r["test"])}
-                            for k, r in enumerate(results)],
+                "members": [{"seed": run.config.seed, "backbone": run.config.backbone, "best_epoch": r["best_epoch"],
+                             "history": r["history"], "valid": None if self.config.refit else _headline(r["valid"]),
+                             "test": _headline(r["test"])}
+                            for run, r in zip(self.members, results)],
+                **({"refit_epochs": chosen_epoch} if self.config.refit else {}),
                 **self.members[0].timings()}
 
     def save_checkpoint(self, epoch: int):
@@ -109,10 +147,12 @@ class EnsembleRun(BaseRun):
         self.write_checkpoint({"epoch": epoch, "config": self.config.to_dict(), "meta": self.meta, "ensemble": True})
 
     def compute_logits(self, name, split):
-        """The ensemble's output (log mean probability) per stored view, from each member's logits."""
-        logits = torch.stack([run.map_logits(run.model, name) for run in self.members])
+        """The ensemble's output (log mean probability) per stored view, from each member's logits; on valid after a
+        refit, the choosing runs' (the members learnt from valid)."""
+        runs = self.choosers if self.config.refit and name == "valid" else self.members
+        logits = torch.stack([run.map_logits(run.model, name) for run in runs])
         combined = torch.logsumexp(logits.float().log_softmax(-1), 0) - torch.log(torch.tensor(float(len(logits))))
-        return combined, self.tensors[name][1]
+        return combined, runs[0].tensors[name][1]
 
 
 def _member_checkpoint(folder, log) -> dict | None:
@@ -134,16 +174,18 @@ def _headline(metrics: dict) -> dict:
 def partial_run(config, model, meta, device, out, log, progress, should_stop, generator, world, train_split,
                 photos: int, make_model):
     """The run for a partial fine-tune: on stored maps when they fit the store's budget, else live."""
-    if not train_split.shards and stage_store.fits(model.backbone, meta, photos):
-        if config.ensemble > 1:
+    several = config.ensemble * len(config.member_backbones) > 1 or config.refit
+    if not train_split.shards and stage_store.fits(model.backbone, meta, photos * len(config.member_backbones)):
+        if several:
             return EnsembleRun(config, model, meta, device, out, log, progress, should_stop, generator, world,
                                make_model=make_model)
         return PartialRun(config, model, meta, device, out, log, progress, should_stop, generator, world)
-    if config.ensemble > 1:
+    if several:
         from core.training.config import TrainingError
 
         raise TrainingError("an ensemble trains on stored stage maps, and this dataset's do not fit the store's "
-                            "budget (or it is read from shards): train one model (--ensemble 1)")
+                            "budget (or it is read from shards): train one model (--ensemble 1, no second backbone, "
+                            "no refit)")
     why = "the photos are read from shards" if train_split.shards else (
         f"the stage maps of {photos:,} photos ({stage_store.store_bytes(model.backbone, meta, photos) / 1e9:.1f} GB) "
         f"do not fit the store's budget (the stage_maps cache cap)")

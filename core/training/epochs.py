@@ -126,6 +126,7 @@ class BaseRun:
         self.temperature = 1.0
         self.logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.averaged = None  # the weights' moving average (config.ema_decay), which is then what is validated and kept
+        self.stop_after: int | None = None  # train only this many epochs of the schedule (a refit; None: all)
 
     def check_stop(self, step: str = ""):
         """Raise Cancelled when stopping was asked for. With several processes this is a collective (rank 0's
@@ -151,7 +152,7 @@ class BaseRun:
         if self.config.ema_decay and not self.frozen:
             self.averaged = make_averaged(self.model, self.config.ema_decay)
         first = 1
-        epochs = self.config.n_epochs
+        epochs = self.stop_after or self.config.n_epochs
         if resume_state:
             first = self.restore(resume_state) + 1
             self.log(f"resumed after epoch {first - 1}")

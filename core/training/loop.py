@@ -193,10 +193,12 @@ def _train(config, ds, splits, out, resume_state, world, on_progress, should_sto
     if config.mode == "partial":
         from core.training.ensemble import partial_run
 
-        def make_model():
-            fresh, _ = models.build_backbone(config.backbone, config.weights, config.feature_set)
-            return models.CountingModel(fresh, models.make_head(config.head, info["feature_dim"], len(ds.classes),
-                                                                config.backbone))
+        def make_model(name: str):
+            """A fresh model on backbone `name` (an ensemble's next member) and its meta."""
+            fresh, fresh_info = models.build_backbone(name, config.weights if name == config.backbone else None,
+                                                      config.feature_set)
+            head = models.make_head(config.head, fresh_info["feature_dim"], len(ds.classes), name)
+            return models.CountingModel(fresh, head), _build_meta(config, ds, fresh_info)
 
         photos = sum(len(split.paths) for split in splits)
         run = partial_run(config, model, meta, device, out, log, progress, should_stop, generator, world, train_split,

@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from core.models import networks as models
 from core.models import stage_store
 from core.models.inference import tempered_probabilities
 from core.models.stages import STORE_CUT, Tail, block_index
@@ -189,3 +190,34 @@ class PartialRun(TensorRun):
         return {"feature_seconds": round(getattr(self, "map_seconds", 0.0), 2),
                 "feature_cache_hits": getattr(self, "map_hits", 0),
                 "features_computed": getattr(self, "maps_computed", 0)}
+
+
+class RefitRun(PartialRun):
+    """A partial fine-tune on the train and valid photos together, kept after epoch `stop_after` of its schedule (the
+    epoch a run on train alone chose on valid). Valid is in its training data, so it chooses nothing: each epoch's
+    weights replace the last, and the run ends at that epoch."""
+
+    def prepare(self, train_split, valid_split, test_split):
+        super().prepare(train_split, valid_split, test_split)
+        self.stored = self.tensors  # the maps per split, as the next run shares them
+        (train_maps, train_labels), (valid_maps, valid_labels) = self.tensors["train"], self.tensors["valid"]
+        self.tensors = self.tensors | {"train": (torch.cat([train_maps, valid_maps]),
+                                                 torch.cat([train_labels, valid_labels]))}
+        self.log(f"refit: trains on {len(train_labels) + len(valid_labels)} photos (train {len(train_labels)} + "
+                 f"valid {len(valid_labels)}) for the {self.stop_after} epoch{'s' if self.stop_after != 1 else ''} "
+                 f"valid chose")
+
+    def fit(self, train_split, valid_split, test_split, resume_state) -> dict:
+        result = super().fit(train_split, valid_split, test_split, resume_state)
+        self.tensors = self.stored  # the joined copy of train and valid is not kept once trained
+        return result
+
+    def validate_epoch(self):
+        return {"valid_loss": None, "valid_acc": None}
+
+    def calibrate(self, valid_split, best_meta: dict) -> float:
+        """No temperature: valid is in this run's training data (the ensemble is calibrated on held-out predictions)."""
+        self.log("calibration: none for this model alone (valid is in its training data), temperature 1")
+        if self.world.is_main:
+            models.save_model(self.out / "model.pt", self.model, best_meta | {"temperature": 1.0})
+        return 1.0
