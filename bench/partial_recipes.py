@@ -107,7 +107,7 @@ def main() -> int:
             started = time.perf_counter()
             result = run.fit(*splits, None)
             seconds = time.perf_counter() - started
-            maps_by_key[key] = getattr(run, "stored", run.tensors)
+            maps_by_key[key] = run.tensors
             row = {"recipe": recipe, "seed": seed, "refit_epochs": args.refit_epochs,
                    "settings": replace(config, data=None, out=None).to_dict(),
                    "valid": result["valid"]["balanced_accuracy"], "test": result["test"]["balanced_accuracy"],

@@ -83,11 +83,11 @@ class EnsembleRun(BaseRun):
             self.save_checkpoint(0)
         runs = self._runs()
         maps_of, chosen_epoch, results, kinds = {}, {}, [], []
+        total = self.config.ensemble * len(self.config.member_backbones)
         for index, (kind, seed, backbone, number) in enumerate(runs):
             folder = self.out / ("choosing" if kind == "choose" else "members") / (backbone if kind == "choose"
                                                                                     else str(number))
             folder.mkdir(parents=True, exist_ok=True)
-            total = self.config.ensemble * len(self.config.member_backbones)
             name = f"Choosing the epoch on valid ({backbone})" if kind == "choose" else f"Model {number} of {total}"
             tag = f"choosing run, {backbone}" if kind == "choose" else f"model {number}/{total}"
             member_log = lambda line, tag=tag: self.log(f"[{tag}] {line}")
@@ -102,7 +102,7 @@ class EnsembleRun(BaseRun):
             run.shared_maps = maps_of.get(backbone)
             member_state = _member_checkpoint(folder, member_log) if resume_state else None
             result = run.fit(train_split, valid_split, test_split, member_state)
-            maps_of[backbone] = getattr(run, "stored", run.tensors)
+            maps_of[backbone] = run.tensors  # a refit run is back on the shared maps once it has trained
             if kind == "choose":
                 chosen_epoch[backbone] = result["best_epoch"]
                 member_log(f"valid chose epoch {result['best_epoch']}: the members train on train and valid up to it")
