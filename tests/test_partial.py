@@ -210,6 +210,24 @@ def test_a_dataset_over_the_store_budget_trains_with_the_frozen_stages_run_live(
         train(TrainConfig(data=str(data), out=str(tmp_path / "ens"), ensemble=2, **SMALL))
 
 
+def test_the_store_budget_counts_each_backbone_of_a_two_backbone_ensemble_at_its_own_size(data, tmp_path,
+                                                                                            monkeypatch):
+    sizes = {}
+    for name in ("efficientnet_lite0", "efficientnet_lite2"):
+        backbone, info = build_backbone(name)
+        meta = info | preprocessing(info, 96, 1.37)
+        sizes[name] = stage_store.store_bytes(backbone.eval(), meta, 10)
+        assert stage_store.planned_bytes(name, None, 96, 1.37, 10) == sizes[name]  # the catalog, no network built
+    assert sizes["efficientnet_lite2"] > sizes["efficientnet_lite0"]
+    photos = len(list((data / "bin-images").glob("*.jpg")))  # every one labelled, in the classes
+    lite0_each, lite2_each = (size // 10 for size in sizes.values())
+    # Room for two Lite0 backbones' maps, not for Lite0's and Lite2's: the ensemble is refused, not over-filled.
+    cap_mb = (3 * lite0_each + lite2_each) * photos / 2 / storage.MB
+    monkeypatch.setenv(storage.CAPS_ENV, f"stage_maps={cap_mb}")
+    with pytest.raises(TrainingError, match="ensemble trains on stored stage maps"):
+        train(TrainConfig(data=str(data), out=str(tmp_path / "ens"), also_backbone="efficientnet_lite2", **SMALL))
+
+
 def test_a_refit_ensemble_of_two_backbones_learns_from_valid_and_is_one_network(data, tmp_path):
     import onnxruntime
 

@@ -58,22 +58,41 @@ def store_bytes(backbone: torch.nn.Module, meta: dict, photos: int, views: int =
     return photos * views * channels * height * width * 2
 
 
-def stored_share(backbone: str, weights: str | None, height: int, aspect: float, photos: int) -> float:
-    """About what share of `photos` photos' maps the store already holds for this backbone and input (from the size
-    of its folders, without reading them or building the network): for estimates."""
+def _planned(backbone: str, weights: str | None, height: int, aspect: float) -> tuple[dict, int] | None:
+    """The meta a backbone named would have at this input, and its map's channels at the cut, from the catalog
+    (without building the network); None for an architecture the catalog does not know."""
     from core.models.catalog import STAGE_CHANNELS
     from core.models.networks import backbone_spec, weights_file
     from core.models.preprocess import preprocessing
 
     spec = backbone_spec(backbone)
-    if spec.arch not in STAGE_CHANNELS or not photos:
-        return 0.0
+    if spec.arch not in STAGE_CHANNELS:
+        return None
     path = weights_file(backbone, weights)
     info = {"backbone": backbone, "arch": spec.arch, "weights": f"{path.name}:{_digest(path)}", "mean": list(spec.mean),
             "std": list(spec.std)}
-    meta = info | preprocessing(info, height, aspect)
+    return info | preprocessing(info, height, aspect), STAGE_CHANNELS[spec.arch]["stride16"]
+
+
+def planned_bytes(backbone: str, weights: str | None, height: int, aspect: float, photos: int,
+                  views: int = len(STORE_VIEWS)) -> int:
+    """What `photos` photos' maps take in the store for a backbone named, from the catalog (0 when it is unknown)."""
+    planned = _planned(backbone, weights, height, aspect)
+    if planned is None:
+        return 0
+    meta, channels = planned
     map_height, map_width = (-(-side // 16) for side in input_size(meta))
-    expected = photos * STAGE_CHANNELS[spec.arch]["stride16"] * map_height * map_width * 2
+    return photos * views * channels * map_height * map_width * 2
+
+
+def stored_share(backbone: str, weights: str | None, height: int, aspect: float, photos: int) -> float:
+    """About what share of `photos` photos' maps the store already holds for this backbone and input (from the size
+    of its folders, without reading them or building the network): for estimates."""
+    planned = _planned(backbone, weights, height, aspect) if photos else None
+    if planned is None:
+        return 0.0
+    meta, _ = planned
+    expected = planned_bytes(backbone, weights, height, aspect, photos, views=1)
     held = [storage.folder_size(storage.cache_dir(CACHE) / store_key(meta, view)) / expected for view in STORE_VIEWS]
     return min(1.0, min(held))
 
@@ -93,10 +112,11 @@ def cuttable(backbone: torch.nn.Module) -> bool:
     return True
 
 
-def fits(backbone: torch.nn.Module, meta: dict, photos: int, views: int = len(STORE_VIEWS)) -> bool:
-    """Whether `photos` photos' maps fit under the store's disk budget (its cache cap; no cap: always)."""
+def fits(backbone: torch.nn.Module, meta: dict, photos: int, views: int = len(STORE_VIEWS), also: int = 0) -> bool:
+    """Whether `photos` photos' maps, and `also` bytes of other maps stored beside them (another backbone's), fit
+    under the store's disk budget (its cache cap; no cap: always)."""
     cap = storage.cache_caps().get(CACHE)
-    return cap is None or store_bytes(backbone, meta, photos, views) <= cap
+    return cap is None or store_bytes(backbone, meta, photos, views) + also <= cap
 
 
 @dataclass

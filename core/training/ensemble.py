@@ -175,7 +175,9 @@ def partial_run(config, model, meta, device, out, log, progress, should_stop, ge
                 photos: int, make_model):
     """The run for a partial fine-tune: on stored maps when they fit the store's budget, else live."""
     several = config.ensemble * len(config.member_backbones) > 1 or config.refit
-    if not train_split.shards and stage_store.fits(model.backbone, meta, photos * len(config.member_backbones)):
+    others = sum(stage_store.planned_bytes(name, None, config.input_height, config.input_aspect, photos)
+                 for name in config.member_backbones if name != config.backbone)
+    if not train_split.shards and stage_store.fits(model.backbone, meta, photos, also=others):
         if several:
             return EnsembleRun(config, model, meta, device, out, log, progress, should_stop, generator, world,
                                make_model=make_model)
