@@ -14,10 +14,11 @@ from app_pages.common import current_dataset, current_user
 from core import gpu
 from core.jobs import hpo, worker
 from core.jobs import queue as jobs
-from core.jobs.describe import duration, params_summary, progress_text, search_params, trial_epochs
+from core.jobs.describe import duration, ensemble_summary, params_summary, progress_text, search_params, trial_epochs
 from core.jobs.estimates import estimate_seconds, features_cached
 from core.jobs.params import describe_dataset, training_problems
 from core.jobs.runs import (
+    backbones_label,
     current_run,
     final_metrics,
     final_test_metrics,
@@ -261,7 +262,9 @@ def done_summary(job: jobs.Job) -> None:
     asked = (metrics.get("config") or {}).get("epochs") or job.params.get("epochs")
     ran = metrics.get("epochs_run")
     epochs = f"{ran} epochs" if ran else ""
-    if ran and asked and ran < int(asked):
+    if metrics.get("members"):
+        epochs = ensemble_summary(metrics)
+    elif ran and asked and ran < int(asked):
         epochs = (f"stopped early at epoch {ran} of {asked}: the validation loss had stopped improving, so the best "
                   f"epoch ({metrics.get('best_epoch')}) was kept")
     figures = ""
@@ -333,7 +336,7 @@ def runs_section() -> None:
             "name": run_name(run), "current": bool(current and current.id == run.id),
             "accuracy": final.get("accuracy"), "off-by-one": final.get("off_by_one"), "MAE": final.get("mae"),
             "balanced accuracy": final.get("balanced_accuracy"), "macro-F1": final.get("macro_f1"),
-            "backbone": str(run.params.get("backbone") or "").replace("efficientnet_", ""),
+            "backbone": backbones_label(run.params),
             "mode": run.params.get("mode"), "size": run.params.get("image_size"), "epochs": run.params.get("epochs"),
             "lr": run.params.get("lr"), "balance": run.params.get("balance"),
             "duration": duration(run.extra.get("duration_s")) if run.extra.get("duration_s") else "",
@@ -463,7 +466,8 @@ else:
 worker.ensure_workers()  # jobs queued while the app was down start now
 
 if st.session_state.get("train_launched"):
-    st.toast(f"Job {st.session_state.pop('train_launched')} queued: it shows below.")
+    st.toast(f"Job {st.session_state.pop('train_launched')} queued: its progress shows under Jobs, at the top of "
+             "this page.")
 
 st.subheader("Jobs")
 st.session_state["train_page_active_ids"] = tuple(job.id for job in jobs.list_jobs(jobs.ACTIVE))

@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageOps
 
 from core import storage
+from core.jobs.describe import ensemble_summary
 from core.models import stage_store
 from core.models.networks import build_backbone, load_model
 from core.models.preprocess import photo_tensor, preprocessing, view_of
@@ -234,14 +235,23 @@ def test_a_refit_ensemble_of_two_backbones_learns_from_valid_and_is_one_network(
     from core.models import export
 
     out = tmp_path / "run"
+    updates = []
     result = train(TrainConfig(data=str(data), out=str(out), ensemble=2, also_backbone="efficientnet_lite2",
-                               refit=True, cut="blocks.5", **SMALL))
+                               refit=True, cut="blocks.5", **SMALL), on_progress=updates.append)
     kinds = ["efficientnet_lite0"] * 2 + ["efficientnet_lite2"] * 2
     assert [m["backbone"] for m in result["members"]] == kinds and [m["seed"] for m in result["members"]] == [0, 1] * 2
     chosen = result["refit_epochs"]
     assert set(chosen) == set(kinds) and all(1 <= epoch <= SMALL["epochs"] for epoch in chosen.values())
     # Each member trained on train and valid for the epochs its backbone's choosing run picked, and no longer.
     assert all(len(m["history"]) == chosen[m["backbone"]] and m["valid"] is None for m in result["members"])
+    assert ensemble_summary(result).startswith("an ensemble of 4 models (2 on lite0, 2 on lite2), refit on train "
+                                               "and valid for the epochs valid chose")
+    # The bar only moves forward and fills as the last member trains; a member's tiles count the epochs it trains.
+    fractions = [u["fraction"] for u in updates]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    training = [u for u in updates if u["stage"] == "train" and u["message"].startswith("Model ")]
+    assert max(u["fraction"] for u in training) > 0.9
+    assert all(u["epochs"] == chosen[kinds[int(u["message"].split(" of ")[0].split()[1]) - 1]] for u in training)
     log = (out / "log.txt").read_text()
     from core.data.layouts.registry import load_dataset
 

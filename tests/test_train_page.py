@@ -240,3 +240,9 @@ def test_a_refit_ensemble_of_two_backbones_is_chosen_in_advanced_and_launched(st
     config = TrainConfig.from_params(job.params | {"num_workers": 0}, tmp_path / "run")
     assert (config.member_backbones, config.refit, config.ensemble) == (
         ["efficientnet_lite0", "efficientnet_lite2"], True, 2)
+    # The job's card says what it trains: ten models are not mistaken for one.
+    assert any("ensemble of 2 + 2 on efficientnet_lite2 · refit on train and valid" in m.value for m in at.markdown)
+    from core.jobs.runs import short_name
+
+    assert short_name(f"20261207-163710-efficientnet_lite0-partial-job{job.id}", job.params) == \
+        f"#{job.id} lite0+lite2 ×2 refit 288px"

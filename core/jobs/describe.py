@@ -25,6 +25,13 @@ def params_summary(params: dict) -> str:
     if "seconds" in params and "backbone" not in params:
         return f"{params['seconds']} s check"
     parts = [params.get("backbone", "?"), params.get("mode", "?")]
+    if (params.get("ensemble") or 1) > 1 or params.get("also_backbone"):
+        members = f"ensemble of {params.get('ensemble') or 1}"
+        if params.get("also_backbone"):
+            members += f" + {params.get('ensemble') or 1} on {params['also_backbone']}"
+        parts.append(members)
+    if params.get("refit"):
+        parts.append("refit on train and valid")
     if params.get("epochs"):
         parts.append(f"{params['epochs']} epochs")
     if params.get("batch_size"):
@@ -39,6 +46,23 @@ def params_summary(params: dict) -> str:
     if params.get("n_trials"):
         parts.append(f"{params['n_trials']} trials")
     return " · ".join(str(p) for p in parts)
+
+
+def ensemble_summary(metrics: dict) -> str:
+    """What an ensemble is: its models per backbone, and the epochs they trained (chosen on valid)."""
+    members = metrics["members"]
+    per_backbone = {}
+    for member in members:
+        name = str(member.get("backbone") or metrics.get("backbone")).replace("efficientnet_", "")
+        per_backbone[name] = per_backbone.get(name, 0) + 1
+    text = f"an ensemble of {len(members)} models" + (
+        " (" + ", ".join(f"{n} on {name}" for name, n in per_backbone.items()) + ")" if len(per_backbone) > 1 else "")
+    chosen = metrics.get("refit_epochs")
+    if chosen:
+        epochs = ", ".join(str(e) for e in chosen.values()) if len(set(chosen.values())) > 1 else str(
+            next(iter(chosen.values())))
+        return text + f", refit on train and valid for the epochs valid chose ({epochs})"
+    return text + ", each kept at its best valid epoch"
 
 
 def progress_text(progress: dict) -> str:

@@ -168,14 +168,23 @@ JOB_RUN_ID = re.compile(r"^\d{8}-\d{6}-.*-job(\d+)$")
 MAX_NAME = 32
 
 
+def backbones_label(params: dict) -> str:
+    """A run's backbone, short: "lite0", or "lite0+lite2" for an ensemble on two."""
+    backbones = (params.get("backbone"), params.get("also_backbone"))
+    return "+".join(str(b).replace("efficientnet_", "") for b in backbones if b)
+
+
 def short_name(run_id: str, params: dict) -> str:
     """A run's default name, short enough for a table column: "#3 lite0 frozen 160px" for a job's run folder."""
     found = JOB_RUN_ID.match(run_id)
     if not found:
         return run_id if len(run_id) <= MAX_NAME else run_id[:MAX_NAME - 1] + "…"
-    backbone = str(params.get("backbone") or "").replace("efficientnet_", "")
+    backbone = backbones_label(params)
+    mode = "" if params.get("also_backbone") else params.get("mode") or ""  # two backbones: a partial ensemble
+    members = f"×{params['ensemble']}" if (params.get("ensemble") or 1) > 1 else ""
+    refit = "refit" if params.get("refit") else ""
     size = f"{params['image_size']}px" if params.get("image_size") else ""
-    return " ".join(p for p in (f"#{found[1]}", backbone, params.get("mode") or "", size) if p)
+    return " ".join(p for p in (f"#{found[1]}", backbone, mode, members, refit, size) if p)
 
 
 def run_name(run: Run) -> str:

@@ -37,14 +37,15 @@ class LivePartialRun(FinetuneRun):
 
 
 class _MemberProgress:
-    """A member's progress as its share of the ensemble's bar, its messages prefixed with which member it is."""
+    """A member's progress as its share of the ensemble's bar (from `start`, `share` wide), its messages prefixed with
+    which member it is."""
 
-    def __init__(self, progress, member: int, members: int, name: str):
-        self.progress, self.member, self.members, self.name = progress, member, members, name
+    def __init__(self, progress, start: float, share: float, name: str):
+        self.progress, self.start, self.share, self.name = progress, start, share, name
 
     def __call__(self, force: bool = False, **changes):
         if "fraction" in changes:
-            changes["fraction"] = 0.95 * (self.member + changes["fraction"]) / self.members
+            changes["fraction"] = 0.95 * (self.start + self.share * changes["fraction"])
         if changes.get("message"):
             changes["message"] = f"{self.name}: {changes['message']}"
         self.progress(force=force, **changes)
@@ -78,6 +79,14 @@ class EnsembleRun(BaseRun):
                 runs.append(("member", self.config.seed + k, backbone, number))
         return runs
 
+    def _epochs(self, kind: str, seed, backbone: str, number: int, chosen_epoch: dict) -> int:
+        """The epochs a run trains, which weigh its share of the progress bar (an epoch takes about as long in each:
+        a refit member's photos are a choosing run's train photos plus the valid ones it scores every epoch). Until
+        the choosing run has chosen, a refit member is counted at half the schedule, where valid has chosen so far."""
+        if kind == "member" and self.config.refit:
+            return chosen_epoch.get(backbone) or max(1, self.config.n_epochs // 2)
+        return self.config.n_epochs
+
     def fit(self, train_split, valid_split, test_split, resume_state) -> dict:
         if self.world.is_main:
             self.save_checkpoint(0)
@@ -94,8 +103,9 @@ class EnsembleRun(BaseRun):
             model, meta = (self.model, self.meta) if index == 0 else self.make_model(backbone)
             config = replace(self.config, seed=seed, ensemble=1, backbone=backbone, also_backbone=None, refit=False)
             run_class = RefitRun if kind == "member" and self.config.refit else PartialRun
-            run = run_class(config, model, meta, self.device, folder, member_log,
-                            _MemberProgress(self.progress, index, len(runs), name), self.should_stop,
+            epochs = [self._epochs(*other, chosen_epoch) for other in runs]
+            bar = _MemberProgress(self.progress, sum(epochs[:index]) / sum(epochs), epochs[index] / sum(epochs), name)
+            run = run_class(config, model, meta, self.device, folder, member_log, bar, self.should_stop,
                             seed_everything(seed), self.world)
             if run_class is RefitRun:
                 run.stop_after = chosen_epoch[backbone]

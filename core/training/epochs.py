@@ -160,7 +160,7 @@ class BaseRun:
                 first = epochs + 1  # it had stopped early: nothing more to train
         for epoch in range(first, epochs + 1):
             self.check_stop()
-            self.progress(force=True, stage="train", epoch=epoch, message=f"Epoch {epoch}/{epochs}")
+            self.progress(force=True, stage="train", epoch=epoch, epochs=epochs, message=f"Epoch {epoch}/{epochs}")
             record = self.train_epoch(epoch) | self.validate_epoch()
             record["epoch"] = epoch
             self.history.append(record)
@@ -288,7 +288,7 @@ class BaseRun:
         return state["epoch"]
 
     def fraction(self, epoch: int, within: float) -> float:
-        return (epoch - 1 + within) / self.config.n_epochs
+        return (epoch - 1 + within) / (self.stop_after or self.config.n_epochs)
 
     def timings(self) -> dict:
         return {}
