@@ -488,6 +488,10 @@ run_ids = [r["id"] for r in runs]
 by_id = {r["id"]: r for r in runs}
 current = current_run()
 default = run_ids.index(current.id) if current is not None and current.id in by_id else 0
+opened = st.session_state.pop("evaluate_open_run", None)  # a finished job's "See it on Evaluate"
+if opened in by_id:
+    default = run_ids.index(opened)
+    st.session_state.pop("eval_run", None)
 run_id = st.selectbox("Run", run_ids, index=default, format_func=lambda i: run_label(by_id[i]), key="eval_run")
 run = by_id[run_id]
 try:

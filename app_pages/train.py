@@ -3,6 +3,7 @@ hyperparameters."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pandas as pd
 import plotly.express as px
@@ -275,6 +276,8 @@ def done_summary(job: jobs.Job) -> None:
     line = st.container(horizontal=True, vertical_alignment="center")
     if line.button("See it on Evaluate: confusion matrix and photos", icon=":material/target:",
                    key=f"train_to_evaluate_{job.id}", type="primary"):
+        if job.run_dir:
+            st.session_state["evaluate_open_run"] = Path(job.run_dir).name
         st.switch_page("app_pages/evaluate.py")
     line.caption(f"Output: `{job.run_dir}`")
 

@@ -181,3 +181,14 @@ def test_a_click_on_the_confusion_chart_opens_that_cell(shared):
     assert not at.exception
     assert at.selectbox(key="cm_true").value == 4 and at.selectbox(key="cm_pred").value == 2
     assert any("with true count **4** predicted as **2**" in m.value for m in at.markdown)
+
+
+def test_a_finished_jobs_button_opens_evaluate_on_its_run_not_the_current_one(shared):
+    at = run_page()
+    shown = at.selectbox(key="eval_run").value  # the current model, else the newest run
+    other = next(run_id for run_id in shared["runs"] if run_id != shown)
+    at.session_state["evaluate_open_run"] = other  # what the Train page's "See it on Evaluate" sets
+    at.run()
+    assert at.selectbox(key="eval_run").value == other and not at.exception
+    at.run()  # the choice stays: later reruns keep the run the user looks at
+    assert at.selectbox(key="eval_run").value == other

@@ -101,6 +101,15 @@ def test_a_partial_run_saves_a_whole_network_that_predicts_as_the_map_path(data,
 
     mapped = tempered_probabilities(run.map_logits(model, "test"), meta["temperature"]).numpy()
     assert np.abs(mapped - live).max() < 2e-3
+    # The training kept its test scores as the model's predictions: Evaluate opens on them without predicting.
+    from core.evaluation.predictions import PredictionStore
+
+    rows = load_dataset(data).rows("test")
+    store = PredictionStore(tmp_path / "run" / "model.pt")
+    assert store.missing(rows).empty
+    kept = store.stored(rows)
+    assert list(kept["name"]) == list(rows["name"])
+    assert np.abs(kept[[f"prob_{c}" for c in meta["classes"]]].to_numpy() - live).max() < 2e-3
 
 
 def test_only_the_stages_after_the_cut_learn(data, tmp_path):

@@ -129,7 +129,8 @@ def test_a_running_training_shows_progress_curves_speed_and_device(started, data
     done = next(s.value for s in at.success if "Done in" in s.value)
     assert f"Test accuracy **{test['accuracy']:.1%}**" in done and f"**{test['off_by_one']:.1%}**" in done
     assert "3 epochs" in done
-    assert f"train_to_evaluate_{job.id}" in [b.key for b in at.button]
+    at.button(key=f"train_to_evaluate_{job.id}").click().run()
+    assert at.session_state["evaluate_open_run"] == run.id  # Evaluate opens on this job's run
 
 
 def test_choosing_the_current_model(started):

@@ -152,6 +152,18 @@ class PredictionStore:
             self._save(batch)
         return self.stored(rows)
 
+    def keep(self, rows: pd.DataFrame, probs: np.ndarray, raw: np.ndarray, classes: list[int]) -> None:
+        """Store this model's outputs computed elsewhere for `rows`' photos (name, path; in order): `probs`
+        calibrated, `raw` at temperature 1, as predict() stores them. A training keeps its test split's this way."""
+        from core.models.inference import predictions_frame
+
+        frame = predictions_frame(rows["path"].tolist(), probs, {}, classes).drop(columns=["photo", "path"])
+        for column, count in enumerate(classes):
+            frame[f"raw_{int(count)}"] = raw[:, column]
+        frame.insert(0, "name", rows["name"].astype(str).to_numpy())
+        frame.insert(1, "path", rows["path"].astype(str).to_numpy())
+        self._save(frame)
+
     def _save(self, batch: pd.DataFrame) -> None:
         """Add a chunk's outputs; an older version of the same photo (name and path) is dropped."""
         batch = _keyed(batch).merge(batch, on=["name", "path"])
