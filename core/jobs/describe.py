@@ -1,7 +1,10 @@
 """Jobs in words for the Train page and the CLI: durations, a job's parameters, its stage, the search form's defaults."""
 from __future__ import annotations
 
+from collections import Counter
+
 from core.jobs.estimates import input_shape
+from core.jobs.runs import short_backbone
 from core.training.config import search_space
 
 STAGES = {"features": "Computing backbone features", "train": "Training", "evaluate": "Evaluating on the test split",
@@ -51,16 +54,12 @@ def params_summary(params: dict) -> str:
 def ensemble_summary(metrics: dict) -> str:
     """What an ensemble is: its models per backbone, and the epochs they trained (chosen on valid)."""
     members = metrics["members"]
-    per_backbone = {}
-    for member in members:
-        name = str(member.get("backbone") or metrics.get("backbone")).replace("efficientnet_", "")
-        per_backbone[name] = per_backbone.get(name, 0) + 1
-    text = f"an ensemble of {len(members)} models" + (
-        " (" + ", ".join(f"{n} on {name}" for name, n in per_backbone.items()) + ")" if len(per_backbone) > 1 else "")
-    chosen = metrics.get("refit_epochs")
-    if chosen:
-        epochs = ", ".join(str(e) for e in chosen.values()) if len(set(chosen.values())) > 1 else str(
-            next(iter(chosen.values())))
+    per_backbone = Counter(short_backbone(m.get("backbone") or metrics.get("backbone")) for m in members)
+    text = f"an ensemble of {len(members)} models"
+    if len(per_backbone) > 1:
+        text += " (" + ", ".join(f"{n} on {name}" for name, n in per_backbone.items()) + ")"
+    if metrics.get("refit_epochs"):
+        epochs = ", ".join(str(e) for e in dict.fromkeys(metrics["refit_epochs"].values()))
         return text + f", refit on train and valid for the epochs valid chose ({epochs})"
     return text + ", each kept at its best valid epoch"
 

@@ -168,10 +168,14 @@ JOB_RUN_ID = re.compile(r"^\d{8}-\d{6}-.*-job(\d+)$")
 MAX_NAME = 32
 
 
+def short_backbone(name: str) -> str:
+    """A backbone's name for tables and captions: "lite0" for efficientnet_lite0."""
+    return str(name).replace("efficientnet_", "")
+
+
 def backbones_label(params: dict) -> str:
     """A run's backbone, short: "lite0", or "lite0+lite2" for an ensemble on two."""
-    backbones = (params.get("backbone"), params.get("also_backbone"))
-    return "+".join(str(b).replace("efficientnet_", "") for b in backbones if b)
+    return "+".join(short_backbone(b) for b in (params.get("backbone"), params.get("also_backbone")) if b)
 
 
 def short_name(run_id: str, params: dict) -> str:

@@ -79,7 +79,7 @@ class EnsembleRun(BaseRun):
                 runs.append(("member", self.config.seed + k, backbone, number))
         return runs
 
-    def _epochs(self, kind: str, seed, backbone: str, number: int, chosen_epoch: dict) -> int:
+    def _epochs(self, kind: str, backbone: str, chosen_epoch: dict) -> int:
         """The epochs a run trains, which weigh its share of the progress bar (an epoch takes about as long in each:
         a refit member's photos are a choosing run's train photos plus the valid ones it scores every epoch). Until
         the choosing run has chosen, a refit member is counted at half the schedule, where valid has chosen so far."""
@@ -103,7 +103,7 @@ class EnsembleRun(BaseRun):
             model, meta = (self.model, self.meta) if index == 0 else self.make_model(backbone)
             config = replace(self.config, seed=seed, ensemble=1, backbone=backbone, also_backbone=None, refit=False)
             run_class = RefitRun if kind == "member" and self.config.refit else PartialRun
-            epochs = [self._epochs(*other, chosen_epoch) for other in runs]
+            epochs = [self._epochs(other, on, chosen_epoch) for other, _, on, _ in runs]
             bar = _MemberProgress(self.progress, sum(epochs[:index]) / sum(epochs), epochs[index] / sum(epochs), name)
             run = run_class(config, model, meta, self.device, folder, member_log, bar, self.should_stop,
                             seed_everything(seed), self.world)

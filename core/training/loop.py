@@ -86,7 +86,7 @@ def keep_test_predictions(run, model_path: Path, ds, split: Split, log) -> None:
     logits, labels = run.logits["test"]
     readable = np.array([path not in run.skipped for path in split.paths], dtype=bool)
     rows = ds.rows("test")
-    if len(rows) != len(split.paths) or list(rows["path"]) != list(split.paths) or int(readable.sum()) != len(labels) \
+    if list(rows["path"]) != list(split.paths) or int(readable.sum()) != len(labels) \
             or not np.array_equal(split.labels[readable], labels.numpy()):
         return
     PredictionStore(model_path).keep(rows[readable], tempered_probabilities(logits, run.temperature).numpy(),
