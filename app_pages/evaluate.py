@@ -487,12 +487,19 @@ if not runs:
 run_ids = [r["id"] for r in runs]
 by_id = {r["id"]: r for r in runs}
 current = current_run()
-default = run_ids.index(current.id) if current is not None and current.id in by_id else 0
+current_id = current.id if current is not None else None
+default = run_ids.index(current_id) if current_id in by_id else 0
+# Streamlit forgets a widget's value once another page is shown, so the chosen run is kept under its own key; it
+# holds until the current model changes (a new training shows its model first).
+chosen, chosen_with = st.session_state.get("eval_run_chosen", (None, None))
+if chosen in by_id and chosen_with == current_id:
+    default = run_ids.index(chosen)
 opened = st.session_state.pop("evaluate_open_run", None)  # a finished job's "See it on Evaluate"
 if opened in by_id:
     default = run_ids.index(opened)
     st.session_state.pop("eval_run", None)
 run_id = st.selectbox("Run", run_ids, index=default, format_func=lambda i: run_label(by_id[i]), key="eval_run")
+st.session_state["eval_run_chosen"] = (run_id, current_id)
 run = by_id[run_id]
 try:
     _, meta = model_loader(run["path"])()

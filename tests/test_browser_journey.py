@@ -185,6 +185,8 @@ def analyst_journey(page, source: Path, tmp_path: Path) -> None:
     assert in_view(card)  # at the top of the page, not below the fold
     done = page.locator('[data-testid="stAlertContentSuccess"]', has_text="Done in")
     done.wait_for(timeout=300_000)
+    # The live card's last fragment run ends before the page's own rerun swaps it for the finished one
+    page.get_by_text(re.compile(r"Job \d+ · train · running")).wait_for(state="detached", timeout=120_000)
     wait_idle(page)
     assert in_view(done)
     accuracy = percent(re.search(r"Test accuracy\s+[\d.]+\s*%", done.inner_text())[0])

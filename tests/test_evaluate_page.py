@@ -192,3 +192,25 @@ def test_a_finished_jobs_button_opens_evaluate_on_its_run_not_the_current_one(sh
     assert at.selectbox(key="eval_run").value == other and not at.exception
     at.run()  # the choice stays: later reruns keep the run the user looks at
     assert at.selectbox(key="eval_run").value == other
+
+
+def test_the_chosen_run_is_kept_across_pages_until_a_new_model_is_current(shared):
+    from core import config
+    from core.jobs.runs import set_current_run
+
+    def back_on_the_page(before: AppTest) -> AppTest:
+        """The page shown again after another one: Streamlit has dropped its widgets' values, nothing else."""
+        again = AppTest.from_file(PAGE, default_timeout=120)
+        again.session_state["eval_run_chosen"] = before.session_state["eval_run_chosen"]
+        return again.run()
+
+    config.save_settings(current_run=None)  # no current model: the newest run shows first
+    at = run_page()
+    shown = at.selectbox(key="eval_run").value
+    other = next(run_id for run_id in shared["runs"] if run_id != shown)
+    at.selectbox(key="eval_run").set_value(other).run()
+    at = back_on_the_page(at)
+    assert at.selectbox(key="eval_run").value == other and not at.exception
+    set_current_run(shown)  # a training finished, or Predict chose a model: the current model shows first again
+    at = back_on_the_page(at)
+    assert at.selectbox(key="eval_run").value == shown

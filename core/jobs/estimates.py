@@ -81,9 +81,9 @@ def estimate_seconds(params: dict, n_train: int, n_valid: int, n_test: int, on_g
         train = speeds.get("train") if measured else DEFAULT_SPEED["partial"] * 224 ** 2 / _pixels(params)
         scored = n_valid * (2 if config.ema_decay else 1) * len(STORE_VIEWS)
         one_run = epochs * (n_train / train + scored / (3 * train))
-        # A refit: one run per backbone on train chooses the epoch (about half the schedule, measured), then each
-        # member trains on train and valid that long without validating.
-        member = epochs / 2 * (n_train + n_valid) / train if config.refit else one_run
+        # A refit: one run per backbone on train chooses the epoch, then each member trains on train and valid that
+        # long without validating.
+        member = config.expected_refit_epochs * (n_train + n_valid) / train if config.refit else one_run
         seconds = len(STORE_VIEWS) * missing / features + len(backbones) * photos * len(STORE_VIEWS) / (3 * train) \
             + len(backbones) * (config.ensemble * member + (one_run if config.refit else 0))
     else:

@@ -176,6 +176,12 @@ class TrainConfig:
         return self.epochs if self.epochs is not None else DEFAULT_EPOCHS.get(self.mode, 10)
 
     @property
+    def expected_refit_epochs(self) -> int:
+        """How long a refit member is expected to train before valid has chosen: half the schedule, where valid chose
+        in every measured partial run (epoch 4 of 8, bench/RESULTS.md)."""
+        return max(1, self.n_epochs // 2)
+
+    @property
     def test_views(self) -> str:
         return self.tta if self.tta is not None else DEFAULT_TTA.get(self.mode, "none")
 

@@ -82,9 +82,9 @@ class EnsembleRun(BaseRun):
     def _epochs(self, kind: str, backbone: str, chosen_epoch: dict) -> int:
         """The epochs a run trains, which weigh its share of the progress bar (an epoch takes about as long in each:
         a refit member's photos are a choosing run's train photos plus the valid ones it scores every epoch). Until
-        the choosing run has chosen, a refit member is counted at half the schedule, where valid has chosen so far."""
+        the choosing run has chosen, a refit member is counted at the epochs valid is expected to choose."""
         if kind == "member" and self.config.refit:
-            return chosen_epoch.get(backbone) or max(1, self.config.n_epochs // 2)
+            return chosen_epoch.get(backbone) or self.config.expected_refit_epochs
         return self.config.n_epochs
 
     def fit(self, train_split, valid_split, test_split, resume_state) -> dict:
