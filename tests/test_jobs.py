@@ -125,6 +125,20 @@ def test_estimate_uses_measured_speed_once_a_run_exists():
     assert estimate_seconds(params, 400, 100, 100, on_gpu=True)[1] is False  # GPU speed not measured yet
 
 
+def test_the_estimate_of_a_partial_training_counts_the_store_pass_in_photos_per_second():
+    """A partial run measures the stage maps' pass in photos/s, both stored views of a photo at once: on an empty
+    store the estimate spends the photos / that speed on it, not twice as long."""
+    params = {"backbone": "efficientnet_lite0", "mode": "partial", "epochs": 8, "image_size": 224, "aspect": 1.0}
+    for name, photos_per_s in (("slow-maps", 20.0), ("fast-maps", 40.0)):
+        register_run(fake_run(name, 0.5), params=params,
+                     extra={"speeds": {"features": photos_per_s, "train": 150.0}, "on_gpu": False})
+        seconds, measured = estimate_seconds(params, 400, 100, 100, on_gpu=False)
+        assert measured
+        if name == "slow-maps":
+            slow = seconds
+    assert slow - seconds == pytest.approx(600 / 20.0 - 600 / 40.0)
+
+
 def test_a_dataset_gone_at_run_time_fails_the_job_with_a_clear_message(small_abid):
     import shutil
 

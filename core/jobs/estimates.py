@@ -4,8 +4,9 @@ from __future__ import annotations
 from core.jobs.runs import list_runs
 from core.training.config import TrainConfig
 
-# Rough images/s on 2 CPU cores at 224 px before any run has measured this machine.
-DEFAULT_SPEED = {"features": 25.0, "train": 6.0, "head": 5000.0, "partial": 150.0}
+# Rough images/s on 2 CPU cores at 224 px before any run has measured this machine (a frozen run's feature pass
+# measured 59, a partial run's training 324 scaled to 224 px, on the 2-core machine of December 2026).
+DEFAULT_SPEED = {"features": 50.0, "train": 6.0, "head": 5000.0, "partial": 300.0}
 GPU_SPEEDUP = 25.0
 CACHED_READ_SPEED = 2000.0  # feature vectors read back from the cache per second (photos hashed, shards loaded)
 
@@ -55,11 +56,12 @@ def estimate_seconds(params: dict, n_train: int, n_valid: int, n_test: int, on_g
     """(seconds, measured): the duration of a training from this machine's measured images/s, else a rough guess."""
     from core.models.preprocess import TTA_VIEWS
 
+    scale = 224 ** 2 / _pixels(params) * (GPU_SPEEDUP if on_gpu else 1.0)
+    guessed = {stage: value * scale for stage, value in DEFAULT_SPEED.items()}
     speeds = measured_speeds(params, on_gpu)
     measured = speeds is not None
     if speeds is None:
-        scale = 224 ** 2 / _pixels(params) * (GPU_SPEEDUP if on_gpu else 1.0)
-        speeds = {stage: value * scale for stage, value in DEFAULT_SPEED.items()}
+        speeds = guessed
     config = TrainConfig.from_params(params, "")
     epochs = max(int(config.n_epochs), 1)
     features = speeds.get("features") or DEFAULT_SPEED["features"]
@@ -78,13 +80,17 @@ def estimate_seconds(params: dict, n_train: int, n_valid: int, n_test: int, on_g
         backbones = config.member_backbones
         missing = sum(photos * (1 - stored_share(backbone, config.weights, config.input_height, config.input_aspect,
                                                  photos)) for backbone in backbones)
-        train = speeds.get("train") if measured else DEFAULT_SPEED["partial"] * 224 ** 2 / _pixels(params)
+        # A partial run measures the store's pass in photos/s, all stored views of a photo at once; the guess is one
+        # view's images/s.
+        maps_per_s = speeds["features"] if measured and speeds.get("features") else \
+            guessed["features"] / len(STORE_VIEWS)
+        train = speeds["train"] if measured and speeds.get("train") else guessed["partial"]
         scored = n_valid * (2 if config.ema_decay else 1) * len(STORE_VIEWS)
         one_run = epochs * (n_train / train + scored / (3 * train))
         # A refit: one run per backbone on train chooses the epoch, then each member trains on train and valid that
         # long without validating.
         member = config.expected_refit_epochs * (n_train + n_valid) / train if config.refit else one_run
-        seconds = len(STORE_VIEWS) * missing / features + len(backbones) * photos * len(STORE_VIEWS) / (3 * train) \
+        seconds = missing / maps_per_s + len(backbones) * photos * len(STORE_VIEWS) / (3 * train) \
             + len(backbones) * (config.ensemble * member + (one_run if config.refit else 0))
     else:
         train = speeds.get("train") or DEFAULT_SPEED["train"]
