@@ -14,6 +14,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ABID = (ROOT / ".." / "shared" / "abid").resolve()
 
+# Under pytest-xdist each test process gets its share of the cores (and so do the trainings, workers and servers it
+# starts): PyTorch's default of one thread per core in each process oversubscribes them, and spinning threads cost
+# the suite a fifth more CPU time.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def wait_for(condition, timeout: float, what: str, every: float = 0.1):
     """The condition's first truthy value, polled until `timeout` seconds; a clear failure naming `what` after that."""
