@@ -468,9 +468,17 @@ else:
                "they go on when you close the browser or restart the app.")
 worker.ensure_workers()  # jobs queued while the app was down start now
 
+# The page is scrolled down to the Launch button; the new job's card is under Jobs, at the top.
+SCROLL_TO_JOBS = """<script>
+(function scroll(tries) {
+  const jobs = document.getElementById("jobs");
+  if (jobs) { jobs.scrollIntoView({block: "start"}); } else if (tries > 0) { setTimeout(() => scroll(tries - 1), 100); }
+})(30);
+</script>"""
+
 if st.session_state.get("train_launched"):
-    st.toast(f"Job {st.session_state.pop('train_launched')} queued: its progress shows under Jobs, at the top of "
-             "this page.")
+    st.toast(f"Job {st.session_state.pop('train_launched')} queued: its progress shows under Jobs.")
+    st.html(SCROLL_TO_JOBS, unsafe_allow_javascript=True)
 
 st.subheader("Jobs")
 st.session_state["train_page_active_ids"] = tuple(job.id for job in jobs.list_jobs(jobs.ACTIVE))

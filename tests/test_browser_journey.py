@@ -179,10 +179,13 @@ def analyst_journey(page, source: Path, tmp_path: Path) -> None:
     go_to(page, "Train")
     choose(page, "Image height (px)", "96")
     type_number(page, "train_epochs_frozen", 8)
+    page.mouse.wheel(0, 5000)  # as far down as the page goes: the job's card is above the fold from here
     page.get_by_role("button", name="Launch training").click()
     card = page.get_by_text(re.compile(r"Job \d+ · train · ")).first
     card.wait_for()
-    assert in_view(card)  # at the top of the page, not below the fold
+    page.wait_for_function("() => { const top = document.getElementById('jobs').getBoundingClientRect().top; "
+                           "return top >= 0 && top < 300; }")
+    assert in_view(card)  # the page went up to it
     done = page.locator('[data-testid="stAlertContentSuccess"]', has_text="Done in")
     done.wait_for(timeout=300_000)
     # The live card's last fragment run ends before the page's own rerun swaps it for the finished one
