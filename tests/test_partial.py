@@ -101,15 +101,18 @@ def test_a_partial_run_saves_a_whole_network_that_predicts_as_the_map_path(data,
 
     mapped = tempered_probabilities(run.map_logits(model, "test"), meta["temperature"]).numpy()
     assert np.abs(mapped - live).max() < 2e-3
-    # The training kept its test scores as the model's predictions: Evaluate opens on them without predicting.
+    # The training kept its test and valid scores as the model's predictions: Evaluate opens on them without
+    # predicting.
     from core.evaluation.predictions import PredictionStore
 
-    rows = load_dataset(data).rows("test")
     store = PredictionStore(tmp_path / "run" / "model.pt")
-    assert store.missing(rows).empty
-    kept = store.stored(rows)
-    assert list(kept["name"]) == list(rows["name"])
-    assert np.abs(kept[[f"prob_{c}" for c in meta["classes"]]].to_numpy() - live).max() < 2e-3
+    for name in ("test", "valid"):
+        rows = load_dataset(data).rows(name)
+        assert store.missing(rows).empty, name
+        kept = store.stored(rows)
+        assert list(kept["name"]) == list(rows["name"])
+        live, errors = predict_probabilities(model, meta, list(rows["path"]), num_workers=0)
+        assert not errors and np.abs(kept[[f"prob_{c}" for c in meta["classes"]]].to_numpy() - live).max() < 2e-3
 
 
 def test_only_the_stages_after_the_cut_learn(data, tmp_path):
@@ -268,6 +271,11 @@ def test_a_refit_ensemble_of_two_backbones_learns_from_valid_and_is_one_network(
     n_train, n_valid = (len(dataset.rows(split)) for split in ("train", "valid"))
     assert log.count(f"refit: trains on {n_train + n_valid} photos (train {n_train} + valid {n_valid})") == 4
     assert all((out / "choosing" / kind / "model.pt").is_file() for kind in set(kinds))
+    # Evaluate gets the ensemble's test scores; valid's came from the choosing runs, not from the saved network.
+    from core.evaluation.predictions import PredictionStore
+
+    store = PredictionStore(out / "model.pt")
+    assert store.missing(dataset.rows("test")).empty and len(store.missing(dataset.rows("valid"))) == n_valid
     # One network: each backbone's frozen stages once, the mean of the four members' probabilities.
     model, meta = load_model(out)
     assert meta["ensemble"]["backbones"] == kinds and meta["temperature"] > 0

@@ -74,24 +74,28 @@ def _load_resume(out: Path) -> dict:
         raise TrainingError(f"{path}: the checkpoint cannot be read ({exc.__class__.__name__}); start again without --resume") from None
 
 
-def keep_test_predictions(run, model_path: Path, ds, split: Split, log) -> None:
-    """The test split's probabilities as the run scored them, kept in the model's prediction store: Evaluate and
-    `python -m core evaluate` read them instead of predicting those photos again. Kept only when the scored photos
-    line up with the split's (its readable photos, in order, with the same counts)."""
+def keep_predictions(run, model_path: Path, ds, splits: dict, log) -> None:
+    """Each split's probabilities as the run scored them with the saved network, kept in the model's prediction
+    store: Evaluate and `python -m core evaluate` read them instead of predicting those photos again. A split is kept
+    only when the scored photos line up with its rows (its readable photos, in order, with the same counts).
+    splits: {name: Split} of the splits the saved network scored (not valid after a refit: the choosing runs did)."""
     from core.evaluation.predictions import PredictionStore
     from core.models.inference import tempered_probabilities
 
-    if split.shards or "test" not in run.logits or not model_path.is_file():
+    if not model_path.is_file():
         return
-    logits, labels = run.logits["test"]
-    readable = np.array([path not in run.skipped for path in split.paths], dtype=bool)
-    rows = ds.rows("test")
-    if list(rows["path"]) != list(split.paths) or int(readable.sum()) != len(labels) \
-            or not np.array_equal(split.labels[readable], labels.numpy()):
-        return
-    PredictionStore(model_path).keep(rows[readable], tempered_probabilities(logits, run.temperature).numpy(),
-                                     tempered_probabilities(logits).numpy(), [int(c) for c in ds.classes])
-    log(f"test predictions kept for Evaluate ({len(labels)} photos)")
+    for name, split in splits.items():
+        if split.shards or name not in run.logits:
+            continue
+        logits, labels = run.logits[name]
+        readable = np.array([path not in run.skipped for path in split.paths], dtype=bool)
+        rows = ds.rows(name)
+        if list(rows["path"]) != list(split.paths) or int(readable.sum()) != len(labels) \
+                or not np.array_equal(split.labels[readable], labels.numpy()):
+            continue
+        PredictionStore(model_path).keep(rows[readable], tempered_probabilities(logits, run.temperature).numpy(),
+                                         tempered_probabilities(logits).numpy(), [int(c) for c in ds.classes])
+        log(f"{name} predictions kept for Evaluate ({len(labels)} photos)")
 
 
 def train(config: TrainConfig, on_progress=None, should_stop=None) -> dict:
@@ -240,6 +244,7 @@ def _train(config, ds, splits, out, resume_state, world, on_progress, should_sto
     if test.get("n"):
         log(f"test calibration: ECE {test['ece_uncalibrated']:.3f} before, {test['ece']:.3f} after "
             f"(temperature {result['temperature']:.3f})")
-        keep_test_predictions(run, out / "model.pt", ds, test_split, log)
+        scored = {"test": test_split} | ({} if config.refit else {"valid": valid_split})
+        keep_predictions(run, out / "model.pt", ds, scored, log)
     progress(force=True, stage="done", fraction=1.0, message="Training finished")
     return result
