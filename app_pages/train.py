@@ -41,6 +41,13 @@ ASPECT_NAMES = {1.0: "square (1.0)", 1.37: "the bins' shape (1.37)"}
 MODE_NAMES = {"frozen": "frozen backbone (minutes)", "finetune": "fine-tune the whole network (for GPUs)",
               "partial": "fine-tune the last stages (fast on a CPU)"}
 TTA_NAMES = {"none": "the photo only", "hflip": "photo + left-right mirror", "flips": "photo + its 3 mirrors"}
+# After a launch the page is scrolled down at the Launch button; the new job's card is under Jobs, at the top.
+SCROLL_TO_JOBS = """<script>
+(function scroll(tries) {
+  const jobs = document.getElementById("jobs");
+  if (jobs) { jobs.scrollIntoView({block: "start"}); } else if (tries > 0) { setTimeout(() => scroll(tries - 1), 100); }
+})(30);
+</script>"""
 
 
 # ---------------------------------------------------------------------------------------------- the form
@@ -467,14 +474,6 @@ else:
     st.caption(f"Jobs run in the background on the CPU ({device_facts['cpu_cores']} cores), one at a time; "
                "they go on when you close the browser or restart the app.")
 worker.ensure_workers()  # jobs queued while the app was down start now
-
-# The page is scrolled down to the Launch button; the new job's card is under Jobs, at the top.
-SCROLL_TO_JOBS = """<script>
-(function scroll(tries) {
-  const jobs = document.getElementById("jobs");
-  if (jobs) { jobs.scrollIntoView({block: "start"}); } else if (tries > 0) { setTimeout(() => scroll(tries - 1), 100); }
-})(30);
-</script>"""
 
 if st.session_state.get("train_launched"):
     st.toast(f"Job {st.session_state.pop('train_launched')} queued: its progress shows under Jobs.")
