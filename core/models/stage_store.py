@@ -78,9 +78,11 @@ def planned_bytes(backbone: str, weights: str | None, height: int, aspect: float
                   views: int = len(STORE_VIEWS)) -> int:
     """What `photos` photos' maps take in the store for a backbone named, from the catalog (0 when it is unknown)."""
     planned = _planned(backbone, weights, height, aspect)
-    if planned is None:
-        return 0
-    meta, channels = planned
+    return 0 if planned is None else _map_bytes(*planned, photos, views)
+
+
+def _map_bytes(meta: dict, channels: int, photos: int, views: int) -> int:
+    """The fp16 stride-16 maps of `photos` photos in `views` views, at the input `meta` describes."""
     map_height, map_width = (-(-side // 16) for side in input_size(meta))
     return photos * views * channels * map_height * map_width * 2
 
@@ -91,8 +93,8 @@ def stored_share(backbone: str, weights: str | None, height: int, aspect: float,
     planned = _planned(backbone, weights, height, aspect) if photos else None
     if planned is None:
         return 0.0
-    meta, _ = planned
-    expected = planned_bytes(backbone, weights, height, aspect, photos, views=1)
+    meta, channels = planned
+    expected = _map_bytes(meta, channels, photos, views=1)
     held = [storage.folder_size(storage.cache_dir(CACHE) / store_key(meta, view)) / expected for view in STORE_VIEWS]
     return min(1.0, min(held))
 
