@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import make_abid_subset
-from tests.test_browser_journey import in_view, nothing_cut, rerun_by, shot, wait_idle, walk
+from tests.test_browser_journey import comes_into_view, nothing_cut, rerun_by, shot, wait_idle, walk
 
 pytest.importorskip("playwright.sync_api")
 PER_COUNT = 12  # 60 real photos: the check's features in seconds, yet five heads per count to cross-fit
@@ -74,7 +74,8 @@ def review_loop(page, source: Path) -> None:
     rerun_by(page, lambda: page.get_by_role("button", name="Start checking").click())
     page.locator(".st-key-spot_photo").wait_for()
     settle(page)
-    assert in_view(page.locator(".st-key-spot_photo")) and in_view(page.locator(".st-key-decide_model_wrong"))
+    assert comes_into_view(page.locator(".st-key-spot_photo"))
+    assert comes_into_view(page.locator(".st-key-decide_model_wrong"))
     assert "after the first review" in page.locator(".st-key-precision_tiles").inner_text()
 
     recorded = pd.read_csv(source / "labels.csv").set_index("image")["count"]
