@@ -139,6 +139,19 @@ def test_the_estimate_of_a_partial_training_counts_the_store_pass_in_photos_per_
     assert slow - seconds == pytest.approx(600 / 20.0 - 600 / 40.0)
 
 
+def test_a_speed_a_run_did_not_measure_is_guessed_for_the_photos_size():
+    """A frozen run whose features were read back measured its head only: its features speed is then the guess,
+    scaled to the photos' size like every guess (not the 224² figure at any size)."""
+    from core.jobs.estimates import DEFAULT_SPEED
+
+    params = {"backbone": "efficientnet_lite0", "mode": "frozen", "epochs": 5, "image_size": 288, "aspect": 1.37,
+              "tta": "none"}
+    register_run(fake_run("head-only", 0.5), params=params, extra={"speeds": {"train": 8000.0}, "on_gpu": False})
+    seconds, measured = estimate_seconds(params, 400, 100, 100, on_gpu=False)
+    features = DEFAULT_SPEED["features"] * 224 ** 2 / (288 ** 2 * 1.37)
+    assert measured and seconds == pytest.approx(600 / features + 5 * 500 / 8000.0)
+
+
 def test_a_dataset_gone_at_run_time_fails_the_job_with_a_clear_message(small_abid):
     import shutil
 

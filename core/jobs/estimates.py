@@ -64,7 +64,7 @@ def estimate_seconds(params: dict, n_train: int, n_valid: int, n_test: int, on_g
         speeds = guessed
     config = TrainConfig.from_params(params, "")
     epochs = max(int(config.n_epochs), 1)
-    features = speeds.get("features") or DEFAULT_SPEED["features"]
+    features = speeds.get("features") or guessed["features"]
     views = len(TTA_VIEWS.get(config.test_views, ("plain",)))  # test-time views scored
     if config.mode == "frozen":
         if features_cached(params):
@@ -93,7 +93,7 @@ def estimate_seconds(params: dict, n_train: int, n_valid: int, n_test: int, on_g
         seconds = missing / maps_per_s + len(backbones) * photos * len(STORE_VIEWS) / (3 * train) \
             + len(backbones) * (config.ensemble * member + (one_run if config.refit else 0))
     else:
-        train = speeds.get("train") or DEFAULT_SPEED["train"]
+        train = speeds.get("train") or guessed["train"]
         evaluate = speeds.get("features") or 3 * train  # a forward pass costs about a third of a training step
         seconds = epochs * (n_train / train + n_valid / evaluate) + views * (n_valid + n_test) / evaluate
     return seconds, measured

@@ -79,11 +79,14 @@ def keep_predictions(run, model_path: Path, ds, splits: dict, log) -> None:
     store: Evaluate and `python -m core evaluate` read them instead of predicting those photos again. A split is kept
     only when the scored photos line up with its rows (its readable photos, in order, with the same counts).
     splits: {name: Split} of the splits the saved network scored (not valid after a refit: the choosing runs did)."""
+    import pandas as pd
+
     from core.evaluation.predictions import PredictionStore
     from core.models.inference import tempered_probabilities
 
     if not model_path.is_file():
         return
+    kept = []  # (split name, its rows, calibrated probabilities, raw probabilities)
     for name, split in splits.items():
         if split.shards or name not in run.logits:
             continue
@@ -93,9 +96,15 @@ def keep_predictions(run, model_path: Path, ds, splits: dict, log) -> None:
         if list(rows["path"]) != list(split.paths) or int(readable.sum()) != len(labels) \
                 or not np.array_equal(split.labels[readable], labels.numpy()):
             continue
-        PredictionStore(model_path).keep(rows[readable], tempered_probabilities(logits, run.temperature).numpy(),
-                                         tempered_probabilities(logits).numpy(), [int(c) for c in ds.classes])
-        log(f"{name} predictions kept for Evaluate ({len(labels)} photos)")
+        kept.append((name, rows[readable], tempered_probabilities(logits, run.temperature).numpy(),
+                     tempered_probabilities(logits).numpy()))
+    if not kept:
+        return
+    PredictionStore(model_path).keep(pd.concat([rows for _, rows, _, _ in kept], ignore_index=True),
+                                     np.concatenate([probs for _, _, probs, _ in kept]),
+                                     np.concatenate([raw for _, _, _, raw in kept]), [int(c) for c in ds.classes])
+    for name, rows, _, _ in kept:
+        log(f"{name} predictions kept for Evaluate ({len(rows)} photos)")
 
 
 def train(config: TrainConfig, on_progress=None, should_stop=None) -> dict:
