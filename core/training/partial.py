@@ -84,7 +84,7 @@ class PartialRun(TensorRun):
         def report(state):
             self.progress(stage="features", fraction=FEATURES_SHARE * state["done"] / max(state["total"], 1),
                           images_per_s=state["images_per_s"], data_wait_fraction=state["data_wait_fraction"],
-                          message=f"Computing stage maps {state['done']:,}/{state['total']:,} (once per photo; "
+                          message=f"stage maps of {state['done']:,}/{state['total']:,} photos (once per photo; "
                                   f"kept for the next training)")
 
         self.progress(force=True, stage="features", message="Reading stored stage maps")
