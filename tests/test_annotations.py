@@ -206,7 +206,8 @@ def test_export_and_annotate_from_the_command_line(small_abid, tmp_path, capsys)
     out = tmp_path / "out" / "annotations.csv"
     assert cli_main(["annotations", "export", "--data", str(small_abid), "--csv", str(out)]) == 0
     assert "3 decisions" in capsys.readouterr().out
-    table = pd.read_csv(out)
+    # a dataset key is 12 hex digits: read as text, or one of digits only (1 key in ~300) becomes a number
+    table = pd.read_csv(out, dtype={"dataset_key": str})
     assert list(table.columns) == annotations.EXPORT_COLUMNS
     assert table["photo"].tolist() == [names[0], names[1], names[1]]
     assert table["new_label"].tolist() == ["more than 5", "unclear", "2"]
