@@ -6,14 +6,13 @@ itself so Evaluate and Predict have something to show (point 8).
 """
 import os
 import re
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from tests.browser_app import CHROMIUM, CHROMIUM_FLAGS, running_app
-from tests.conftest import make_abid_subset
+from tests.conftest import make_abid_subset, wait_for
 
 playwright = pytest.importorskip("playwright.sync_api")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "screenshots"
@@ -122,13 +121,9 @@ def in_view(locator) -> bool:
 
 
 def comes_into_view(locator, seconds: float = 10) -> bool:
-    """Whether `locator` is in view within `seconds`: a rerun lays the page out in steps, so one look can be early."""
-    deadline = time.monotonic() + seconds
-    while not in_view(locator):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
+    """True once `locator` is in view, failing after `seconds`: a rerun lays the page out in steps, so one look can
+    be early."""
+    return wait_for(lambda: in_view(locator), seconds, f"{locator} in view")
 
 
 def nothing_cut(page) -> None:
