@@ -72,7 +72,7 @@ def main() -> int:
     from core.models import networks as models
     from core.training.config import TrainConfig
     from core.training.epochs import Progress, seed_everything
-    from core.training.loop import _build_meta, _split_rows
+    from core.training.loop import _build_meta, _split_rows, _without_suspects
     from core.training.partial import PartialRun, RefitRun
 
     if args.threads:
@@ -83,6 +83,9 @@ def main() -> int:
     for item in args.set:
         key, _, value = item.partition("=")
         extra[key] = json.loads(value) if value[:1] in "0123456789-[{tf" else value
+    if extra.get("exclude_suspects"):
+        splits[0], left_out = _without_suspects(ds, splits[0], 0, None, None)
+        print(f"  {left_out} likely wrong counts left out of the training split", flush=True)
     maps_by_key: dict = {}
     for recipe in args.recipes.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
