@@ -72,7 +72,7 @@ def main() -> int:
     from core.models import networks as models
     from core.training.config import TrainConfig
     from core.training.epochs import Progress, seed_everything
-    from core.training.loop import _build_meta, _split_rows, _without_suspects
+    from core.training.loop import _build_meta, _split_rows, training_split
     from core.training.partial import PartialRun, RefitRun
 
     if args.threads:
@@ -83,10 +83,8 @@ def main() -> int:
     for item in args.set:
         key, _, value = item.partition("=")
         extra[key] = json.loads(value) if value[:1] in "0123456789-[{tf" else value
-    if extra.get("exclude_suspects"):
-        splits[0], left_out = _without_suspects(ds, splits[0], 0, None, None)
-        print(f"  {left_out} likely wrong counts left out of the training split", flush=True)
     maps_by_key: dict = {}
+    train_by_choice: dict = {}  # the training split per choice of photos left out (likely wrong, uncountable)
     for recipe in args.recipes.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
             settings = {"mode": "partial", "num_workers": 1} | RECIPES[recipe] | extra | {"seed": seed}
@@ -96,6 +94,12 @@ def main() -> int:
             else:
                 out = Path(tempfile.mkdtemp(prefix=f"partial-{recipe}-{seed}-"))
             config = TrainConfig(data=args.data, out=str(out), **settings).for_dataset(ds)
+            choice = (config.exclude_suspects, config.exclude_uncountable)
+            if choice not in train_by_choice:
+                train_by_choice[choice], suspects, uncountable = training_split(config, ds, splits[0])
+                if suspects or uncountable:
+                    print(f"  left out of the training split: {suspects} likely wrong counts, {uncountable} "
+                          f"uncountable", flush=True)
             backbone, info = models.build_backbone(config.backbone, config.weights, config.feature_set)
             meta = _build_meta(config, ds, info)
             model = models.CountingModel(backbone, models.make_head(config.head, info["feature_dim"],
@@ -105,10 +109,10 @@ def main() -> int:
             run = run_class(config, model, meta, models.resolve_device("auto"), out, log,
                             Progress(None, "cpu", config.n_epochs), None, seed_everything(seed))
             run.stop_after = args.refit_epochs or None
-            key = (config.cut, config.input_height, config.input_aspect, config.backbone)
+            key = (config.cut, config.input_height, config.input_aspect, config.backbone, choice)
             run.shared_maps = maps_by_key.get(key)
             started = time.perf_counter()
-            result = run.fit(*splits, None)
+            result = run.fit(train_by_choice[choice], *splits[1:], None)
             seconds = time.perf_counter() - started
             maps_by_key[key] = run.tensors
             row = {"recipe": recipe, "seed": seed, "refit_epochs": args.refit_epochs,

@@ -132,14 +132,7 @@ def train(config: TrainConfig, on_progress=None, should_stop=None) -> dict:
     ds = load_dataset(config.data)
     config = config.for_dataset(ds)  # balance left to the dataset: its version's recommendation, recorded resolved
     train_split, valid_split, test_split = (_split_rows(ds, s) for s in ("train", "valid", "test"))
-    suspects = 0
-    if config.exclude_suspects:
-        train_split, suspects = _without_suspects(ds, train_split, config.n_epochs, on_progress, should_stop)
-    uncountable = 0
-    if config.exclude_uncountable:
-        from core.data.labels.annotations import uncountable as marked_uncountable
-
-        train_split, uncountable = _without(train_split, marked_uncountable(ds.key))
+    train_split, suspects, uncountable = training_split(config, ds, train_split, on_progress, should_stop)
     problems = config.validate(len(train_split.paths))
     if problems:
         raise TrainingError("; ".join(problems))
@@ -160,6 +153,19 @@ def _rank_log(rank: int):
     def log(line: str):
         print(f"[rank {rank}] {line}", file=sys.stderr, flush=True)
     return log
+
+
+def training_split(config: TrainConfig, ds, split: Split, on_progress=None, should_stop=None) -> tuple[Split, int, int]:
+    """The training split without the photos `config` leaves out (likely wrong counts, photos marked uncountable),
+    and how many of each were left out."""
+    suspects = uncountable = 0
+    if config.exclude_suspects:
+        split, suspects = _without_suspects(ds, split, config.n_epochs, on_progress, should_stop)
+    if config.exclude_uncountable:
+        from core.data.labels.annotations import uncountable as marked_uncountable
+
+        split, uncountable = _without(split, marked_uncountable(ds.key))
+    return split, suspects, uncountable
 
 
 def _without_suspects(ds, split: Split, epochs: int, on_progress, should_stop) -> tuple[Split, int]:
